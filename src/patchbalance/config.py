@@ -1,0 +1,557 @@
+"""Configuration: YAML loading with OmegaConf, validation with pydantic, upstream synonyms.
+
+`load_config(path)` returns a validated `BalancedDatasetConfig`; `load_coreset_config(path)` a
+`CoresetConfig`. Every user mistake becomes a `ConfigError` whose one-line message names the file
+and the key (and, for a typo, the closest valid key).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from patchbalance.errors import ConfigError
+
+SAMPLING_METHODS = (
+    "rank_max",
+    "rank_multiply",
+    "rank_add",
+    "multiplicative",
+    "composition_only",
+    "uniqueness_only",
+    "cluster_balanced",
+    "repeat_factor",
+    "inverse_frequency",
+)
+SamplingMethod = Literal[
+    "rank_max",
+    "rank_multiply",
+    "rank_add",
+    "multiplicative",
+    "composition_only",
+    "uniqueness_only",
+    "cluster_balanced",
+    "repeat_factor",
+    "inverse_frequency",
+]
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors; `synonyms` maps upstream names to ours."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+    synonyms: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rename_synonyms(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.synonyms:
+            return data
+        data = dict(data)
+        for old, new in cls.synonyms.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"give either '{old}' or its synonym '{new}', not both")
+                data[new] = data.pop(old)
+        return data
+
+
+class RasterPair(StrictModel):
+    image_path: str
+    mask_path: str
+
+
+class InputConfig(StrictModel):
+    """Exactly one source of records (SPEC §2.1)."""
+
+    # 1. inline records
+    patch_records: list[dict[str, Any]] | None = None
+    # 2. a CSV or Parquet file of records
+    records_path: str | None = None
+    # 3. a regular grid over rasters
+    rasters: list[RasterPair] | None = None
+    image_glob: str | None = None
+    mask_glob: str | None = None
+    patch_size: int | None = Field(default=None, gt=0)
+    stride: int | None = Field(default=None, gt=0)
+    # 4. PostgreSQL
+    host: str | None = None
+    port: int | None = None
+    database: str | None = None
+    user: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    table: str | None = None
+    where_clause: str | None = None
+    dsn: str | None = Field(default=None, repr=False)
+    db_schema: str | None = Field(default=None, alias="schema")
+    image_path_column: str = "file_path"
+    mask_path_column: str = "mask_path"
+    row_off_column: str = "row_off"
+    col_off_column: str = "col_off"
+    patch_size_column: str = "patch_size"
+    class_dist_column: str = "class_dist"
+    uniqueness_score_column: str = "uniqueness_score"
+    embedding_column: str | None = None
+    use_table_stats: bool = True
+    fetch_size: int = Field(default=10_000, gt=0)
+
+    @property
+    def source_kind(self) -> str:
+        """Return which source this block configures: records, records_path, rasters, postgres."""
+        kinds = []
+        if self.patch_records is not None:
+            kinds.append("patch_records")
+        if self.records_path is not None:
+            kinds.append("records_path")
+        if self.rasters is not None or self.image_glob is not None or self.mask_glob is not None:
+            kinds.append("rasters")
+        if self.table is not None or self.dsn is not None or self.host is not None:
+            kinds.append("postgres")
+        if len(kinds) != 1:
+            return ""
+        return kinds[0]
+
+    @model_validator(mode="after")
+    def _exactly_one_source(self) -> InputConfig:
+        kinds = []
+        if self.patch_records is not None:
+            kinds.append("patch_records")
+        if self.records_path is not None:
+            kinds.append("records_path")
+        if self.rasters is not None or self.image_glob is not None or self.mask_glob is not None:
+            kinds.append("rasters/image_glob")
+        if self.table is not None or self.dsn is not None or self.host is not None:
+            kinds.append("PostgreSQL (host/dsn/table)")
+        if not kinds:
+            raise ValueError(
+                "no source given; set one of patch_records, records_path, rasters (or "
+                "image_glob + mask_glob) or a PostgreSQL table"
+            )
+        if len(kinds) > 1:
+            raise ValueError(f"give exactly one source, not {' and '.join(kinds)}")
+        if kinds[0] == "rasters/image_glob":
+            if self.patch_size is None:
+                raise ValueError("the rasters source needs patch_size (pixels)")
+            if (self.image_glob is None) != (self.mask_glob is None):
+                raise ValueError("image_glob and mask_glob go together; give both")
+            if self.rasters is not None and self.image_glob is not None:
+                raise ValueError("give either rasters or image_glob + mask_glob, not both")
+        if kinds[0].startswith("PostgreSQL") and self.table is None:
+            raise ValueError("the PostgreSQL source needs table")
+        return self
+
+
+class ClusteringConfig(StrictModel):
+    k_min: int = Field(default=4, ge=1)
+    k_max: int = Field(default=16, ge=1)
+    k_selection: Literal["elbow", "fixed"] = "elbow"
+    k: int | None = Field(default=None, ge=1)
+    random_state: int | None = None
+    n_init: int = Field(default=3, ge=1)
+    sweep_sample: int = Field(default=20_000, ge=100)
+    pseudo_count: float = Field(default=0.5, gt=0)
+    classes: list[int] | None = None
+
+    @model_validator(mode="after")
+    def _check_k(self) -> ClusteringConfig:
+        if self.k_min > self.k_max:
+            raise ValueError(f"k_min ({self.k_min}) is larger than k_max ({self.k_max})")
+        if self.k_selection == "fixed" and self.k is None:
+            raise ValueError("k_selection: fixed needs k")
+        if self.classes is not None:
+            if not self.classes:
+                raise ValueError("classes, when given, must list at least one class value")
+            if len(set(self.classes)) != len(self.classes):
+                raise ValueError("classes lists a value twice")
+        return self
+
+
+class ExclusionConfig(StrictModel):
+    synonyms: ClassVar[dict[str, str]] = {
+        "exclude_mask_border_nodata": "exclude_border_nodata",
+        "exclude_image_black_border": "exclude_black_border",
+        "black_border_tolerance": "black_tolerance",
+        "min_entropy_threshold": "min_entropy",
+    }
+    exclude_border_nodata: bool = True
+    exclude_black_border: bool = True
+    black_tolerance: float = Field(default=0, ge=0)
+    black_border_min_fraction: float = Field(default=0.5, gt=0, le=1)
+    max_nodata_ratio: float = Field(default=1.0, ge=0, le=1)
+    min_entropy: float = Field(default=0.0, ge=0)
+    nodata_class: int | None = None
+    mask_band: int = Field(default=1, ge=1)
+
+
+class EmbeddingsConfig(StrictModel):
+    backbone: Literal["dinov2", "efficientnet_lite0"] = "dinov2"
+    dino_model: str = "facebook/dinov2-small"
+    bands: list[int] | None = None
+    value_range: tuple[float, float] | None = None
+    image_size: int = Field(default=224, gt=0)
+    pooling: Literal["cls", "mean", "cls+mean"] = "cls"
+    batch_size: int = Field(default=32, gt=0)
+    num_workers: int = Field(default=4, ge=0)
+    use_gpu: bool = False
+    precision: Literal["fp32", "bf16", "fp16"] | None = None
+    parquet_path: str | None = None
+    checkpoint_every: int = Field(default=50, gt=0)
+
+    @field_validator("bands")
+    @classmethod
+    def _bands_one_based(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and (not value or min(value) < 1):
+            raise ValueError("bands are 1-based band numbers, e.g. [1, 2, 3]")
+        return value
+
+    @field_validator("value_range")
+    @classmethod
+    def _range_increasing(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not value[0] < value[1]:
+            raise ValueError("value_range must be [low, high] with low < high")
+        return value
+
+
+class UniquenessConfig(StrictModel):
+    k_neighbors: int = Field(default=5, ge=1)
+    backend: Literal["auto", "exact", "hnsw", "faiss", "sklearn"] = "auto"
+    M: int = Field(default=16, ge=2)
+    ef_construction: int = Field(default=200, ge=1)
+    ef_search: int = Field(default=100, ge=1)
+    block_size: int = Field(default=4096, ge=1)
+
+
+class WeightsConfig(StrictModel):
+    power: float = Field(default=1.0, ge=0)
+    max_weight: float | None = Field(default=None, ge=1)
+    min_pixels: float | None = Field(default=None, gt=0)
+    repeat_threshold: float | None = Field(default=None, gt=0)
+    sqrt: bool = False
+
+
+class OutputConfig(StrictModel):
+    csv_path: str
+    include_excluded: bool = True
+    geojson_path: str | None = None
+    summary_path: str | None = None
+
+
+class BalancedDatasetConfig(StrictModel):
+    """The `balanced_dataset:` block (SPEC §2)."""
+
+    mode: Literal["masks_only", "embeddings"] = "masks_only"
+    sampling_method: SamplingMethod = "rank_max"
+    num_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
+    seed: int = 42
+    input: InputConfig
+    clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
+    uniqueness: UniquenessConfig = Field(default_factory=UniquenessConfig)
+    embeddings: EmbeddingsConfig = Field(default_factory=EmbeddingsConfig)
+    exclusion: ExclusionConfig = Field(default_factory=ExclusionConfig)
+    weights: WeightsConfig = Field(default_factory=WeightsConfig)
+    output: OutputConfig
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source_path: Path | None = PrivateAttr(default=None)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _both_means_embeddings(cls, value: Any) -> Any:
+        return "embeddings" if value == "both" else value
+
+    @model_validator(mode="after")
+    def _method_fits_mode(self) -> BalancedDatasetConfig:
+        if self.mode == "masks_only" and self.sampling_method == "uniqueness_only":
+            raise ValueError(
+                "sampling_method 'uniqueness_only' needs visual uniqueness; "
+                "use mode: embeddings (or another sampling_method)"
+            )
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Return the folder that relative paths in this configuration are resolved against."""
+        return self._base_dir
+
+    @property
+    def source_path(self) -> Path | None:
+        """Return the configuration file this was loaded from, if any."""
+        return self._source_path
+
+    @property
+    def kmeans_seed(self) -> int:
+        """Return the KMeans random state: `clustering.random_state`, else `seed`."""
+        return self.seed if self.clustering.random_state is None else self.clustering.random_state
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """Return `path` resolved against the configuration file's folder."""
+        path = Path(os.path.expanduser(os.fspath(path)))
+        return path if path.is_absolute() else self._base_dir / path
+
+
+class CoresetConfig(StrictModel):
+    """The `coreset:` block (SPEC §6)."""
+
+    method: Literal["lc", "cb", "fa", "fd", "lc_fd", "fa_cb"] = "lc"
+    budget: float = Field(default=0.3, gt=0)
+    budget_mode: Literal["fraction", "count"] = "fraction"
+    input_csv_path: str
+    output_csv_path: str
+    embedding_column: str | None = None
+    parquet_path: str | None = None
+    device: str | None = None
+    cb_use_spatial: bool = False
+    fd_use_spatial: bool = False
+    exclude_low_entropy: bool = True
+    fd_k_min: int = Field(default=2, ge=1)
+    fd_k_max: int = Field(default=20, ge=1)
+    fd_use_vendi: bool = False
+    fd_vendi_delta: float = Field(default=0.005, gt=0)
+    lc_fd_cutoff_m: int | None = Field(default=None, ge=0)
+    fa_cb_lambda: float = Field(default=0.5, ge=0, le=1)
+    score_column: str = "coreset_score"
+    sampler_weights: Literal["inverse_frequency", "repeat_factor", "uniform", "keep"] = (
+        "inverse_frequency"
+    )
+    max_weight: float | None = Field(default=10.0, ge=1)
+    seed: int = 42
+    summary_path: str | None = None
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+
+    @model_validator(mode="after")
+    def _check_k_range(self) -> CoresetConfig:
+        if self.fd_k_min > self.fd_k_max:
+            raise ValueError(
+                f"fd_k_min ({self.fd_k_min}) is larger than fd_k_max ({self.fd_k_max})"
+            )
+        if self.budget_mode == "count" and self.budget != int(self.budget):
+            raise ValueError(f"budget_mode: count needs a whole number, got {self.budget}")
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Return the folder that relative paths in this configuration are resolved against."""
+        return self._base_dir
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """Return `path` resolved against the configuration file's folder."""
+        path = Path(os.path.expanduser(os.fspath(path)))
+        return path if path.is_absolute() else self._base_dir / path
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the YAML file at `path` as a plain mapping, with `${...}` interpolations resolved.
+
+    Raises `ConfigError` for a missing file, a YAML syntax error (with line and column), a
+    non-mapping document, or an interpolation that cannot be resolved (e.g. an unset variable).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the file must hold a mapping of keys, not a {type(raw).__name__}"
+        )
+    return raw
+
+
+def _apply_overrides(
+    block: dict[str, Any], overrides: list[str], block_name: str, path: Path
+) -> dict[str, Any]:
+    cleaned = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. clustering.k_max=8")
+        key = item.split("=", 1)[0].strip()
+        if key.startswith(block_name + "."):
+            item = item[len(block_name) + 1 :]
+        cleaned.append(item)
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(block), OmegaConf.from_dotlist(cleaned))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: --set could not be applied: {exc}".splitlines()[0]) from exc
+    return _resolve(merged, path)
+
+
+def _resolve(conf: Any, path: Path) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        message = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: cannot resolve an interpolation: {message}") from exc
+
+
+def _block(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    if name in raw:
+        block = raw[name]
+        if not isinstance(block, dict):
+            raise ConfigError(f"'{name}' must be a mapping of keys")
+        return block
+    return raw
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(field.alias or name)
+    keys.extend(getattr(model, "synonyms", {}).keys())
+    return keys
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _submodel(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            for name, candidate in current.model_fields.items():
+                if candidate.alias == part:
+                    field = current.model_fields[name]
+                    break
+        if field is None:
+            return None
+        current = _submodel(field.annotation)
+    return current
+
+
+def describe_validation_error(
+    exc: ValidationError, model: type[BaseModel], path: Path | str, prefix: str = ""
+) -> str:
+    """Return one line that explains the first error of `exc` in terms of the YAML keys."""
+    error = exc.errors()[0]
+    loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+    dotted = ".".join(str(part) for part in loc)
+    if prefix:
+        dotted = f"{prefix}.{dotted}" if dotted else prefix
+    more = len(exc.errors()) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(parent), n=1, cutoff=0.6)
+            if close:
+                hint = f"; did you mean '{close[0]}'?"
+            else:
+                hint = f"; valid keys here: {', '.join(sorted(_known_keys(parent)))}"
+        return f"{path}: unknown key '{dotted}'{hint}{tail}"
+    if error["type"] == "missing":
+        return f"{path}: missing required key '{dotted}'{tail}"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    where = f"'{dotted}': " if dotted else ""
+    got = ""
+    if error["type"] not in ("value_error", "assertion_error") and "input" in error:
+        shown = repr(error["input"])
+        if len(shown) <= 60:
+            got = f" (got {shown})"
+    return f"{path}: {where}{message}{got}{tail}"
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], path: Path, prefix: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, model, path, prefix)) from exc
+
+
+def load_config(
+    path: str | os.PathLike[str], overrides: list[str] | None = None
+) -> BalancedDatasetConfig:
+    """Return the validated `balanced_dataset` configuration read from the YAML file `path`.
+
+    The file may be the block itself or hold it under `balanced_dataset:`. `overrides` are
+    `key.path=value` strings applied on top (the CLI's `--set`).
+    """
+    path = Path(path)
+    raw = read_yaml_mapping(path)
+    block = _block(raw, "balanced_dataset")
+    data = _apply_overrides(block, overrides or [], "balanced_dataset", path)
+    config = _validate(BalancedDatasetConfig, data, path, "")
+    config._base_dir = path.resolve().parent
+    config._source_path = path
+    return config
+
+
+def config_from_mapping(
+    data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None
+) -> BalancedDatasetConfig:
+    """Return a validated configuration built from a mapping (the Python API's entry point)."""
+    block = _block(dict(data), "balanced_dataset")
+    resolved = _resolve(OmegaConf.create(block), Path("<config>"))
+    config = _validate(BalancedDatasetConfig, resolved, Path("<config>"), "")
+    config._base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+    return config
+
+
+def load_coreset_config(
+    path: str | os.PathLike[str], overrides: list[str] | None = None
+) -> CoresetConfig:
+    """Return the validated `coreset` configuration read from the YAML file `path`."""
+    path = Path(path)
+    raw = read_yaml_mapping(path)
+    block = _block(raw, "coreset")
+    data = _apply_overrides(block, overrides or [], "coreset", path)
+    config = _validate(CoresetConfig, data, path, "")
+    config._base_dir = path.resolve().parent
+    return config
+
+
+def coreset_config_from_mapping(
+    data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None
+) -> CoresetConfig:
+    """Return a validated CoreSet configuration built from a mapping."""
+    block = _block(dict(data), "coreset")
+    resolved = _resolve(OmegaConf.create(block), Path("<config>"))
+    config = _validate(CoresetConfig, resolved, Path("<config>"), "")
+    config._base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+    return config

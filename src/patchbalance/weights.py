@@ -1,0 +1,196 @@
+"""Turn composition and uniqueness signals into `sampler_weight` (SPEC §3.7).
+
+Every function takes arrays over the active patches only and returns an array of the same
+length; `sampler_weights` scatters the result back over all rows and gives excluded rows 0.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from scipy.stats import rankdata
+
+from patchbalance.errors import InputError
+
+log = logging.getLogger(__name__)
+
+RANK_METHODS = ("rank_max", "rank_multiply", "rank_add")
+
+
+def average_rank(values: np.ndarray) -> np.ndarray:
+    """Return the average rank of each value divided by the count, in (0, 1]; ties share a rank."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return values.copy()
+    return rankdata(values, method="average") / values.size
+
+
+def cluster_balanced_scores(
+    composition_score: np.ndarray, cluster_id: np.ndarray, uniqueness: np.ndarray | None = None
+) -> np.ndarray:
+    """Return composition_score * (u_i / mean u of the patch's cluster); u = 1 without uniqueness.
+
+    With composition_score = 1 / cluster size, every cluster's scores sum to 1.
+    """
+    composition_score = np.asarray(composition_score, dtype=np.float64)
+    if uniqueness is None:
+        return composition_score.copy()
+    uniqueness = np.asarray(uniqueness, dtype=np.float64)
+    _, inverse = np.unique(cluster_id, return_inverse=True)
+    sums = np.bincount(inverse, weights=uniqueness)
+    sizes = np.bincount(inverse)
+    cluster_mean = sums / sizes
+    mean_of_patch = cluster_mean[inverse]
+    # A cluster whose members are all exact duplicates has mean uniqueness 0: share equally.
+    ratio = np.divide(
+        uniqueness, mean_of_patch, out=np.ones_like(uniqueness), where=mean_of_patch > 0
+    )
+    return composition_score * ratio
+
+
+def class_presence_threshold(min_pixels: float | None, window_pixels: np.ndarray) -> np.ndarray:
+    """Return the pixel count from which a class counts as present in each window.
+
+    `None` means 1 % of the window; a value below 1 is a fraction of the window; otherwise it
+    is a pixel count.
+    """
+    window_pixels = np.asarray(window_pixels, dtype=np.float64)
+    if min_pixels is None:
+        return 0.01 * window_pixels
+    if min_pixels < 1:
+        return min_pixels * window_pixels
+    return np.full_like(window_pixels, float(min_pixels))
+
+
+def repeat_factor_scores(
+    counts: np.ndarray,
+    window_pixels: np.ndarray,
+    min_pixels: float | None = None,
+    repeat_threshold: float | None = None,
+) -> tuple[np.ndarray, dict[str, object]]:
+    """Return LVIS-style repeat factors per patch and the per-class figures behind them.
+
+    f_c = fraction of patches containing class c (at least `min_pixels`); the patch's factor is
+    the max over the classes it contains of max(1, sqrt(t / f_c)), with t = `repeat_threshold`
+    or the median f_c over the classes that occur. A patch that contains no class is given 1.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    present = (
+        counts >= np.maximum(class_presence_threshold(min_pixels, window_pixels), 1.0)[:, None]
+    )
+    frequency = present.mean(axis=0) if len(counts) else np.zeros(counts.shape[1])
+    occurring = frequency > 0
+    threshold = (
+        float(repeat_threshold)
+        if repeat_threshold is not None
+        else (float(np.median(frequency[occurring])) if occurring.any() else 1.0)
+    )
+    class_factor = np.ones_like(frequency)
+    class_factor[occurring] = np.maximum(1.0, np.sqrt(threshold / frequency[occurring]))
+    factors = np.where(present, class_factor[None, :], 1.0).max(axis=1, initial=1.0)
+    return factors, {"class_frequency": frequency, "repeat_threshold": threshold}
+
+
+def inverse_frequency_scores(proportions: np.ndarray, sqrt: bool = False) -> np.ndarray:
+    """Return sum_c p_ic / g_c with g_c = mean_i p_ic (or sqrt(g_c) when `sqrt`)."""
+    proportions = np.asarray(proportions, dtype=np.float64)
+    mean_share = proportions.mean(axis=0) if len(proportions) else np.zeros(proportions.shape[1])
+    inverse = np.zeros_like(mean_share)
+    occurring = mean_share > 0
+    inverse[occurring] = 1.0 / (np.sqrt(mean_share[occurring]) if sqrt else mean_share[occurring])
+    return proportions @ inverse
+
+
+def sampling_scores(
+    method: str,
+    composition_score: np.ndarray,
+    cluster_id: np.ndarray,
+    counts: np.ndarray,
+    window_pixels: np.ndarray,
+    uniqueness: np.ndarray | None = None,
+    min_pixels: float | None = None,
+    repeat_threshold: float | None = None,
+    sqrt: bool = False,
+) -> tuple[np.ndarray, dict[str, object]]:
+    """Return the raw score s_i of `method` for each active patch, and notes for the summary.
+
+    Arrays cover the active patches only. Without `uniqueness` (masks_only), the rank methods
+    reduce to r_c and `multiplicative` to the composition score.
+    """
+    notes: dict[str, object] = {}
+    composition_rank = average_rank(composition_score)
+    if uniqueness is None and method in (*RANK_METHODS, "multiplicative"):
+        notes["reduced"] = (
+            f"{method} without embeddings uses the composition signal alone "
+            "(mode masks_only has no uniqueness)"
+        )
+    if method == "uniqueness_only" and uniqueness is None:
+        raise InputError("sampling_method 'uniqueness_only' needs mode: embeddings")
+
+    if method in RANK_METHODS and uniqueness is not None:
+        uniqueness_rank = average_rank(uniqueness)
+        if method == "rank_max":
+            return np.maximum(composition_rank, uniqueness_rank), notes
+        if method == "rank_multiply":
+            return composition_rank * uniqueness_rank, notes
+        return (composition_rank + uniqueness_rank) / 2.0, notes
+    if method in RANK_METHODS or method == "composition_only":
+        return composition_rank, notes
+    if method == "uniqueness_only":
+        return average_rank(uniqueness), notes
+    if method == "multiplicative":
+        score = np.asarray(composition_score, dtype=np.float64)
+        return (score * uniqueness if uniqueness is not None else score.copy()), notes
+    if method == "cluster_balanced":
+        return cluster_balanced_scores(composition_score, cluster_id, uniqueness), notes
+    if method == "repeat_factor":
+        factors, figures = repeat_factor_scores(counts, window_pixels, min_pixels, repeat_threshold)
+        notes.update(figures)
+        return factors, notes
+    if method == "inverse_frequency":
+        counts = np.asarray(counts, dtype=np.float64)
+        totals = counts.sum(axis=1, keepdims=True)
+        proportions = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+        return inverse_frequency_scores(proportions, sqrt=sqrt), notes
+    raise ValueError(f"unknown sampling_method {method!r}")
+
+
+def normalise_weights(
+    scores: np.ndarray, power: float = 1.0, max_weight: float | None = None
+) -> np.ndarray:
+    """Return scores ** power scaled to mean 1, capped at `max_weight` times the mean if given.
+
+    The cap is applied and the weights renormalised until no weight exceeds it, so the result
+    has mean 1 and max <= max_weight (when max_weight >= 1, which the configuration enforces).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.size == 0:
+        return scores.copy()
+    if not np.all(np.isfinite(scores)) or np.any(scores < 0):
+        bad = int(np.count_nonzero(~np.isfinite(scores) | (scores < 0)))
+        raise InputError(f"{bad} patch scores are negative or not finite; cannot make weights")
+    weights = np.power(scores, power) if power != 1.0 else scores.copy()
+    total = weights.sum()
+    if not total > 0:
+        raise InputError(
+            "every active patch has a score of 0, so no weight can be positive; "
+            "try another sampling_method or a smaller weights.power"
+        )
+    weights *= weights.size / total
+    if max_weight is not None:
+        for _ in range(100):
+            if weights.max() <= max_weight * (1 + 1e-12):
+                break
+            np.minimum(weights, max_weight, out=weights)
+            weights *= weights.size / weights.sum()
+        np.minimum(weights, max_weight, out=weights)
+    return weights
+
+
+def sampler_weights(active: np.ndarray, active_weights: np.ndarray) -> np.ndarray:
+    """Return a weight per row: `active_weights` on active rows in order, exactly 0 elsewhere."""
+    active = np.asarray(active, dtype=bool)
+    weights = np.zeros(active.shape[0], dtype=np.float64)
+    weights[active] = active_weights
+    return weights

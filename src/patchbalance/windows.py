@@ -1,0 +1,250 @@
+"""Windowed raster reading with rasterio, shared by statistics, embeddings and training.
+
+Windows are square: `patch_size x patch_size` pixels with the top-left corner at
+(`row_off`, `col_off`). The readers here never load a whole raster: they group the windows by
+file, visit each file's windows in row-major block order (so each compressed block is decoded
+once while it sits in GDAL's cache) and open each file once per worker thread, not once per
+window. GDAL releases the GIL while it decodes, so threads give real parallelism.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import MaskFlags
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+log = logging.getLogger(__name__)
+
+# Windows handed to one worker task: large enough that opening the file is negligible, small
+# enough that several workers share one big raster.
+CHUNK_WINDOWS = 512
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    """What the pipeline needs to know about one raster file."""
+
+    path: str
+    width: int
+    height: int
+    count: int
+    dtype: str
+    nodata: float | None
+    crs: str | None
+    transform: Affine
+    block_shape: tuple[int, int]
+    has_mask: bool
+
+    @property
+    def has_crs(self) -> bool:
+        """Return True when the raster is georeferenced."""
+        return self.crs is not None
+
+
+def gdal_message(exc: BaseException) -> str:
+    """Return GDAL's error text on one line."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def probe_raster(path: str) -> RasterInfo:
+    """Return the size, CRS, transform, nodata and block shape of the raster at `path`."""
+    with rasterio.open(path) as dataset:
+        crs = dataset.crs.to_string() if dataset.crs else None
+        flags = dataset.mask_flag_enums
+        has_mask = any(MaskFlags.all_valid not in band_flags for band_flags in flags)
+        block_h, block_w = dataset.block_shapes[0] if dataset.block_shapes else (1, dataset.width)
+        return RasterInfo(
+            path=path,
+            width=dataset.width,
+            height=dataset.height,
+            count=dataset.count,
+            dtype=dataset.dtypes[0],
+            nodata=dataset.nodata,
+            crs=crs,
+            transform=dataset.transform,
+            block_shape=(int(block_h), int(block_w)),
+            has_mask=has_mask,
+        )
+
+
+def probe_rasters(
+    paths: Iterable[str], num_workers: int = 1
+) -> tuple[dict[str, RasterInfo], dict[str, str]]:
+    """Return `(infos, errors)`: a `RasterInfo` per readable path, a GDAL message per failure."""
+    unique = sorted(set(paths))
+    infos: dict[str, RasterInfo] = {}
+    errors: dict[str, str] = {}
+
+    def probe(path: str) -> tuple[str, RasterInfo | None, str | None]:
+        if not os.path.exists(path):
+            return path, None, "file not found"
+        try:
+            return path, probe_raster(path), None
+        except (RasterioError, OSError, ValueError) as exc:
+            return path, None, gdal_message(exc)
+
+    with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
+        for path, info, error in pool.map(probe, unique):
+            if info is not None:
+                infos[path] = info
+            else:
+                errors[path] = error or "unreadable"
+    return infos, errors
+
+
+def windows_in_bounds(
+    row_off: np.ndarray,
+    col_off: np.ndarray,
+    size: np.ndarray,
+    height: np.ndarray,
+    width: np.ndarray,
+) -> np.ndarray:
+    """Return a boolean array: True where the whole window lies inside its raster."""
+    return (row_off >= 0) & (col_off >= 0) & (row_off + size <= height) & (col_off + size <= width)
+
+
+def block_order(
+    row_off: np.ndarray, col_off: np.ndarray, block_shape: tuple[int, int]
+) -> np.ndarray:
+    """Return the permutation that visits windows in row-major order of the blocks they start in."""
+    block_h, block_w = max(1, block_shape[0]), max(1, block_shape[1])
+    return np.lexsort((col_off, row_off, col_off // block_w, row_off // block_h))
+
+
+def read_window(
+    dataset: rasterio.DatasetReader,
+    row_off: int,
+    col_off: int,
+    size: int,
+    bands: Sequence[int] | int | None = None,
+) -> np.ndarray:
+    """Return the pixels of one window: `(bands, size, size)`, or `(size, size)` for an int band."""
+    window = Window(int(col_off), int(row_off), int(size), int(size))
+    return dataset.read(bands, window=window)
+
+
+def read_window_mask(
+    dataset: rasterio.DatasetReader, row_off: int, col_off: int, size: int
+) -> np.ndarray:
+    """Return the dataset mask of one window (0 = nodata, 255 = valid), shape `(size, size)`."""
+    window = Window(int(col_off), int(row_off), int(size), int(size))
+    return dataset.dataset_mask(window=window)
+
+
+WindowHandler = Callable[[Sequence[rasterio.DatasetReader], int], None]
+
+
+def for_each_window(
+    group_paths: Sequence[Sequence[str]],
+    indices: np.ndarray,
+    row_off: np.ndarray,
+    col_off: np.ndarray,
+    handler: WindowHandler,
+    block_shapes: dict[str, tuple[int, int]] | None = None,
+    num_workers: int = 1,
+    progress: Callable[[int], None] | None = None,
+) -> dict[int, str]:
+    """Call `handler(datasets, i)` for every window index `i` in `indices`; return read errors.
+
+    `group_paths[i]` is the tuple of files that window `i` needs (e.g. `(mask_path,)` or
+    `(mask_path, image_path)`); windows sharing the same files are read in block order by one
+    task that opens each file once. `handler` writes its results into arrays the caller
+    preallocated. A `RasterioError` or `OSError` in the handler (or on open) is caught and
+    recorded as `{i: message}` so that one bad file never aborts the run.
+    """
+    groups: dict[tuple[str, ...], list[int]] = {}
+    for i in indices.tolist():
+        groups.setdefault(tuple(group_paths[i]), []).append(i)
+
+    tasks: list[tuple[tuple[str, ...], np.ndarray]] = []
+    for paths, members in groups.items():
+        member_array = np.asarray(members, dtype=np.int64)
+        shape = (block_shapes or {}).get(paths[0], (256, 256))
+        ordered = member_array[block_order(row_off[member_array], col_off[member_array], shape)]
+        for start in range(0, len(ordered), CHUNK_WINDOWS):
+            tasks.append((paths, ordered[start : start + CHUNK_WINDOWS]))
+
+    errors: dict[int, str] = {}
+    lock = threading.Lock()
+
+    def run(paths: tuple[str, ...], chunk: np.ndarray) -> int:
+        local_errors: dict[int, str] = {}
+        try:
+            datasets = [rasterio.open(path) for path in paths]
+        except (RasterioError, OSError) as exc:
+            message = gdal_message(exc)
+            local_errors = {int(i): message for i in chunk}
+        else:
+            try:
+                for i in chunk.tolist():
+                    try:
+                        handler(datasets, i)
+                    except (RasterioError, OSError) as exc:
+                        local_errors[i] = gdal_message(exc)
+            finally:
+                for dataset in datasets:
+                    dataset.close()
+        with lock:
+            errors.update(local_errors)
+        return len(chunk)
+
+    if num_workers <= 1 or len(tasks) <= 1:
+        for paths, chunk in tasks:
+            done = run(paths, chunk)
+            if progress:
+                progress(done)
+    else:
+        with ThreadPoolExecutor(max_workers=num_workers) as pool:
+            futures = [pool.submit(run, paths, chunk) for paths, chunk in tasks]
+            for future in as_completed(futures):
+                done = future.result()
+                if progress:
+                    progress(done)
+    return errors
+
+
+class RasterHandleCache:
+    """Open rasterio datasets kept per process, opened lazily on first use.
+
+    Meant for `torch.utils.data.Dataset` objects: each DataLoader worker (a forked process)
+    gets its own handles, because handles opened before a fork must not be shared.
+    """
+
+    def __init__(self) -> None:
+        self._pid = os.getpid()
+        self._handles: dict[str, rasterio.DatasetReader] = {}
+
+    def get(self, path: str) -> rasterio.DatasetReader:
+        """Return an open dataset for `path`, opening it in this process if needed."""
+        if os.getpid() != self._pid:
+            self._handles = {}
+            self._pid = os.getpid()
+        handle = self._handles.get(path)
+        if handle is None or handle.closed:
+            handle = rasterio.open(path)
+            self._handles[path] = handle
+        return handle
+
+    def close(self) -> None:
+        """Close every handle this process opened."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"_pid": -1, "_handles": {}}
+
+    def __setstate__(self, state: dict[str, object]) -> None:
+        self._pid = os.getpid()
+        self._handles = {}
