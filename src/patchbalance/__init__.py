@@ -1,0 +1,36 @@
+"""patchbalance: sampler weights, CoreSets and weighted training for segmentation patches."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "build_balanced_dataset",
+    "load_config",
+    "report",
+    "select_coreset",
+]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use so that `import patchbalance` stays light (no sklearn, no torch).
+    if name == "build_balanced_dataset":
+        from patchbalance.pipeline import build_balanced_dataset
+
+        return build_balanced_dataset
+    if name == "load_config":
+        from patchbalance.config import load_config
+
+        return load_config
+    if name == "report":
+        from patchbalance.report import report
+
+        return report
+    if name == "select_coreset":
+        from patchbalance.coreset import select_coreset
+
+        return select_coreset
+    raise AttributeError(f"module 'patchbalance' has no attribute {name!r}")

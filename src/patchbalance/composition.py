@@ -1,0 +1,181 @@
+"""Semantic composition (SPEC §3.4): pseudo-counts, centred log-ratio, KMeans with the elbow rule."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.exceptions import ConvergenceWarning
+
+from patchbalance.config import ClusteringConfig
+from patchbalance.errors import InputError
+
+log = logging.getLogger(__name__)
+
+# Above this many patches the final fit uses MiniBatchKMeans.
+MINIBATCH_ABOVE = 100_000
+
+
+def pseudo_count_proportions(counts: np.ndarray, alpha: float) -> np.ndarray:
+    """Return q_ic = (n_ic + alpha) / (n_i + alpha * C) for pixel counts `counts` (N, C)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    n_classes = counts.shape[1]
+    return (counts + alpha) / (counts.sum(axis=1, keepdims=True) + alpha * n_classes)
+
+
+def clr(counts: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Return the centred log-ratio of the pseudo-count proportions; each row sums to 0."""
+    logs = np.log(pseudo_count_proportions(counts, alpha))
+    return logs - logs.mean(axis=1, keepdims=True)
+
+
+def elbow_k(ks: np.ndarray, inertias: np.ndarray) -> int:
+    """Return the k whose (k, inertia) point, both scaled to [0, 1], lies farthest from the chord.
+
+    The chord joins the first and last points; the first k wins ties. With fewer than three
+    candidates the largest k is returned.
+    """
+    ks = np.asarray(ks, dtype=np.float64)
+    inertias = np.asarray(inertias, dtype=np.float64)
+    if len(ks) < 3:
+        return int(ks.max())
+    x = (ks - ks.min()) / (ks.max() - ks.min())
+    span = inertias.max() - inertias.min()
+    y = (inertias - inertias.min()) / span if span > 0 else np.zeros_like(inertias)
+    dx, dy = x[-1] - x[0], y[-1] - y[0]
+    length = np.hypot(dx, dy)
+    if length == 0:
+        return int(ks[0])
+    distance = np.abs(dx * (y[0] - y) - (x[0] - x) * dy) / length
+    # Round so that floating-point noise cannot break a tie the geometry says is exact.
+    return int(ks[int(np.argmax(np.round(distance, 12)))])
+
+
+@dataclass
+class CompositionResult:
+    """Composition clusters of the active patches."""
+
+    labels: np.ndarray  # (n_active,) cluster id, 0 = largest cluster
+    sizes: np.ndarray  # (k,) patches per cluster
+    k: int
+    sweep: dict[int, float] = field(default_factory=dict)  # k -> inertia of the sweep
+    sweep_sample: int = 0  # patches the sweep was fitted on
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def cluster_size(self) -> np.ndarray:
+        """Return the size of each patch's cluster."""
+        return self.sizes[self.labels]
+
+    @property
+    def composition_score(self) -> np.ndarray:
+        """Return 1 / cluster size per patch: the rarer the composition, the higher."""
+        return 1.0 / self.cluster_size
+
+
+def _kmeans(k: int, seed: int, n_init: int, n_samples: int) -> KMeans | MiniBatchKMeans:
+    if n_samples > MINIBATCH_ABOVE:
+        return MiniBatchKMeans(
+            n_clusters=k, random_state=seed, n_init=n_init, batch_size=4096, max_no_improvement=20
+        )
+    return KMeans(n_clusters=k, random_state=seed, n_init=n_init)
+
+
+def fit_composition_clusters(
+    counts: np.ndarray,
+    config: ClusteringConfig,
+    seed: int,
+    progress: Callable[[int], None] | None = None,
+) -> CompositionResult:
+    """Return the composition clusters of the active patches' class pixel counts (N, C).
+
+    k comes from `config.k_selection`: the elbow over k_min..k_max (clamped to the number of
+    distinct CLR rows, on a seeded subsample of `sweep_sample` patches when N is larger), or
+    the fixed `k`. Clusters are renumbered by decreasing size so that cluster 0 is the most
+    common composition.
+    """
+    n = len(counts)
+    if n < 2:
+        raise InputError(
+            f"only {n} active patch(es) are left after exclusion; composition clustering needs "
+            "at least 2 (relax the exclusion settings or add patches)"
+        )
+    features = clr(counts, config.pseudo_count)
+    distinct = len(np.unique(np.round(features, 9), axis=0))
+    notes: list[str] = []
+    sweep: dict[int, float] = {}
+    sample_size = 0
+
+    if config.k_selection == "fixed":
+        k = int(config.k or 1)
+        if k > distinct:
+            notes.append(f"k={k} exceeds the {distinct} distinct compositions; using k={distinct}")
+            k = distinct
+    else:
+        k_max = min(config.k_max, distinct)
+        k_min = min(config.k_min, k_max)
+        if k_max < config.k_max:
+            notes.append(
+                f"k_max={config.k_max} clamped to {k_max}: only {distinct} distinct compositions"
+            )
+        if k_min < config.k_min:
+            notes.append(f"k_min={config.k_min} clamped to {k_min}")
+        sample = features
+        if n > config.sweep_sample:
+            rng = np.random.default_rng(seed)
+            sample = features[np.sort(rng.choice(n, size=config.sweep_sample, replace=False))]
+        sample_size = len(sample)
+        sample_distinct = len(np.unique(np.round(sample, 9), axis=0))
+        candidates = [k for k in range(k_min, k_max + 1) if k <= sample_distinct] or [k_min]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            for candidate in candidates:
+                model = KMeans(n_clusters=candidate, random_state=seed, n_init=config.n_init)
+                model.fit(sample)
+                sweep[candidate] = float(model.inertia_)
+                if progress:
+                    progress(1)
+        k = elbow_k(np.array(list(sweep)), np.array(list(sweep.values())))
+
+    for note in notes:
+        log.warning(note)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model = _kmeans(k, seed, config.n_init, n).fit(features)
+    raw_labels = model.labels_
+    raw_sizes = np.bincount(raw_labels, minlength=k)
+    # Renumber: largest cluster first, ties by the old id so the result is deterministic.
+    order = np.lexsort((np.arange(len(raw_sizes)), -raw_sizes))
+    order = order[raw_sizes[order] > 0]
+    renumber = np.full(len(raw_sizes), -1, dtype=np.int64)
+    renumber[order] = np.arange(len(order))
+    labels = renumber[raw_labels]
+    sizes = raw_sizes[order]
+    return CompositionResult(
+        labels=labels, sizes=sizes, k=len(sizes), sweep=sweep, sweep_sample=sample_size, notes=notes
+    )
+
+
+def cluster_profiles(
+    labels: np.ndarray, sizes: np.ndarray, proportions: np.ndarray, class_values: np.ndarray
+) -> list[dict[str, object]]:
+    """Return, per cluster, its size and the mean class proportions of its members."""
+    k = len(sizes)
+    sums = np.zeros((k, proportions.shape[1]))
+    np.add.at(sums, labels, proportions)
+    means = sums / np.maximum(sizes, 1)[:, None]
+    return [
+        {
+            "cluster": c,
+            "size": int(sizes[c]),
+            "mean_class_share": {
+                str(int(value)): round(float(means[c, j]), 4)
+                for j, value in enumerate(class_values)
+            },
+        }
+        for c in range(k)
+    ]

@@ -1,0 +1,242 @@
+"""Weighted samplers that go beyond `torch.utils.data.WeightedRandomSampler`.
+
+`torch.utils.data.WeightedRandomSampler` draws with `torch.multinomial`, which refuses more than
+2^24 categories, and it has no notion of DDP ranks. The samplers here draw with numpy's
+`Generator` instead:
+
+- `NumpyWeightedRandomSampler`: the same contract as torch's sampler, for any number of rows.
+- `DistributedWeightedSampler`: every rank draws the same global sample for an epoch (from
+  `seed` and the epoch given to `set_epoch`) and keeps a disjoint slice of it, padded or cut like
+  `torch.utils.data.DistributedSampler`, so that the union over the ranks follows the weights.
+
+Draws are exact: with replacement, the counts per row are one multinomial draw over the rows of
+positive weight, put in a uniformly random order (which is the law of independent draws); without
+replacement, the order is that of exponential race keys E_i / w_i (Efraimidis-Spirakis), which is
+the law of successive weighted draws. Rows of weight 0 take no part in either, so they are never
+drawn.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler
+
+from patchbalance.errors import InputError
+
+# torch.multinomial (behind WeightedRandomSampler) refuses more categories than this.
+TORCH_MULTINOMIAL_MAX_CATEGORIES = 2**24
+
+# Indices are handed to the DataLoader in chunks, so that a draw of 10^7 rows never becomes a
+# list of 10^7 Python ints at once.
+_YIELD_CHUNK = 65536
+
+
+def validate_weights(weights: Sequence[float] | np.ndarray, what: str = "sampler_weight") -> np.ndarray:
+    """Return `weights` as a float64 array after checking it can drive a weighted sampler.
+
+    Raises `InputError` naming the first offending rows (0-based) when a weight is NaN,
+    infinite or negative, or when every weight is 0.
+    """
+    array = np.asarray(weights, dtype=np.float64)
+    if array.ndim != 1:
+        raise InputError(f"{what}: expected one weight per row, got an array of shape {array.shape}")
+    if array.size == 0:
+        raise InputError(f"{what}: the table has no rows to sample from")
+    for name, bad in (
+        ("NaN", np.isnan(array)),
+        ("infinite", np.isinf(array)),
+        ("negative", array < 0),
+    ):
+        if bad.any():
+            rows = np.flatnonzero(bad)
+            shown = ", ".join(str(int(r)) for r in rows[:5])
+            more = f" and {rows.size - 5} more" if rows.size > 5 else ""
+            raise InputError(
+                f"{what} is {name} in {rows.size} row(s) (rows {shown}{more}, counted from 0); "
+                "weights must be finite and >= 0: rebuild the table with build-balanced-dataset"
+            )
+    if not (array > 0).any():
+        raise InputError(
+            f"{what} is 0 in all {array.size} rows, so there is nothing to draw; "
+            "check the exclusion settings of the build that wrote the table"
+        )
+    return array
+
+
+def _draw(
+    weights: np.ndarray,
+    positive: np.ndarray,
+    num_samples: int,
+    replacement: bool,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """Return `num_samples` row indices drawn by weight; `positive` = rows with weight > 0."""
+    if num_samples == 0:
+        return np.empty(0, dtype=np.int64)
+    w = weights[positive]
+    if replacement:
+        # Only positive rows enter the multinomial: its last category takes the remainder of
+        # the draw, which must never be a row of weight 0.
+        counts = rng.multinomial(num_samples, w / w.sum())
+        drawn = np.repeat(positive, counts)
+        rng.shuffle(drawn)
+        return drawn
+    keys = rng.standard_exponential(w.size) / w
+    if num_samples < w.size:
+        chosen = np.argpartition(keys, num_samples - 1)[:num_samples]
+    else:
+        chosen = np.arange(w.size)
+    chosen = chosen[np.argsort(keys[chosen], kind="stable")]
+    return positive[chosen]
+
+
+def _check_num_samples(num_samples: int, replacement: bool, n_positive: int) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer):
+        raise InputError(f"weighted_sampler_num_samples must be an integer, got {num_samples!r}")
+    if num_samples <= 0:
+        raise InputError(f"weighted_sampler_num_samples must be > 0, got {num_samples}")
+    if not replacement and num_samples > n_positive:
+        raise InputError(
+            f"weighted_sampler_num_samples is {num_samples} with weighted_sampler_replacement: "
+            f"false, but only {n_positive} rows have a weight > 0; lower num_samples or set "
+            "weighted_sampler_replacement: true"
+        )
+    return int(num_samples)
+
+
+def _seed_from_torch() -> int:
+    # Without an explicit seed, follow torch's global RNG, so torch.manual_seed() controls the
+    # draw as it does for torch's own samplers.
+    return int(torch.empty((), dtype=torch.int64).random_().item())
+
+
+def _yield_chunks(indices: np.ndarray) -> Iterator[int]:
+    for start in range(0, indices.size, _YIELD_CHUNK):
+        yield from indices[start : start + _YIELD_CHUNK].tolist()
+
+
+class NumpyWeightedRandomSampler(Sampler[int]):
+    """Sample row indices in proportion to `weights`, for any number of rows.
+
+    The contract of `torch.utils.data.WeightedRandomSampler` (`num_samples` draws per
+    iteration, with or without replacement) without torch.multinomial's 2^24-row limit. Each
+    iteration draws from `numpy.random.default_rng([seed, epoch])`; the epoch advances by one
+    after every iteration, or is set with `set_epoch`, so a run is reproducible from `seed`.
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[float] | np.ndarray,
+        num_samples: int | None = None,
+        replacement: bool = True,
+        seed: int | None = None,
+    ) -> None:
+        self.weights = validate_weights(weights)
+        self.positive = np.flatnonzero(self.weights > 0)
+        self.replacement = bool(replacement)
+        self.num_samples = _check_num_samples(
+            self.weights.size if num_samples is None else num_samples,
+            self.replacement,
+            self.positive.size,
+        )
+        self.seed = _seed_from_torch() if seed is None else int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration draw the sample of `epoch`."""
+        self.epoch = int(epoch)
+
+    def draw(self) -> np.ndarray:
+        """Return the indices of the current epoch as an int64 array (without advancing)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return _draw(self.weights, self.positive, self.num_samples, self.replacement, rng)
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self.draw()
+        self.epoch += 1
+        return _yield_chunks(indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class DistributedWeightedSampler(Sampler[int]):
+    """Weighted sampling for DDP: one global draw per epoch, a disjoint slice per rank.
+
+    Every rank computes the same global draw of `num_samples` indices from
+    `numpy.random.default_rng([seed, epoch])` and keeps positions `rank, rank + num_replicas,
+    ...` of it, so the ranks' slices are disjoint and together are exactly the global draw.
+    When `num_samples` is not a multiple of `num_replicas`, the draw is padded with its own
+    first indices (or, with `drop_last`, its tail is cut) as `DistributedSampler` does, so every
+    rank yields the same number of indices. Call `set_epoch(epoch)` before each epoch, as with
+    `DistributedSampler`; without it every epoch repeats the draw of epoch 0.
+    """
+
+    def __init__(
+        self,
+        weights: Sequence[float] | np.ndarray,
+        num_samples: int | None = None,
+        replacement: bool = True,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if num_replicas is None or rank is None:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                raise RuntimeError(
+                    "DistributedWeightedSampler needs num_replicas and rank, or an initialised "
+                    "torch.distributed process group"
+                )
+            num_replicas = torch.distributed.get_world_size() if num_replicas is None else num_replicas
+            rank = torch.distributed.get_rank() if rank is None else rank
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
+        self.weights = validate_weights(weights)
+        self.positive = np.flatnonzero(self.weights > 0)
+        self.replacement = bool(replacement)
+        self.global_num_samples = _check_num_samples(
+            self.weights.size if num_samples is None else num_samples,
+            self.replacement,
+            self.positive.size,
+        )
+        self.seed = int(seed)
+        self.num_replicas = int(num_replicas)
+        self.rank = int(rank)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        if self.drop_last and self.global_num_samples % self.num_replicas:
+            self.num_samples = self.global_num_samples // self.num_replicas
+        else:
+            self.num_samples = math.ceil(self.global_num_samples / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def set_epoch(self, epoch: int) -> None:
+        """Set the epoch that, with the seed, fixes the global draw on every rank."""
+        self.epoch = int(epoch)
+
+    def global_draw(self) -> np.ndarray:
+        """Return the epoch's global draw (identical on every rank), before padding."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return _draw(self.weights, self.positive, self.global_num_samples, self.replacement, rng)
+
+    def rank_indices(self) -> np.ndarray:
+        """Return this rank's slice of the epoch's global draw as an int64 array."""
+        indices = self.global_draw()
+        if indices.size < self.total_size:
+            repeats = math.ceil((self.total_size - indices.size) / indices.size)
+            padding = np.tile(indices, repeats)[: self.total_size - indices.size]
+            indices = np.concatenate([indices, padding])
+        else:
+            indices = indices[: self.total_size]
+        return indices[self.rank : self.total_size : self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return _yield_chunks(self.rank_indices())
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -1,0 +1,186 @@
+"""`patchbalance demo`: a small georeferenced sample dataset, built and reported on, offline.
+
+The scenes are synthetic but shaped like the real problem: a projected CRS (UTM zone 40N),
+tiled deflate-compressed GeoTIFFs, a mask with four classes where class 3 ("building") covers
+about 2 % of the pixels and sits in a few patches, a nodata (255) margin in one mask and a black
+margin in one image.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import rasterio
+import yaml
+from rasterio.transform import from_origin
+from scipy import ndimage
+
+from patchbalance.outputs import write_table
+
+CLASS_NAMES = {0: "bare soil", 1: "vegetation", 2: "water", 3: "building"}
+CLASS_COLOURS = {0: (196, 170, 130), 1: (70, 120, 50), 2: (40, 80, 140), 3: (200, 60, 60)}
+MASK_NODATA = 255
+SCENE_SIZE = 512
+PATCH_SIZE = 64
+CRS = "EPSG:32640"
+
+
+def _smooth_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma)
+    return (field - field.mean()) / field.std()
+
+
+def _scene(rng: np.random.Generator, size: int, water_bias: float) -> np.ndarray:
+    """Return a class mask: soil everywhere, vegetation and water blobs, a few rare buildings."""
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[_smooth_field(rng, size, 18) > 0.6] = 1
+    mask[_smooth_field(rng, size, 30) > 1.5 - water_bias] = 2
+    # Buildings: small rectangles in one neighbourhood, ~2 % of the scene.
+    centre_row, centre_col = rng.integers(96, size - 96, size=2)
+    target = int(0.02 * size * size)
+    placed = 0
+    while placed < target:
+        height, width = rng.integers(5, 11, size=2)
+        row = int(np.clip(centre_row + rng.normal(0, 40), 0, size - height))
+        col = int(np.clip(centre_col + rng.normal(0, 40), 0, size - width))
+        before = int((mask[row : row + height, col : col + width] == 3).sum())
+        mask[row : row + height, col : col + width] = 3
+        placed += height * width - before
+    return mask
+
+
+def _image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
+    """Return an RGB uint8 image whose colours follow the mask, with texture and noise."""
+    palette = np.array([CLASS_COLOURS[c] for c in range(4)], dtype=np.float64)
+    colour = palette[np.minimum(mask, 3)].transpose(2, 0, 1)
+    texture = 12 * _smooth_field(rng, mask.shape[0], 3)[None]
+    noise = rng.normal(0, 6, size=colour.shape)
+    return np.clip(colour + texture + noise, 1, 255).astype(np.uint8)
+
+
+def _write(path: Path, data: np.ndarray, transform: Any, nodata: float | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bands = data if data.ndim == 3 else data[None]
+    profile = {
+        "driver": "GTiff",
+        "width": bands.shape[2],
+        "height": bands.shape[1],
+        "count": bands.shape[0],
+        "dtype": bands.dtype.name,
+        "crs": CRS,
+        "transform": transform,
+        "tiled": True,
+        "blockxsize": 128,
+        "blockysize": 128,
+        "compress": "deflate",
+    }
+    if nodata is not None:
+        profile["nodata"] = nodata
+    with rasterio.open(path, "w", **profile) as dataset:
+        dataset.write(bands)
+
+
+def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
+    """Write the sample rasters, records and configurations under `out_dir`; return their paths.
+
+    Scenes 1-3 are for training, scene 4 is held out for validation (`val.csv`).
+    """
+    out_dir = Path(out_dir)
+    rng = np.random.default_rng(seed)
+    records = []
+    for scene in range(1, 5):
+        mask = _scene(rng, SCENE_SIZE, water_bias=0.4 if scene == 2 else 0.0)
+        image = _image(rng, mask)
+        if scene == 2:
+            mask[:, -40:] = MASK_NODATA  # an unlabelled margin along the east edge
+        if scene == 3:
+            image[:, :, :24] = 0  # a black margin along the west edge
+            image[:, 200, 130] = 0  # one dark pixel on a patch edge: not a border
+        transform = from_origin(300_000 + 2_000 * scene, 2_780_000, 0.5, 0.5)
+        image_path = out_dir / "images" / f"scene_{scene}.tif"
+        mask_path = out_dir / "masks" / f"scene_{scene}.tif"
+        _write(image_path, image, transform)
+        _write(mask_path, mask, transform, nodata=MASK_NODATA)
+        rows, cols = np.meshgrid(
+            np.arange(0, SCENE_SIZE, PATCH_SIZE), np.arange(0, SCENE_SIZE, PATCH_SIZE), indexing="ij"
+        )
+        records.append(
+            pd.DataFrame(
+                {
+                    "image_path": f"images/scene_{scene}.tif",
+                    "mask_path": f"masks/scene_{scene}.tif",
+                    "row_off": rows.ravel(),
+                    "col_off": cols.ravel(),
+                    "patch_size": PATCH_SIZE,
+                    "scene": scene,
+                }
+            )
+        )
+    all_records = pd.concat(records, ignore_index=True)
+    train = all_records[all_records["scene"] < 4].reset_index(drop=True)
+    val = all_records[all_records["scene"] == 4].reset_index(drop=True)
+    records_path = out_dir / "records.csv"
+    val_path = out_dir / "val.csv"
+    write_table(train, records_path)
+    absolute_val = val.assign(
+        image_path=[str((out_dir / p).resolve()) for p in val["image_path"]],
+        mask_path=[str((out_dir / p).resolve()) for p in val["mask_path"]],
+    )
+    write_table(absolute_val, val_path)
+
+    config = {
+        "balanced_dataset": {
+            "mode": "masks_only",
+            "sampling_method": "rank_max",
+            "input": {"records_path": "records.csv"},
+            "clustering": {"k_min": 4, "k_max": 12, "k_selection": "elbow", "random_state": 42},
+            "exclusion": {"exclude_border_nodata": True, "exclude_black_border": True},
+            "output": {
+                "csv_path": "balanced_train.csv",
+                "geojson_path": "balanced_train.geojson",
+            },
+        }
+    }
+    config_path = out_dir / "balanced_train.yaml"
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    return {
+        "config": config_path,
+        "records": records_path,
+        "val": val_path,
+        "table": out_dir / "balanced_train.csv",
+        "geojson": out_dir / "balanced_train.geojson",
+    }
+
+
+def run_demo_command(out_dir: Path, progress: bool = True) -> str:
+    """Write the demo data, build the balanced table, report on it; return the text to print."""
+    from patchbalance.config import load_config
+    from patchbalance.pipeline import run_build
+    from patchbalance.report import figures_from_table
+
+    paths = write_demo_dataset(out_dir)
+    result = run_build(load_config(paths["config"]), progress=progress)
+    lines = [
+        f"demo data written to {Path(out_dir).resolve()} "
+        f"(4 scenes of {SCENE_SIZE}x{SCENE_SIZE} px; scene 4 held out in {paths['val'].name})",
+        "classes: " + ", ".join(f"{value} = {name}" for value, name in CLASS_NAMES.items()),
+        "",
+        result.summary_text,
+    ]
+    try:
+        from patchbalance.report_html import write_html_report
+    except ImportError:
+        write_html_report = None
+    if write_html_report is not None:
+        html_path = Path(out_dir) / "report.html"
+        write_html_report(result.table, figures_from_table(result.table), html_path, title="demo")
+        lines.append(f"wrote report: {html_path}")
+    lines += [
+        "",
+        "next: patchbalance report " + str(paths["table"]),
+        f"      patchbalance build-balanced-dataset {paths['config']} --set sampling_method=repeat_factor",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,622 @@
+"""`build_balanced_dataset`: runs the stages of SPEC §3 in order and times each one.
+
+records -> mask statistics -> exclusion -> composition clusters -> embeddings -> uniqueness ->
+weights -> outputs. Nothing is written until every stage has succeeded.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from patchbalance import __version__
+from patchbalance.composition import cluster_profiles, fit_composition_clusters
+from patchbalance.config import BalancedDatasetConfig, config_from_mapping, load_config
+from patchbalance.errors import InputError
+from patchbalance.exclusion import REASONS, count_reasons, exclusion_columns
+from patchbalance.outputs import (
+    check_writable,
+    tile_bound_columns,
+    write_geojson,
+    write_json,
+    write_table,
+)
+from patchbalance.report import figures_text, sampling_figures
+from patchbalance.sources import SourceRecords, load_records
+from patchbalance.stats import (
+    BorderCheck,
+    MaskStatistics,
+    class_proportions,
+    compute_mask_statistics,
+    statistics_columns,
+    statistics_from_counts,
+)
+from patchbalance.weights import normalise_weights, sampler_weights, sampling_scores
+from patchbalance.windows import RasterInfo, probe_rasters, windows_in_bounds
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuildResult:
+    """What a build produced: the table (as written), the summary and its text form."""
+
+    table: pd.DataFrame
+    summary: dict[str, Any]
+    summary_text: str
+    outputs: dict[str, str] = field(default_factory=dict)
+
+
+class StageClock:
+    """Times the pipeline's stages for the summary."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the block as stage `name`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
+
+
+def _as_config(
+    config: BalancedDatasetConfig | dict[str, Any] | str | os.PathLike[str],
+) -> BalancedDatasetConfig:
+    if isinstance(config, BalancedDatasetConfig):
+        return config
+    if isinstance(config, dict):
+        return config_from_mapping(config)
+    return load_config(config)
+
+
+def _progress_bar(total: int, description: str, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total, desc=description, unit="patch", disable=not enabled or total == 0, leave=False
+    )
+
+
+def output_paths(config: BalancedDatasetConfig) -> dict[str, Path]:
+    """Return the resolved output paths: table, summary and (optionally) GeoJSON."""
+    table_path = config.resolve(config.output.csv_path)
+    summary_path = (
+        config.resolve(config.output.summary_path)
+        if config.output.summary_path
+        else table_path.with_name(f"{table_path.stem}.summary.json")
+    )
+    paths = {"table": table_path, "summary": summary_path}
+    if config.output.geojson_path:
+        paths["geojson"] = config.resolve(config.output.geojson_path)
+    return paths
+
+
+def _row_lookup(paths: pd.Series, mapping: dict[str, Any], default: Any = np.nan) -> np.ndarray:
+    return paths.map(mapping).fillna(default).to_numpy()
+
+
+def _first_problem(records: pd.DataFrame, rows: np.ndarray, messages: dict[str, str] | None) -> str:
+    row = int(rows[0])
+    image, mask = records.at[row, "image_path"], records.at[row, "mask_path"]
+    if messages:
+        for path in (mask, image):
+            if path in messages:
+                return f"{path}: {messages[path]}"
+    return f"row {row + 1}: window ({records.at[row, 'row_off']}, {records.at[row, 'col_off']}) of {image}"
+
+
+def _read_rasters(
+    config: BalancedDatasetConfig,
+    source: SourceRecords,
+    clock: StageClock,
+    progress: bool,
+    strict: bool,
+) -> tuple[dict[str, RasterInfo], MaskStatistics, np.ndarray, np.ndarray, dict[str, Any]]:
+    """Return raster infos, mask statistics, out-of-bounds and read-error flags, and notes."""
+    records = source.records
+    n = len(records)
+    notes: dict[str, Any] = {}
+    with clock.stage("rasters"):
+        paths = pd.concat([records["image_path"], records["mask_path"]]).unique()
+        infos, open_errors = probe_rasters(paths, config.num_workers)
+    image_paths, mask_paths = records["image_path"], records["mask_path"]
+    read_error = (
+        image_paths.isin(list(open_errors)).to_numpy()
+        | mask_paths.isin(list(open_errors)).to_numpy()
+    )
+    heights = np.minimum(
+        _row_lookup(image_paths, {p: i.height for p, i in infos.items()}, 0),
+        _row_lookup(mask_paths, {p: i.height for p, i in infos.items()}, 0),
+    ).astype(np.int64)
+    widths = np.minimum(
+        _row_lookup(image_paths, {p: i.width for p, i in infos.items()}, 0),
+        _row_lookup(mask_paths, {p: i.width for p, i in infos.items()}, 0),
+    ).astype(np.int64)
+    in_bounds = windows_in_bounds(
+        records["row_off"].to_numpy(),
+        records["col_off"].to_numpy(),
+        records["patch_size"].to_numpy(),
+        heights,
+        widths,
+    )
+    out_of_bounds = ~read_error & ~in_bounds
+    to_read = ~read_error & in_bounds
+
+    exclusion = config.exclusion
+    nodata_by_mask = {
+        path: (exclusion.nodata_class if exclusion.nodata_class is not None else info.nodata)
+        for path, info in infos.items()
+    }
+    border_check = (
+        BorderCheck(exclusion.black_tolerance, exclusion.black_border_min_fraction)
+        if exclusion.exclude_black_border
+        else None
+    )
+    use_source_counts = source.class_counts is not None
+    need_windows = not use_source_counts or exclusion.exclude_border_nodata or border_check
+    with clock.stage("mask_statistics"):
+        if need_windows:
+            bar = _progress_bar(int(to_read.sum()), "mask statistics", progress)
+            with bar:
+                stats = compute_mask_statistics(
+                    records,
+                    np.flatnonzero(to_read),
+                    nodata_by_mask,
+                    classes=config.clustering.classes,
+                    mask_band=exclusion.mask_band,
+                    border_check=border_check,
+                    image_has_mask={p: i.has_mask for p, i in infos.items()},
+                    block_shapes={p: i.block_shape for p, i in infos.items()},
+                    num_workers=config.num_workers,
+                    progress=bar.update,
+                )
+        if use_source_counts:
+            table_stats = statistics_from_counts(
+                source.class_values,
+                source.class_counts,
+                records["patch_size"].to_numpy(dtype=np.int64) ** 2,
+            )
+            if need_windows:
+                table_stats.border_nodata = stats.border_nodata
+                table_stats.black_border = stats.black_border
+                table_stats.read = stats.read | ~to_read
+                table_stats.errors = stats.errors
+            stats = table_stats
+            notes["statistics_from_source"] = True
+    window_errors = np.zeros(n, dtype=bool)
+    if stats.errors:
+        window_errors[list(stats.errors)] = True
+    read_error |= window_errors
+    messages = dict(open_errors)
+    for i, message in stats.errors.items():
+        messages.setdefault(records.at[i, "mask_path"], message)
+    notes["read_errors"] = int(read_error.sum())
+    notes["out_of_bounds"] = int(out_of_bounds.sum())
+    notes["unreadable_files"] = {
+        path: message for path, message in sorted(open_errors.items())[:20]
+    }
+    if stats.errors:
+        first = min(stats.errors)
+        notes["first_window_error"] = f"{records.at[first, 'mask_path']}: {stats.errors[first]}"
+    if strict and (read_error.any() or out_of_bounds.any()):
+        if read_error.any():
+            problem = _first_problem(records, np.flatnonzero(read_error), messages)
+            if window_errors.any():
+                problem = notes["first_window_error"]
+            raise InputError(
+                f"--strict: {int(read_error.sum())} patch(es) could not be read, first: {problem}"
+            )
+        problem = _first_problem(records, np.flatnonzero(out_of_bounds), None)
+        raise InputError(
+            f"--strict: {int(out_of_bounds.sum())} window(s) lie outside their raster, first: {problem}"
+        )
+    for path, message in sorted(open_errors.items())[:5]:
+        log.warning("cannot read %s: %s (its patches are excluded: read_error)", path, message)
+    if out_of_bounds.any():
+        log.warning(
+            "%d window(s) lie outside their raster (excluded: window_out_of_bounds)",
+            out_of_bounds.sum(),
+        )
+    return infos, stats, out_of_bounds, read_error, notes
+
+
+def _nodata_defined(
+    config: BalancedDatasetConfig, records: pd.DataFrame, infos: dict[str, RasterInfo]
+) -> np.ndarray:
+    if config.exclusion.nodata_class is not None or config.clustering.classes is not None:
+        return np.ones(len(records), dtype=bool)
+    has_nodata = {path: info.nodata is not None for path, info in infos.items()}
+    return records["mask_path"].map(has_nodata).fillna(False).to_numpy(dtype=bool)
+
+
+def _uniqueness_stage(
+    config: BalancedDatasetConfig,
+    source: SourceRecords,
+    active: np.ndarray,
+    clock: StageClock,
+    progress: bool,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Return uniqueness scores for the active patches (embeddings mode) and summary notes."""
+    records = source.records
+    notes: dict[str, Any] = {}
+    if source.uniqueness is not None:
+        scores = np.asarray(source.uniqueness, dtype=np.float64)[active]
+        unknown = ~np.isfinite(scores)
+        if unknown.all():
+            raise InputError("the source's uniqueness_score is NULL for every active patch")
+        scores[unknown] = np.median(scores[~unknown])
+        notes["uniqueness_from_source"] = True
+        notes["uniqueness_unknown_set_to_median"] = int(unknown.sum())
+        return scores, notes
+    from patchbalance.uniqueness import compute_uniqueness
+
+    if source.embeddings is not None:
+        vectors = np.asarray(source.embeddings, dtype=np.float32)[active]
+        notes["embeddings_from_source"] = True
+    else:
+        from patchbalance.embeddings import extract_embeddings
+
+        embeddings_config = config.embeddings
+        if embeddings_config.parquet_path:
+            embeddings_config = embeddings_config.model_copy(
+                update={"parquet_path": str(config.resolve(embeddings_config.parquet_path))}
+            )
+        with clock.stage("embeddings"):
+            result = extract_embeddings(
+                records.loc[active, ["image_path", "row_off", "col_off", "patch_size"]].reset_index(
+                    drop=True
+                ),
+                embeddings_config,
+                seed=config.seed,
+                progress=progress,
+            )
+        vectors = result.vectors
+        notes["embeddings"] = result.summary
+    with clock.stage("uniqueness"):
+        result = compute_uniqueness(vectors, config.uniqueness, config.seed)
+    notes["uniqueness"] = result.summary
+    return np.asarray(result.scores, dtype=np.float64), notes
+
+
+def run_build(
+    config: BalancedDatasetConfig | dict[str, Any] | str | os.PathLike[str],
+    strict: bool = False,
+    progress: bool = False,
+    write: bool = True,
+) -> BuildResult:
+    """Run the whole pipeline and return the table, the summary and its text.
+
+    With `write`, the table, summary and GeoJSON are written (atomically) once every stage has
+    succeeded; a failure leaves any earlier outputs as they were.
+    """
+    config = _as_config(config)
+    clock = StageClock()
+    paths = output_paths(config)
+    if write:
+        for name, path in paths.items():
+            check_writable(path, name)
+    embeddings_mode = config.mode == "embeddings"
+
+    with clock.stage("records"):
+        source = load_records(config)
+    records = source.records
+    n = len(records)
+    log.info("records: %d patches", n)
+
+    if embeddings_mode and source.uniqueness is None and source.embeddings is None:
+        from patchbalance.embeddings import check_model_available
+
+        # Fail on an unavailable model before a single raster is read.
+        check_model_available(config.embeddings)
+
+    infos, stats, out_of_bounds, read_error, read_notes = _read_rasters(
+        config, source, clock, progress, strict
+    )
+
+    with clock.stage("exclusion"):
+        computed = stats.read & ~read_error & ~out_of_bounds
+        stat_columns = statistics_columns(stats, computed)
+        flags = exclusion_columns(
+            config.exclusion,
+            nodata_defined=_nodata_defined(config, records, infos),
+            border_nodata=stats.border_nodata,
+            black_border=stats.black_border,
+            nodata_ratio=stat_columns["nodata_ratio"].to_numpy(),
+            entropy=stat_columns["class_entropy"].to_numpy(),
+            valid_pixels=stats.valid_pixels,
+            out_of_bounds=out_of_bounds,
+            read_error=read_error,
+        )
+        active = ~flags["excluded"].to_numpy()
+        reasons = count_reasons(flags["exclusion_reason"])
+    if not active.any():
+        counted = ", ".join(f"{name}: {count}" for name, count in reasons.items() if count)
+        raise InputError(f"every one of the {n} patches is excluded ({counted}); nothing to weight")
+
+    with clock.stage("composition"):
+        active_counts = stats.counts[active]
+        candidates = (
+            0
+            if config.clustering.k_selection == "fixed"
+            else config.clustering.k_max - config.clustering.k_min + 1
+        )
+        with _progress_bar(candidates, "composition k sweep", progress) as bar:
+            composition = fit_composition_clusters(
+                active_counts, config.clustering, config.kmeans_seed, progress=bar.update
+            )
+
+    uniqueness = None
+    uniqueness_notes: dict[str, Any] = {}
+    if embeddings_mode:
+        uniqueness, uniqueness_notes = _uniqueness_stage(config, source, active, clock, progress)
+
+    with clock.stage("weights"):
+        weights_config = config.weights
+        scores, weight_notes = sampling_scores(
+            config.sampling_method,
+            composition_score=composition.composition_score,
+            cluster_id=composition.labels,
+            counts=active_counts,
+            window_pixels=stats.window_pixels[active],
+            uniqueness=uniqueness,
+            min_pixels=weights_config.min_pixels,
+            repeat_threshold=weights_config.repeat_threshold,
+            sqrt=weights_config.sqrt,
+        )
+        if "reduced" in weight_notes:
+            log.info("%s", weight_notes["reduced"])
+        active_weights = normalise_weights(scores, weights_config.power, weights_config.max_weight)
+        weights = sampler_weights(active, active_weights)
+
+    with clock.stage("outputs"):
+        table = _assemble_table(
+            records, infos, stat_columns, flags, active, composition, uniqueness, weights
+        )
+        figures = sampling_figures(
+            stats.counts, weights, active, [int(v) for v in stats.class_values]
+        )
+        summary = _summary(
+            config,
+            n,
+            active,
+            reasons,
+            read_notes,
+            stats,
+            composition,
+            weight_notes,
+            uniqueness,
+            uniqueness_notes,
+            figures,
+            paths,
+        )
+        written = (
+            table if config.output.include_excluded else table.loc[active].reset_index(drop=True)
+        )
+        outputs: dict[str, str] = {}
+        if write:
+            write_table(written, paths["table"])
+            outputs["table"] = str(paths["table"])
+            if "geojson" in paths:
+                if any(info.has_crs for info in infos.values()):
+                    count = write_geojson(written, infos, paths["geojson"])
+                    outputs["geojson"] = str(paths["geojson"])
+                    summary["geojson_features"] = count
+                else:
+                    log.warning(
+                        "no GeoJSON written: the rasters have no CRS, so footprints cannot be "
+                        "placed on a map (%s)",
+                        paths["geojson"],
+                    )
+                    summary["geojson_skipped"] = "rasters have no CRS"
+    summary["timings_s"] = clock.seconds
+    summary["outputs"] = outputs
+    if write:
+        outputs["summary"] = str(paths["summary"])
+        write_json(summary, paths["summary"])
+    return BuildResult(written, summary, summary_text(summary, figures), outputs)
+
+
+def _assemble_table(
+    records: pd.DataFrame,
+    infos: dict[str, RasterInfo],
+    stat_columns: pd.DataFrame,
+    flags: pd.DataFrame,
+    active: np.ndarray,
+    composition: Any,
+    uniqueness: np.ndarray | None,
+    weights: np.ndarray,
+) -> pd.DataFrame:
+    n = len(records)
+    cluster_id = np.full(n, -1, dtype=np.int64)
+    cluster_id[active] = composition.labels
+    cluster_size = pd.array(np.zeros(n, dtype=np.int64), dtype="Int64")
+    cluster_size[active] = composition.cluster_size
+    cluster_size[~active] = pd.NA
+    composition_score = np.full(n, np.nan)
+    composition_score[active] = composition.composition_score
+    generated = pd.concat(
+        [
+            tile_bound_columns(records, infos),
+            stat_columns,
+            flags,
+            pd.DataFrame(
+                {
+                    "freq_cluster_id": cluster_id,
+                    "freq_cluster_size": cluster_size,
+                    "composition_score": composition_score,
+                }
+            ),
+        ],
+        axis=1,
+    )
+    if uniqueness is not None:
+        column = np.full(n, np.nan)
+        column[active] = uniqueness
+        generated["uniqueness_score"] = column
+    generated["sampler_weight"] = weights
+    clashing = [column for column in records.columns if column in generated.columns]
+    if clashing:
+        log.info("input columns recomputed by this run: %s", ", ".join(clashing))
+    base = records.drop(columns=clashing)
+    return pd.concat([base.reset_index(drop=True), generated], axis=1)
+
+
+def _versions() -> dict[str, str]:
+    import rasterio
+    import sklearn
+
+    return {
+        "patchbalance": __version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def _summary(
+    config: BalancedDatasetConfig,
+    n: int,
+    active: np.ndarray,
+    reasons: dict[str, int],
+    read_notes: dict[str, Any],
+    stats: MaskStatistics,
+    composition: Any,
+    weight_notes: dict[str, Any],
+    uniqueness: np.ndarray | None,
+    uniqueness_notes: dict[str, Any],
+    figures: Any,
+    paths: dict[str, Path],
+) -> dict[str, Any]:
+    proportions = class_proportions(stats.counts[active])
+    summary: dict[str, Any] = {
+        "config": str(config.source_path) if config.source_path else None,
+        "mode": config.mode,
+        "sampling_method": config.sampling_method,
+        "seed": config.seed,
+        "n_patches": n,
+        "n_active": int(active.sum()),
+        "n_excluded": int((~active).sum()),
+        "excluded_by_reason": reasons,
+        "read_errors": read_notes.get("read_errors", 0),
+        "unreadable_files": read_notes.get("unreadable_files", {}),
+        "class_values": [int(v) for v in stats.class_values],
+        "pixels_outside_classes": stats.outside_class_pixels,
+        "pseudo_count": config.clustering.pseudo_count,
+        "clustering": {
+            "k_selection": config.clustering.k_selection,
+            "k": composition.k,
+            "sweep_inertia": {str(k): round(v, 4) for k, v in composition.sweep.items()},
+            "sweep_sample": composition.sweep_sample,
+            "notes": composition.notes,
+            "clusters": cluster_profiles(
+                composition.labels, composition.sizes, proportions, stats.class_values
+            ),
+        },
+        "weights": {
+            "power": config.weights.power,
+            "max_weight": config.weights.max_weight,
+            **{
+                key: (value.tolist() if isinstance(value, np.ndarray) else value)
+                for key, value in weight_notes.items()
+            },
+        },
+        "sampling": figures.to_dict(),
+        "versions": _versions(),
+    }
+    if "first_window_error" in read_notes:
+        summary["first_window_error"] = read_notes["first_window_error"]
+    if uniqueness is not None:
+        summary["uniqueness"] = {
+            "min": float(np.min(uniqueness)),
+            "median": float(np.median(uniqueness)),
+            "max": float(np.max(uniqueness)),
+            **uniqueness_notes,
+        }
+    return summary
+
+
+def summary_text(summary: dict[str, Any], figures: Any) -> str:
+    """Return the end-of-run summary for the terminal."""
+    lines = [
+        f"patches: {summary['n_patches']:,}  active: {summary['n_active']:,}  "
+        f"excluded: {summary['n_excluded']:,}"
+    ]
+    excluded = {k: v for k, v in summary["excluded_by_reason"].items() if v}
+    if excluded:
+        lines.append(
+            "  excluded by reason: " + ", ".join(f"{k} {v:,}" for k, v in excluded.items())
+        )
+    clustering = summary["clustering"]
+    sizes = ", ".join(str(c["size"]) for c in clustering["clusters"])
+    lines.append(
+        f"composition clusters: k={clustering['k']} ({clustering['k_selection']}); sizes {sizes}"
+    )
+    if "uniqueness" in summary:
+        u = summary["uniqueness"]
+        lines.append(
+            f"uniqueness: min {u['min']:.4f}  median {u['median']:.4f}  max {u['max']:.4f}"
+        )
+    lines.append(f"weights: {summary['sampling_method']} (power {summary['weights']['power']})")
+    lines.append(figures_text(figures))
+    timings = summary.get("timings_s", {})
+    if timings:
+        lines.append("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
+    for name, path in summary.get("outputs", {}).items():
+        lines.append(f"wrote {name}: {path}")
+    return "\n".join(lines)
+
+
+def build_balanced_dataset(
+    config: BalancedDatasetConfig | dict[str, Any] | str | os.PathLike[str],
+    strict: bool = False,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Return the balanced table (and write the outputs the configuration names)."""
+    return run_build(config, strict=strict, progress=progress).table
+
+
+def plan_text(config: BalancedDatasetConfig) -> str:
+    """Return the dry-run plan: patches, files, stages to run, caches to reuse, outputs."""
+    source = load_records(config)
+    records = source.records
+    paths = pd.concat([records["image_path"], records["mask_path"]]).unique()
+    missing = [path for path in paths if not os.path.exists(path)]
+    stages = ["records", "mask statistics", "exclusion", "composition clusters"]
+    if config.mode == "embeddings" and source.uniqueness is None:
+        if source.embeddings is None:
+            stages.append("embeddings")
+        stages.append("uniqueness")
+    stages += ["weights", "outputs"]
+    lines = [
+        f"plan for {config.source_path or 'the configuration'}:",
+        f"  patches: {len(records):,} from {len(paths):,} raster files"
+        + (f" ({len(missing)} missing, e.g. {missing[0]})" if missing else ""),
+        f"  mode: {config.mode}; sampling_method: {config.sampling_method}",
+        f"  stages: {' -> '.join(stages)}",
+    ]
+    if config.mode == "embeddings" and config.embeddings.parquet_path:
+        cache = config.resolve(config.embeddings.parquet_path)
+        lines.append(
+            f"  embeddings cache: {cache} ({'exists, matching rows reused' if cache.exists() else 'new'})"
+        )
+    for name, path in output_paths(config).items():
+        lines.append(f"  output {name}: {path}")
+    return "\n".join(lines)
+
+
+ProgressCallback = Callable[[int], None]
+__all__ = ["BuildResult", "build_balanced_dataset", "plan_text", "run_build", "REASONS"]

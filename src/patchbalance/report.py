@@ -1,0 +1,175 @@
+"""What the weights will do in training, computed from the table alone (SPEC §5)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from patchbalance.errors import InputError
+
+CLASS_COLUMN = re.compile(r"^px_(-?\d+)$")
+
+
+@dataclass
+class SamplingFigures:
+    """The figures of SPEC §5 for one table."""
+
+    class_values: list[int]
+    uniform_share: np.ndarray  # (C,) class pixel share per epoch under uniform sampling
+    weighted_share: np.ndarray  # (C,) the same under the weights
+    n_rows: int
+    n_active: int
+    draws: int  # draws per epoch: the table's row count, the DataLoader's default num_samples
+    ess: float
+    expected_distinct: float
+    expected_distinct_uniform: float
+    max_expected_repeats: float
+
+    def to_dict(self) -> dict[str, object]:
+        """Return the figures as plain JSON-ready values."""
+        return {
+            "n_rows": self.n_rows,
+            "n_active": self.n_active,
+            "draws_per_epoch": self.draws,
+            "class_pixel_share": {
+                str(value): {
+                    "uniform": round(float(self.uniform_share[j]), 6),
+                    "weighted": round(float(self.weighted_share[j]), 6),
+                }
+                for j, value in enumerate(self.class_values)
+            },
+            "effective_sample_size": round(self.ess, 3),
+            "effective_sample_size_share": round(self.ess / max(self.n_active, 1), 6),
+            "expected_distinct_per_epoch": round(self.expected_distinct, 3),
+            "expected_distinct_per_epoch_uniform": round(self.expected_distinct_uniform, 3),
+            "max_expected_repeats_per_epoch": round(self.max_expected_repeats, 4),
+        }
+
+
+def class_count_columns(table: pd.DataFrame) -> tuple[list[str], list[int]]:
+    """Return the `px_<value>` column names of `table` and their class values, sorted by value."""
+    found = [
+        (int(m.group(1)), column) for column in table.columns if (m := CLASS_COLUMN.match(column))
+    ]
+    found.sort()
+    return [column for _, column in found], [value for value, _ in found]
+
+
+def expected_distinct(probabilities: np.ndarray, draws: int) -> float:
+    """Return the expected number of distinct items seen in `draws` draws with replacement."""
+    probabilities = probabilities[probabilities > 0]
+    # 1 - (1 - p)^N computed as -expm1(N * log1p(-p)) stays accurate for tiny p.
+    return float(-np.expm1(draws * np.log1p(-np.minimum(probabilities, 1.0))).sum())
+
+
+def sampling_figures(
+    counts: np.ndarray, weights: np.ndarray, active: np.ndarray, class_values: list[int]
+) -> SamplingFigures:
+    """Return the SPEC §5 figures for class counts (N, C), weights (N,) and the active mask."""
+    counts = np.nan_to_num(np.asarray(counts, dtype=np.float64))
+    weights = np.asarray(weights, dtype=np.float64)
+    active = np.asarray(active, dtype=bool)
+    n_rows, n_active = len(weights), int(active.sum())
+    active_counts = counts[active]
+    active_weights = weights[active]
+    uniform_totals = active_counts.sum(axis=0)
+    uniform_share = uniform_totals / max(uniform_totals.sum(), 1e-300)
+    weighted_totals = active_weights @ active_counts
+    weighted_share = weighted_totals / max(weighted_totals.sum(), 1e-300)
+    total_weight = active_weights.sum()
+    if not total_weight > 0:
+        raise InputError("every sampler_weight is 0; there is nothing the sampler could draw")
+    ess = float(total_weight**2 / np.square(active_weights).sum())
+    probabilities = active_weights / total_weight
+    draws = n_rows
+    return SamplingFigures(
+        class_values=list(class_values),
+        uniform_share=uniform_share,
+        weighted_share=weighted_share,
+        n_rows=n_rows,
+        n_active=n_active,
+        draws=draws,
+        ess=ess,
+        expected_distinct=expected_distinct(probabilities, draws),
+        expected_distinct_uniform=expected_distinct(np.full(n_active, 1.0 / n_active), draws),
+        max_expected_repeats=float(draws * probabilities.max()),
+    )
+
+
+def figures_from_table(table: pd.DataFrame) -> SamplingFigures:
+    """Return the SPEC §5 figures of a balanced table (needs `px_*` and `sampler_weight`)."""
+    if "sampler_weight" not in table.columns:
+        raise InputError(
+            "the table has no sampler_weight column; build it with build-balanced-dataset"
+        )
+    columns, values = class_count_columns(table)
+    if not columns:
+        raise InputError("the table has no px_<class> columns of class pixel counts")
+    weights = pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(dtype=np.float64)
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+        raise InputError(
+            f"sampler_weight is negative or not a number in {len(bad)} row(s), first at row {bad[0] + 1}"
+        )
+    if "excluded" in table.columns:
+        excluded = table["excluded"].astype(str).str.lower().isin(("true", "1"))
+        active = ~excluded.to_numpy()
+    else:
+        active = weights > 0
+    counts = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    return sampling_figures(counts, weights, active, values)
+
+
+def figures_text(figures: SamplingFigures, class_names: dict[int, str] | None = None) -> str:
+    """Return the figures as a small text table for the terminal."""
+    names = class_names or {}
+    lines = ["class pixel share per epoch      uniform   weighted    ratio"]
+    for j, value in enumerate(figures.class_values):
+        label = names.get(value, f"class {value}")
+        uniform, weighted = figures.uniform_share[j], figures.weighted_share[j]
+        ratio = weighted / uniform if uniform > 0 else float("nan")
+        lines.append(f"  {label:<30} {uniform:8.2%}  {weighted:9.2%}  {ratio:6.2f}x")
+    share = figures.ess / max(figures.n_active, 1)
+    lines += [
+        f"effective sample size            {figures.ess:,.1f} of {figures.n_active:,} active "
+        f"({share:.1%})",
+        f"expected distinct patches/epoch  {figures.expected_distinct:,.1f} of {figures.draws:,} "
+        f"draws (uniform: {figures.expected_distinct_uniform:,.1f})",
+        f"largest expected repeats/epoch   {figures.max_expected_repeats:.2f} (one patch)",
+    ]
+    return "\n".join(lines)
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Return a balanced table read from CSV or Parquet."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: table not found")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            return pd.read_parquet(path)
+        return pd.read_csv(path, keep_default_na=True)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise InputError(f"{path}: cannot read the table: {exc}".splitlines()[0]) from exc
+
+
+def report(table: pd.DataFrame) -> SamplingFigures:
+    """Return what the weights of `table` will do in training (the Python API of `report`)."""
+    return figures_from_table(table)
+
+
+def run_report_command(table_path: Path, out: Path | None = None) -> str:
+    """Return the report's text for the CLI; with `out`, also write the HTML page there."""
+    table = read_table(table_path)
+    figures = figures_from_table(table)
+    text = figures_text(figures)
+    if out is not None:
+        from patchbalance.report_html import write_html_report
+
+        write_html_report(table, figures, Path(out), title=Path(table_path).name)
+        text += f"\nreport written to {out}"
+    return text

@@ -1,0 +1,59 @@
+"""Where patch records come from (SPEC §2.1): one function per kind of source."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from patchbalance.config import BalancedDatasetConfig
+from patchbalance.sources.local import (
+    KEY_COLUMNS,
+    RECORD_COLUMNS,
+    records_from_file,
+    records_from_list,
+    records_from_rasters,
+    validate_records,
+)
+
+__all__ = [
+    "KEY_COLUMNS",
+    "RECORD_COLUMNS",
+    "SourceRecords",
+    "load_records",
+    "validate_records",
+]
+
+
+@dataclass
+class SourceRecords:
+    """The records of a source, plus what a source may already know about each patch.
+
+    `class_counts` (with `class_values`) replaces reading masks for statistics, `uniqueness`
+    replaces the uniqueness stage (NaN = unknown), `embeddings` replaces extraction; each is
+    aligned with `records` row by row, or None when the source does not provide it.
+    """
+
+    records: pd.DataFrame
+    class_values: np.ndarray | None = None
+    class_counts: np.ndarray | None = None
+    uniqueness: np.ndarray | None = None
+    embeddings: np.ndarray | None = None
+    notes: dict[str, object] = field(default_factory=dict)
+
+
+def load_records(config: BalancedDatasetConfig) -> SourceRecords:
+    """Return the validated records of the configured source."""
+    kind = config.input.source_kind
+    if kind == "patch_records":
+        return SourceRecords(records_from_list(config))
+    if kind == "records_path":
+        return SourceRecords(records_from_file(config))
+    if kind == "rasters":
+        return SourceRecords(records_from_rasters(config))
+    if kind == "postgres":
+        from patchbalance.sources.postgres import records_from_postgres
+
+        return records_from_postgres(config)
+    raise ValueError(f"unknown source kind {kind!r}")

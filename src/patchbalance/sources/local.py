@@ -1,0 +1,204 @@
+"""Records from the local sources: inline `patch_records`, a `records_path` table, a raster grid."""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from patchbalance.config import BalancedDatasetConfig, InputConfig
+from patchbalance.errors import InputError
+from patchbalance.windows import gdal_message, probe_raster
+
+KEY_COLUMNS = ("image_path", "row_off", "col_off", "patch_size")
+RECORD_COLUMNS = ("image_path", "mask_path", "row_off", "col_off", "patch_size")
+INTEGER_COLUMNS = ("row_off", "col_off", "patch_size")
+
+
+def _row_label(source: str, position: int) -> str:
+    if source == "input.patch_records":
+        return f"{source}[{position}]"
+    return f"{source} row {position + 1}"
+
+
+def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.DataFrame:
+    """Return the records with checked integer offsets and absolute path strings.
+
+    `source` names where the records came from in error messages (a file, or
+    `input.patch_records`). Raises `InputError` for missing columns, non-integer or negative
+    offsets, patch_size <= 0, empty paths and duplicate patch keys.
+    """
+    missing = [column for column in RECORD_COLUMNS if column not in records.columns]
+    if missing:
+        raise InputError(
+            f"{source}: missing record column(s) {', '.join(missing)}; every record needs "
+            f"{', '.join(RECORD_COLUMNS)}"
+        )
+    if records.empty:
+        raise InputError(f"{source}: no records; the source holds no patches")
+    records = records.reset_index(drop=True).copy()
+    for column in INTEGER_COLUMNS:
+        numeric = pd.to_numeric(records[column], errors="coerce")
+        as_float = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = ~np.isfinite(as_float) | (as_float != np.round(as_float))
+        if bad.any():
+            position = int(np.flatnonzero(bad)[0])
+            raise InputError(
+                f"{_row_label(source, position)}: {column} must be a whole number of pixels, "
+                f"got {records[column].iloc[position]!r}"
+            )
+        records[column] = as_float.astype(np.int64)
+    negative = (records["row_off"].to_numpy() < 0) | (records["col_off"].to_numpy() < 0)
+    if negative.any():
+        position = int(np.flatnonzero(negative)[0])
+        raise InputError(
+            f"{_row_label(source, position)}: row_off and col_off must be >= 0 "
+            f"(got {records['row_off'].iloc[position]}, {records['col_off'].iloc[position]})"
+        )
+    not_positive = records["patch_size"].to_numpy() <= 0
+    if not_positive.any():
+        position = int(np.flatnonzero(not_positive)[0])
+        raise InputError(
+            f"{_row_label(source, position)}: patch_size must be > 0 "
+            f"(got {records['patch_size'].iloc[position]})"
+        )
+    for column in ("image_path", "mask_path"):
+        values = records[column]
+        empty = values.isna() | (values.astype(str).str.strip() == "")
+        if empty.any():
+            position = int(np.flatnonzero(empty.to_numpy())[0])
+            raise InputError(f"{_row_label(source, position)}: {column} is empty")
+        records[column] = resolve_paths(values.astype(str), base_dir)
+    duplicated = records.duplicated(list(KEY_COLUMNS), keep=False).to_numpy()
+    if duplicated.any():
+        first = np.flatnonzero(duplicated)[:2]
+        key = records.loc[first[0], list(KEY_COLUMNS)].tolist()
+        raise InputError(
+            f"{source}: duplicate patch key (image_path, row_off, col_off, patch_size) = "
+            f"{tuple(key)} at {_row_label(source, int(first[0]))} and "
+            f"{_row_label(source, int(first[1]))} ({int(duplicated.sum())} rows share a key); "
+            "remove the duplicates"
+        )
+    return records
+
+
+def resolve_paths(paths: pd.Series, base_dir: Path) -> pd.Series:
+    """Return absolute path strings: relative ones are taken against `base_dir`."""
+    unique = pd.unique(paths)
+    mapping = {}
+    for path in unique:
+        expanded = os.path.expanduser(path)
+        mapping[path] = os.path.normpath(
+            expanded if os.path.isabs(expanded) else os.path.join(base_dir, expanded)
+        )
+    return paths.map(mapping)
+
+
+def records_from_list(config: BalancedDatasetConfig) -> pd.DataFrame:
+    """Return the records given inline under `input.patch_records`."""
+    items = config.input.patch_records or []
+    for position, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise InputError(f"input.patch_records[{position}]: expected a mapping of columns")
+    return validate_records(pd.DataFrame(items), "input.patch_records", config.base_dir)
+
+
+def records_from_file(config: BalancedDatasetConfig) -> pd.DataFrame:
+    """Return the records of the CSV or Parquet file named by `input.records_path`."""
+    path = config.resolve(config.input.records_path or "")
+    if not path.is_file():
+        raise InputError(f"{path}: records file not found (input.records_path)")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            records = pd.read_parquet(path)
+        else:
+            records = pd.read_csv(path, dtype={"image_path": str, "mask_path": str})
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise InputError(f"{path}: cannot read the records table: {exc}".splitlines()[0]) from exc
+    return validate_records(records, str(path), config.base_dir)
+
+
+def _pairs_from_globs(config: BalancedDatasetConfig) -> list[tuple[str, str]]:
+    source = config.input
+    image_pattern = str(config.resolve(source.image_glob or ""))
+    mask_pattern = str(config.resolve(source.mask_glob or ""))
+    images = {Path(path).stem: path for path in sorted(glob.glob(image_pattern, recursive=True))}
+    masks = {Path(path).stem: path for path in sorted(glob.glob(mask_pattern, recursive=True))}
+    if not images:
+        raise InputError(f"input.image_glob: no file matches {image_pattern}")
+    if not masks:
+        raise InputError(f"input.mask_glob: no file matches {mask_pattern}")
+    unmatched = sorted(set(images) ^ set(masks))
+    if unmatched:
+        raise InputError(
+            f"input.image_glob/mask_glob: {len(unmatched)} file stem(s) have no partner, e.g. "
+            f"'{unmatched[0]}'; image and mask files are paired by file name without extension"
+        )
+    return [(images[stem], masks[stem]) for stem in sorted(images)]
+
+
+def grid_windows(
+    height: int, width: int, patch_size: int, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (row_off, col_off) of the full windows of a regular grid, row-major."""
+    rows = np.arange(0, height - patch_size + 1, stride, dtype=np.int64)
+    cols = np.arange(0, width - patch_size + 1, stride, dtype=np.int64)
+    row_grid, col_grid = np.meshgrid(rows, cols, indexing="ij")
+    return row_grid.ravel(), col_grid.ravel()
+
+
+def records_from_rasters(config: BalancedDatasetConfig) -> pd.DataFrame:
+    """Return the full grid windows over each image/mask pair of `input.rasters` or the globs."""
+    source: InputConfig = config.input
+    if source.rasters is not None:
+        pairs = [
+            (str(config.resolve(pair.image_path)), str(config.resolve(pair.mask_path)))
+            for pair in source.rasters
+        ]
+    else:
+        pairs = _pairs_from_globs(config)
+    patch_size = int(source.patch_size or 0)
+    stride = int(source.stride or patch_size)
+    frames = []
+    for image_path, mask_path in pairs:
+        infos = []
+        for path in (image_path, mask_path):
+            if not os.path.exists(path):
+                raise InputError(f"{path}: raster not found (input.rasters)")
+            try:
+                infos.append(probe_raster(path))
+            except Exception as exc:  # noqa: BLE001 - any GDAL failure is reported the same way
+                raise InputError(f"{path}: cannot open raster: {gdal_message(exc)}") from exc
+        image, mask = infos
+        if (image.width, image.height) != (mask.width, mask.height):
+            raise InputError(
+                f"input.rasters: image {image_path} is {image.width}x{image.height} but mask "
+                f"{mask_path} is {mask.width}x{mask.height}; a pair must have the same size"
+            )
+        if not image.transform.almost_equals(mask.transform):
+            raise InputError(
+                f"input.rasters: image {image_path} and mask {mask_path} have different "
+                "geotransforms; a pair must be aligned pixel for pixel"
+            )
+        rows, cols = grid_windows(image.height, image.width, patch_size, stride)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "image_path": image_path,
+                    "mask_path": mask_path,
+                    "row_off": rows,
+                    "col_off": cols,
+                    "patch_size": np.int64(patch_size),
+                }
+            )
+        )
+    records = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if records.empty:
+        raise InputError(
+            f"input.rasters: no full {patch_size}x{patch_size} window fits in any raster; "
+            "use a smaller patch_size"
+        )
+    return validate_records(records, "input.rasters", config.base_dir)
