@@ -105,7 +105,9 @@ def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
         _write(image_path, image, transform)
         _write(mask_path, mask, transform, nodata=MASK_NODATA)
         rows, cols = np.meshgrid(
-            np.arange(0, SCENE_SIZE, PATCH_SIZE), np.arange(0, SCENE_SIZE, PATCH_SIZE), indexing="ij"
+            np.arange(0, SCENE_SIZE, PATCH_SIZE),
+            np.arange(0, SCENE_SIZE, PATCH_SIZE),
+            indexing="ij",
         )
         records.append(
             pd.DataFrame(

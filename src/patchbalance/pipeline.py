@@ -237,8 +237,8 @@ def _nodata_defined(
 ) -> np.ndarray:
     if config.exclusion.nodata_class is not None or config.clustering.classes is not None:
         return np.ones(len(records), dtype=bool)
-    has_nodata = {path: info.nodata is not None for path, info in infos.items()}
-    return records["mask_path"].map(has_nodata).fillna(False).to_numpy(dtype=bool)
+    with_nodata = [path for path, info in infos.items() if info.nodata is not None]
+    return records["mask_path"].isin(with_nodata).to_numpy()
 
 
 def _uniqueness_stage(

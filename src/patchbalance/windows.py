@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import numpy as np
 import rasterio
 from affine import Affine
 from rasterio.enums import MaskFlags
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 log = logging.getLogger(__name__)
@@ -57,9 +58,16 @@ def gdal_message(exc: BaseException) -> str:
     return text or type(exc).__name__
 
 
+def open_raster(path: str) -> rasterio.DatasetReader:
+    """Return the raster at `path` opened for reading (plain images without a CRS are fine)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
 def probe_raster(path: str) -> RasterInfo:
     """Return the size, CRS, transform, nodata and block shape of the raster at `path`."""
-    with rasterio.open(path) as dataset:
+    with open_raster(path) as dataset:
         crs = dataset.crs.to_string() if dataset.crs else None
         flags = dataset.mask_flag_enums
         has_mask = any(MaskFlags.all_valid not in band_flags for band_flags in flags)
@@ -181,7 +189,7 @@ def for_each_window(
     def run(paths: tuple[str, ...], chunk: np.ndarray) -> int:
         local_errors: dict[int, str] = {}
         try:
-            datasets = [rasterio.open(path) for path in paths]
+            datasets = [open_raster(path) for path in paths]
         except (RasterioError, OSError) as exc:
             message = gdal_message(exc)
             local_errors = {int(i): message for i in chunk}
@@ -232,7 +240,7 @@ class RasterHandleCache:
             self._pid = os.getpid()
         handle = self._handles.get(path)
         if handle is None or handle.closed:
-            handle = rasterio.open(path)
+            handle = open_raster(path)
             self._handles[path] = handle
         return handle
 

@@ -75,10 +75,13 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
     duplicated = records.duplicated(list(KEY_COLUMNS), keep=False).to_numpy()
     if duplicated.any():
         first = np.flatnonzero(duplicated)[:2]
-        key = records.loc[first[0], list(KEY_COLUMNS)].tolist()
+        key = tuple(
+            value.item() if hasattr(value, "item") else value
+            for value in records.loc[first[0], list(KEY_COLUMNS)].tolist()
+        )
         raise InputError(
             f"{source}: duplicate patch key (image_path, row_off, col_off, patch_size) = "
-            f"{tuple(key)} at {_row_label(source, int(first[0]))} and "
+            f"{key} at {_row_label(source, int(first[0]))} and "
             f"{_row_label(source, int(first[1]))} ({int(duplicated.sum())} rows share a key); "
             "remove the duplicates"
         )

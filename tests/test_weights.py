@@ -1,0 +1,128 @@
+"""Ranks, the sampling methods of SPEC §3.7 and weight normalisation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from patchbalance.errors import InputError
+from patchbalance.weights import (
+    average_rank,
+    cluster_balanced_scores,
+    inverse_frequency_scores,
+    normalise_weights,
+    repeat_factor_scores,
+    sampler_weights,
+    sampling_scores,
+)
+
+
+def test_average_rank_gives_ties_the_same_rank():
+    np.testing.assert_allclose(
+        average_rank(np.array([0.5, 0.1, 0.5, 0.9])), [2.5 / 4, 1 / 4, 2.5 / 4, 1.0]
+    )
+
+
+def test_tied_composition_scores_get_equal_weights():
+    composition = np.array([0.1, 0.1, 0.1, 0.5, 0.5, 1.0])
+    for method in ("composition_only", "rank_max", "rank_add", "rank_multiply", "multiplicative"):
+        scores, _ = sampling_scores(
+            method, composition, np.zeros(6), np.ones((6, 2)), np.full(6, 4.0)
+        )
+        weights = normalise_weights(scores)
+        assert weights[0] == weights[1] == weights[2], method
+        assert weights[3] == weights[4], method
+        assert weights[5] > weights[3] > weights[0], method
+
+
+def test_rank_methods_reduce_to_composition_rank_without_uniqueness_and_say_so():
+    composition = np.array([0.2, 0.5, 1.0])
+    scores, notes = sampling_scores(
+        "rank_max", composition, np.zeros(3), np.ones((3, 1)), np.ones(3)
+    )
+    np.testing.assert_allclose(scores, [1 / 3, 2 / 3, 1.0])
+    assert "composition signal alone" in notes["reduced"]
+
+
+def test_rank_methods_combine_both_ranks_with_uniqueness():
+    composition = np.array([1.0, 2.0, 3.0, 4.0])  # ranks .25 .5 .75 1
+    uniqueness = np.array([0.4, 0.3, 0.2, 0.1])  # ranks 1 .75 .5 .25
+    args = (composition, np.zeros(4), np.ones((4, 1)), np.ones(4))
+    rank_max, _ = sampling_scores("rank_max", *args, uniqueness=uniqueness)
+    rank_add, _ = sampling_scores("rank_add", *args, uniqueness=uniqueness)
+    rank_multiply, _ = sampling_scores("rank_multiply", *args, uniqueness=uniqueness)
+    np.testing.assert_allclose(rank_max, [1.0, 0.75, 0.75, 1.0])
+    np.testing.assert_allclose(rank_add, [0.625, 0.625, 0.625, 0.625])
+    np.testing.assert_allclose(rank_multiply, [0.25, 0.375, 0.375, 0.25])
+
+
+def test_cluster_balanced_gives_every_cluster_the_same_total_weight():
+    cluster = np.array([0, 0, 0, 0, 0, 0, 1, 1, 2])
+    sizes = np.bincount(cluster)
+    composition = 1.0 / sizes[cluster]
+    weights = normalise_weights(cluster_balanced_scores(composition, cluster))
+    totals = np.bincount(cluster, weights=weights)
+    np.testing.assert_allclose(totals, totals[0])
+    uniqueness = np.array([0.1, 0.2, 0.3, 0.1, 0.2, 0.3, 0.5, 0.1, 0.7])
+    weights_u = normalise_weights(cluster_balanced_scores(composition, cluster, uniqueness))
+    np.testing.assert_allclose(np.bincount(cluster, weights=weights_u), totals[0])
+    # Inside a cluster, weight is proportional to uniqueness.
+    assert weights_u[6] / weights_u[7] == pytest.approx(5.0)
+
+
+def test_repeat_factor_matches_a_hand_computation():
+    # 4 patches of 100 px, min_pixels default 1 px (1 % of 100).
+    counts = np.array(
+        [
+            [100, 0, 0],  # class 0 only
+            [90, 10, 0],  # classes 0, 1
+            [99, 0, 1],  # classes 0, 2 (1 px = 1 % of the window: present)
+            [100, 0, 0],
+        ]
+    )
+    factors, figures = repeat_factor_scores(counts, np.full(4, 100))
+    # f = [1, .25, .25]; t = median = .25; r_c = max(1, sqrt(t / f_c)) = [1, 1, 1]
+    np.testing.assert_allclose(figures["class_frequency"], [1.0, 0.25, 0.25])
+    np.testing.assert_allclose(factors, [1, 1, 1, 1])
+    factors, _ = repeat_factor_scores(counts, np.full(4, 100), repeat_threshold=1.0)
+    # t = 1: r = [1, 2, 2] -> patches containing class 1 or 2 get 2.
+    np.testing.assert_allclose(factors, [1, 2, 2, 1])
+    factors, _ = repeat_factor_scores(counts, np.full(4, 100), min_pixels=5, repeat_threshold=1.0)
+    np.testing.assert_allclose(factors, [1, 2, 1, 1])  # 1 px of class 2 is below 5 px
+
+
+def test_inverse_frequency_matches_a_hand_computation():
+    proportions = np.array([[1.0, 0.0], [0.5, 0.5], [1.0, 0.0], [1.0, 0.0]])
+    # g = [0.875, 0.125]
+    expected = np.array([1 / 0.875, 0.5 / 0.875 + 0.5 / 0.125, 1 / 0.875, 1 / 0.875])
+    np.testing.assert_allclose(inverse_frequency_scores(proportions), expected)
+    expected_sqrt = np.array([1, 0.5 + 0.5 * np.sqrt(0.875 / 0.125), 1, 1]) / np.sqrt(0.875)
+    np.testing.assert_allclose(inverse_frequency_scores(proportions, sqrt=True), expected_sqrt)
+
+
+def test_weights_have_mean_one_over_active_and_excluded_are_exactly_zero():
+    active = np.array([True, False, True, True, False])
+    weights = sampler_weights(active, normalise_weights(np.array([1.0, 2.0, 5.0])))
+    assert weights[active].mean() == pytest.approx(1.0)
+    assert weights[1] == 0.0 and weights[4] == 0.0
+
+
+def test_power_zero_gives_uniform_weights_and_power_two_sharpens():
+    scores = np.array([0.25, 0.5, 1.0])
+    np.testing.assert_allclose(normalise_weights(scores, power=0.0), 1.0)
+    sharp = normalise_weights(scores, power=2.0)
+    assert sharp[2] / sharp[0] == pytest.approx(16.0)
+
+
+def test_max_weight_caps_and_keeps_mean_one():
+    scores = np.array([100.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    weights = normalise_weights(scores, max_weight=3.0)
+    assert weights.max() <= 3.0 + 1e-9
+    assert weights.mean() == pytest.approx(1.0)
+    assert weights[0] == pytest.approx(3.0)
+    np.testing.assert_allclose(weights[1:], (10 - 3) / 9)
+
+
+def test_all_zero_scores_are_an_error():
+    with pytest.raises(InputError, match="score of 0"):
+        normalise_weights(np.zeros(4))
