@@ -11,11 +11,11 @@ import pyogrio
 import pytest
 import rasterio
 from rasterio.warp import transform_bounds
-from rasters import record, write_geotiff, write_pair
 
 from patchbalance.config import config_from_mapping
 from patchbalance.errors import InputError
 from patchbalance.pipeline import run_build
+from rasters import record, write_geotiff, write_pair
 
 
 def _mixed_mask(rng: np.random.Generator, size: int = 128) -> np.ndarray:

@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pandas as pd
-from rasters import record, write_geotiff, write_pair
 
 from patchbalance.stats import (
     class_entropy,
     compute_mask_statistics,
     statistics_columns,
 )
+from rasters import record, write_geotiff, write_pair
 
 
 def _records(rows: list[dict]) -> pd.DataFrame:
