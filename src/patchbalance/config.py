@@ -303,7 +303,7 @@ class BalancedDatasetConfig(StrictModel):
     def resolve(self, path: str | os.PathLike[str]) -> Path:
         """Return `path` resolved against the configuration file's folder."""
         path = Path(os.path.expanduser(os.fspath(path)))
-        return path if path.is_absolute() else self._base_dir / path
+        return Path(os.path.normpath(path if path.is_absolute() else self._base_dir / path))
 
 
 class CoresetConfig(StrictModel):
@@ -354,7 +354,7 @@ class CoresetConfig(StrictModel):
     def resolve(self, path: str | os.PathLike[str]) -> Path:
         """Return `path` resolved against the configuration file's folder."""
         path = Path(os.path.expanduser(os.fspath(path)))
-        return path if path.is_absolute() else self._base_dir / path
+        return Path(os.path.normpath(path if path.is_absolute() else self._base_dir / path))
 
 
 # --------------------------------------------------------------------------------------------

@@ -83,9 +83,9 @@ def _as_config(
     return load_config(config)
 
 
-def _progress_bar(total: int, description: str, enabled: bool) -> tqdm:
+def _progress_bar(total: int, description: str, enabled: bool, unit: str = "patch") -> tqdm:
     return tqdm(
-        total=total, desc=description, unit="patch", disable=not enabled or total == 0, leave=False
+        total=total, desc=description, unit=unit, disable=not enabled or total == 0, leave=False
     )
 
 
@@ -352,7 +352,7 @@ def run_build(
             if config.clustering.k_selection == "fixed"
             else config.clustering.k_max - config.clustering.k_min + 1
         )
-        with _progress_bar(candidates, "composition k sweep", progress) as bar:
+        with _progress_bar(candidates, "composition k sweep", progress, unit="k") as bar:
             composition = fit_composition_clusters(
                 active_counts, config.clustering, config.kmeans_seed, progress=bar.update
             )

@@ -1,0 +1,239 @@
+"""The command line: exit codes and one-line messages for the bad inputs of SPEC §8."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from patchbalance.cli import app
+from rasters import record, write_pair
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture()
+def project(tmp_path):
+    """A folder with two real rasters, a records CSV and a valid config; returns the config path."""
+    rng = np.random.default_rng(0)
+    records = []
+    for name in ("a", "b"):
+        mask = rng.integers(0, 3, size=(64, 64)).astype(np.uint8)
+        mask[: 32 if name == "a" else 16] = 0
+        pair = write_pair(tmp_path, name, mask)
+        records += [record(*pair, r, c, 32) for r in (0, 32) for c in (0, 32)]
+    pd.DataFrame(records).to_csv(tmp_path / "records.csv", index=False)
+    config = {
+        "balanced_dataset": {
+            "input": {"records_path": "records.csv"},
+            "clustering": {"k_min": 2, "k_max": 3},
+            "output": {"csv_path": "out/table.csv"},
+        }
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _edit(path: Path, change) -> Path:
+    data = yaml.safe_load(path.read_text())
+    change(data["balanced_dataset"])
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _one_line_error(result, *fragments: str) -> str:
+    assert result.exit_code == 2, result.output
+    # Progress and INFO lines may come first; the error itself is exactly one line.
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_valid_config_builds_and_prints_the_summary(project):
+    result = _run("build-balanced-dataset", project, "-q")
+    assert result.exit_code == 0, result.output
+    assert "effective sample size" in result.stdout
+    table = pd.read_csv(project.parent / "out" / "table.csv")
+    assert len(table) == 8
+    assert table.loc[~table["excluded"], "sampler_weight"].mean() == pytest.approx(1.0)
+
+
+def test_missing_config_file(tmp_path):
+    _one_line_error(
+        _run("build-balanced-dataset", tmp_path / "nope.yaml"), "nope.yaml", "not found"
+    )
+
+
+def test_yaml_syntax_error_names_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("balanced_dataset:\n  mode: masks_only\n  input: [unclosed\n")
+    _one_line_error(_run("build-balanced-dataset", path), "bad.yaml", "YAML syntax error at line 4")
+
+
+def test_unknown_key_suggests_the_closest_valid_key(project):
+    _edit(project, lambda b: b.setdefault("exclusion", {}).update(black_tolerence=3))
+    _one_line_error(
+        _run("build-balanced-dataset", project),
+        "unknown key 'exclusion.black_tolerence'; did you mean 'black_tolerance'?",
+    )
+
+
+def test_wrong_type_names_the_key_and_value(project):
+    _one_line_error(
+        _run("build-balanced-dataset", project, "--set", "clustering.k_max=many"),
+        "'clustering.k_max'",
+        "'many'",
+    )
+
+
+def test_k_min_larger_than_k_max(project):
+    _one_line_error(
+        _run("build-balanced-dataset", project, "--set", "clustering.k_min=9"),
+        "k_min (9) is larger than k_max (3)",
+    )
+
+
+def test_upstream_synonyms_are_accepted(project):
+    _edit(
+        project,
+        lambda b: b.update(
+            exclusion={"exclude_image_black_border": False, "min_entropy_threshold": 0.0}
+        ),
+    )
+    assert _run("build-balanced-dataset", project, "-q").exit_code == 0
+
+
+def test_uniqueness_only_in_masks_only_mode_says_to_use_embeddings(project):
+    _one_line_error(
+        _run("build-balanced-dataset", project, "--set", "sampling_method=uniqueness_only"),
+        "use mode: embeddings",
+    )
+
+
+def test_missing_record_columns(project):
+    pd.read_csv(project.parent / "records.csv").drop(columns=["col_off"]).to_csv(
+        project.parent / "records.csv", index=False
+    )
+    _one_line_error(
+        _run("build-balanced-dataset", project), "records.csv", "missing record column(s) col_off"
+    )
+
+
+def test_duplicate_patch_keys_name_the_rows(project):
+    records = pd.read_csv(project.parent / "records.csv")
+    pd.concat([records, records.iloc[[2]]]).to_csv(project.parent / "records.csv", index=False)
+    _one_line_error(
+        _run("build-balanced-dataset", project), "duplicate patch key", "row 3 and", "row 9"
+    )
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("row_off", -32, "row_off and col_off must be >= 0"),
+        ("patch_size", 0, "patch_size must be > 0"),
+        ("col_off", 1.5, "col_off must be a whole number"),
+    ],
+)
+def test_bad_offsets_and_sizes_name_the_row(project, column, value, message):
+    records = pd.read_csv(project.parent / "records.csv")
+    records[column] = records[column].astype(object)
+    records.loc[4, column] = value
+    records.to_csv(project.parent / "records.csv", index=False)
+    _one_line_error(_run("build-balanced-dataset", project), "records.csv row 5", message)
+
+
+def test_every_patch_excluded_counts_the_reasons(project):
+    _one_line_error(
+        _run("build-balanced-dataset", project, "--set", "exclusion.min_entropy=5"),
+        "every one of the 8 patches is excluded",
+        "low_entropy: 8",
+    )
+
+
+def test_output_folder_not_writable(project):
+    (project.parent / "blocker").write_text("a file, not a folder")
+    _one_line_error(
+        _run("build-balanced-dataset", project, "--set", "output.csv_path=blocker/table.csv"),
+        "cannot create the output folder",
+    )
+
+
+def test_strict_makes_a_missing_raster_an_error(project):
+    (project.parent / "masks" / "b.tif").unlink()
+    assert _run("build-balanced-dataset", project, "-q").exit_code == 0
+    _one_line_error(
+        _run("build-balanced-dataset", project, "--strict"), "--strict: 4 patch", "b.tif"
+    )
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(project):
+    result = _run("build-balanced-dataset", project, "--dry-run")
+    assert result.exit_code == 0
+    assert "patches: 8 from 4 raster files" in result.stdout
+    assert (
+        "records -> mask statistics -> exclusion -> composition clusters -> weights -> outputs"
+        in result.stdout
+    )
+    assert not (project.parent / "out").exists()
+
+
+def test_set_overrides_change_the_run(project):
+    result = _run(
+        "build-balanced-dataset",
+        project,
+        "-q",
+        "--set",
+        "output.csv_path=other.parquet",
+        "--set",
+        "balanced_dataset.sampling_method=repeat_factor",
+    )
+    assert result.exit_code == 0, result.output
+    assert "weights: repeat_factor" in result.stdout
+    assert len(pd.read_parquet(project.parent / "other.parquet")) == 8
+
+
+def test_unset_environment_variable_in_interpolation_is_a_config_error(project, monkeypatch):
+    monkeypatch.delenv("PB_TEST_UNSET", raising=False)
+    _edit(project, lambda b: b["output"].update(csv_path="${oc.env:PB_TEST_UNSET}"))
+    _one_line_error(
+        _run("build-balanced-dataset", project), "cannot resolve an interpolation", "PB_TEST_UNSET"
+    )
+
+
+def test_environment_interpolation_is_resolved(project, monkeypatch):
+    monkeypatch.setenv("PB_TEST_OUT", "from_env.csv")
+    _edit(project, lambda b: b["output"].update(csv_path="${oc.env:PB_TEST_OUT}"))
+    assert _run("build-balanced-dataset", project, "-q").exit_code == 0
+    assert (project.parent / "from_env.csv").exists()
+
+
+def test_the_console_script_exits_2_without_a_traceback(tmp_path):
+    process = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "patchbalance.cli",
+            "build-balanced-dataset",
+            str(tmp_path / "x.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert process.returncode == 2
+    assert process.stderr.strip() == f"error: {tmp_path / 'x.yaml'}: configuration file not found"

@@ -1,0 +1,56 @@
+"""`patchbalance demo` and the masks_only example configuration."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import rasterio
+from typer.testing import CliRunner
+
+from patchbalance.cli import app
+from patchbalance.demo import write_demo_dataset
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "conf" / "examples"
+
+
+def test_demo_writes_georeferenced_data_and_builds_in_under_a_minute(tmp_path):
+    start = time.perf_counter()
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "-q"])
+    elapsed = time.perf_counter() - start
+    assert result.exit_code == 0, result.output
+    assert elapsed < 60
+    demo = tmp_path / "demo"
+    table = pd.read_csv(demo / "balanced_train.csv")
+    assert len(table) == 192
+    with rasterio.open(demo / "masks" / "scene_2.tif") as dataset:
+        assert dataset.crs.to_epsg() == 32640
+        assert dataset.nodata == 255
+        assert dataset.profile["tiled"]
+    reasons = json.loads((demo / "balanced_train.summary.json").read_text())["excluded_by_reason"]
+    assert reasons["mask_border_nodata"] > 0 and reasons["image_black_border"] > 0
+    # The rare class is about 2 % of the labelled pixels and the weights show it more often.
+    sampling = json.loads((demo / "balanced_train.summary.json").read_text())["sampling"]
+    share = sampling["class_pixel_share"]["3"]
+    assert 0.01 < share["uniform"] < 0.04
+    assert share["weighted"] > share["uniform"]
+    assert (demo / "balanced_train.geojson").exists()
+    assert "effective sample size" in result.stdout
+
+
+def test_the_masks_only_example_config_runs_on_the_demo_data(tmp_path):
+    write_demo_dataset(tmp_path / "patchbalance-demo")
+    examples = tmp_path / "conf" / "examples"
+    examples.mkdir(parents=True)
+    shutil.copy(EXAMPLES / "balanced_train.yaml", examples)
+    result = CliRunner().invoke(
+        app, ["build-balanced-dataset", str(examples / "balanced_train.yaml"), "-q"]
+    )
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "patchbalance-demo" / "balanced_train_records.csv")
+    assert len(table) == 32
+    assert table.loc[~table["excluded"], "sampler_weight"].mean() == pytest.approx(1.0)
