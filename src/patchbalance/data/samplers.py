@@ -35,7 +35,9 @@ TORCH_MULTINOMIAL_MAX_CATEGORIES = 2**24
 _YIELD_CHUNK = 65536
 
 
-def validate_weights(weights: Sequence[float] | np.ndarray, what: str = "sampler_weight") -> np.ndarray:
+def validate_weights(
+    weights: Sequence[float] | np.ndarray, what: str = "sampler_weight"
+) -> np.ndarray:
     """Return `weights` as a float64 array after checking it can drive a weighted sampler.
 
     Raises `InputError` naming the first offending rows (0-based) when a weight is NaN,
@@ -43,7 +45,9 @@ def validate_weights(weights: Sequence[float] | np.ndarray, what: str = "sampler
     """
     array = np.asarray(weights, dtype=np.float64)
     if array.ndim != 1:
-        raise InputError(f"{what}: expected one weight per row, got an array of shape {array.shape}")
+        raise InputError(
+            f"{what}: expected one weight per row, got an array of shape {array.shape}"
+        )
     if array.size == 0:
         raise InputError(f"{what}: the table has no rows to sample from")
     for name, bad in (
@@ -67,22 +71,28 @@ def validate_weights(weights: Sequence[float] | np.ndarray, what: str = "sampler
     return array
 
 
+def _positive_rows(weights: np.ndarray) -> np.ndarray | None:
+    """Return the indices of the rows with weight > 0, or None when every row has one."""
+    positive = weights > 0
+    return None if positive.all() else np.flatnonzero(positive)
+
+
 def _draw(
     weights: np.ndarray,
-    positive: np.ndarray,
+    positive: np.ndarray | None,
     num_samples: int,
     replacement: bool,
     rng: np.random.Generator,
 ) -> np.ndarray:
     """Return `num_samples` row indices drawn by weight; `positive` = rows with weight > 0."""
-    if num_samples == 0:
-        return np.empty(0, dtype=np.int64)
-    w = weights[positive]
+    # Without zero weights the rows are used in place (no index copy): at 2 x 10^7 rows every
+    # array of that length costs 160 MB.
+    w = weights if positive is None else weights[positive]
     if replacement:
         # Only positive rows enter the multinomial: its last category takes the remainder of
         # the draw, which must never be a row of weight 0.
         counts = rng.multinomial(num_samples, w / w.sum())
-        drawn = np.repeat(positive, counts)
+        drawn = np.repeat(np.arange(w.size) if positive is None else positive, counts)
         rng.shuffle(drawn)
         return drawn
     keys = rng.standard_exponential(w.size) / w
@@ -91,7 +101,7 @@ def _draw(
     else:
         chosen = np.arange(w.size)
     chosen = chosen[np.argsort(keys[chosen], kind="stable")]
-    return positive[chosen]
+    return chosen if positive is None else positive[chosen]
 
 
 def _check_num_samples(num_samples: int, replacement: bool, n_positive: int) -> int:
@@ -136,12 +146,12 @@ class NumpyWeightedRandomSampler(Sampler[int]):
         seed: int | None = None,
     ) -> None:
         self.weights = validate_weights(weights)
-        self.positive = np.flatnonzero(self.weights > 0)
+        self.positive = _positive_rows(self.weights)
         self.replacement = bool(replacement)
         self.num_samples = _check_num_samples(
             self.weights.size if num_samples is None else num_samples,
             self.replacement,
-            self.positive.size,
+            self.weights.size if self.positive is None else self.positive.size,
         )
         self.seed = _seed_from_torch() if seed is None else int(seed)
         self.epoch = 0
@@ -192,17 +202,19 @@ class DistributedWeightedSampler(Sampler[int]):
                     "DistributedWeightedSampler needs num_replicas and rank, or an initialised "
                     "torch.distributed process group"
                 )
-            num_replicas = torch.distributed.get_world_size() if num_replicas is None else num_replicas
+            num_replicas = (
+                torch.distributed.get_world_size() if num_replicas is None else num_replicas
+            )
             rank = torch.distributed.get_rank() if rank is None else rank
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
         self.weights = validate_weights(weights)
-        self.positive = np.flatnonzero(self.weights > 0)
+        self.positive = _positive_rows(self.weights)
         self.replacement = bool(replacement)
         self.global_num_samples = _check_num_samples(
             self.weights.size if num_samples is None else num_samples,
             self.replacement,
-            self.positive.size,
+            self.weights.size if self.positive is None else self.positive.size,
         )
         self.seed = int(seed)
         self.num_replicas = int(num_replicas)
