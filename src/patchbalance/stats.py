@@ -50,8 +50,32 @@ class BorderCheck:
     min_fraction: float
 
 
-def _value_counts(window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+# Up to this many known values, counting by comparison beats np.bincount on a window.
+COMPARE_UP_TO = 16
+
+
+def _value_counts(
+    window: np.ndarray, known: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, bool]:
+    """Return the distinct values of `window`, their pixel counts, and whether `known` had them.
+
+    Masks hold a handful of values, so when `known` (the values seen so far) is short, one
+    vectorised comparison per value counts the window several times faster than
+    `np.bincount`, which must first widen every pixel to intp. If the known values do not
+    cover the window, it falls back to `np.bincount`.
+    """
     flat = window.ravel()
+    if known is not None and 0 < len(known) <= COMPARE_UP_TO and flat.dtype.kind in "ui":
+        limits = np.iinfo(flat.dtype)
+        known = known[(known >= limits.min) & (known <= limits.max)]
+        # Compare in the window's own dtype: an int64 scalar would widen every pixel first.
+        typed = known.astype(flat.dtype)
+        counts = np.fromiter(
+            (np.count_nonzero(flat == value) for value in typed), dtype=np.int64, count=len(known)
+        )
+        if counts.sum() == flat.size:
+            present = counts > 0
+            return known[present], counts[present], True
     if flat.dtype.kind == "f":
         finite = np.isfinite(flat)
         # NaN marks missing labels in float masks; give it a value no integer class can take.
@@ -59,12 +83,12 @@ def _value_counts(window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if flat.dtype.kind == "u" and flat.dtype.itemsize <= 2:
         counts = np.bincount(flat)
         values = np.flatnonzero(counts)
-        return values.astype(np.int64), counts[values]
+        return values.astype(np.int64), counts[values], False
     flat = flat.astype(np.int64, copy=False)
     low = int(flat.min())
     counts = np.bincount(flat - low)
     values = np.flatnonzero(counts)
-    return values.astype(np.int64) + low, counts[values]
+    return values.astype(np.int64) + low, counts[values], False
 
 
 def _outer_ring(window: np.ndarray) -> np.ndarray:
@@ -131,9 +155,15 @@ def compute_mask_statistics(
             flags |= ~np.isin(values, class_list)
         return flags
 
+    known_values = np.zeros(0, dtype=np.int64)
+
     def handle(datasets: Sequence, i: int) -> None:
+        nonlocal known_values
         mask = read_window(datasets[0], row_off[i], col_off[i], size[i], mask_band)
-        values, counts = _value_counts(mask)
+        values, counts, covered = _value_counts(mask, known_values)
+        if not covered and len(values) <= COMPARE_UP_TO:
+            with lock:
+                known_values = np.union1d(known_values, values)
         used = len(values)
         if used <= VALUES_PER_WINDOW:
             buffer_values[i, :used] = values
