@@ -285,7 +285,7 @@ def _cluster_section(
     hidden = max(0, len(order) - MAX_CLUSTERS_SHOWN)
     shown = order[:MAX_CLUSTERS_SHOWN]
     n_shown = len(shown)
-    figure = Figure(figsize=(11, max(3.0, 0.34 * n_shown + 1.6)))
+    figure = Figure(figsize=(11, max(3.2, 0.34 * n_shown + 1.9)), layout="constrained")
     share_axes, composition_axes = figure.subplots(1, 2, sharey=True)
     positions = np.arange(n_shown)
     height = 0.4
@@ -305,9 +305,16 @@ def _cluster_section(
     )
     share_axes.set_yticks(positions, [f"cluster {ids[c]} (n={sizes[c]:,})" for c in shown])
     share_axes.invert_yaxis()
-    share_axes.set_xlabel("%")
+    share_axes.set_xlabel("share (%)")
     share_axes.set_title("Cluster size vs share of draws")
-    share_axes.legend(frameon=False, fontsize=8, loc="lower right")
+    # Below the panels, where no bar can hide it.
+    figure.legend(
+        handles=share_axes.get_legend_handles_labels()[0],
+        frameon=False,
+        fontsize=8,
+        ncol=2,
+        loc="outside lower left",
+    )
     share_axes.spines[["top", "right"]].set_visible(False)
 
     colours = _class_colours(len(labels))
@@ -321,7 +328,6 @@ def _cluster_section(
     composition_axes.set_title("Mean composition")
     composition_axes.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     composition_axes.spines[["top", "right"]].set_visible(False)
-    figure.tight_layout()
 
     rows = []
     for c in shown:
