@@ -6,6 +6,10 @@ from typing import Any
 
 __version__ = "0.1.0"
 
+# `patchbalance.report(table)` is the API of the spec, so the function is bound over the
+# submodule of the same name; import helpers from it with `from patchbalance.report import ...`.
+from patchbalance.report import report  # noqa: E402
+
 __all__ = [
     "__version__",
     "build_balanced_dataset",
@@ -25,10 +29,6 @@ def __getattr__(name: str) -> Any:
         from patchbalance.config import load_config
 
         return load_config
-    if name == "report":
-        from patchbalance.report import report
-
-        return report
     if name == "select_coreset":
         from patchbalance.coreset import select_coreset
 
