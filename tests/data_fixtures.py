@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
 from rasters import write_geotiff
 
 MASK_NODATA = 255

@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 import rasterio
 import torch
-from data_fixtures import grid_rows, write_scene, write_table
 from PIL import Image
 from rasterio.windows import Window
-from rasters import write_geotiff
 from torch.utils.data import DataLoader
 
+from data_fixtures import grid_rows, write_scene, write_table
 from patchbalance.data import CSVWindowedSegmentationDataset, WindowReadError
 from patchbalance.errors import ConfigError, InputError
+from rasters import write_geotiff
 
 WINDOWS = [(0, 0, 32), (16, 40, 24), (64, 64, 32), (5, 71, 25)]
 

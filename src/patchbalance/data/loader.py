@@ -8,7 +8,7 @@ weighted sampler on, the weights come from the dataset's `sampler_weight` column
 ignored (said once in the log). The sampler is torch's `WeightedRandomSampler` up to 2^24 rows,
 `NumpyWeightedRandomSampler` above, and `DistributedWeightedSampler` when a process group is
 initialised (or `distributed=True`). Validation and test loaders (`training=False`) never draw by
-weight.
+weight and never shuffle: they read every row once, in table order (a slice per rank under DDP).
 """
 
 from __future__ import annotations
@@ -131,7 +131,10 @@ def build_weighted_sampler(
     if seed is not None:
         generator = torch.Generator().manual_seed(int(seed))
     return WeightedRandomSampler(
-        torch.as_tensor(np.array(weights)), num_samples, replacement=replacement, generator=generator
+        torch.as_tensor(np.array(weights)),
+        num_samples,
+        replacement=replacement,
+        generator=generator,
     )
 
 
@@ -170,9 +173,11 @@ def build_dataloader(
         block.pop("persistent_workers", None)
 
     sampler: Sampler[int] | None = None
-    if weighted and not training:
-        log.info("weighted_sampler is ignored for validation and test loaders")
-    elif weighted:
+    if not training:
+        if weighted or shuffle:
+            log.info("validation and test loaders read every row once, in order")
+        weighted, shuffle = False, False
+    if weighted:
         if shuffle:
             log.info("data_loader.shuffle is ignored: the weighted sampler orders the draws")
         shuffle = None
@@ -192,8 +197,6 @@ def build_dataloader(
             drop_last=bool(block.get("drop_last", False)),
         )
         shuffle = None
-    elif not training:
-        shuffle = False
 
     generator = torch.Generator().manual_seed(int(seed)) if seed is not None else None
     if (

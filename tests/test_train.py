@@ -1,0 +1,221 @@
+"""`patchbalance train`: metrics from a global confusion matrix, checkpoints, config errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
+from typer.testing import CliRunner
+
+from data_fixtures import write_table, write_training_tables
+from patchbalance.cli import app
+from patchbalance.data import CSVWindowedSegmentationDataset
+from patchbalance.errors import ConfigError
+from patchbalance.train import (
+    build_loss,
+    build_model,
+    confusion_matrix,
+    iou_from_confusion,
+    mean_iou,
+    plan_training,
+    run_train_command,
+    train_from_config,
+)
+
+EXAMPLE = (
+    Path(__file__).resolve().parents[1] / "conf" / "examples" / "weighted_sampler_segmentation.yaml"
+)
+# A small Unet (3 encoder stages) keeps CPU steps fast; the default is resnet18 with 5 stages.
+SMALL_MODEL = {
+    "_target_": "segmentation_models_pytorch.Unet",
+    "encoder_name": "resnet18",
+    "encoder_depth": 3,
+    "decoder_channels": [32, 16, 8],
+}
+runner = CliRunner()
+
+
+def small_config(train_table: Path, val_table: Path, output_dir: Path) -> dict:
+    return {
+        "train_dataset": {
+            "_target_": "patchbalance.data.CSVWindowedSegmentationDataset",
+            "input_csv_path": str(train_table),
+            "n_classes": 4,
+            "augmentation_list": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}],
+            "data_loader": {"shuffle": True, "weighted_sampler": True, "num_workers": 0},
+        },
+        "val_dataset": {"input_csv_path": str(val_table), "data_loader": {"num_workers": 0}},
+        "model": dict(SMALL_MODEL),
+        "hyperparameters": {"batch_size": 4, "max_steps": 2, "lr": 0.01},
+        "device": "cpu",
+        "seed": 3,
+        "output_dir": str(output_dir),
+    }
+
+
+@pytest.fixture(scope="module")
+def tables(tmp_path_factory):
+    return write_training_tables(tmp_path_factory.mktemp("scenes"))
+
+
+def test_confusion_matrix_and_iou_match_a_hand_computed_example():
+    target = np.array([[0, 0, 1], [1, 2, 255]])
+    predicted = np.array([[0, 1, 1], [2, 2, 0]])
+    confusion = confusion_matrix(predicted, target, n_classes=4, ignore_index=255)
+    expected = np.array([[1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]])
+    np.testing.assert_array_equal(confusion, expected)
+    iou = iou_from_confusion(confusion)
+    # class 0: TP 1, FN 1, FP 0; class 1: TP 1, FN 1, FP 1; class 2: TP 1, FP 1; class 3 absent.
+    np.testing.assert_allclose(iou[:3], [1 / 2, 1 / 3, 1 / 2])
+    assert np.isnan(iou[3])
+    assert mean_iou(iou) == pytest.approx(4 / 9)
+
+
+def test_confusion_accumulates_over_batches_unlike_a_mean_of_batch_ious():
+    # Batch 1 is all class 0 predicted right; batch 2 has one class-0 pixel predicted 1.
+    batches = [(np.zeros(8, int), np.zeros(8, int)), (np.array([1, 0]), np.array([0, 0]))]
+    total = sum(confusion_matrix(p, t, 2, None) for p, t in batches)
+    assert iou_from_confusion(total)[0] == pytest.approx(9 / 10)
+    per_batch = [iou_from_confusion(confusion_matrix(p, t, 2, None))[0] for p, t in batches]
+    assert np.mean(per_batch) == pytest.approx(0.75)  # the number we must not report
+
+
+def test_train_writes_metrics_with_per_class_iou_and_a_checkpoint_that_reproduces_them(
+    tables, tmp_path
+):
+    train_table, val_table = tables
+    result = train_from_config(small_config(train_table, val_table, tmp_path / "out"))
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    assert list(metrics["epoch"]) == [1] and list(metrics["step"]) == [2]
+    assert {"train_loss", "val_loss", "miou", "iou_0", "iou_1", "iou_2", "iou_3"} <= set(metrics)
+    assert result.steps == 2 and result.best_epoch == 1
+    assert "mIoU" in result.summary_text and str(result.checkpoint_path) in result.summary_text
+
+    # Recompute the validation IoU independently: the saved weights, the whole validation set
+    # as one batch, sklearn's confusion matrix over every labelled pixel.
+    checkpoint = torch.load(result.checkpoint_path, weights_only=False)
+    model = build_model(SMALL_MODEL, in_channels=3, n_classes=4)
+    model.load_state_dict(checkpoint["model_state_dict"])
+    model.eval()
+    val = CSVWindowedSegmentationDataset(val_table, n_classes=4)
+    items = [val[i] for i in range(len(val))]
+    with torch.no_grad():
+        predicted = model(torch.stack([i["image"] for i in items])).argmax(1).numpy().ravel()
+    target = torch.stack([i["mask"] for i in items]).numpy().ravel()
+    labelled = target != 255
+    confusion = sklearn_confusion_matrix(target[labelled], predicted[labelled], labels=range(4))
+    tp = np.diag(confusion)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    iou = np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+    row = metrics.iloc[0]
+    np.testing.assert_allclose([row[f"iou_{c}"] for c in range(4)], iou, equal_nan=True)
+    assert row["miou"] == pytest.approx(np.nanmean(iou))
+    assert checkpoint["miou"] == pytest.approx(row["miou"]) and checkpoint["step"] == 2
+
+
+def test_training_with_a_seed_is_deterministic(tables, tmp_path):
+    train_table, val_table = tables
+    first = train_from_config(small_config(train_table, val_table, tmp_path / "a"))
+    second = train_from_config(small_config(train_table, val_table, tmp_path / "b"))
+    columns = ["train_loss", "val_loss", "miou"]
+    pd.testing.assert_frame_equal(first.metrics[columns], second.metrics[columns])
+
+
+def test_max_steps_stops_inside_an_epoch_and_epochs_bound_the_run(tables, tmp_path):
+    train_table, val_table = tables
+    config = small_config(train_table, val_table, tmp_path / "out")
+    config["hyperparameters"] = {"batch_size": 4, "epochs": 2, "max_steps": 100}
+    config["train_dataset"]["data_loader"]["weighted_sampler_num_samples"] = 4
+    result = train_from_config(config)
+    assert list(result.metrics["step"]) == [1, 2]  # two epochs of one batch each
+    assert (tmp_path / "out" / "last.pt").is_file()
+
+
+def test_cli_weighted_sampler_on_a_table_without_sampler_weight_exits_2_with_one_line(
+    tables, tmp_path
+):
+    train_table, val_table = tables
+    frame = pd.read_csv(train_table).drop(columns=["sampler_weight"])
+    unweighted = write_table(frame, tmp_path / "unweighted.csv")
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(
+        yaml.safe_dump(small_config(unweighted, val_table, tmp_path / "out")), encoding="utf-8"
+    )
+    result = runner.invoke(app, ["train", str(config_path)])
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert (
+        len(errors) == 1 and "weighted_sampler: true needs a 'sampler_weight' column" in errors[0]
+    )
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_config_keys_are_errors_with_the_closest_valid_key(tables, tmp_path):
+    train_table, val_table = tables
+    config = small_config(train_table, val_table, tmp_path / "out")
+    config["hyperparameters"]["epoch"] = 1
+    with pytest.raises(
+        ConfigError, match="unknown key 'hyperparameters.epoch'; did you mean 'epochs'"
+    ):
+        plan_training(config)
+    config = small_config(train_table, val_table, tmp_path / "out")
+    config["train_dataset"]["n_clases"] = 4
+    with pytest.raises(ConfigError, match="'train_dataset.n_clases'; did you mean 'n_classes'"):
+        plan_training(config)
+
+
+def test_upstream_config_keys_and_dataset_path_are_accepted(tables, tmp_path):
+    train_table, val_table = tables
+    config = small_config(train_table, val_table, tmp_path / "out")
+    upstream = (
+        "pytorch_segmentation_models_trainer.dataset_loader.dataset.CSVWindowedSegmentationDataset"
+    )
+    config["train_dataset"]["_target_"] = upstream
+    config["hyperparameters"] = {"num_epochs": 2, "learning_rate": 1e-4, "batch_size": 4}
+    config["optimizer"] = {
+        "_target_": "torch.optim.AdamW",
+        "lr": "${hyperparameters.learning_rate}",
+    }
+    config["pl_trainer"] = {"max_epochs": "${hyperparameters.num_epochs}"}
+    config["callbacks"] = [{"_target_": "pytorch_lightning.callbacks.ModelCheckpoint"}]
+    plan = plan_training(config)
+    assert isinstance(plan.train_dataset, CSVWindowedSegmentationDataset)
+    assert plan.epochs == 2 and plan.config.hyperparameters.lr == 1e-4
+    assert plan.resolved["optimizer"]["lr"] == 1e-4
+    # The validation set takes n_classes from the training set.
+    assert plan.val_dataset.n_classes == 4
+    with pytest.raises(ConfigError, match="loss: cannot instantiate.*upstream trainer's classes"):
+        build_loss(
+            {"_target_": "pytorch_segmentation_models_trainer.custom_losses.loss.SCELoss"}, 255
+        )
+
+
+def test_example_config_trains_on_the_demo_data(tmp_path):
+    from patchbalance.config import load_config
+    from patchbalance.demo import write_demo_dataset
+    from patchbalance.pipeline import run_build
+
+    paths = write_demo_dataset(tmp_path / "demo")
+    run_build(load_config(paths["config"]), progress=False)
+    overrides = [
+        f"train_dataset.input_csv_path={paths['table']}",
+        f"val_dataset.input_csv_path={paths['val']}",
+        f"output_dir={tmp_path / 'train'}",
+        "hyperparameters.max_steps=2",
+        "hyperparameters.batch_size=4",
+        "val_dataset.n_first_rows_to_read=8",
+    ]
+    plan_text = run_train_command(EXAMPLE, overrides, dry_run=True, progress=False)
+    assert "sampler: WeightedRandomSampler, 192 draws per epoch" in plan_text
+    assert not (tmp_path / "train").exists()
+    text = run_train_command(EXAMPLE, overrides, dry_run=False, progress=False)
+    metrics = pd.read_csv(tmp_path / "train" / "metrics.csv")
+    assert list(metrics["step"]) == [2]
+    assert metrics[[f"iou_{c}" for c in range(4)]].notna().any(axis=None)
+    assert "best epoch 1: mIoU" in text and (tmp_path / "train" / "best.pt").is_file()
