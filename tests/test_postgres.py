@@ -496,6 +496,12 @@ def test_cli_never_shows_a_password_given_in_a_dsn(postgres_server, small_table,
     config_path = _write_config(tmp_path / "dsn.yaml", {"dsn": dsn, "table": small_table})
     line = _cli_error(config_path)
     assert line.startswith(f"error: PostgreSQL authentication failed for user '{READER}'")
+    # Not in the driver's debug logging either.
+    verbose = CliRunner().invoke(
+        app, ["build-balanced-dataset", str(config_path), "--verbose", "--debug"]
+    )
+    assert verbose.exit_code == 2
+    assert WRONG_PASSWORD not in verbose.output
     # A dsn that libpq cannot parse is reported without quoting any of it.
     config_path = _write_config(
         tmp_path / "bad_dsn.yaml", {"dsn": f"host=x password '{WRONG_PASSWORD}", "table": "t"}
@@ -503,6 +509,9 @@ def test_cli_never_shows_a_password_given_in_a_dsn(postgres_server, small_table,
     assert _cli_error(config_path).startswith(
         "error: input.dsn is not a valid PostgreSQL connection string"
     )
+    debug = CliRunner().invoke(app, ["build-balanced-dataset", str(config_path), "--debug"])
+    assert debug.exit_code == 2
+    assert WRONG_PASSWORD not in debug.output
 
 
 def test_a_numeric_password_in_yaml_is_accepted_and_not_echoed(postgres_server, tmp_path):

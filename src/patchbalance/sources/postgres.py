@@ -127,12 +127,12 @@ def connection_settings(source: InputConfig) -> tuple[str, Target, list[str]]:
     given = {key: str(value) for key, value in keys.items() if value not in (None, "")}
     try:
         base = conninfo_to_dict(source.dsn or "")
-    except psycopg.ProgrammingError as exc:
+    except psycopg.ProgrammingError:
         # psycopg's text can quote pieces of the string, password included: never echo it.
         raise InputError(
             "input.dsn is not a valid PostgreSQL connection string; write key=value pairs "
             "(host=... port=... dbname=... user=...) or a postgresql://user@host:port/database URI"
-        ) from exc
+        ) from None
     settings = {**base, **given}
     settings.setdefault("connect_timeout", "10")
     settings.setdefault("application_name", "patchbalance")
