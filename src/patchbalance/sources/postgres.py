@@ -46,7 +46,7 @@ RECORD_COLUMN_KEYS = {
 }
 NODATA_RATIO_COLUMN = "nodata_ratio"
 CURSOR_NAME = "patchbalance_records"
-# Float types that can hold proportions, scores and embedding components.
+# PostgreSQL type names (pg_type.typname) read as integers, floats, numbers or JSON.
 INTEGER_TYPES = {"int2", "int4", "int8"}
 FLOAT_TYPES = {"float4", "float8"}
 NUMERIC_TYPES = INTEGER_TYPES | FLOAT_TYPES | {"numeric"}
