@@ -44,7 +44,7 @@ h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-
 p.note { color: #555; font-size: 0.92em; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.95em; }
 th, td { padding: 0.3em 0.9em; border-bottom: 1px solid #e4e4e4; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
+th:first-child, td:first-child, th.text, td.text { text-align: left; }
 thead th { background: #f4f4f4; }
 img { max-width: 100%; height: auto; display: block; margin: 0.6em 0; }
 .up { color: #1a7f37; } .down { color: #b42318; }
@@ -69,9 +69,16 @@ def _image_tag(figure: Figure, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="{_png_data_uri(figure)}">'
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
+def _html_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], text_columns: Sequence[int] = ()
+) -> str:
+    """Return an HTML table; cells are trusted HTML, `text_columns` are left-aligned."""
+    css = [' class="text"' if j in text_columns else "" for j in range(len(header))]
+    head = "".join(f"<th{css[j]}>{html.escape(str(cell))}</th>" for j, cell in enumerate(header))
+    body = "".join(
+        "<tr>" + "".join(f"<td{css[j]}>{cell}</td>" for j, cell in enumerate(row)) + "</tr>"
+        for row in rows
+    )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -360,6 +367,7 @@ def _cluster_section(
                 "mean composition",
             ],
             rows,
+            text_columns=[5],
         )
         + note
     )
@@ -429,9 +437,21 @@ def _map_section(table: pd.DataFrame, weights: np.ndarray, active: np.ndarray) -
         norm = Normalize(vmin=0.0, vmax=max(float(weights[usable].max()), 1e-12))
     n_columns = min(len(shown), 4)
     n_rows = -(-len(shown) // n_columns)
-    panel_size = 5.5 if len(shown) <= 2 else 3.4
+    panel_width = 5.5 if len(shown) <= 2 else 3.4
+    # Panels take the shape of the footprints' extent, within limits.
+    extents = [bounds[usable & (keys == key)][:, [0, 1, 2, 3]] for key in shown]
+    aspect = float(
+        np.median(
+            [
+                (e[:, 3].max() - e[:, 1].min()) / max(e[:, 2].max() - e[:, 0].min(), 1e-9)
+                for e in extents
+            ]
+        )
+    )
+    panel_height = panel_width * min(max(aspect, 0.35), 1.5)
     figure = Figure(
-        figsize=(panel_size * n_columns + 1.2, panel_size * n_rows + 0.3), layout="constrained"
+        figsize=(panel_width * n_columns + 1.2, panel_height * n_rows + 0.6),
+        layout="constrained",
     )
     panels = figure.subplots(n_rows, n_columns, squeeze=False).ravel()
     collection = None
