@@ -133,7 +133,10 @@ def test_max_steps_stops_inside_an_epoch_and_epochs_bound_the_run(tables, tmp_pa
     config["train_dataset"]["data_loader"]["weighted_sampler_num_samples"] = 4
     result = train_from_config(config)
     assert list(result.metrics["step"]) == [1, 2]  # two epochs of one batch each
-    assert (tmp_path / "out" / "last.pt").is_file()
+    last = torch.load(tmp_path / "out" / "last.pt", weights_only=False)
+    best = torch.load(tmp_path / "out" / "best.pt", weights_only=False)
+    assert last["epoch"] == 2 and best["epoch"] == result.best_epoch
+    assert best["miou"] == pytest.approx(result.metrics["miou"].max())
 
 
 def test_cli_weighted_sampler_on_a_table_without_sampler_weight_exits_2_with_one_line(
@@ -168,6 +171,19 @@ def test_unknown_config_keys_are_errors_with_the_closest_valid_key(tables, tmp_p
     config["train_dataset"]["n_clases"] = 4
     with pytest.raises(ConfigError, match="'train_dataset.n_clases'; did you mean 'n_classes'"):
         plan_training(config)
+
+
+def test_patch_size_the_model_cannot_take_is_a_config_error(tmp_path):
+    train_table, val_table = write_training_tables(tmp_path / "scenes", size=80, patch=20)
+    config = small_config(train_table, val_table, tmp_path / "out")
+    # Linknet needs sides divisible by its output stride (8 with 3 stages); smp's Unet pads.
+    config["model"] = {
+        "_target_": "segmentation_models_pytorch.Linknet",
+        "encoder_name": "resnet18",
+        "encoder_depth": 3,
+    }
+    with pytest.raises(ConfigError, match="model: Wrong input shape height=20, width=20"):
+        train_from_config(config)
 
 
 def test_upstream_config_keys_and_dataset_path_are_accepted(tables, tmp_path):
@@ -208,8 +224,8 @@ def test_example_config_trains_on_the_demo_data(tmp_path):
         f"val_dataset.input_csv_path={paths['val']}",
         f"output_dir={tmp_path / 'train'}",
         "hyperparameters.max_steps=2",
-        "hyperparameters.batch_size=4",
-        "val_dataset.n_first_rows_to_read=8",
+        "hyperparameters.batch_size=2",
+        "val_dataset.n_first_rows_to_read=4",
     ]
     plan_text = run_train_command(EXAMPLE, overrides, dry_run=True, progress=False)
     assert "sampler: WeightedRandomSampler, 192 draws per epoch" in plan_text

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -76,7 +77,11 @@ UPSTREAM_ONLY_KEYS = ("pl_trainer", "callbacks", "metrics", "mode", "_target_", 
 class HyperparametersConfig(StrictModel):
     """`hyperparameters:` (upstream names `num_epochs` and `learning_rate` are accepted)."""
 
-    synonyms: ClassVar[dict[str, str]] = {"num_epochs": "epochs", "max_epochs": "epochs", "learning_rate": "lr"}
+    synonyms: ClassVar[dict[str, str]] = {
+        "num_epochs": "epochs",
+        "max_epochs": "epochs",
+        "learning_rate": "lr",
+    }
 
     batch_size: int = Field(default=8, ge=1)
     epochs: int | None = Field(default=None, ge=1)
@@ -384,6 +389,22 @@ def _save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     import torch
 
     _atomic_write(path, lambda temporary: torch.save(payload, temporary))
+
+
+def _publish_copy(source: Path, path: Path) -> None:
+    """Make `path` an atomic copy of `source`: a hard link when the file system allows one."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.link")
+    try:
+        if temporary.exists():
+            temporary.unlink()
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
 
 
 def _write_metrics(rows: list[dict[str, Any]], path: Path) -> None:
@@ -704,7 +725,8 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
         if best["epoch"] < 0 or score > best["miou"]:
             best = {"epoch": epoch + 1, "miou": score, "iou": iou}
             best_confusion = confusion
-            _save_checkpoint(payload, best_path)
+            # The same bytes as last.pt: link rather than serialise the model a second time.
+            _publish_copy(last_path, best_path)
         log.info(
             "epoch %d: train loss %.4f, val loss %.4f, mIoU %.4f",
             epoch + 1,

@@ -82,9 +82,10 @@ def build_augmentation(augmentation_list: Any) -> Any:
     """
     if augmentation_list is None:
         return None
-    import albumentations as A
+    from albumentations.core.composition import BaseCompose
+    from albumentations.core.transforms_interface import BasicTransform
 
-    if isinstance(augmentation_list, A.BaseCompose):
+    if isinstance(augmentation_list, BaseCompose):
         return augmentation_list
     if isinstance(augmentation_list, Mapping) or not isinstance(augmentation_list, Sequence):
         augmentation_list = [augmentation_list]
@@ -92,7 +93,7 @@ def build_augmentation(augmentation_list: Any) -> Any:
     for i, item in enumerate(augmentation_list):
         if isinstance(item, Mapping):
             item = instantiate_from_mapping(item, f"augmentation_list[{i}]")
-        if not isinstance(item, A.BasicTransform | A.BaseCompose):
+        if not isinstance(item, BasicTransform | BaseCompose):
             raise ConfigError(
                 f"augmentation_list[{i}]: expected an albumentations transform, got "
                 f"{type(item).__name__}"
@@ -100,7 +101,9 @@ def build_augmentation(augmentation_list: Any) -> Any:
         transforms.append(item)
     if not transforms:
         return None
-    return A.Compose(transforms)
+    from albumentations import Compose
+
+    return Compose(transforms)
 
 
 def _bad_rows(mask: np.ndarray) -> str:
@@ -411,16 +414,19 @@ class CSVWindowedSegmentationDataset(Dataset):
         return np.where(hit, labels[position], self.ignore_index).astype(out_dtype)
 
     def _image_to_float(self, image: Any) -> torch.Tensor:
-        tensor = (
-            torch.as_tensor(image)
-            if isinstance(image, torch.Tensor)
-            else torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))
-        )
-        if tensor.dtype == torch.uint8:
-            return tensor.float().div_(255.0)
-        if tensor.dtype == torch.uint16:
-            return tensor.float().div_(65535.0)
-        return tensor.float()
+        if isinstance(image, torch.Tensor):  # ToTensorV2 already made it (C, H, W)
+            if image.dtype == torch.uint8:
+                return image.float().div_(255.0)
+            if image.dtype == getattr(torch, "uint16", None):
+                return image.float().div_(65535.0)
+            return image.float()
+        # Scale in numpy: torch before 2.3 has no uint16 tensors.
+        chw = np.moveaxis(np.asarray(image), -1, 0)
+        if chw.dtype == np.uint8:
+            chw = chw.astype(np.float32) / np.float32(255.0)
+        elif chw.dtype == np.uint16:
+            chw = chw.astype(np.float32) / np.float32(65535.0)
+        return torch.from_numpy(np.ascontiguousarray(chw, dtype=np.float32))
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         index = int(index)
@@ -474,7 +480,9 @@ class CSVWindowedSegmentationDataset(Dataset):
 
     def set_augmentation_seed(self, seed: int) -> None:
         """Seed the augmentations' random generators (called once per DataLoader worker)."""
-        if self.transform is not None:
+        # albumentations >= 2 keeps its own generators; older versions use numpy's global one,
+        # which the DataLoader's worker_init_fn seeds.
+        if self.transform is not None and hasattr(self.transform, "set_random_seed"):
             self.transform.set_random_seed(int(seed) % 2**32)
 
     def missing_files(self) -> list[str]:

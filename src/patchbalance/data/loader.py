@@ -94,7 +94,11 @@ def dataset_weights(dataset: Dataset) -> np.ndarray:
             f"{len(weights)} sampler weights for a dataset of {len(dataset)} rows"  # type: ignore[arg-type]
         )
     where = getattr(dataset, "input_csv_path", None)
-    return validate_weights(weights, what=f"{where}: sampler_weight" if where else "sampler_weight")
+    return validate_weights(
+        weights,
+        what=f"{where}: sampler_weight" if where else "sampler_weight",
+        row_numbers=getattr(dataset, "row_numbers", None),
+    )
 
 
 def build_weighted_sampler(

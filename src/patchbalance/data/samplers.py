@@ -36,11 +36,14 @@ _YIELD_CHUNK = 65536
 
 
 def validate_weights(
-    weights: Sequence[float] | np.ndarray, what: str = "sampler_weight"
+    weights: Sequence[float] | np.ndarray,
+    what: str = "sampler_weight",
+    row_numbers: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return `weights` as a float64 array after checking it can drive a weighted sampler.
 
-    Raises `InputError` naming the first offending rows (0-based) when a weight is NaN,
+    Raises `InputError` naming the first offending rows (0-based; `row_numbers[i]` names
+    weight i when given, e.g. the table rows left after dropping some) when a weight is NaN,
     infinite or negative, or when every weight is 0.
     """
     array = np.asarray(weights, dtype=np.float64)
@@ -57,6 +60,8 @@ def validate_weights(
     ):
         if bad.any():
             rows = np.flatnonzero(bad)
+            if row_numbers is not None:
+                rows = np.asarray(row_numbers)[rows]
             shown = ", ".join(str(int(r)) for r in rows[:5])
             more = f" and {rows.size - 5} more" if rows.size > 5 else ""
             raise InputError(
