@@ -112,6 +112,17 @@ class InputConfig(StrictModel):
     use_table_stats: bool = True
     fetch_size: int = Field(default=10_000, gt=0)
 
+    @field_validator("password", "dsn", mode="before")
+    @classmethod
+    def _secret_as_text(cls, value: Any) -> Any:
+        # YAML reads `password: 12345` as a number; take it as text rather than echo it back
+        # in a type error, and never show a secret's value in a message.
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError("must be text (quote it in the YAML); its value is not shown")
+
     @property
     def source_kind(self) -> str:
         """Return which source this block configures: records, records_path, rasters, postgres."""

@@ -128,10 +128,17 @@ def _read_rasters(
     records = source.records
     n = len(records)
     notes: dict[str, Any] = {}
+    # Statistics from the source and no border check: the masks are never opened, not even
+    # probed, so sizes and bounds come from the images alone.
+    skip_masks = source.class_counts is not None and not (
+        config.exclusion.exclude_border_nodata or config.exclusion.exclude_black_border
+    )
     with clock.stage("rasters"):
-        paths = pd.concat([records["image_path"], records["mask_path"]]).unique()
+        probed = [records["image_path"]] + ([] if skip_masks else [records["mask_path"]])
+        paths = pd.concat(probed).unique()
         infos, open_errors = probe_rasters(paths, config.num_workers)
-    image_paths, mask_paths = records["image_path"], records["mask_path"]
+    image_paths = records["image_path"]
+    mask_paths = image_paths if skip_masks else records["mask_path"]
     read_error = (
         image_paths.isin(list(open_errors)).to_numpy()
         | mask_paths.isin(list(open_errors)).to_numpy()
@@ -400,6 +407,7 @@ def run_build(
             uniqueness_notes,
             figures,
             paths,
+            source.notes,
         )
         written = (
             table if config.output.include_excluded else table.loc[active].reset_index(drop=True)
@@ -500,6 +508,7 @@ def _summary(
     uniqueness_notes: dict[str, Any],
     figures: Any,
     paths: dict[str, Path],
+    source_notes: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     proportions = class_proportions(stats.counts[active])
     summary: dict[str, Any] = {
@@ -537,6 +546,8 @@ def _summary(
         "sampling": figures.to_dict(),
         "versions": _versions(),
     }
+    if source_notes:
+        summary["source"] = source_notes
     if "first_window_error" in read_notes:
         summary["first_window_error"] = read_notes["first_window_error"]
     if uniqueness is not None:
