@@ -191,7 +191,7 @@ def mean_iou(iou: np.ndarray) -> float:
 
 def _resolve_path(value: Any, base_dir: Path) -> str:
     path = Path(os.path.expanduser(str(value)))
-    return str(path if path.is_absolute() else (base_dir / path))
+    return os.path.normpath(path if path.is_absolute() else (base_dir / path))
 
 
 def _dataset_class(target: str, where: str) -> Any:
@@ -245,7 +245,7 @@ def build_dataset(
         raise ConfigError(f"missing required key '{where}.input_csv_path'")
     try:
         dataset = cls(**arguments)
-    except TypeError as exc:
+    except (TypeError, ConfigError) as exc:
         raise ConfigError(f"{where}: {exc}") from exc
     return dataset, dict(loader_block)
 
