@@ -146,6 +146,18 @@ def test_nan_or_negative_table_weights_are_errors_naming_the_rows(tmp_path, id_t
         build_dataloader(dataset, {"weighted_sampler": True}, batch_size=2)
 
 
+def test_weight_errors_name_table_rows_after_excluded_rows_are_dropped(tmp_path, id_table):
+    frame = pd.read_csv(id_table)
+    frame["excluded"] = frame["sampler_weight"] == 0  # rows 1, 4 and 8
+    frame.loc[6, "sampler_weight"] = -1.0
+    dataset = CSVWindowedSegmentationDataset(
+        write_table(frame, tmp_path / "x.csv"), n_classes=2, drop_excluded=True
+    )
+    assert len(dataset) == 7
+    with pytest.raises(InputError, match=r"negative in 1 row\(s\) \(rows 6, counted from 0\)"):
+        build_dataloader(dataset, {"weighted_sampler": True}, batch_size=2)
+
+
 def test_unknown_data_loader_key_suggests_the_closest(id_table):
     dataset = CSVWindowedSegmentationDataset(id_table, n_classes=2)
     with pytest.raises(ConfigError, match="did you mean 'weighted_sampler_replacement'"):
