@@ -373,10 +373,10 @@ class CoresetConfig(StrictModel):
 
 
 def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return the YAML file at `path` as a plain mapping, with `${...}` interpolations resolved.
+    """Return the YAML file at `path` as a plain mapping; `${...}` interpolations are left as text.
 
-    Raises `ConfigError` for a missing file, a YAML syntax error (with line and column), a
-    non-mapping document, or an interpolation that cannot be resolved (e.g. an unset variable).
+    Raises `ConfigError` for a missing file, a YAML syntax error (with line and column) or a
+    non-mapping document. Interpolations are resolved later, after `--set` overrides.
     """
     path = Path(path)
     if not path.is_file():
