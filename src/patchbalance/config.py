@@ -346,6 +346,7 @@ class CoresetConfig(StrictModel):
     summary_path: str | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source_path: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_k_range(self) -> CoresetConfig:
@@ -515,6 +516,26 @@ def _validate(model: type[BaseModel], data: dict[str, Any], path: Path, prefix: 
         raise ConfigError(describe_validation_error(exc, model, path, prefix)) from exc
 
 
+def _load_file(
+    model: type[StrictModel], block_name: str, path: str | os.PathLike[str], overrides: list[str]
+) -> Any:
+    path = Path(path)
+    block = _block(read_yaml_mapping(path), block_name)
+    config = _validate(model, _apply_overrides(block, overrides, block_name, path), path, "")
+    config._base_dir = path.resolve().parent
+    config._source_path = path
+    return config
+
+
+def _from_mapping(
+    model: type[StrictModel], block_name: str, data: dict[str, Any], base_dir: Any
+) -> Any:
+    resolved = _resolve(OmegaConf.create(_block(dict(data), block_name)), Path("<config>"))
+    config = _validate(model, resolved, Path("<config>"), "")
+    config._base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+    return config
+
+
 def load_config(
     path: str | os.PathLike[str], overrides: list[str] | None = None
 ) -> BalancedDatasetConfig:
@@ -523,46 +544,25 @@ def load_config(
     The file may be the block itself or hold it under `balanced_dataset:`. `overrides` are
     `key.path=value` strings applied on top (the CLI's `--set`).
     """
-    path = Path(path)
-    raw = read_yaml_mapping(path)
-    block = _block(raw, "balanced_dataset")
-    data = _apply_overrides(block, overrides or [], "balanced_dataset", path)
-    config = _validate(BalancedDatasetConfig, data, path, "")
-    config._base_dir = path.resolve().parent
-    config._source_path = path
-    return config
+    return _load_file(BalancedDatasetConfig, "balanced_dataset", path, overrides or [])
 
 
 def config_from_mapping(
     data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None
 ) -> BalancedDatasetConfig:
     """Return a validated configuration built from a mapping (the Python API's entry point)."""
-    block = _block(dict(data), "balanced_dataset")
-    resolved = _resolve(OmegaConf.create(block), Path("<config>"))
-    config = _validate(BalancedDatasetConfig, resolved, Path("<config>"), "")
-    config._base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
-    return config
+    return _from_mapping(BalancedDatasetConfig, "balanced_dataset", data, base_dir)
 
 
 def load_coreset_config(
     path: str | os.PathLike[str], overrides: list[str] | None = None
 ) -> CoresetConfig:
     """Return the validated `coreset` configuration read from the YAML file `path`."""
-    path = Path(path)
-    raw = read_yaml_mapping(path)
-    block = _block(raw, "coreset")
-    data = _apply_overrides(block, overrides or [], "coreset", path)
-    config = _validate(CoresetConfig, data, path, "")
-    config._base_dir = path.resolve().parent
-    return config
+    return _load_file(CoresetConfig, "coreset", path, overrides or [])
 
 
 def coreset_config_from_mapping(
     data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None
 ) -> CoresetConfig:
     """Return a validated CoreSet configuration built from a mapping."""
-    block = _block(dict(data), "coreset")
-    resolved = _resolve(OmegaConf.create(block), Path("<config>"))
-    config = _validate(CoresetConfig, resolved, Path("<config>"), "")
-    config._base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
-    return config
+    return _from_mapping(CoresetConfig, "coreset", data, base_dir)
