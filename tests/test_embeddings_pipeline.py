@@ -1,0 +1,124 @@
+"""Embeddings mode end to end: a tiny local DINOv2, real GeoTIFFs, the uniqueness column."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from scipy.stats import rankdata
+
+from embedding_fixtures import save_tiny_dinov2, textured_image
+from patchbalance import build_balanced_dataset
+from patchbalance.config import config_from_mapping
+from patchbalance.errors import ConfigError
+from patchbalance.pipeline import run_build
+from rasters import record, write_pair
+
+KEY = ["image_path", "row_off", "col_off", "patch_size"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    return save_tiny_dinov2(tmp_path_factory.mktemp("models") / "tiny-dinov2")
+
+
+@pytest.fixture()
+def scene(tmp_path):
+    """One 128 px scene of repeated texture with one odd window, plus an excluded window."""
+    tile = textured_image(seed=3, size=32)
+    image = np.tile(tile, (1, 4, 4))
+    odd = np.random.default_rng(7).integers(0, 256, size=(3, 32, 32), dtype=np.uint8)
+    image[:, 64:96, 32:64] = odd  # the only window unlike the others
+    mask = np.zeros((128, 128), np.uint8)
+    mask[:, 64:] = 1
+    mask[:, 80:84] = 2
+    mask[0, 100] = 255  # nodata on the outer ring of window (0, 96): excluded
+    image_path, mask_path = write_pair(tmp_path, "scene", mask, image=image)
+    records = [
+        record(image_path, mask_path, r, c, 32)
+        for r in range(0, 128, 32)
+        for c in range(0, 128, 32)
+    ]
+    return tmp_path, records
+
+
+def _config(folder, records, model, **embeddings):
+    block = {
+        "mode": "embeddings",
+        "sampling_method": "uniqueness_only",
+        "input": {"patch_records": records},
+        "clustering": {"k_selection": "fixed", "k": 2},
+        "uniqueness": {"k_neighbors": 3, "backend": "exact"},
+        "embeddings": {
+            "dino_model": str(model),
+            "image_size": 28,
+            "batch_size": 4,
+            "num_workers": 0,
+            "precision": "fp32",
+            "parquet_path": "cache/embeddings.parquet",
+            **embeddings,
+        },
+        "output": {"csv_path": str(folder / "out" / "table.csv")},
+        "num_workers": 1,
+    }
+    return config_from_mapping({"balanced_dataset": block}, base_dir=folder)
+
+
+def test_embeddings_mode_scores_uniqueness_from_the_cached_embeddings(scene, tiny_model):
+    folder, records = scene
+    table = build_balanced_dataset(_config(folder, records, tiny_model))
+    active = table[~table["excluded"]].reset_index(drop=True)
+    assert len(active) == 15 and table["excluded"].sum() == 1
+    assert table.loc[table["excluded"], "uniqueness_score"].isna().all()
+    assert (table.loc[table["excluded"], "sampler_weight"] == 0).all()
+
+    # Recompute the scores independently from the cache file, joined by the patch key.
+    cache = pq.read_table(folder / "cache" / "embeddings.parquet").to_pandas()
+    joined = active[KEY].merge(cache, on=KEY, how="left", validate="one_to_one")
+    vectors = np.stack(joined["embedding"]).astype(np.float64)
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    distance = 1.0 - unit @ unit.T
+    np.fill_diagonal(distance, np.inf)
+    expected = np.sort(distance, axis=1)[:, :3].mean(axis=1)
+    np.testing.assert_allclose(active["uniqueness_score"], expected, atol=1e-5)
+
+    # The odd window is the most unique and, with uniqueness_only, gets the largest weight.
+    odd = (active["row_off"] == 64) & (active["col_off"] == 32)
+    assert active.loc[odd, "uniqueness_score"].iloc[0] == active["uniqueness_score"].max()
+    assert active.loc[odd, "sampler_weight"].iloc[0] == active["sampler_weight"].max()
+    ranks = rankdata(active["uniqueness_score"]) / len(active)
+    np.testing.assert_allclose(active["sampler_weight"], ranks / ranks.mean(), rtol=1e-9)
+
+
+def test_a_rerun_reuses_every_cached_embedding_and_reports_it(scene, tiny_model):
+    folder, records = scene
+    config = _config(folder, records, tiny_model)
+    first = run_build(config)
+    second = run_build(config)
+    summary = json.loads((folder / "out" / "table.summary.json").read_text())
+    embeddings = summary["uniqueness"]["embeddings"]
+    assert first.summary["uniqueness"]["embeddings"]["computed"] == 15
+    assert embeddings["computed"] == 0 and embeddings["cache_hits"] == 15
+    assert summary["uniqueness"]["uniqueness"]["backend"] == "exact"
+    pd.testing.assert_series_equal(
+        second.table["uniqueness_score"], first.table["uniqueness_score"]
+    )
+
+
+def test_a_model_that_is_not_available_offline_fails_before_any_raster_is_read(
+    tmp_path, monkeypatch
+):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    # The rasters do not exist: if they were read first, the error would be about them.
+    records = [
+        record(tmp_path / "nowhere.tif", tmp_path / "nowhere_mask.tif", 0, 0, 32),
+        record(tmp_path / "nowhere.tif", tmp_path / "nowhere_mask.tif", 0, 32, 32),
+    ]
+    config = _config(tmp_path, records, "dinov2-giant")
+    with pytest.raises(ConfigError, match="'dinov2-giant' is neither a local folder nor in"):
+        run_build(config)
