@@ -23,7 +23,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from patchbalance.config import UniquenessConfig
-from patchbalance.uniqueness import compute_uniqueness, drop_self, exact_search, normalize_rows
+from patchbalance.uniqueness import compute_uniqueness, normalize_rows
 
 
 def clustered_embeddings(n: int, dim: int, centres: int, seed: int) -> np.ndarray:
@@ -40,16 +40,6 @@ def timed(vectors: np.ndarray, backend: str, k: int, block: int, seed: int):
     start = time.perf_counter()
     result = compute_uniqueness(vectors, config, seed)
     return time.perf_counter() - start, result
-
-
-def neighbour_recall(unit: np.ndarray, approx_scores_idx: np.ndarray, k: int, seed: int) -> float:
-    """Return recall@k of the given neighbour lists against exact on 2,000 sampled queries."""
-    rng = np.random.default_rng(seed + 1)
-    sample = np.sort(rng.choice(len(unit), size=min(2000, len(unit)), replace=False))
-    idx, sim, _ = exact_search(unit, sample, k + 1, 4096)
-    idx, _ = drop_self(sample, idx, sim)
-    hits = [len(set(a) & set(b)) for a, b in zip(approx_scores_idx[sample], idx, strict=True)]
-    return float(np.sum(hits) / (k * len(sample)))
 
 
 def main() -> None:

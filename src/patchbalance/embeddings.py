@@ -1009,7 +1009,6 @@ def _compute(
         shuffle=False,
         num_workers=workers,
         pin_memory=device == "cuda",
-        prefetch_factor=4 if workers else None,
     )
     # Rows of `todo_keys`, in computation order, whose vectors are final.
     done_rows: list[np.ndarray] = []

@@ -216,8 +216,8 @@ def exact_search(
     """Return `(indices, similarities, device)` of the m most similar rows for each query row.
 
     Works through (block_size x block_size) tiles of the similarity matrix, keeping a running
-    top-m per query, so memory stays O(block_size² + n·m) whatever n is. Uses torch (CUDA when
-    available) if installed, else numpy.
+    top-m per query, so memory stays O(block_size² + n·m) whatever n is (two tiles at a time
+    at most). Uses torch (CUDA when available) if installed, else numpy.
     """
     if importlib.util.find_spec("torch") is not None:
         return _exact_torch(unit, query_ids, m, block_size)
