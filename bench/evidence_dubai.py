@@ -21,8 +21,13 @@ The script
 5. trains the same smp Unet (resnet18 encoder, no pretrained weights) through
    `patchbalance.train.train_from_config` with each method's weights, with the same steps and
    the same seeds (one seed fixes the model's initial weights and the sampler's draws), and
-   prints validation IoU per class and mIoU (mean +- sample std over seeds), and the gain over
-   uniform for the two rarest classes of the training set (paired by seed).
+   prints validation IoU per class and mIoU after the last step (the run's only validation:
+   one "epoch" is exactly steps x batch draws), as mean +- sample std over seeds, and the gain
+   over uniform for the two rarest classes of the training set (paired by seed).
+
+With `--embeddings auto` (the default) the full run adds `rank_max` and `cluster_balanced`
+with uniqueness from the offline EfficientNet-Lite0 backbone when `patchbalance.embeddings`
+has it.
 
 Methods whose weights are identical to an earlier method's (`rank_max` equals
 `composition_only` in masks_only mode) are trained once and reported under both names.
@@ -274,7 +279,11 @@ def build_config(
         "output": {"csv_path": str(table_path)},
     }
     if "embeddings" in method:
-        config["embeddings"] = dict(method["embeddings"])
+        # One cache next to the tables: the embedding methods compute the vectors once.
+        config["embeddings"] = {
+            **method["embeddings"],
+            "parquet_path": str(table_path.parent / method["embeddings"]["parquet_path"]),
+        }
     return config
 
 
@@ -330,7 +339,12 @@ def train_config(
             **dataset,
             "input_csv_path": str(table_path),
             "augmentation_list": AUGMENT + NORMALISE,
-            "data_loader": {"num_workers": args.loader_workers, "weighted_sampler": True},
+            # One "epoch" of exactly the run's draws, so validation runs once, at the end.
+            "data_loader": {
+                "num_workers": args.loader_workers,
+                "weighted_sampler": True,
+                "weighted_sampler_num_samples": args.steps * args.batch_size,
+            },
         },
         "val_dataset": {
             **dataset,
@@ -491,6 +505,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     # One thread: on a busy machine torch's spinning worker threads cost more than they give.
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's own)")
     args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args.command = shlex.join([sys.executable, os.path.relpath(__file__), *given])
     common = {"downsample": 2, "patch": 128, "val_window": 128, "batch_size": 8}
     quick = {**common, "val_parts": 1, "steps": 40, "seeds": 2}
     full = {**common, "val_parts": 2, "steps": 150, "seeds": 3}
@@ -517,7 +533,12 @@ def method_settings(name: str) -> dict[str, Any]:
         return {
             **EMBEDDING_METHODS[name],
             "mode": "embeddings",
-            "embeddings": {"backbone": "efficientnet_lite0", "batch_size": 32, "num_workers": 2},
+            "embeddings": {
+                "backbone": "efficientnet_lite0",
+                "batch_size": 32,
+                "num_workers": 1,
+                "parquet_path": "embeddings_cache.parquet",
+            },
         }
     return METHODS[name]
 
@@ -535,7 +556,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     info = versions()
-    log("command: " + shlex.join([sys.executable, *sys.argv]))
+    log("command: " + args.command)
     log("versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
     log(
         f"settings: tiles {args.tiles}, imagery reduced {args.downsample}x, "
@@ -638,7 +659,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     elapsed = time.perf_counter() - started
     log(f"\ntotal time {elapsed / 60:.1f} min; results in {work / 'results.json'}")
     results = {
-        "command": shlex.join([sys.executable, *sys.argv]),
+        "command": args.command,
         "versions": info,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "validation_images": [f"tile_{r.tile}/{r.part}" for r in val_pairs.itertuples()],
