@@ -43,6 +43,7 @@ import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -442,6 +443,18 @@ def results_text(
     return "\n".join(lines)
 
 
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def versions() -> dict[str, str]:
     """Return the versions of Python and the packages that shape the results."""
     import segmentation_models_pytorch
@@ -454,6 +467,7 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "patchbalance": patchbalance.__version__,
+        "patchbalance_commit": _git_commit(),
         "torch": torch.__version__,
         "torch_threads": str(torch.get_num_threads()),
         "segmentation_models_pytorch": segmentation_models_pytorch.__version__,
