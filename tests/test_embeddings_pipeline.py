@@ -99,8 +99,8 @@ def test_a_rerun_reuses_every_cached_embedding_and_reports_it(scene, tiny_model)
     first = run_build(config)
     second = run_build(config)
     summary = json.loads((folder / "out" / "table.summary.json").read_text())
-    embeddings = summary["uniqueness"]["embeddings"]
-    assert first.summary["uniqueness"]["embeddings"]["computed"] == 15
+    embeddings = summary["embeddings"]
+    assert first.summary["embeddings"]["computed"] == 15
     assert embeddings["computed"] == 0 and embeddings["cache_hits"] == 15
     assert summary["uniqueness"]["uniqueness"]["backend"] == "exact"
     pd.testing.assert_series_equal(
@@ -122,3 +122,17 @@ def test_a_model_that_is_not_available_offline_fails_before_any_raster_is_read(
     config = _config(tmp_path, records, "dinov2-giant")
     with pytest.raises(ConfigError, match="'dinov2-giant' is neither a local folder nor in"):
         run_build(config)
+
+
+def test_a_relative_model_folder_is_found_next_to_the_config_and_the_summary_says_so(
+    scene, tiny_model
+):
+    folder, records = scene
+    import shutil
+
+    shutil.copytree(tiny_model, folder / "models" / "tiny")
+    result = run_build(_config(folder, records, "models/tiny"))
+    assert result.summary["embeddings"]["computed"] == 15
+    assert "15 computed" in result.summary_text
+    assert "0 reused from the cache" in result.summary_text
+    assert "(exact, k=3)" in result.summary_text

@@ -21,7 +21,12 @@ from tqdm.auto import tqdm
 
 from patchbalance import __version__
 from patchbalance.composition import cluster_profiles, fit_composition_clusters
-from patchbalance.config import BalancedDatasetConfig, config_from_mapping, load_config
+from patchbalance.config import (
+    BalancedDatasetConfig,
+    EmbeddingsConfig,
+    config_from_mapping,
+    load_config,
+)
 from patchbalance.errors import InputError
 from patchbalance.exclusion import REASONS, count_reasons, exclusion_columns
 from patchbalance.outputs import (
@@ -248,6 +253,22 @@ def _nodata_defined(
     return records["mask_path"].isin(with_nodata).to_numpy()
 
 
+def embeddings_config(config: BalancedDatasetConfig) -> EmbeddingsConfig:
+    """Return `config.embeddings` with its paths resolved against the configuration's folder.
+
+    `dino_model` is a path only when it names an existing folder there; otherwise it stays a
+    model id (e.g. facebook/dinov2-small).
+    """
+    embeddings = config.embeddings
+    update: dict[str, Any] = {}
+    if embeddings.parquet_path:
+        update["parquet_path"] = str(config.resolve(embeddings.parquet_path))
+    model_folder = config.resolve(embeddings.dino_model)
+    if not os.path.isabs(os.path.expanduser(embeddings.dino_model)) and model_folder.is_dir():
+        update["dino_model"] = str(model_folder)
+    return embeddings.model_copy(update=update) if update else embeddings
+
+
 def _uniqueness_stage(
     config: BalancedDatasetConfig,
     source: SourceRecords,
@@ -275,24 +296,24 @@ def _uniqueness_stage(
     else:
         from patchbalance.embeddings import extract_embeddings
 
-        embeddings_config = config.embeddings
-        if embeddings_config.parquet_path:
-            embeddings_config = embeddings_config.model_copy(
-                update={"parquet_path": str(config.resolve(embeddings_config.parquet_path))}
-            )
         with clock.stage("embeddings"):
             result = extract_embeddings(
                 records.loc[active, ["image_path", "row_off", "col_off", "patch_size"]].reset_index(
                     drop=True
                 ),
-                embeddings_config,
+                embeddings_config(config),
                 seed=config.seed,
                 progress=progress,
             )
         vectors = result.vectors
         notes["embeddings"] = result.summary
+    labels = None
+    if source.embeddings is not None:
+        # Name patches in errors about vectors that came from the source (e.g. NaN in a table).
+        keys = records.loc[active, ["image_path", "row_off", "col_off", "patch_size"]]
+        labels = [f"({p}, {r}, {c}, {s})" for p, r, c, s in keys.itertuples(index=False)]
     with clock.stage("uniqueness"):
-        result = compute_uniqueness(vectors, config.uniqueness, config.seed)
+        result = compute_uniqueness(vectors, config.uniqueness, config.seed, row_labels=labels)
     notes["uniqueness"] = result.summary
     return np.asarray(result.scores, dtype=np.float64), notes
 
@@ -326,7 +347,7 @@ def run_build(
         from patchbalance.embeddings import check_model_available
 
         # Fail on an unavailable model before a single raster is read.
-        check_model_available(config.embeddings)
+        check_model_available(embeddings_config(config))
 
     infos, stats, out_of_bounds, read_error, read_notes = _read_rasters(
         config, source, clock, progress, strict
@@ -551,11 +572,14 @@ def _summary(
     if "first_window_error" in read_notes:
         summary["first_window_error"] = read_notes["first_window_error"]
     if uniqueness is not None:
+        notes = dict(uniqueness_notes)
+        if "embeddings" in notes:
+            summary["embeddings"] = notes.pop("embeddings")
         summary["uniqueness"] = {
             "min": float(np.min(uniqueness)),
             "median": float(np.median(uniqueness)),
             "max": float(np.max(uniqueness)),
-            **uniqueness_notes,
+            **notes,
         }
     return summary
 
@@ -576,11 +600,25 @@ def summary_text(summary: dict[str, Any], figures: Any) -> str:
     lines.append(
         f"composition clusters: k={clustering['k']} ({clustering['k_selection']}); sizes {sizes}"
     )
+    if "embeddings" in summary:
+        e = summary["embeddings"]
+        rate = e.get("patches_per_second")
+        lines.append(
+            f"embeddings: {e.get('model_id')} ({e.get('dim')}-d, {e.get('device')}): "
+            f"{e.get('computed', 0):,} computed"
+            + (f" at {rate:.1f} patches/s" if rate else "")
+            + f", {e.get('cache_hits', 0):,} reused from the cache"
+        )
     if "uniqueness" in summary:
         u = summary["uniqueness"]
-        lines.append(
-            f"uniqueness: min {u['min']:.4f}  median {u['median']:.4f}  max {u['max']:.4f}"
-        )
+        search = u.get("uniqueness", {})
+        line = f"uniqueness: min {u['min']:.4f}  median {u['median']:.4f}  max {u['max']:.4f}"
+        if search:
+            line += f"  ({search.get('backend')}, k={search.get('k')}"
+            if "recall_at_k" in search:
+                line += f", estimated recall@k {search['recall_at_k']:.3f}"
+            line += ")"
+        lines.append(line)
     lines.append(f"weights: {summary['sampling_method']} (power {summary['weights']['power']})")
     lines.append(figures_text(figures))
     timings = summary.get("timings_s", {})
