@@ -1002,7 +1002,8 @@ def _compute(
         backbone.std,
     )
     batches = -(-len(dataset) // config.batch_size)
-    workers = min(config.num_workers, batches)
+    # More reader processes than cores only steal time from the model (torch warns too).
+    workers = min(config.num_workers, batches, os.cpu_count() or 1)
     loader = DataLoader(
         dataset,  # type: ignore[arg-type]
         batch_size=config.batch_size,
