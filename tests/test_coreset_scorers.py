@@ -238,7 +238,10 @@ def test_fd_covers_every_cluster_before_taking_a_second_patch_from_any():
 
 
 def test_fd_elbow_finds_the_number_of_well_separated_groups():
-    data = blobs([30, 25, 20, 15], dim=6, seed=2)
+    # Four equal groups at equal distances: inertia halves from k=2 to 3 and vanishes at 4.
+    rng = np.random.default_rng(2)
+    centres = 10 * np.eye(6)[:4]
+    data = np.vstack([c + 0.05 * rng.normal(size=(20, 6)) for c in centres]).astype(np.float32)
     result = feature_diversity_order(data, 2, 9, False, 0.005, seed=42)
     assert result.rule == "elbow"
     assert result.k == 4

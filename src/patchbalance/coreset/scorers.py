@@ -28,7 +28,10 @@ FA_EPSILON = 1e-8
 FD_SWEEP_SAMPLE = 20_000
 # Above this many patches the final fd fit uses MiniBatchKMeans.
 FD_MINIBATCH_ABOVE = 100_000
-FD_N_INIT = 3
+# One k-means++ start per k in the sweep (sklearn's "auto"), several for the final fit: the
+# sweep only needs the inertia curve's shape, the final fit decides the clusters.
+FD_SWEEP_N_INIT = 1
+FD_FINAL_N_INIT = 3
 # Per-cluster Vendi scores are computed on at most this many members (seeded subsample):
 # the eigen-decomposition is cubic in min(members, dimension).
 VENDI_MAX_MEMBERS = 500
@@ -334,19 +337,19 @@ class FeatureDiversityResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _fit_kmeans(data: np.ndarray, k: int, seed: int) -> KMeans | MiniBatchKMeans:
+def _fit_kmeans(data: np.ndarray, k: int, seed: int, n_init: int) -> KMeans | MiniBatchKMeans:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         if len(data) > FD_MINIBATCH_ABOVE:
             model = MiniBatchKMeans(
                 n_clusters=k,
                 random_state=seed,
-                n_init=FD_N_INIT,
+                n_init=n_init,
                 batch_size=4096,
                 max_no_improvement=20,
             )
         else:
-            model = KMeans(n_clusters=k, random_state=seed, n_init=FD_N_INIT)
+            model = KMeans(n_clusters=k, random_state=seed, n_init=n_init)
         return model.fit(data)
 
 
@@ -403,13 +406,10 @@ def feature_diversity_order(
         notes.append(f"fd_k_max={k_max} clamped to {top}: only {distinct} distinct embeddings")
     ks = list(range(bottom, top + 1))
     sweep: dict[int, float] = {}
-    models: dict[int, KMeans | MiniBatchKMeans] = {}
     rule = "vendi" if use_vendi else "elbow"
     chosen: int | None = None
     for k in ks:
-        model = _fit_kmeans(sample, k, seed)
-        if sample is data:
-            models[k] = model
+        model = _fit_kmeans(sample, k, seed, FD_SWEEP_N_INIT)
         if use_vendi:
             sweep[k] = mean_cluster_vendi(sample, model.labels_, seed)
             chosen, settled = choose_k_vendi(list(sweep), sweep, vendi_delta)
@@ -430,8 +430,8 @@ def feature_diversity_order(
     assert chosen is not None
     for note in notes:
         log.warning(note)
-    model = models.get(chosen) or _fit_kmeans(data, chosen, seed)
-    raw_labels = model.predict(data) if isinstance(model, MiniBatchKMeans) else model.labels_
+    model = _fit_kmeans(data, chosen, seed, FD_FINAL_N_INIT)
+    raw_labels = model.labels_
     centres = model.cluster_centers_.astype(np.float64)
     # Distance to the own centroid, in blocks so that no (N, D) float64 copy is made.
     distances = np.empty(n, dtype=np.float64)

@@ -188,8 +188,6 @@ def class_matrix(table: pd.DataFrame) -> tuple[np.ndarray, list[int], bool]:
         raise InputError(f"class_dist_json has a class key that is not a number: {exc}") from exc
     frame.columns = [int(float(name)) for name in frame.columns]
     matrix = frame.reindex(columns=values, fill_value=0.0).to_numpy(dtype=np.float64)
-    if len(matrix) != len(table):
-        matrix = np.zeros((len(table), len(values)))
     return matrix, values, False
 
 
@@ -781,8 +779,6 @@ def run_select_coreset_command(
     input_path = config.resolve(config.input_csv_path)
     output_path = config.resolve(config.output_csv_path)
     summary_path = _summary_path(config, output_path)
-    check_writable(output_path, "the CoreSet table (output_csv_path)")
-    check_writable(summary_path, "the CoreSet summary")
     table = _read_input(input_path)
 
     if dry_run:
@@ -815,6 +811,9 @@ def run_select_coreset_command(
             ]
         )
 
+    # Fail on an unwritable output before the selection, not after it.
+    check_writable(output_path, "the CoreSet table (output_csv_path)")
+    check_writable(summary_path, "the CoreSet summary")
     result = run_selection(table, config, progress=progress)
     with _clock(result.summary["timings_s"], "write"):
         write_table(result.table, output_path)
