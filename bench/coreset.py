@@ -130,6 +130,12 @@ def main() -> None:
     parser.add_argument("--baseline-steps", type=int, default=300)
     parser.add_argument("--torch-steps", type=int, default=2000)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="limit BLAS/OpenMP (KMeans) and torch to this many threads (default: no limit)",
+    )
+    parser.add_argument(
         "--methods",
         nargs="*",
         default=[*LABEL_METHODS, *EMBEDDING_METHODS],
@@ -137,12 +143,18 @@ def main() -> None:
     )
     args = parser.parse_args()
     import torch
+    from threadpoolctl import threadpool_limits
+
+    if args.threads is not None:
+        threadpool_limits(args.threads)
+        torch.set_num_threads(args.threads)
 
     n, budget = args.n, args.budget
     count = int(math.floor(budget * n + 0.5))
     print(f"pool {n:,} patches x {CLASSES} classes, budget {budget} = {count:,} patches")
     print(
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}"
+        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, thread limit "
+        f"{args.threads or 'none'}, CUDA {torch.cuda.is_available()}"
     )
     table = synthetic_table(n, args.seed)
     needs_embeddings = any(m in EMBEDDING_METHODS for m in args.methods)
