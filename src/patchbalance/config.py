@@ -123,9 +123,7 @@ class InputConfig(StrictModel):
             return str(value)
         raise ValueError("must be text (quote it in the YAML); its value is not shown")
 
-    @property
-    def source_kind(self) -> str:
-        """Return which source this block configures: records, records_path, rasters, postgres."""
+    def _source_kinds(self) -> list[str]:
         kinds = []
         if self.patch_records is not None:
             kinds.append("patch_records")
@@ -135,36 +133,34 @@ class InputConfig(StrictModel):
             kinds.append("rasters")
         if self.table is not None or self.dsn is not None or self.host is not None:
             kinds.append("postgres")
-        if len(kinds) != 1:
-            return ""
-        return kinds[0]
+        return kinds
+
+    @property
+    def source_kind(self) -> str:
+        """Return which source this block configures: patch_records, records_path, rasters, postgres."""
+        kinds = self._source_kinds()
+        return kinds[0] if len(kinds) == 1 else ""
 
     @model_validator(mode="after")
     def _exactly_one_source(self) -> InputConfig:
-        kinds = []
-        if self.patch_records is not None:
-            kinds.append("patch_records")
-        if self.records_path is not None:
-            kinds.append("records_path")
-        if self.rasters is not None or self.image_glob is not None or self.mask_glob is not None:
-            kinds.append("rasters/image_glob")
-        if self.table is not None or self.dsn is not None or self.host is not None:
-            kinds.append("PostgreSQL (host/dsn/table)")
+        kinds = self._source_kinds()
         if not kinds:
             raise ValueError(
                 "no source given; set one of patch_records, records_path, rasters (or "
                 "image_glob + mask_glob) or a PostgreSQL table"
             )
         if len(kinds) > 1:
-            raise ValueError(f"give exactly one source, not {' and '.join(kinds)}")
-        if kinds[0] == "rasters/image_glob":
+            names = {"rasters": "rasters/image_glob", "postgres": "PostgreSQL (host/dsn/table)"}
+            described = " and ".join(names.get(kind, kind) for kind in kinds)
+            raise ValueError(f"give exactly one source, not {described}")
+        if kinds[0] == "rasters":
             if self.patch_size is None:
                 raise ValueError("the rasters source needs patch_size (pixels)")
             if (self.image_glob is None) != (self.mask_glob is None):
                 raise ValueError("image_glob and mask_glob go together; give both")
             if self.rasters is not None and self.image_glob is not None:
                 raise ValueError("give either rasters or image_glob + mask_glob, not both")
-        if kinds[0].startswith("PostgreSQL") and self.table is None:
+        if kinds[0] == "postgres" and self.table is None:
             raise ValueError("the PostgreSQL source needs table")
         return self
 
