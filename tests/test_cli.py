@@ -237,3 +237,10 @@ def test_the_console_script_exits_2_without_a_traceback(tmp_path):
     )
     assert process.returncode == 2
     assert process.stderr.strip() == f"error: {tmp_path / 'x.yaml'}: configuration file not found"
+
+
+def test_two_input_sources_are_an_error(project):
+    _one_line_error(
+        _run("build-balanced-dataset", project, "--set", "input.table=tiles"),
+        "give exactly one source, not records_path and PostgreSQL (host/dsn/table)",
+    )
