@@ -121,3 +121,26 @@ def test_a_missing_input_table_exits_2(tmp_path):
     config = tmp_path / "coreset.yaml"
     config.write_text("coreset:\n  input_csv_path: nowhere.csv\n  output_csv_path: out.csv\n")
     _one_line_error(_invoke(config), "nowhere.csv: table not found")
+
+
+def test_summary_path_is_honoured_and_no_temporary_files_are_left(demo_project, tmp_path):
+    config = demo_project / "conf" / "examples" / "coreset_local.yaml"
+    target = tmp_path / "out" / "subset.csv"
+    summary = tmp_path / "figures.json"
+    result = _invoke(
+        config,
+        "--set",
+        f"output_csv_path={target}",
+        "--set",
+        f"summary_path={summary}",
+        "--set",
+        "sampler_weights=uniform",
+        "-q",
+    )
+    assert result.exit_code == 0, result.output
+    figures = json.loads(summary.read_text())
+    assert figures["output"] == str(target)
+    assert figures["sampler_weights"] == "uniform"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["subset.csv"]
+    out = pd.read_csv(target)
+    np.testing.assert_array_equal(out.loc[out["coreset_selected"], "sampler_weight"], 1.0)
