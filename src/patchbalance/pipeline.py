@@ -311,7 +311,17 @@ def _uniqueness_stage(
     if source.embeddings is not None:
         # Name patches in errors about vectors that came from the source (e.g. NaN in a table).
         keys = records.loc[active, ["image_path", "row_off", "col_off", "patch_size"]]
-        labels = [f"({p}, {r}, {c}, {s})" for p, r, c, s in keys.itertuples(index=False)]
+        labels = (
+            "("
+            + keys["image_path"].astype(str)
+            + ", "
+            + keys["row_off"].astype(str)
+            + ", "
+            + keys["col_off"].astype(str)
+            + ", "
+            + keys["patch_size"].astype(str)
+            + ")"
+        ).tolist()
     with clock.stage("uniqueness"):
         result = compute_uniqueness(vectors, config.uniqueness, config.seed, row_labels=labels)
     notes["uniqueness"] = result.summary
