@@ -613,3 +613,83 @@ def test_example_config_runs_against_the_server(scene, postgres_server, tmp_path
     assert len(table) == train and set(table["split"]) == {"train"}
     assert (tmp_path / "example.geojson").exists()
     assert READER_PASSWORD not in built.output + plan.output
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings stored in the table replace extraction in the whole build
+
+
+def _table_with_vectors(postgres_server, scene, name: str, vectors: np.ndarray) -> None:
+    records = scene["records"]
+    with postgres_server.connect() as conn:
+        conn.execute(
+            f"CREATE TABLE {name} (file_path text, mask_path text, row_off int, col_off int, "
+            "patch_size int, embedding real[])"
+        )
+        with (
+            conn.cursor() as cursor,
+            cursor.copy(
+                f"COPY {name} (file_path, mask_path, row_off, col_off, patch_size, embedding) "
+                "FROM STDIN"
+            ) as copy,
+        ):
+            for row, vector in zip(records.itertuples(index=False), vectors, strict=True):
+                copy.write_row(
+                    (
+                        row.image_path,
+                        row.mask_path,
+                        row.row_off,
+                        row.col_off,
+                        row.patch_size,
+                        [float(v) for v in vector],
+                    )
+                )
+
+
+def test_table_embeddings_give_the_uniqueness_of_an_independent_knn(scene, postgres_server):
+    vectors = np.random.default_rng(11).standard_normal((len(scene["records"]), 8))
+    vectors = vectors.astype(np.float32)
+    _table_with_vectors(postgres_server, scene, "tiles_vectors", vectors)
+    config = _config(
+        scene["folder"],
+        postgres_server.input_block("tiles_vectors", embedding_column="embedding"),
+        "vectors",
+        mode="embeddings",
+        uniqueness={"k_neighbors": 3, "backend": "exact"},
+    )
+    result = run_build(config)
+    assert result.summary["uniqueness"]["embeddings_from_source"] is True
+    assert "embeddings" not in result.summary  # nothing was extracted
+    keys = ["image_path", "row_off", "col_off"]
+    table = result.table
+    active = table[~table["excluded"]]
+    # Independent kNN over the active rows, vectors joined by the patch key.
+    lookup = {
+        (str(scene["folder"] / p), r, c): i
+        for i, (p, r, c) in enumerate(scene["records"][keys].itertuples(index=False, name=None))
+    }
+    rows = [lookup[key] for key in active[keys].itertuples(index=False, name=None)]
+    unit = vectors[rows].astype(np.float64)
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    distance = 1.0 - unit @ unit.T
+    np.fill_diagonal(distance, np.inf)
+    expected = np.sort(distance, axis=1)[:, :3].mean(axis=1)
+    np.testing.assert_allclose(active["uniqueness_score"], expected, atol=1e-5)
+
+
+def test_a_nan_embedding_in_the_table_is_an_error_naming_the_patch(scene, postgres_server):
+    vectors = np.random.default_rng(5).standard_normal((len(scene["records"]), 4))
+    vectors = vectors.astype(np.float32)
+    nan_rows = (scene["records"]["image_path"] == str(Path("images") / "scene_1.tif")).to_numpy()
+    vectors[nan_rows, 2] = np.nan
+    _table_with_vectors(postgres_server, scene, "tiles_nan_vectors", vectors)
+    config = _config(
+        scene["folder"],
+        postgres_server.input_block("tiles_nan_vectors", embedding_column="embedding"),
+        "nan",
+        mode="embeddings",
+    )
+    # The source refuses it while streaming, naming the table row (in key order: scene_1's
+    # first window follows scene_0's 256 windows).
+    with pytest.raises(InputError, match=r"row 257: column 'embedding' holds NaN or infinite"):
+        run_build(config)
