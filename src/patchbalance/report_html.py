@@ -32,6 +32,9 @@ MAX_CLUSTERS_SHOWN = 30
 MAX_MAP_PANELS = 4
 # Up to this many rasters get a map panel each.
 MAX_RASTER_PANELS = 8
+# Weights whose largest/smallest ratio exceeds this are drawn on log scales, where a few heavy
+# patches no longer flatten the rest into one colour or one bin.
+WIDE_WEIGHT_RANGE = 10.0
 UNIFORM_COLOUR = "#9aa5b1"
 WEIGHTED_COLOUR = "#d1495b"
 EXCLUDED_COLOUR = "#d9d9d9"
@@ -184,11 +187,10 @@ def _class_share_section(figures: SamplingFigures, labels: list[str]) -> str:
             xytext=(0, 2),
             textcoords="offset points",
         )
+    # Slant the class names once they would run into each other.
+    crowded = n_classes > 6 or max(len(label) for label in labels) > 11
     axes.set_xticks(
-        positions,
-        labels,
-        rotation=30 if n_classes > 6 else 0,
-        ha="right" if n_classes > 6 else "center",
+        positions, labels, rotation=25 if crowded else 0, ha="right" if crowded else "center"
     )
     axes.set_ylabel("share of labelled pixels per epoch (%)")
     axes.set_title("Class pixel share per epoch: uniform vs weighted sampling")
@@ -209,7 +211,7 @@ def _weight_section(weights: np.ndarray, active: np.ndarray) -> str:
     histogram, lorenz = figure.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
     low, high = float(active_weights.min()), float(active_weights.max())
     # Weights spanning orders of magnitude read better on log-spaced bins.
-    if low > 0 and high / low > 50:
+    if low > 0 and high / low > WIDE_WEIGHT_RANGE:
         bins = np.geomspace(low, high, 41)
         histogram.set_xscale("log")
     else:
@@ -431,7 +433,7 @@ def _map_section(table: pd.DataFrame, weights: np.ndarray, active: np.ndarray) -
     keys, shown, hidden = _map_groups(table, usable)
     positive = weights[active & usable]
     positive = positive[positive > 0]
-    if len(positive) and positive.max() / positive.min() > 50:
+    if len(positive) and positive.max() / positive.min() > WIDE_WEIGHT_RANGE:
         norm: Normalize = LogNorm(vmin=positive.min(), vmax=positive.max())
     else:
         norm = Normalize(vmin=0.0, vmax=max(float(weights[usable].max()), 1e-12))
