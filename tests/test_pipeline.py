@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -346,3 +348,19 @@ def test_rasters_source_rejects_a_pair_of_different_sizes(tmp_path):
     )
     with pytest.raises(InputError, match=r"i\.tif is 64x64 but mask .*m\.tif is 64x48"):
         run_build(config, write=False)
+
+
+def test_outputs_get_ordinary_file_permissions(scene):
+    folder, records = scene
+    geojson = folder / "out" / "p.geojson"
+    run_build(
+        _config(
+            folder,
+            records,
+            output={"csv_path": str(folder / "out" / "t.csv"), "geojson_path": str(geojson)},
+        )
+    )
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("t.csv", "t.summary.json", "p.geojson"):
+        assert stat.S_IMODE((folder / "out" / name).stat().st_mode) == 0o666 & ~umask, name

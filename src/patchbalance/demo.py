@@ -178,7 +178,13 @@ def run_demo_command(out_dir: Path, progress: bool = True) -> str:
         write_html_report = None
     if write_html_report is not None:
         html_path = Path(out_dir) / "report.html"
-        write_html_report(result.table, figures_from_table(result.table), html_path, title="demo")
+        write_html_report(
+            result.table,
+            figures_from_table(result.table),
+            html_path,
+            title="demo",
+            class_names=CLASS_NAMES,
+        )
         lines.append(f"wrote report: {html_path}")
     lines += [
         "",

@@ -37,6 +37,22 @@ def check_writable(path: Path, what: str) -> None:
         raise OutputError(f"{path}: the output folder {folder} is not writable ({what})")
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
+def publish(temporary: str | os.PathLike[str], path: Path) -> None:
+    """Move a finished temporary file onto `path` with ordinary file permissions.
+
+    `tempfile.mkstemp` creates files readable by their owner only; an output should get the
+    permissions any new file gets (0666 less the umask), so others can read the tables.
+    """
+    os.chmod(temporary, 0o666 & ~_umask())
+    os.replace(temporary, path)
+
+
 @contextmanager
 def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     """Yield a temporary file next to `path` that replaces `path` only if the block succeeds."""
@@ -47,7 +63,7 @@ def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
         encoding = None if "b" in mode else "utf-8"
         with os.fdopen(handle, mode, encoding=encoding) as stream:
             yield stream
-        os.replace(temporary, path)
+        publish(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -64,7 +80,7 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
     os.close(handle)
     try:
         write(Path(temporary))
-        os.replace(temporary, path)
+        publish(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.unlink(temporary)

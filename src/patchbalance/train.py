@@ -26,7 +26,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,7 @@ from pydantic import Field, ValidationError
 
 from patchbalance.config import StrictModel, describe_validation_error, read_yaml_mapping
 from patchbalance.errors import ConfigError, OutputError
+from patchbalance.outputs import atomic_write_with
 
 log = logging.getLogger(__name__)
 
@@ -372,23 +372,10 @@ def _seed_everything(seed: int) -> None:
 # Atomic outputs
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(handle)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
 def _save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     import torch
 
-    _atomic_write(path, lambda temporary: torch.save(payload, temporary))
+    atomic_write_with(path, lambda temporary: torch.save(payload, temporary))
 
 
 def _publish_copy(source: Path, path: Path) -> None:
@@ -409,7 +396,7 @@ def _publish_copy(source: Path, path: Path) -> None:
 
 def _write_metrics(rows: list[dict[str, Any]], path: Path) -> None:
     frame = pd.DataFrame(rows)
-    _atomic_write(path, lambda temporary: frame.to_csv(temporary, index=False))
+    atomic_write_with(path, lambda temporary: frame.to_csv(temporary, index=False))
 
 
 # --------------------------------------------------------------------------------------------
