@@ -29,17 +29,6 @@ from pydantic import (
 
 from patchbalance.errors import ConfigError
 
-SAMPLING_METHODS = (
-    "rank_max",
-    "rank_multiply",
-    "rank_add",
-    "multiplicative",
-    "composition_only",
-    "uniqueness_only",
-    "cluster_balanced",
-    "repeat_factor",
-    "inverse_frequency",
-)
 SamplingMethod = Literal[
     "rank_max",
     "rank_multiply",
@@ -51,6 +40,7 @@ SamplingMethod = Literal[
     "repeat_factor",
     "inverse_frequency",
 ]
+SAMPLING_METHODS: tuple[str, ...] = typing.get_args(SamplingMethod)
 
 
 class StrictModel(BaseModel):
