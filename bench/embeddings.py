@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import rasterio
-from rasterio.transform import from_origin
 
+from geotiff import write_geotiff
 from patchbalance.config import EmbeddingsConfig
 from patchbalance.embeddings import _autocast, choose_device, extract_embeddings, load_backbone
 
@@ -40,21 +39,7 @@ def write_rasters(folder: Path, count: int, size: int, seed: int) -> list[Path]:
         image = np.kron(coarse, np.ones((32, 32), np.float32))
         image += rng.normal(0, 25, size=image.shape).astype(np.float32)
         path = folder / f"scene_{i}.tif"
-        profile = {
-            "driver": "GTiff",
-            "width": size,
-            "height": size,
-            "count": 3,
-            "dtype": "uint8",
-            "crs": "EPSG:32640",
-            "transform": from_origin(300_000, 2_780_000, 0.5, 0.5),
-            "tiled": True,
-            "blockxsize": 256,
-            "blockysize": 256,
-            "compress": "deflate",
-        }
-        with rasterio.open(path, "w", **profile) as dataset:
-            dataset.write(np.clip(image, 0, 255).astype(np.uint8))
+        write_geotiff(path, np.clip(image, 0, 255).astype(np.uint8))
         paths.append(path)
     return paths
 

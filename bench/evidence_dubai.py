@@ -57,23 +57,20 @@ import rasterio
 from PIL import Image
 from rasterio.transform import from_origin
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = Path(
-    os.environ.get("DUBAI_AERIAL_DIR", REPO.parent / "shared" / "data" / "dubai-aerial")
+# The shared benchmark helpers sit next to this script.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from geotiff import (  # noqa: E402
+    CLASS_COLOURS,
+    DUBAI_DATA,
+    MASK_NODATA,
+    NODATA_COLOUR,  # noqa: F401 - part of this script's interface (its tests use it)
+    REPO,
+    mask_to_classes,
+    write_geotiff,
 )
-MASK_NODATA = 255
-# The colours the masks really use (see the data's README), in class-index order.
-CLASS_COLOURS = {
-    0: ("Unlabeled", 0x9B9B9B),
-    1: ("Water", 0xE2A929),
-    2: ("Land (unpaved area)", 0x8429F6),
-    3: ("Road", 0x6EC1E4),
-    4: ("Building", 0x3C1098),
-    5: ("Vegetation", 0xFEDD3A),
-}
+
+DEFAULT_DATA = DUBAI_DATA
 CLASS_NAMES = {index: name for index, (name, _) in CLASS_COLOURS.items()}
-NODATA_COLOUR = 0x000000
-CRS = "EPSG:32640"  # UTM zone 40N, where Dubai lies; the placement itself is made up
 PART_GAP = 32  # metres between the parts of a tile, so no two footprints overlap
 TILE_GAP = 400
 
@@ -104,25 +101,6 @@ def log(message: str) -> None:
 # 1. Conversion
 
 
-def mask_to_classes(rgb: np.ndarray, where: str) -> np.ndarray:
-    """Return the (H, W) uint8 class-index mask of an RGB mask; black becomes MASK_NODATA."""
-    codes = (rgb[..., 0].astype(np.int32) << 16) | (rgb[..., 1].astype(np.int32) << 8) | rgb[..., 2]
-    palette = np.array(
-        [NODATA_COLOUR, *(colour for _, colour in CLASS_COLOURS.values())], dtype=np.int32
-    )
-    values = np.array([MASK_NODATA, *CLASS_COLOURS], dtype=np.uint8)
-    order = np.argsort(palette)
-    position = np.clip(np.searchsorted(palette[order], codes), 0, len(palette) - 1)
-    found = palette[order][position] == codes
-    if not found.all():
-        unknown = np.unique(codes[~found])[:5]
-        raise ValueError(
-            f"{where}: {int((~found).sum())} pixel(s) of unknown mask colour(s) "
-            + ", ".join(f"#{c:06X}" for c in unknown)
-        )
-    return values[order][position]
-
-
 def downsample_image(image: np.ndarray, factor: int) -> np.ndarray:
     """Return the (H, W, 3) image reduced `factor` times by area averaging."""
     if factor == 1:
@@ -142,27 +120,6 @@ def downsample_mask(mask: np.ndarray, factor: int) -> np.ndarray:
     votes = np.stack([(blocks == value).sum(axis=(1, 3)) for value in CLASS_COLOURS])
     majority = votes.argmax(axis=0).astype(np.uint8)
     return np.where(votes.max(axis=0) > 0, majority, MASK_NODATA).astype(np.uint8)
-
-
-def _write_geotiff(path: Path, bands: np.ndarray, transform: Any, nodata: int | None) -> None:
-    profile = {
-        "driver": "GTiff",
-        "width": bands.shape[2],
-        "height": bands.shape[1],
-        "count": bands.shape[0],
-        "dtype": "uint8",
-        "crs": CRS,
-        "transform": transform,
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-    }
-    if nodata is not None:
-        profile["nodata"] = nodata
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", **profile) as dataset:
-        dataset.write(bands)
 
 
 def convert_dataset(
@@ -215,8 +172,8 @@ def convert_dataset(
             name = f"tile{tile}_{image_path.stem}"
             image_tif = out_dir / "images" / f"{name}.tif"
             mask_tif = out_dir / "masks" / f"{name}.tif"
-            _write_geotiff(image_tif, image.transpose(2, 0, 1), transform, None)
-            _write_geotiff(mask_tif, mask[None], transform, MASK_NODATA)
+            write_geotiff(image_tif, image.transpose(2, 0, 1), transform)
+            write_geotiff(mask_tif, mask, transform, MASK_NODATA)
             rows.append(
                 {
                     "tile": tile,

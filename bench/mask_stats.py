@@ -28,30 +28,22 @@ import numpy as np
 import pandas as pd
 import rasterio
 from PIL import Image
-from rasterio.transform import from_origin
 from rasterio.windows import Window
 
+from geotiff import DUBAI_DATA, MASK_NODATA, mask_to_classes, write_geotiff
 from patchbalance.stats import compute_mask_statistics
 from patchbalance.windows import block_order
 
-DUBAI = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dubai-aerial"
-# Mask colours of the Dubai aerial dataset (see shared/data/README.md); black is unlabelled.
-DUBAI_COLOURS = {0x9B9B9B: 0, 0xE2A929: 1, 0x8429F6: 2, 0x6EC1E4: 3, 0x3C1098: 4, 0xFEDD3A: 5}
-NODATA = 255
+NODATA = MASK_NODATA
 
 
 def dubai_class_masks(folder: Path) -> list[np.ndarray]:
     """Return the real Dubai masks as uint8 class-index arrays (255 = not annotated)."""
-    masks = []
-    for path in sorted(folder.glob("tile_*/masks/*.png")):
-        # Some masks are palette PNGs; Pillow expands both kinds to RGB.
-        rgb = np.asarray(Image.open(path).convert("RGB")).astype(np.uint32)
-        code = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-        classes = np.full(code.shape, NODATA, dtype=np.uint8)
-        for colour, value in DUBAI_COLOURS.items():
-            classes[code == colour] = value
-        masks.append(classes)
-    return masks
+    # Some masks are palette PNGs; Pillow expands both kinds to RGB.
+    return [
+        mask_to_classes(np.asarray(Image.open(path).convert("RGB")), str(path))
+        for path in sorted(folder.glob("tile_*/masks/*.png"))
+    ]
 
 
 def synthetic_masks(seed: int) -> list[np.ndarray]:
@@ -86,22 +78,7 @@ def write_mask(path: Path, side: int, sources: list[np.ndarray], seed: int) -> N
             col += width
             row_height = max(row_height, height)
         row += row_height
-    profile = {
-        "driver": "GTiff",
-        "width": side,
-        "height": side,
-        "count": 1,
-        "dtype": "uint8",
-        "crs": "EPSG:32640",
-        "transform": from_origin(300_000, 2_780_000, 0.5, 0.5),
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-        "nodata": NODATA,
-    }
-    with rasterio.open(path, "w", **profile) as dataset:
-        dataset.write(mosaic, 1)
+    write_geotiff(path, mosaic, nodata=NODATA)
 
 
 def records_for(paths: list[Path], side: int, size: int, limit: int, seed: int) -> pd.DataFrame:
@@ -181,8 +158,8 @@ def main() -> None:
         work.mkdir(parents=True, exist_ok=True)
         paths = [work / f"mask_{i}.tif" for i in range(args.rasters)]
         start = time.perf_counter()
-        if DUBAI.is_dir():
-            sources, origin = dubai_class_masks(DUBAI), "mosaics of the 72 real Dubai masks"
+        if DUBAI_DATA.is_dir():
+            sources, origin = dubai_class_masks(DUBAI_DATA), "mosaics of the 72 real Dubai masks"
         else:
             sources, origin = synthetic_masks(0), "synthetic blob masks (Dubai data not found)"
         for i, path in enumerate(paths):

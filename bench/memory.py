@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import rasterio
 from rasterio.transform import from_origin
+
+from geotiff import write_geotiff
 
 CHILD = textwrap.dedent(
     """
@@ -47,22 +48,8 @@ def write_masks(folder: Path, count: int, side: int) -> list[Path]:
         coarse = rng.integers(0, 6, size=(side // 16, side // 16), dtype=np.uint8)
         mask = np.repeat(np.repeat(coarse, 16, axis=0), 16, axis=1)
         path = folder / f"mask_{i}.tif"
-        profile = {
-            "driver": "GTiff",
-            "width": side,
-            "height": side,
-            "count": 1,
-            "dtype": "uint8",
-            "crs": "EPSG:32640",
-            "transform": from_origin(300_000 + 10_000 * i, 2_780_000, 1, 1),
-            "tiled": True,
-            "blockxsize": 256,
-            "blockysize": 256,
-            "compress": "deflate",
-            "nodata": 255,
-        }
-        with rasterio.open(path, "w", **profile) as dataset:
-            dataset.write(mask, 1)
+        transform = from_origin(300_000 + 10_000 * i, 2_780_000, 1, 1)
+        write_geotiff(path, mask, transform, nodata=255)
         paths.append(path)
     return paths
 
