@@ -135,14 +135,16 @@ def key_text(keys: pd.DataFrame, i: int) -> str:
     )
 
 
-def check_unique_keys(keys: pd.DataFrame, what: str) -> None:
+def check_unique_keys(
+    keys: pd.DataFrame, what: str, fix: str = "each patch may appear once"
+) -> None:
     """Raise InputError when a patch key occurs more than once, counting and naming one."""
     duplicated = keys.duplicated(keep=False).to_numpy()
     if duplicated.any():
         first = int(np.flatnonzero(duplicated)[0])
         raise InputError(
             f"{what}: {int(duplicated.sum())} rows share a patch key with another row (first: "
-            f"{key_text(keys, first)}); each patch may appear once"
+            f"{key_text(keys, first)}); {fix}"
         )
 
 
@@ -289,14 +291,7 @@ def join_embeddings(pool_keys: pd.DataFrame, path: Path, column: str) -> np.ndar
     """Return the cached embedding of each pool patch, joined by patch key (never by position)."""
     cache_keys, vectors = read_embeddings_cache(path, column)
     names = list(cache_keys.columns)
-    duplicated = cache_keys.duplicated(keep=False).to_numpy()
-    if duplicated.any():
-        first = int(np.flatnonzero(duplicated)[0])
-        raise InputError(
-            f"{path}: {int(duplicated.sum())} rows share a patch key with another row (first: "
-            f"{key_text(cache_keys.reindex(columns=list(KEY_COLUMNS)), first)}); the embeddings "
-            "file must hold each patch once"
-        )
+    check_unique_keys(cache_keys, str(path), "the embeddings file must hold each patch once")
     position = pd.MultiIndex.from_frame(cache_keys).get_indexer(
         pd.MultiIndex.from_frame(pool_keys[names])
     )
