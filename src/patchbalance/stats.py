@@ -183,12 +183,9 @@ def compute_mask_statistics(
             black_border[i] = black_border_sides(image, image_mask, border_check)
         read[i] = True
 
-    if border_check is not None:
-        group_paths = list(zip(mask_paths, image_paths, strict=True))
-    else:
-        group_paths = [(path,) for path in mask_paths]
+    path_columns = [mask_paths, image_paths] if border_check is not None else [mask_paths]
     errors = for_each_window(
-        group_paths,
+        path_columns,
         np.asarray(indices, dtype=np.int64),
         row_off,
         col_off,

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 import rasterio
 from affine import Affine
 from rasterio.enums import MaskFlags
@@ -154,7 +155,7 @@ WindowHandler = Callable[[Sequence[rasterio.DatasetReader], int], None]
 
 
 def for_each_window(
-    group_paths: Sequence[Sequence[str]],
+    path_columns: Sequence[np.ndarray],
     indices: np.ndarray,
     row_off: np.ndarray,
     col_off: np.ndarray,
@@ -165,21 +166,23 @@ def for_each_window(
 ) -> dict[int, str]:
     """Call `handler(datasets, i)` for every window index `i` in `indices`; return read errors.
 
-    `group_paths[i]` is the tuple of files that window `i` needs (e.g. `(mask_path,)` or
-    `(mask_path, image_path)`); windows sharing the same files are read in block order by one
-    task that opens each file once. `handler` writes its results into arrays the caller
-    preallocated. A `RasterioError` or `OSError` in the handler (or on open) is caught and
-    recorded as `{i: message}` so that one bad file never aborts the run.
+    `path_columns` are arrays over all windows naming the files each window needs, e.g.
+    `[mask_paths]` or `[mask_paths, image_paths]`; `datasets` follow that order. Windows
+    sharing the same files are read in block order by one task that opens each file once.
+    `handler` writes its results into arrays the caller preallocated. A `RasterioError` or
+    `OSError` in the handler (or on open) is caught and recorded as `{i: message}` so that one
+    bad file never aborts the run.
     """
-    groups: dict[tuple[str, ...], list[int]] = {}
-    for i in indices.tolist():
-        groups.setdefault(tuple(group_paths[i]), []).append(i)
-
+    indices = np.asarray(indices, dtype=np.int64)
+    selected = pd.DataFrame(
+        {j: np.asarray(column)[indices] for j, column in enumerate(path_columns)}
+    )
     tasks: list[tuple[tuple[str, ...], np.ndarray]] = []
-    for paths, members in groups.items():
-        member_array = np.asarray(members, dtype=np.int64)
+    for paths, positions in selected.groupby(list(selected.columns), sort=False).indices.items():
+        paths = paths if isinstance(paths, tuple) else (paths,)
+        members = indices[positions]
         shape = (block_shapes or {}).get(paths[0], (256, 256))
-        ordered = member_array[block_order(row_off[member_array], col_off[member_array], shape)]
+        ordered = members[block_order(row_off[members], col_off[members], shape)]
         for start in range(0, len(ordered), CHUNK_WINDOWS):
             tasks.append((paths, ordered[start : start + CHUNK_WINDOWS]))
 
