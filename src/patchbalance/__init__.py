@@ -8,12 +8,13 @@ __version__ = "0.1.0"
 
 # `patchbalance.report(table)` is the API of the spec, so the function is bound over the
 # submodule of the same name; import helpers from it with `from patchbalance.report import ...`.
-from patchbalance.report import report  # noqa: E402
+from patchbalance.report import prior_correction, report  # noqa: E402
 
 __all__ = [
     "__version__",
     "build_balanced_dataset",
     "load_config",
+    "prior_correction",
     "report",
     "select_coreset",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -39,6 +40,7 @@ SamplingMethod = Literal[
     "cluster_balanced",
     "repeat_factor",
     "inverse_frequency",
+    "class_target",
 ]
 SAMPLING_METHODS: tuple[str, ...] = typing.get_args(SamplingMethod)
 
@@ -81,6 +83,14 @@ class InputConfig(StrictModel):
     mask_glob: str | None = None
     patch_size: int | None = Field(default=None, gt=0)
     stride: int | None = Field(default=None, gt=0)
+    # Window placement over rasters (SPEC §2.1): the grid, or the grid plus class-centred windows.
+    placement: Literal["grid", "class_centred"] = "grid"
+    rare_below: float = Field(default=0.05, ge=0, le=1)
+    rare_classes: list[int] | None = None
+    class_windows_per_raster: int = Field(default=16, ge=1)
+    # None: 1 % of the window; below 1: a fraction of the window; else a pixel count.
+    class_min_pixels: float | None = Field(default=None, gt=0)
+    max_overlap: float = Field(default=0.5, ge=0, le=1)
     # 4. PostgreSQL
     host: str | None = None
     port: int | None = None
@@ -150,6 +160,11 @@ class InputConfig(StrictModel):
                 raise ValueError("image_glob and mask_glob go together; give both")
             if self.rasters is not None and self.image_glob is not None:
                 raise ValueError("give either rasters or image_glob + mask_glob, not both")
+        if self.placement != "grid" and kinds[0] != "rasters":
+            raise ValueError(
+                f"placement: {self.placement} needs the rasters source (rasters or image_glob + "
+                "mask_glob); other sources give their windows themselves"
+            )
         if kinds[0] == "postgres" and self.table is None:
             raise ValueError("the PostgreSQL source needs table")
         return self
@@ -241,6 +256,34 @@ class WeightsConfig(StrictModel):
     min_pixels: float | None = Field(default=None, gt=0)
     repeat_threshold: float | None = Field(default=None, gt=0)
     sqrt: bool = False
+    uniform_mix: float = Field(default=0.0, ge=0, le=1)
+    # class_target (SPEC §3.8): sqrt, balanced, power:<p>, or {class value: share}.
+    target_share: str | dict[int, float] = "sqrt"
+    min_ess: float | None = Field(default=None, gt=0, le=1)
+
+    @field_validator("target_share")
+    @classmethod
+    def _known_target(cls, value: str | dict[int, float]) -> str | dict[int, float]:
+        if isinstance(value, dict):
+            if any(not 0.0 <= share <= 1.0 for share in value.values()):
+                raise ValueError("every share in target_share must lie in [0, 1]")
+            if sum(value.values()) > 1.0 + 1e-9:
+                raise ValueError("the shares in target_share add up to more than 1")
+            return value
+        if value in ("sqrt", "balanced"):
+            return value
+        match = re.fullmatch(r"power:([0-9.eE+-]+)", value)
+        if match:
+            try:
+                exponent = float(match.group(1))
+            except ValueError:
+                exponent = -1.0
+            if 0.0 <= exponent <= 1.0:
+                return value
+        raise ValueError(
+            f"'{value}' is not sqrt, balanced, power:<p> with p in [0, 1], or a mapping "
+            "{class: share}"
+        )
 
 
 class OutputConfig(StrictModel):

@@ -412,10 +412,15 @@ def run_build(
             min_pixels=weights_config.min_pixels,
             repeat_threshold=weights_config.repeat_threshold,
             sqrt=weights_config.sqrt,
+            target_share=weights_config.target_share,
+            min_ess=weights_config.min_ess,
+            class_values=[int(v) for v in stats.class_values],
         )
         if "reduced" in weight_notes:
             log.info("%s", weight_notes["reduced"])
-        active_weights = normalise_weights(scores, weights_config.power, weights_config.max_weight)
+        active_weights = normalise_weights(
+            scores, weights_config.power, weights_config.max_weight, weights_config.uniform_mix
+        )
         weights = sampler_weights(active, active_weights)
 
     with clock.stage("outputs"):
@@ -440,6 +445,10 @@ def run_build(
             paths,
             source.notes,
         )
+        warnings = figures.starvation_warnings(config.sampling_method)
+        for line in warnings:
+            log.warning("%s", line)
+        summary["warnings"] = warnings
         written = (
             table if config.output.include_excluded else table.loc[active].reset_index(drop=True)
         )
@@ -568,6 +577,7 @@ def _summary(
         },
         "weights": {
             "power": config.weights.power,
+            "uniform_mix": config.weights.uniform_mix,
             "max_weight": config.weights.max_weight,
             **{
                 key: (value.tolist() if isinstance(value, np.ndarray) else value)
@@ -577,6 +587,14 @@ def _summary(
         "sampling": figures.to_dict(),
         "versions": _versions(),
     }
+    target_figures = summary["weights"].get("class_target")
+    if target_figures is not None:
+        # The shares of the final weights, after power, uniform_mix and max_weight.
+        target_figures["share_reached"] = {
+            str(v): round(float(x), 6)
+            for v, x in zip(stats.class_values, figures.weighted_share, strict=True)
+        }
+        target_figures["effective_sample_size"] = round(figures.ess, 3)
     if source_notes:
         summary["source"] = source_notes
     if "first_window_error" in read_notes:

@@ -12,6 +12,9 @@ import pandas as pd
 from patchbalance.errors import InputError
 
 CLASS_COLUMN = re.compile(r"^px_(-?\d+)$")
+# A below-median class whose weighted share falls under this fraction of its uniform share is
+# starved (SPEC §5).
+STARVATION_RATIO = 0.9
 
 
 @dataclass
@@ -29,8 +32,55 @@ class SamplingFigures:
     expected_distinct_uniform: float
     max_expected_repeats: float
 
+    @property
+    def log_prior_ratio(self) -> np.ndarray:
+        """Return ln(uniform share / weighted share) per class (SPEC §5); 0 where either is 0.
+
+        Added to a trained model's class logits, it undoes the shift that the weights put into
+        the model's class prior (logit adjustment, Menon et al. 2021).
+        """
+        both = (self.uniform_share > 0) & (self.weighted_share > 0)
+        ratio = np.zeros_like(self.uniform_share)
+        ratio[both] = np.log(self.uniform_share[both] / self.weighted_share[both])
+        return ratio
+
+    def starved_classes(self) -> list[int]:
+        """Return the column indices of the classes the weights starve (SPEC §5).
+
+        A class is starved when its uniform share is below the median class share and its
+        weighted share is more than 10 % (relative) below its uniform share.
+        """
+        occurring = self.uniform_share > 0
+        if not occurring.any():
+            return []
+        median = float(np.median(self.uniform_share[occurring]))
+        starved = (
+            occurring
+            & (self.uniform_share < median)
+            & (self.weighted_share < STARVATION_RATIO * self.uniform_share)
+        )
+        return [int(j) for j in np.flatnonzero(starved)]
+
+    def starvation_warnings(self, method: str = "the weights") -> list[str]:
+        """Return one warning line per starved class.
+
+        Args:
+            method: how to name the weighting in the line (a sampling_method, or a table).
+
+        Returns:
+            Lines such as "rank_max lowers class 3 from 9.6 % to 7.7 % of the pixels seen per
+            epoch"; empty when no class is starved.
+        """
+        return [
+            f"{method} lowers class {self.class_values[j]} from {self.uniform_share[j]:.2%} to "
+            f"{self.weighted_share[j]:.2%} of the pixels seen per epoch (a below-median class; "
+            "a weighting meant to help rare classes should not starve one)"
+            for j in self.starved_classes()
+        ]
+
     def to_dict(self) -> dict[str, object]:
         """Return the figures as plain JSON-ready values."""
+        ratio = self.log_prior_ratio
         return {
             "n_rows": self.n_rows,
             "n_active": self.n_active,
@@ -47,6 +97,10 @@ class SamplingFigures:
             "expected_distinct_per_epoch": round(self.expected_distinct, 3),
             "expected_distinct_per_epoch_uniform": round(self.expected_distinct_uniform, 3),
             "max_expected_repeats_per_epoch": round(self.max_expected_repeats, 4),
+            "log_prior_ratio": {
+                str(value): round(float(ratio[j]), 6) for j, value in enumerate(self.class_values)
+            },
+            "starved_classes": [self.class_values[j] for j in self.starved_classes()],
         }
 
 
@@ -127,12 +181,15 @@ def figures_from_table(table: pd.DataFrame) -> SamplingFigures:
 def figures_text(figures: SamplingFigures, class_names: dict[int, str] | None = None) -> str:
     """Return the figures as a small text table for the terminal."""
     names = class_names or {}
-    lines = ["class pixel share per epoch      uniform   weighted    ratio"]
+    lines = ["class pixel share per epoch      uniform   weighted    ratio  log prior ratio"]
+    prior = figures.log_prior_ratio
     for j, value in enumerate(figures.class_values):
         label = names.get(value, f"class {value}")
         uniform, weighted = figures.uniform_share[j], figures.weighted_share[j]
         ratio = weighted / uniform if uniform > 0 else float("nan")
-        lines.append(f"  {label:<30} {uniform:8.2%}  {weighted:9.2%}  {ratio:6.2f}x")
+        lines.append(
+            f"  {label:<30} {uniform:8.2%}  {weighted:9.2%}  {ratio:6.2f}x  {prior[j]:+15.3f}"
+        )
     share = figures.ess / max(figures.n_active, 1)
     lines += [
         f"effective sample size            {figures.ess:,.1f} of {figures.n_active:,} active "
@@ -157,6 +214,19 @@ def read_table(path: Path) -> pd.DataFrame:
         raise InputError(f"{path}: cannot read the table: {exc}".splitlines()[0]) from exc
 
 
+def prior_correction(table: pd.DataFrame) -> np.ndarray:
+    """Return log_prior_ratio per class of a balanced table, in the order of its px_ columns.
+
+    Args:
+        table: a balanced table with `px_<class>` counts and `sampler_weight`.
+
+    Returns:
+        (C,) ln(uniform share / weighted share); add tau times it to a model's class logits to
+        undo the class prior shift of training with these weights (0 where a share is 0).
+    """
+    return figures_from_table(table).log_prior_ratio
+
+
 def report(table: pd.DataFrame) -> SamplingFigures:
     """Return what the weights of `table` will do in training (the Python API of `report`)."""
     return figures_from_table(table)
@@ -167,6 +237,8 @@ def run_report_command(table_path: Path, out: Path | None = None) -> str:
     table = read_table(table_path)
     figures = figures_from_table(table)
     text = figures_text(figures)
+    for line in figures.starvation_warnings(f"the weights of {Path(table_path).name}"):
+        text += f"\nwarning: {line}"
     if out is not None:
         from patchbalance.report_html import write_html_report
 

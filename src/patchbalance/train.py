@@ -105,6 +105,8 @@ class TrainConfig(StrictModel):
     device: str | None = None
     seed: int = 42
     output_dir: str = "train_output"
+    # Logit adjustment at validation (SPEC §7): tau, or a list of tau; tau = 0 is always added.
+    prior_correction: float | list[float] | None = None
     # Upstream keys that drive PyTorch Lightning; accepted, not used.
     pl_trainer: Any = None
     callbacks: Any = None
@@ -177,6 +179,53 @@ def iou_from_confusion(confusion: np.ndarray) -> np.ndarray:
     union = confusion.sum(axis=0) + confusion.sum(axis=1) - true_positive
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(union > 0, true_positive / union, np.nan)
+
+
+def precision_recall_from_confusion(confusion: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return per-class precision TP / (TP + FP) and recall TP / (TP + FN); NaN where undefined."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    true_positive = np.diag(confusion)
+    predicted, actual = confusion.sum(axis=0), confusion.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = np.where(predicted > 0, true_positive / predicted, np.nan)
+        recall = np.where(actual > 0, true_positive / actual, np.nan)
+    return precision, recall
+
+
+def tau_values(prior_correction: float | Sequence[float] | None) -> list[float]:
+    """Return the sorted distinct tau values of `prior_correction`, 0 always among them."""
+    if prior_correction is None:
+        given: list[float] = []
+    elif isinstance(prior_correction, int | float):
+        given = [float(prior_correction)]
+    else:
+        given = [float(t) for t in prior_correction]
+    return sorted({0.0, *given})
+
+
+def tau_suffix(tau: float) -> str:
+    """Return the metrics column suffix of a tau: empty for 0, else `_tau<value>`."""
+    return "" if tau == 0 else f"_tau{tau:g}"
+
+
+def class_log_prior_ratio(dataset: Any, n_classes: int, weighted: bool) -> np.ndarray:
+    """Return log_prior_ratio (SPEC §5) per class index, from the training table's counts.
+
+    Class index j is the table's `px_<class_values[j]>` column when the dataset names its
+    class values, else `px_<j>`. Without a weighted sampler the prior is not shifted: zeros.
+    """
+    from patchbalance.report import figures_from_table, read_table
+
+    ratio = np.zeros(n_classes)
+    if not weighted:
+        log.info("prior_correction: the training loader draws uniformly, so the correction is 0")
+        return ratio
+    figures = figures_from_table(read_table(Path(dataset.input_csv_path)))
+    values = getattr(dataset, "class_values", None) or list(range(n_classes))
+    by_value = dict(zip(figures.class_values, figures.log_prior_ratio, strict=True))
+    for j, value in enumerate(values[:n_classes]):
+        ratio[j] = by_value.get(int(value), 0.0)
+    return ratio
 
 
 def mean_iou(iou: np.ndarray) -> float:
@@ -421,6 +470,7 @@ class TrainPlan:
     output_dir: Path
     epochs: int | None
     max_steps: int | None
+    log_prior_ratio: np.ndarray
 
     def describe(self) -> str:
         """Return the plan as text (what `--dry-run` prints)."""
@@ -529,6 +579,10 @@ def plan_training(
         else int(cfg.model.get("in_channels", 3))
     )
     output_dir = Path(_resolve_path(cfg.output_dir, base))
+    ratio = np.zeros(n_classes)
+    if cfg.prior_correction is not None:
+        weighted = bool((train_loader_block or {}).get("weighted_sampler", False))
+        ratio = class_log_prior_ratio(train_dataset, n_classes, weighted)
     return TrainPlan(
         config=cfg,
         resolved=resolved,
@@ -544,6 +598,7 @@ def plan_training(
         output_dir=output_dir,
         epochs=epochs,
         max_steps=hyper.max_steps,
+        log_prior_ratio=ratio,
     )
 
 
@@ -565,13 +620,24 @@ def evaluate(
     ignore_index: int,
     device: Any,
     progress: bool = False,
+    logit_offsets: np.ndarray | None = None,
 ) -> tuple[float, np.ndarray]:
-    """Return `(mean loss, confusion matrix)` of `model` over every batch of `loader`."""
+    """Return `(mean loss, confusion matrix)` of `model` over every batch of `loader`.
+
+    With `logit_offsets` (T, C), the confusion matrices are (T, C, C): one per row of offsets
+    added to the class logits before the argmax (the loss is always that of the raw logits).
+    """
     import torch
     from tqdm.auto import tqdm
 
     model.eval()
-    confusion = torch.zeros((n_classes, n_classes), dtype=torch.int64, device=device)
+    offsets = torch.zeros((1, n_classes)) if logit_offsets is None else torch.as_tensor(
+        np.asarray(logit_offsets, dtype=np.float32)
+    )
+    offsets = offsets.to(device)
+    confusion = torch.zeros(
+        (offsets.shape[0], n_classes, n_classes), dtype=torch.int64, device=device
+    )
     loss_sum, loss_count = 0.0, 0
     with torch.inference_mode():
         for batch in tqdm(loader, desc="validation", leave=False, disable=not progress):
@@ -582,9 +648,14 @@ def evaluate(
             if torch.isfinite(loss):
                 loss_sum += float(loss) * images.shape[0]
                 loss_count += images.shape[0]
-            confusion += confusion_matrix(logits.argmax(dim=1), masks, n_classes, ignore_index)
+            for t, offset in enumerate(offsets):
+                shifted = logits + offset[None, :, None, None] if t or offset.any() else logits
+                confusion[t] += confusion_matrix(
+                    shifted.argmax(dim=1), masks, n_classes, ignore_index
+                )
     mean_loss = loss_sum / loss_count if loss_count else float("nan")
-    return mean_loss, confusion.cpu().numpy()
+    result = confusion.cpu().numpy()
+    return mean_loss, (result[0] if logit_offsets is None else result)
 
 
 def _class_labels(dataset: Any, n_classes: int) -> list[str]:
@@ -639,6 +710,8 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.hyperparameters.lr)
     schedulers = build_schedulers(cfg.scheduler_list, optimizer)
     labels = _class_labels(plan.val_dataset, plan.n_classes)
+    taus = tau_values(cfg.prior_correction)
+    offsets = np.outer(taus, plan.log_prior_ratio)
 
     rows: list[dict[str, Any]] = []
     best = {"epoch": -1, "miou": -math.inf, "iou": np.full(plan.n_classes, np.nan)}
@@ -676,9 +749,17 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
                 break
         bar.close()
         train_seconds = time.perf_counter() - started
-        val_loss, confusion = evaluate(
-            model, plan.val_loader, loss_fn, plan.n_classes, plan.ignore_index, device, progress
+        val_loss, confusions = evaluate(
+            model,
+            plan.val_loader,
+            loss_fn,
+            plan.n_classes,
+            plan.ignore_index,
+            device,
+            progress,
+            logit_offsets=offsets,
         )
+        confusion = confusions[0]
         iou = iou_from_confusion(confusion)
         miou = mean_iou(iou)
         row = {
@@ -686,8 +767,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
             "step": step,
             "train_loss": loss_sum / seen if seen else float("nan"),
             "val_loss": val_loss,
-            "miou": miou,
-            **{f"iou_{i}": float(v) for i, v in enumerate(iou)},
+            **_validation_metrics(confusions, taus),
             "lr": float(optimizer.param_groups[0]["lr"]),
             "train_patches": seen,
             "train_seconds": round(train_seconds, 3),
@@ -744,6 +824,23 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     )
     result.summary_text = summary_text(result)
     return result
+
+
+def _validation_metrics(confusions: np.ndarray, taus: list[float]) -> dict[str, float]:
+    """Return mIoU and per-class IoU, precision and recall for each tau's confusion matrix.
+
+    tau = 0 (the first) keeps the plain names (`miou`, `iou_3`); others get `_tau<value>`.
+    """
+    row: dict[str, float] = {}
+    for tau, confusion in zip(taus, confusions, strict=True):
+        suffix = tau_suffix(tau)
+        iou = iou_from_confusion(confusion)
+        precision, recall = precision_recall_from_confusion(confusion)
+        row[f"miou{suffix}"] = mean_iou(iou)
+        row.update({f"iou_{i}{suffix}": float(v) for i, v in enumerate(iou)})
+        row.update({f"precision_{i}{suffix}": float(v) for i, v in enumerate(precision)})
+        row.update({f"recall_{i}{suffix}": float(v) for i, v in enumerate(recall)})
+    return row
 
 
 def _format(value: float) -> str:

@@ -11,6 +11,7 @@ import logging
 import numpy as np
 from scipy.stats import rankdata
 
+from patchbalance.class_target import class_shares, class_target_weights, parse_target_share
 from patchbalance.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -112,11 +113,15 @@ def sampling_scores(
     min_pixels: float | None = None,
     repeat_threshold: float | None = None,
     sqrt: bool = False,
+    target_share: str | dict[int, float] = "sqrt",
+    min_ess: float | None = None,
+    class_values: list[int] | None = None,
 ) -> tuple[np.ndarray, dict[str, object]]:
     """Return the raw score s_i of `method` for each active patch, and notes for the summary.
 
     Arrays cover the active patches only. Without `uniqueness` (masks_only), the rank methods
-    reduce to r_c and `multiplicative` to the composition score.
+    reduce to r_c and `multiplicative` to the composition score. `class_target` uses
+    `target_share`, `min_ess` and the `class_values` of the count columns (SPEC §3.8).
     """
     notes: dict[str, object] = {}
     composition_rank = average_rank(composition_score)
@@ -153,15 +158,29 @@ def sampling_scores(
         totals = counts.sum(axis=1, keepdims=True)
         proportions = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
         return inverse_frequency_scores(proportions, sqrt=sqrt), notes
+    if method == "class_target":
+        values = list(range(counts.shape[1])) if class_values is None else list(class_values)
+        counts = np.asarray(counts, dtype=np.float64)
+        uniform = class_shares(counts, np.ones(len(counts)))
+        target = parse_target_share(target_share, uniform, values)
+        result = class_target_weights(counts, target, min_ess)
+        notes["class_target"] = {"target_share": target_share, **result.to_summary(values)}
+        for note in result.notes:
+            log.warning("class_target: %s", note)
+        return result.probabilities, notes
     raise ValueError(f"unknown sampling_method {method!r}")
 
 
 def normalise_weights(
-    scores: np.ndarray, power: float = 1.0, max_weight: float | None = None
+    scores: np.ndarray,
+    power: float = 1.0,
+    max_weight: float | None = None,
+    uniform_mix: float = 0.0,
 ) -> np.ndarray:
-    """Return scores ** power scaled to mean 1, capped at `max_weight` times the mean if given.
+    """Return scores ** power scaled to mean 1, mixed with uniform, then capped (SPEC §3.7).
 
-    The cap is applied and the weights renormalised until no weight exceeds it, so the result
+    `uniform_mix` m keeps a share m of the draws uniform: w <- (1 - m) w + m, which keeps the
+    mean at 1. The cap at `max_weight` times the mean comes last; it is applied and the weights renormalised until no weight exceeds it, so the result
     has mean 1 and max <= max_weight (when max_weight >= 1, which the configuration enforces).
     """
     scores = np.asarray(scores, dtype=np.float64)
@@ -178,6 +197,8 @@ def normalise_weights(
             "try another sampling_method or a smaller weights.power"
         )
     weights *= weights.size / total
+    if uniform_mix:
+        weights = (1.0 - uniform_mix) * weights + uniform_mix
     if max_weight is not None:
         for _ in range(100):
             if weights.max() <= max_weight * (1 + 1e-12):
