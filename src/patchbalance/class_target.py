@@ -53,7 +53,9 @@ class ClassTargetResult:
         """
 
         def by_class(values: np.ndarray, digits: int = 6) -> dict[str, float]:
-            return {str(v): round(float(x), digits) for v, x in zip(class_values, values, strict=True)}
+            return {
+                str(v): round(float(x), digits) for v, x in zip(class_values, values, strict=True)
+            }
 
         return {
             "target_requested": by_class(self.requested),

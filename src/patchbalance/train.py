@@ -631,8 +631,10 @@ def evaluate(
     from tqdm.auto import tqdm
 
     model.eval()
-    offsets = torch.zeros((1, n_classes)) if logit_offsets is None else torch.as_tensor(
-        np.asarray(logit_offsets, dtype=np.float32)
+    offsets = (
+        torch.zeros((1, n_classes))
+        if logit_offsets is None
+        else torch.as_tensor(np.asarray(logit_offsets, dtype=np.float32))
     )
     offsets = offsets.to(device)
     confusion = torch.zeros(

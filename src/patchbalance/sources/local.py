@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pandas as pd
 from patchbalance.config import BalancedDatasetConfig, InputConfig
 from patchbalance.errors import InputError
 from patchbalance.windows import gdal_message, probe_raster
+
+log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ("image_path", "row_off", "col_off", "patch_size")
 RECORD_COLUMNS = ("image_path", "mask_path", "row_off", "col_off", "patch_size")
@@ -166,6 +169,7 @@ def records_from_rasters(config: BalancedDatasetConfig) -> pd.DataFrame:
     patch_size = int(source.patch_size or 0)
     stride = int(source.stride or patch_size)
     frames = []
+    mask_infos = []
     for image_path, mask_path in pairs:
         infos = []
         for path in (image_path, mask_path):
@@ -186,6 +190,7 @@ def records_from_rasters(config: BalancedDatasetConfig) -> pd.DataFrame:
                 f"input.rasters: image {image_path} and mask {mask_path} have different "
                 "geotransforms; a pair must be aligned pixel for pixel"
             )
+        mask_infos.append(mask)
         rows, cols = grid_windows(image.height, image.width, patch_size, stride)
         frames.append(
             pd.DataFrame(
@@ -204,4 +209,41 @@ def records_from_rasters(config: BalancedDatasetConfig) -> pd.DataFrame:
             f"input.rasters: no full {patch_size}x{patch_size} window fits in any raster; "
             "use a smaller patch_size"
         )
+    if source.placement == "class_centred":
+        records = _with_class_windows(config, records, pairs, mask_infos)
     return validate_records(records, "input.rasters", config.base_dir)
+
+
+def _with_class_windows(
+    config: BalancedDatasetConfig,
+    grid: pd.DataFrame,
+    pairs: list[tuple[str, str]],
+    mask_infos: list,
+) -> pd.DataFrame:
+    """Return the grid records followed by the class-centred windows (SPEC §2.1)."""
+    from patchbalance.placement import PlacementSettings, class_centred_records
+
+    source = config.input
+    patch_size = int(source.patch_size or 0)
+    settings = PlacementSettings(
+        patch_size=patch_size,
+        stride=int(source.stride or patch_size),
+        rare_below=source.rare_below,
+        rare_classes=tuple(source.rare_classes or ()),
+        windows_per_raster=source.class_windows_per_raster,
+        min_pixels=source.class_min_pixels,
+        max_overlap=source.max_overlap,
+        classes=None if config.clustering.classes is None else tuple(config.clustering.classes),
+        nodata=config.exclusion.nodata_class,
+        mask_band=config.exclusion.mask_band,
+        seed=config.seed,
+    )
+    added, figures = class_centred_records(pairs, mask_infos, settings)
+    log.info(
+        "class_centred: rare classes %s, %d windows added beside %d grid windows",
+        figures["rare_classes"],
+        len(added),
+        len(grid),
+    )
+    grid = grid.assign(placement="grid")
+    return pd.concat([grid, added], ignore_index=True) if len(added) else grid

@@ -1,0 +1,942 @@
+"""Evidence: does a sampling method make a segmentation model better on the rare classes?
+
+Any dataset of image and mask files with a class map (SPEC §11):
+
+    python bench/evidence.py --images 'DIR/images/*.png' --masks 'DIR/labels/*.png' \\
+        --class-map classes.json --work /tmp/evidence
+    python bench/evidence.py --preset dubai-aerial          # ../shared/data/dubai-aerial
+    python bench/evidence.py --preset harvey-suav --quick   # < 10 min on 2 CPU cores
+
+The class map (JSON) lists the classes, each with an `index`, a `name` and the mask `values`
+that mean it: integers (grey or palette values; an RGB mask whose three channels are equal is
+read as grey) or "#RRGGBB" colours. Several values may map to one class (merges). `nodata`
+lists the values that were never annotated, `catch_all: true` marks a class such as
+"Unlabeled" or "Background" that is left out of the rarest classes, and `unmapped` says what a
+value outside the map is: "error" (the default) or "nodata". Presets live in bench/class_maps/.
+
+What one run does, with the same model, steps and seeds for every method:
+1. converts the pairs into tiled GeoTIFFs (class-index masks, nodata 255) with a made-up but
+   valid georeference, reduced `--downsample` times (images area-averaged, masks by majority);
+2. holds out whole images (`--val-fraction`, seeded) and evaluates every grid window of them;
+3. builds each method's weights through the `rasters:` source (grid windows; class_centred ones
+   too for the methods that use them) with `patchbalance.pipeline.run_build`;
+4. trains through `patchbalance.train.train_from_config`, validating every `--eval-every`
+   steps (the learning curve), with prior correction tau = 1 beside tau = 0;
+5. reports per class IoU, precision and recall at the short and the long budget, and the gain
+   over uniform paired by seed with a 95 % bootstrap interval over seeds.
+
+Runs already finished in `--work` are reused, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from rasterio.transform import from_origin
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from geotiff import MASK_NODATA, REPO, write_geotiff  # noqa: E402
+
+CLASS_MAPS = Path(__file__).resolve().parent / "class_maps"
+DATA = REPO.parent / "shared" / "data"
+TAUS = (0.0, 1.0)
+BOOTSTRAP_RESAMPLES = 10_000
+GAP = 64.0  # metres between the made-up footprints of two images
+
+# name -> (build settings, uses class-centred windows). The uniform baseline draws the grid
+# pool with every weight 1 (power 0), so the weighting is the only difference.
+METHODS: dict[str, dict[str, Any]] = {
+    "uniform": {"sampling_method": "composition_only", "weights": {"power": 0.0}},
+    "rank_max": {"sampling_method": "rank_max"},
+    "inverse_frequency": {"sampling_method": "inverse_frequency"},
+    "repeat_factor": {"sampling_method": "repeat_factor"},
+    "class_target_sqrt": {"sampling_method": "class_target", "weights": {"target_share": "sqrt"}},
+    "class_target_p0.25": {
+        "sampling_method": "class_target",
+        "weights": {"target_share": "power:0.25"},
+    },
+    "class_target_sqrt_centred": {
+        "sampling_method": "class_target",
+        "weights": {"target_share": "sqrt"},
+        "placement": "class_centred",
+    },
+}
+# uniform_mix 0.33 is added to the strongest class-aware method, measured before training.
+MIX = 0.33
+CLASS_AWARE = ("inverse_frequency", "repeat_factor", *(m for m in METHODS if "class_target" in m))
+
+
+def log(message: str) -> None:
+    """Print a progress line at once (long runs go to a log file)."""
+    print(message, flush=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The class map
+
+
+@dataclass
+class ClassMap:
+    """Mask value -> class index, names, nodata and catch-all classes."""
+
+    names: dict[int, str]
+    lookup: dict[Any, int]  # int grey value, or int 0xRRGGBB colour in colour mode
+    colour: bool
+    nodata: set[Any]
+    catch_all: set[int]
+    unmapped: str = "error"
+    downsample: int | None = None
+    images: str | None = None
+    masks: str | None = None
+    title: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> ClassMap:
+        """Return the class map of a JSON file; raise SystemExit naming the key that is wrong."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"{path}: cannot read the class map: {exc}") from exc
+        if not isinstance(data.get("classes"), list) or not data["classes"]:
+            raise SystemExit(f"{path}: the class map needs a non-empty 'classes' list")
+        entries = data["classes"]
+        every = [v for entry in entries for v in entry.get("values", [entry.get("index")])]
+        every += list(data.get("nodata", []))
+        colour = any(isinstance(v, str) for v in every)
+
+        def code(value: Any, where: str) -> Any:
+            if colour:
+                if not (isinstance(value, str) and re.fullmatch(r"#[0-9A-Fa-f]{6}", value)):
+                    raise SystemExit(
+                        f"{path}: {where}: {value!r} is not a #RRGGBB colour; a class map uses "
+                        "either colours or integer values throughout"
+                    )
+                return int(value[1:], 16)
+            if not isinstance(value, int):
+                raise SystemExit(f"{path}: {where}: {value!r} is not an integer mask value")
+            return value
+
+        names, lookup, catch_all = {}, {}, set()
+        for n, entry in enumerate(entries):
+            if "index" not in entry or "name" not in entry:
+                raise SystemExit(f"{path}: classes[{n}] needs 'index' and 'name'")
+            index = int(entry["index"])
+            names[index] = str(entry["name"])
+            for value in entry.get("values", [index]):
+                key = code(value, f"classes[{n}].values")
+                if key in lookup:
+                    raise SystemExit(f"{path}: classes[{n}]: value {value!r} is mapped twice")
+                lookup[key] = index
+            if entry.get("catch_all"):
+                catch_all.add(index)
+        if sorted(names) != list(range(len(names))):
+            raise SystemExit(f"{path}: class indices must be 0 .. {len(names) - 1}, each once")
+        unmapped = data.get("unmapped", "error")
+        if unmapped not in ("error", "nodata"):
+            raise SystemExit(f"{path}: 'unmapped' must be \"error\" or \"nodata\"")
+        return cls(
+            names=names,
+            lookup=lookup,
+            colour=colour,
+            nodata={code(v, "nodata") for v in data.get("nodata", [])},
+            catch_all=catch_all,
+            unmapped=unmapped,
+            downsample=data.get("downsample"),
+            images=data.get("images"),
+            masks=data.get("masks"),
+            title=str(data.get("name", Path(path).stem)),
+        )
+
+    def classes_of(self, mask_path: Path) -> np.ndarray:
+        """Return the (H, W) uint8 class-index mask of a mask file; nodata becomes 255."""
+        image = Image.open(mask_path)
+        if self.colour:
+            rgb = np.asarray(image.convert("RGB")).astype(np.int32)
+            codes = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        else:
+            array = np.asarray(image) if image.mode in ("L", "P", "I", "I;16") else None
+            if array is None:
+                rgb = np.asarray(image.convert("RGB"))
+                if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+                    raise SystemExit(
+                        f"{mask_path}: a colour mask, but the class map lists integer values; "
+                        "give the classes as #RRGGBB colours"
+                    )
+                array = rgb[..., 0]
+            codes = array.astype(np.int64)
+        values, inverse = np.unique(codes, return_inverse=True)
+        table = np.full(len(values), MASK_NODATA, dtype=np.uint8)
+        for j, value in enumerate(values.tolist()):
+            if value in self.lookup:
+                table[j] = self.lookup[value]
+            elif value not in self.nodata and self.unmapped == "error":
+                shown = f"#{value:06X}" if self.colour else str(value)
+                raise SystemExit(
+                    f"{mask_path}: mask value {shown} is not in the class map; add it to a "
+                    "class or to 'nodata', or set \"unmapped\": \"nodata\""
+                )
+        return table[inverse.reshape(codes.shape)]
+
+
+# --------------------------------------------------------------------------------------------
+# Pairs, conversion and split
+
+
+def _glob_key(pattern: str) -> re.Pattern[str]:
+    """Return a regex whose groups capture what each wildcard of a glob matched."""
+    parts = re.split(r"(\*\*|\*|\?)", pattern)
+    regex = "".join(
+        {"**": "(.*)", "*": "([^/]*)", "?": "(.)"}.get(part, re.escape(part)) for part in parts
+    )
+    return re.compile(regex + r"\Z")
+
+
+def pair_files(images: str, masks: str) -> list[tuple[Path, Path, str]]:
+    """Return (image, mask, name) pairs whose wildcard parts match (stems for the last one)."""
+    import glob
+
+    def keyed(pattern: str) -> dict[tuple[str, ...], Path]:
+        regex = _glob_key(pattern)
+        found = {}
+        for path in sorted(glob.glob(pattern, recursive=True)):
+            match = regex.match(path)
+            if match:
+                groups = list(match.groups())
+                if groups:
+                    groups[-1] = Path(groups[-1]).stem if fnmatch.fnmatch(groups[-1], "*.*") else groups[-1]
+                found[tuple(groups)] = Path(path)
+        return found
+
+    image_files, mask_files = keyed(images), keyed(masks)
+    if not image_files:
+        raise SystemExit(f"--images {images!r}: no file matches")
+    if not mask_files:
+        raise SystemExit(f"--masks {masks!r}: no file matches")
+    common = sorted(set(image_files) & set(mask_files))
+    if not common:
+        raise SystemExit(
+            "no image has a mask: pairs are matched by what the wildcards match "
+            f"(e.g. image key {next(iter(image_files))} vs mask key {next(iter(mask_files))})"
+        )
+    missing = len(image_files) - len(common)
+    if missing:
+        log(f"note: {missing} image(s) without a mask are left out")
+    return [(image_files[k], mask_files[k], "_".join(k)) for k in common]
+
+
+def downsample_image(image: np.ndarray, factor: int) -> np.ndarray:
+    """Return the (H, W, 3) image reduced `factor` times by area averaging."""
+    if factor == 1:
+        return image
+    height, width = image.shape[0] // factor, image.shape[1] // factor
+    blocks = image[: height * factor, : width * factor].reshape(height, factor, width, factor, 3)
+    return np.round(blocks.mean(axis=(1, 3))).astype(np.uint8)
+
+
+def downsample_mask(mask: np.ndarray, factor: int, n_classes: int) -> np.ndarray:
+    """Return the class mask reduced by majority vote; ties go to the lower class, and nodata
+    wins only where no class pixel is in the block."""
+    if factor == 1:
+        return mask
+    height, width = mask.shape[0] // factor, mask.shape[1] // factor
+    blocks = mask[: height * factor, : width * factor].reshape(height, factor, width, factor)
+    votes = np.stack([(blocks == value).sum(axis=(1, 3)) for value in range(n_classes)])
+    majority = votes.argmax(axis=0).astype(np.uint8)
+    return np.where(votes.max(axis=0) > 0, majority, MASK_NODATA).astype(np.uint8)
+
+
+def convert(
+    pairs: list[tuple[Path, Path, str]], class_map: ClassMap, out: Path, factor: int
+) -> pd.DataFrame:
+    """Write each pair as GeoTIFFs (side by side on a made-up map); return one row per pair."""
+    rows, x = [], 300_000.0
+    for image_path, mask_path, name in pairs:
+        image = np.asarray(Image.open(image_path).convert("RGB"))
+        mask = class_map.classes_of(mask_path)
+        # An image and its mask may differ by a pixel: keep the common area.
+        height, width = min(image.shape[0], mask.shape[0]), min(image.shape[1], mask.shape[1])
+        image = downsample_image(image[:height, :width], factor)
+        mask = downsample_mask(mask[:height, :width], factor, len(class_map.names))
+        transform = from_origin(x, 3_000_000.0, float(factor), float(factor))
+        x += mask.shape[1] * factor + GAP
+        image_tif = write_geotiff(out / "images" / f"{name}.tif", image.transpose(2, 0, 1), transform)
+        mask_tif = write_geotiff(out / "masks" / f"{name}.tif", mask, transform, MASK_NODATA)
+        rows.append(
+            {
+                "name": name,
+                "image_path": str(image_tif),
+                "mask_path": str(mask_tif),
+                "height": mask.shape[0],
+                "width": mask.shape[1],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def split(pairs: pd.DataFrame, fraction: float, seed: int) -> pd.Series:
+    """Return True for the held-out (validation) images: a seeded share of whole images."""
+    count = min(len(pairs) - 1, max(1, round(fraction * len(pairs))))
+    held = np.random.default_rng(seed).choice(len(pairs), size=count, replace=False)
+    return pd.Series(np.isin(np.arange(len(pairs)), held), index=pairs.index)
+
+
+def grid_records(pairs: pd.DataFrame, window: int) -> pd.DataFrame:
+    """Return every full `window` grid window (stride = window) of the pairs."""
+    frames = []
+    for pair in pairs.itertuples(index=False):  # one row per raster, not per patch
+        rows, cols = np.meshgrid(
+            np.arange(0, pair.height - window + 1, window),
+            np.arange(0, pair.width - window + 1, window),
+            indexing="ij",
+        )
+        frames.append(
+            pd.DataFrame(
+                {
+                    "image_path": pair.image_path,
+                    "mask_path": pair.mask_path,
+                    "row_off": rows.ravel(),
+                    "col_off": cols.ravel(),
+                    "patch_size": window,
+                }
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Weights
+
+
+def build_config(
+    method: dict[str, Any],
+    train_pairs: pd.DataFrame,
+    n_classes: int,
+    args: argparse.Namespace,
+    rare: list[int],
+    table_path: Path,
+) -> dict[str, Any]:
+    """Return the balanced-dataset configuration mapping of one method."""
+    source: dict[str, Any] = {
+        "rasters": train_pairs[["image_path", "mask_path"]].to_dict("records"),
+        "patch_size": args.patch,
+        "stride": args.patch,
+    }
+    if method.get("placement") == "class_centred":
+        source.update(
+            placement="class_centred",
+            rare_classes=rare,
+            class_windows_per_raster=args.class_windows,
+        )
+    return {
+        "mode": "masks_only",
+        "sampling_method": method["sampling_method"],
+        "seed": args.seed,
+        "num_workers": 1,
+        "input": source,
+        "clustering": {"k_min": 4, "k_max": 16, "classes": list(range(n_classes))},
+        "exclusion": {"exclude_border_nodata": True, "exclude_black_border": True},
+        "weights": dict(method.get("weights", {})),
+        "output": {"csv_path": str(table_path)},
+    }
+
+
+def sampling_row(name: str, figures: Any, rare: list[int]) -> dict[str, Any]:
+    """Return what one method's weights will do (SPEC §5) as a flat row."""
+    row: dict[str, Any] = {"method": name}
+    for j, value in enumerate(figures.class_values):
+        row[f"share_{value}"] = float(figures.weighted_share[j])
+        row[f"uniform_share_{value}"] = float(figures.uniform_share[j])
+        row[f"log_prior_ratio_{value}"] = float(figures.log_prior_ratio[j])
+    ratios = [figures.weighted_share[r] / figures.uniform_share[r] for r in rare]
+    row.update(
+        n_rows=figures.n_rows,
+        n_active=figures.n_active,
+        ess=figures.ess,
+        ess_share=figures.ess / figures.n_active,
+        max_expected_repeats=figures.max_expected_repeats,
+        rare_share_ratio=float(np.mean(ratios)),
+        starved=[figures.class_values[j] for j in figures.starved_classes()],
+    )
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+AUGMENT = [
+    {"_target_": "albumentations.HorizontalFlip", "p": 0.5},
+    {"_target_": "albumentations.VerticalFlip", "p": 0.5},
+    {"_target_": "albumentations.RandomRotate90", "p": 0.5},
+]
+NORMALISE = [
+    {
+        "_target_": "albumentations.Normalize",
+        "mean": [0.485, 0.456, 0.406],
+        "std": [0.229, 0.224, 0.225],
+    },
+    {"_target_": "albumentations.pytorch.ToTensorV2"},
+]
+
+
+def model_block(args: argparse.Namespace, n_classes: int) -> dict[str, Any]:
+    """Return the smp model of every run: a small Unet, no pretrained weights."""
+    return {
+        "_target_": "segmentation_models_pytorch.Unet",
+        "encoder_name": args.encoder,
+        "encoder_weights": None,
+        "encoder_depth": 4,
+        "decoder_channels": [64, 32, 16, 16],
+        "in_channels": 3,
+        "classes": n_classes,
+    }
+
+
+def train_config(
+    table: Path, val: Path, out: Path, seed: int, n_classes: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Return the `patchbalance train` configuration of one run (validation every eval-every)."""
+    dataset = {
+        "_target_": "patchbalance.data.CSVWindowedSegmentationDataset",
+        "n_classes": n_classes,
+        "use_rasterio": True,
+        "image_dtype": "uint8",
+    }
+    return {
+        "hyperparameters": {
+            "batch_size": args.batch_size,
+            "epochs": args.steps // args.eval_every,
+            "lr": args.lr,
+        },
+        "seed": seed,
+        "device": "cpu",
+        "output_dir": str(out),
+        "prior_correction": [t for t in TAUS if t],
+        "train_dataset": {
+            **dataset,
+            "input_csv_path": str(table),
+            "augmentation_list": AUGMENT + NORMALISE,
+            # An "epoch" is eval-every steps of draws, so validation gives the learning curve.
+            "data_loader": {
+                "num_workers": 0,
+                "weighted_sampler": True,
+                "weighted_sampler_num_samples": args.eval_every * args.batch_size,
+            },
+        },
+        "val_dataset": {
+            **dataset,
+            "input_csv_path": str(val),
+            "augmentation_list": NORMALISE,
+            "data_loader": {"shuffle": False, "num_workers": 0},
+        },
+        "model": model_block(args, n_classes),
+        "loss": {"_target_": "torch.nn.CrossEntropyLoss", "ignore_index": MASK_NODATA},
+        "optimizer": {"_target_": "torch.optim.AdamW", "lr": args.lr, "weight_decay": 1e-4},
+    }
+
+
+def train_one(job: tuple[dict[str, Any], str, int, int]) -> tuple[str, int, float]:
+    """Train one (method, seed) run unless its metrics are complete; return its time."""
+    config, method, seed, threads = job
+    metrics = Path(config["output_dir"]) / "metrics.csv"
+    epochs = config["hyperparameters"]["epochs"]
+    if metrics.is_file() and len(pd.read_csv(metrics)) == epochs:
+        return method, seed, 0.0
+    import torch
+
+    from patchbalance.train import train_from_config
+
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    train_from_config(config)
+    return method, seed, time.perf_counter() - started
+
+
+def run_metrics(out: Path, method: str, seed: int, n_classes: int) -> pd.DataFrame:
+    """Return one row per (step, tau, class) of a run's metrics.csv: IoU, precision, recall."""
+    metrics = pd.read_csv(out / "metrics.csv")
+    rows = []
+    for tau in TAUS:
+        suffix = "" if tau == 0 else f"_tau{tau:g}"
+        for c in [*range(n_classes), "miou"]:
+            frame = pd.DataFrame(
+                {
+                    "method": method,
+                    "seed": seed,
+                    "step": metrics["step"],
+                    "tau": tau,
+                    "class": str(c),
+                    "iou": metrics[f"miou{suffix}" if c == "miou" else f"iou_{c}{suffix}"],
+                    "precision": np.nan if c == "miou" else metrics[f"precision_{c}{suffix}"],
+                    "recall": np.nan if c == "miou" else metrics[f"recall_{c}{suffix}"],
+                }
+            )
+            rows.append(frame)
+    return pd.concat(rows, ignore_index=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics
+
+
+def paired_gain(
+    runs: pd.DataFrame, method: str, step: int, tau: float, cls: str, metric: str, seed: int
+) -> dict[str, Any]:
+    """Return the mean gain of `method` over uniform, paired by seed, with a 95 % bootstrap CI."""
+    def values(name: str) -> pd.Series:
+        rows = runs[
+            (runs["method"] == name)
+            & (runs["step"] == step)
+            & (runs["tau"] == tau)
+            & (runs["class"] == cls)
+        ]
+        return rows.set_index("seed")[metric]
+
+    gain = (values(method) - values("uniform")).dropna().to_numpy()
+    if gain.size == 0:
+        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "wins": 0}
+    rng = np.random.default_rng(seed)
+    resampled = gain[rng.integers(0, gain.size, size=(BOOTSTRAP_RESAMPLES, gain.size))].mean(axis=1)
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return {
+        "mean": float(gain.mean()),
+        "low": float(low),
+        "high": float(high),
+        "n": int(gain.size),
+        "wins": int((np.round(gain * 100, 1) > 0).sum()),
+    }
+
+
+def summarise(
+    runs: pd.DataFrame, methods: list[str], steps: dict[str, int], rare: list[int], seed: int
+) -> dict[str, Any]:
+    """Return per budget, tau, method and class: means, and the gains over uniform."""
+    out: dict[str, Any] = {}
+    classes = sorted({c for c in runs["class"].unique() if c != "miou"}, key=int) + ["miou"]
+    for budget, step in steps.items():
+        for tau in TAUS:
+            key = f"{budget}_tau{tau:g}"
+            table: dict[str, Any] = {}
+            for method in methods:
+                rows = runs[(runs["method"] == method) & (runs["step"] == step) & (runs["tau"] == tau)]
+                entry: dict[str, Any] = {}
+                for c in classes:
+                    subset = rows[rows["class"] == c]
+                    entry[c] = {
+                        metric: float(subset[metric].mean())
+                        for metric in ("iou", "precision", "recall")
+                    }
+                    if method != "uniform":
+                        entry[c]["gain_iou"] = paired_gain(runs, method, step, tau, c, "iou", seed)
+                table[method] = entry
+            out[key] = {"step": step, "methods": table}
+    return out
+
+
+def learning_curve(runs: pd.DataFrame, method: str = "uniform") -> pd.DataFrame:
+    """Return the mean and sample std of mIoU over seeds at each validation step (tau 0)."""
+    rows = runs[(runs["method"] == method) & (runs["class"] == "miou") & (runs["tau"] == 0)]
+    return rows.groupby("step")["iou"].agg(["mean", "std", "count"]).reset_index()
+
+
+def plateau_note(curve: pd.DataFrame, tolerance: float) -> tuple[bool, str]:
+    """Return whether uniform's mean mIoU changed by less than `tolerance` over the last third."""
+    if len(curve) < 3:
+        return False, "too few validation points to judge a plateau"
+    tail = curve["mean"].to_numpy()[-max(2, len(curve) // 3) :]
+    spread = float(tail.max() - tail.min())
+    flat = spread < tolerance
+    return flat, (
+        f"uniform mIoU over the last {len(tail)} validations ranges {spread * 100:.2f} points "
+        f"({'<' if flat else '>='} {tolerance * 100:.1f}): "
+        + ("plateaued" if flat else "NOT plateaued; the long budget is not a plateau budget")
+    )
+
+
+def default_verdict(summary: dict[str, Any], methods: list[str], rare: list[int]) -> dict[str, Any]:
+    """Return which methods meet the SPEC §11 bar for becoming the default, and why.
+
+    A method qualifies when, at the long budget and tau 0, its IoU gain over uniform on each of
+    the two rarest real classes has a 95 % interval above 0 and its mean mIoU gain is >= 0.
+    """
+    table = summary["long_tau0"]["methods"]
+    qualified, reasons = [], {}
+    for method in methods:
+        if method == "uniform":
+            continue
+        gains = [table[method][str(c)]["gain_iou"] for c in rare]
+        miou = table[method]["miou"]["gain_iou"]
+        ok = all(g["low"] > 0 for g in gains) and miou["mean"] >= 0
+        reasons[method] = {
+            "rare_lows": [g["low"] for g in gains],
+            "miou_gain": miou["mean"],
+            "qualifies": ok,
+        }
+        if ok:
+            qualified.append(method)
+    return {"qualified": qualified, "reasons": reasons}
+
+
+# --------------------------------------------------------------------------------------------
+# Printing
+
+
+def _pct(value: float, signed: bool = False) -> str:
+    if not np.isfinite(value):
+        return "–"
+    value = round(value * 100, 1) + 0.0
+    return f"{value:+.1f}" if signed else f"{value:.1f}"
+
+
+def gain_cell(gain: dict[str, Any]) -> str:
+    """Return 'mean [low, high] (wins/n)' in IoU points."""
+    if not gain["n"]:
+        return "–"
+    return (
+        f"{_pct(gain['mean'], True)} [{_pct(gain['low'], True)}, {_pct(gain['high'], True)}]"
+        f" ({gain['wins']}/{gain['n']})"
+    )
+
+
+def markdown_tables(
+    summary: dict[str, Any],
+    methods: list[str],
+    names: dict[int, str],
+    rare: list[int],
+    sampling: list[dict[str, Any]],
+) -> str:
+    """Return the result tables in Markdown: sampling figures, IoU, gains, precision/recall."""
+    classes = sorted(names)
+    lines = [
+        "#### What the weights do before training (class pixel share per epoch, %)",
+        "",
+        "| method | " + " | ".join(names[c] for c in classes) + " | ESS share | max repeats | starved |",
+        "|---|" + "---:|" * (len(classes) + 3),
+    ]
+    for row in sampling:
+        lines.append(
+            f"| {row['method']} | "
+            + " | ".join(f"{row[f'share_{c}'] * 100:.2f}" for c in classes)
+            + f" | {row['ess_share']:.1%} | {row['max_expected_repeats']:.1f} | "
+            + (", ".join(names[c] for c in row["starved"]) or "–")
+            + " |"
+        )
+    for key, title in (
+        ("long_tau0", "long budget"),
+        ("short_tau0", "short budget"),
+        ("long_tau1", "long budget, prior correction τ = 1"),
+    ):
+        block = summary[key]
+        lines += [
+            "",
+            f"#### Validation IoU (%), mean over seeds: {title} (step {block['step']})",
+            "",
+            "| method | " + " | ".join(names[c] for c in classes) + " | mIoU |",
+            "|---|" + "---:|" * (len(classes) + 1),
+        ]
+        for method in methods:
+            entry = block["methods"][method]
+            lines.append(
+                f"| {method} | "
+                + " | ".join(_pct(entry[str(c)]["iou"]) for c in classes)
+                + f" | {_pct(entry['miou']['iou'])} |"
+            )
+        lines += [
+            "",
+            f"Gain over uniform (IoU points), {title}: mean [95 % bootstrap interval] "
+            "(seeds better / seeds)",
+            "",
+            "| method | " + " | ".join(f"{names[c]} (rare)" for c in rare) + " | mIoU |",
+            "|---|" + "---:|" * (len(rare) + 1),
+        ]
+        for method in methods[1:]:
+            entry = block["methods"][method]
+            cells = [gain_cell(entry[str(c)]["gain_iou"]) for c in rare]
+            lines.append(f"| {method} | " + " | ".join(cells) + f" | {gain_cell(entry['miou']['gain_iou'])} |")
+    block = summary["long_tau0"]
+    lines += [
+        "",
+        f"#### Precision / recall (%) of the rare classes, long budget (step {block['step']}), τ = 0 → τ = 1",
+        "",
+        "| method | " + " | ".join(f"{names[c]} P | {names[c]} R" for c in rare) + " |",
+        "|---|" + "---:|" * (2 * len(rare)),
+    ]
+    corrected = summary["long_tau1"]["methods"]
+    for method in methods:
+        cells = []
+        for c in rare:
+            plain, adjusted = block["methods"][method][str(c)], corrected[method][str(c)]
+            cells += [
+                f"{_pct(plain['precision'])} → {_pct(adjusted['precision'])}",
+                f"{_pct(plain['recall'])} → {_pct(adjusted['recall'])}",
+            ]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    """Return the versions of Python and the packages that shape the results."""
+    import rasterio
+    import segmentation_models_pytorch
+    import sklearn
+    import torch
+
+    import patchbalance
+
+    return {
+        "python": platform.python_version(),
+        "patchbalance": patchbalance.__version__,
+        "patchbalance_commit": _git_commit(),
+        "torch": torch.__version__,
+        "segmentation_models_pytorch": segmentation_models_pytorch.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+        "scikit-learn": sklearn.__version__,
+        "rasterio": rasterio.__version__,
+        "gdal": rasterio.__gdal_version__,
+        "cpu_count": str(os.cpu_count()),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The run
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Return the command line; a preset and --quick fill the settings that were not given."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(p.stem for p in CLASS_MAPS.glob("*.json")))
+    parser.add_argument("--data", type=Path, help="the preset's data folder (default ../shared/data/<preset>)")
+    parser.add_argument("--images", help="glob of the image files")
+    parser.add_argument("--masks", help="glob of the mask files")
+    parser.add_argument("--class-map", type=Path, help="JSON class map (see the top of this file)")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, short training")
+    parser.add_argument("--work", type=Path, help="scratch and results folder (default: temp)")
+    parser.add_argument("--downsample", type=int, help="reduce the imagery this many times")
+    parser.add_argument("--val-fraction", type=float, default=0.2, help="held-out share of images")
+    parser.add_argument("--patch", type=int, default=64, help="window size in pixels")
+    parser.add_argument("--steps", type=int, help="long budget (optimiser steps)")
+    parser.add_argument("--short-steps", type=int, help="short budget (a validation point)")
+    parser.add_argument("--eval-every", type=int, help="validation interval in steps")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--encoder", default="mobilenet_v2", help="smp encoder (random init)")
+    parser.add_argument("--seeds", type=int, help="paired training seeds (default 5; quick 2)")
+    parser.add_argument("--seed", type=int, default=42, help="split and first training seed")
+    parser.add_argument("--methods", nargs="+", help=f"subset of {[*METHODS, 'mix']}")
+    parser.add_argument("--class-windows", type=int, default=16, help="class_windows_per_raster")
+    parser.add_argument("--plateau-tolerance", type=float, default=0.01)
+    parser.add_argument("--jobs", type=int, default=1, help="training runs at once")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    args = parser.parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    args.command = shlex.join(["python", os.path.relpath(__file__, REPO), *given])
+    if args.preset:
+        args.class_map = args.class_map or CLASS_MAPS / f"{args.preset}.json"
+        args.data = args.data or DATA / args.preset
+    if args.class_map is None:
+        parser.error("give --class-map (with --images and --masks) or --preset")
+    args.classes = ClassMap.load(args.class_map)
+    if args.preset:
+        args.images = args.images or str(args.data / args.classes.images)
+        args.masks = args.masks or str(args.data / args.classes.masks)
+    if not args.images or not args.masks:
+        parser.error("give --images and --masks (globs), or a --preset")
+    defaults = {
+        "downsample": args.classes.downsample or 1,
+        "seeds": 2 if args.quick else 5,
+        "steps": 120 if args.quick else 600,
+        "eval_every": 40 if args.quick else 100,
+    }
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.short_steps is None:
+        args.short_steps = max(args.eval_every, args.steps // 3 // args.eval_every * args.eval_every)
+    if args.steps % args.eval_every or args.short_steps % args.eval_every:
+        parser.error("--steps and --short-steps must be multiples of --eval-every")
+    args.methods = args.methods or [*METHODS, "mix"]
+    unknown = [m for m in args.methods if m not in METHODS and m != "mix"]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {[*METHODS, 'mix']}")
+    if "uniform" not in args.methods:
+        args.methods.insert(0, "uniform")
+    return args
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Run the benchmark in `work`; print as it goes and return the results."""
+    from patchbalance.pipeline import run_build
+    from patchbalance.report import figures_from_table
+
+    started = time.perf_counter()
+    names = args.classes.names
+    n_classes = len(names)
+    info = versions()
+    log("command: " + args.command)
+    log("versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+
+    pairs = convert(pair_files(args.images, args.masks), args.classes, work / "rasters", args.downsample)
+    held = split(pairs, args.val_fraction, args.seed)
+    train_pairs, val_pairs = pairs[~held], pairs[held]
+    val_path = work / "val.csv"
+    grid_records(val_pairs, args.patch).to_csv(val_path, index=False)
+    n_val = len(pd.read_csv(val_path))
+    log(
+        f"data: {args.classes.title}; {len(pairs)} pairs, reduced {args.downsample}x, "
+        f"{len(train_pairs)} training images, {len(val_pairs)} held out ({n_val} windows of "
+        f"{args.patch} px); {time.perf_counter() - started:.0f} s"
+    )
+
+    # Rarest real classes of the training grid, from the uniform pool.
+    uniform_table = work / "weights" / "uniform.csv"
+    result = run_build(
+        build_config(METHODS["uniform"], train_pairs, n_classes, args, [], uniform_table)
+    )
+    uniform_figures = figures_from_table(result.table)
+    shares = dict(zip(uniform_figures.class_values, uniform_figures.uniform_share, strict=True))
+    real = [c for c in sorted(shares) if c not in args.classes.catch_all and shares[c] > 0]
+    rare = sorted(real, key=lambda c: shares[c])[:2]
+    log(
+        "training class shares: "
+        + ", ".join(f"{names[c]} {shares[c]:.2%}" for c in sorted(shares))
+        + "; rarest real classes: "
+        + ", ".join(names[c] for c in rare)
+    )
+
+    tables, sampling = {"uniform": uniform_table}, [sampling_row("uniform", uniform_figures, rare)]
+    settings = {name: METHODS[name] for name in args.methods if name in METHODS}
+    for name in [m for m in settings if m != "uniform"]:
+        tables[name] = work / "weights" / f"{name}.csv"
+        built = run_build(build_config(settings[name], train_pairs, n_classes, args, rare, tables[name]))
+        sampling.append(sampling_row(name, figures_from_table(built.table), rare))
+    if "mix" in args.methods:
+        aware = [row for row in sampling if row["method"] in CLASS_AWARE]
+        strongest = max(aware, key=lambda row: row["rare_share_ratio"])["method"]
+        name = f"{strongest}+mix{MIX:g}"
+        mixed = {**settings[strongest], "weights": {**settings[strongest].get("weights", {}), "uniform_mix": MIX}}
+        tables[name] = work / "weights" / f"{name}.csv"
+        built = run_build(build_config(mixed, train_pairs, n_classes, args, rare, tables[name]))
+        sampling.append(sampling_row(name, figures_from_table(built.table), rare))
+        log(f"strongest class-aware method before training: {strongest}; mixed: {name}")
+    methods = list(tables)
+    for row in sampling:
+        log(
+            f"  {row['method']:<32} rare-class share x{row['rare_share_ratio']:.2f}, "
+            f"ESS {row['ess_share']:.1%}, rows {row['n_rows']}"
+            + (f", starves {[names[c] for c in row['starved']]}" if row["starved"] else "")
+        )
+
+    seeds = [args.seed + i for i in range(args.seeds)]
+    jobs = [
+        (
+            train_config(tables[m], val_path, work / "runs" / f"{m}_seed{s}", s, n_classes, args),
+            m,
+            s,
+            args.threads,
+        )
+        for s in seeds
+        for m in methods
+    ]
+    log(f"training {len(jobs)} runs: {args.steps} steps of {args.batch_size}, {args.encoder}")
+    seconds: dict[str, float] = {}
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for count, (method, seed, spent) in enumerate(pool.map(train_one, jobs), start=1):
+            seconds[f"{method}_seed{seed}"] = spent
+            log(f"[{count}/{len(jobs)}] {method} seed {seed}: {spent:.0f} s")
+    runs = pd.concat(
+        [run_metrics(work / "runs" / f"{m}_seed{s}", m, s, n_classes) for s in seeds for m in methods],
+        ignore_index=True,
+    )
+    runs.to_csv(work / "runs.csv", index=False)
+
+    budgets = {"short": args.short_steps, "long": args.steps}
+    summary = summarise(runs, methods, budgets, rare, args.seed)
+    curve = learning_curve(runs)
+    flat, plateau = plateau_note(curve, args.plateau_tolerance)
+    verdict = default_verdict(summary, methods, rare)
+    text = markdown_tables(summary, methods, names, rare, sampling)
+    curve_text = "uniform mIoU by step (mean ± std over seeds): " + ", ".join(
+        f"{int(r.step)}: {r.mean * 100:.1f} ± {r.std * 100:.1f}" for r in curve.itertuples()
+    )
+    elapsed = time.perf_counter() - started
+    log("")
+    log(text)
+    log("")
+    log(curve_text)
+    log(plateau)
+    log(f"methods meeting the default bar: {verdict['qualified'] or 'none'}")
+    log(f"total time {elapsed / 60:.1f} min")
+    results = {
+        "command": args.command,
+        "versions": info,
+        "settings": {
+            k: (str(v) if isinstance(v, Path) else v)
+            for k, v in vars(args).items()
+            if k != "classes"
+        },
+        "choices": {
+            "model": model_block(args, n_classes),
+            "precision": "float32 (bf16 autocast trained slower on this CPU in a side test)",
+            "threads_per_run": args.threads,
+            "pretrained": "none (random initial weights)",
+        },
+        "class_names": names,
+        "catch_all": sorted(args.classes.catch_all),
+        "rarest_classes": rare,
+        "validation_images": val_pairs["name"].tolist(),
+        "n_validation_windows": n_val,
+        "sampling": sampling,
+        "summary": summary,
+        "learning_curve": curve.to_dict("records"),
+        "plateau": {"reached": flat, "note": plateau},
+        "default_verdict": verdict,
+        "run_seconds": seconds,
+        "seconds": elapsed,
+    }
+    (work / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (work / "results.md").write_text(text + "\n\n" + curve_text + "\n\n" + plateau + "\n")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark from the command line; return the results."""
+    args = parse_args(argv)
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+        return run(args, args.work.resolve())
+    with tempfile.TemporaryDirectory(prefix="evidence_") as scratch:
+        return run(args, Path(scratch))
+
+
+if __name__ == "__main__":
+    main()
