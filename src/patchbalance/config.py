@@ -244,10 +244,23 @@ class WeightsConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
+    """Where the build writes (SPEC §4)."""
+
+    synonyms: ClassVar[dict[str, str]] = {"geojson_path": "footprints_path"}
+
     csv_path: str
     include_excluded: bool = True
-    geojson_path: str | None = None
+    footprints_path: str | None = None
     summary_path: str | None = None
+
+    @field_validator("footprints_path")
+    @classmethod
+    def _known_footprint_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            from patchbalance.outputs import footprint_format
+
+            footprint_format(value)
+        return value
 
 
 class BalancedDatasetConfig(StrictModel):
