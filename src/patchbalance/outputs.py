@@ -228,8 +228,8 @@ def _parse_crs(text: str, path: Path) -> CRS:
         raise OutputError(f"{path}: cannot read the CRS {text!r}: {exc}") from exc
 
 
-def _footprint_rings(
-    table: pd.DataFrame, infos: dict[str, RasterInfo], target_crs: str | None, path: Path
+def footprint_rings(
+    table: pd.DataFrame, infos: dict[str, RasterInfo], target_crs: str | None, path: Path | str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str | None]:
     """Return the rows with a CRS, their corners' x and y (n, 4) in one CRS, and that CRS.
 
@@ -294,7 +294,7 @@ def write_footprints(table: pd.DataFrame, infos: dict[str, RasterInfo], path: Pa
     kind = footprint_format(path)
     if kind == "geojson":
         return write_geojson(table, infos, path)
-    rows, x, y, crs_text = _footprint_rings(table, infos, None, path)
+    rows, x, y, crs_text = footprint_rings(table, infos, None, path)
     names = [name for name in FOOTPRINT_PROPERTIES if name in table.columns]
     properties = table.loc[table.index[rows], names].reset_index(drop=True)
     geometry = polygon_wkb(x, y)
@@ -305,21 +305,22 @@ def write_footprints(table: pd.DataFrame, infos: dict[str, RasterInfo], path: Pa
     return int(rows.size)
 
 
-def polygon_wkb(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Return little-endian WKB Polygons (one closed ring each) for corners x, y of shape (n, 4)."""
+def polygon_wkb(x: np.ndarray, y: np.ndarray, srid: int | None = None) -> np.ndarray:
+    """Return little-endian WKB Polygons (one closed ring each) for corners x, y of shape (n, 4).
+
+    With `srid`, the geometries are PostGIS EWKB carrying that SRID.
+    """
     n = x.shape[0]
-    record = np.dtype(
-        [
-            ("order", "u1"),
-            ("type", "<u4"),
-            ("rings", "<u4"),
-            ("points", "<u4"),
-            ("xy", "<f8", (10,)),
-        ]
-    )
+    fields: list[tuple[Any, ...]] = [("order", "u1"), ("type", "<u4")]
+    if srid is not None:
+        fields.append(("srid", "<u4"))
+    fields += [("rings", "<u4"), ("points", "<u4"), ("xy", "<f8", (10,))]
+    record = np.dtype(fields)
     buffer = np.empty(n, dtype=record)
     buffer["order"] = 1
-    buffer["type"] = 3
+    buffer["type"] = 3 if srid is None else 3 | 0x20000000  # EWKB's "has SRID" flag
+    if srid is not None:
+        buffer["srid"] = srid
     buffer["rings"] = 1
     buffer["points"] = 5
     ring = np.empty((n, 5, 2))
@@ -332,6 +333,18 @@ def polygon_wkb(x: np.ndarray, y: np.ndarray) -> np.ndarray:
         pa.binary(record.itemsize), n, [None, pa.py_buffer(buffer.tobytes())]
     )
     return fixed.to_numpy(zero_copy_only=False)
+
+
+_HEX_DIGITS = np.array([f"{value:02X}" for value in range(256)], dtype="<U2")
+
+
+def wkb_hex(geometry: np.ndarray) -> np.ndarray:
+    """Return each WKB geometry of equal length as upper-case hex text (PostGIS's input form)."""
+    if len(geometry) == 0:
+        return np.array([], dtype=object)
+    width = len(geometry[0])
+    octets = np.frombuffer(b"".join(geometry), dtype=np.uint8).reshape(-1, width)
+    return np.ascontiguousarray(_HEX_DIGITS[octets]).view(f"<U{2 * width}").ravel()
 
 
 def check_footprint_writer(kind: str) -> None:
@@ -421,7 +434,7 @@ def write_geojson(table: pd.DataFrame, infos: dict[str, RasterInfo], path: Path)
 
     Patches of rasters without a CRS are left out (a warning says how many).
     """
-    rows, lon, lat, _ = _footprint_rings(table, infos, "EPSG:4326", Path(path))
+    rows, lon, lat, _ = footprint_rings(table, infos, "EPSG:4326", Path(path))
     names = [name for name in FOOTPRINT_PROPERTIES if name in table.columns]
     property_columns = {name: table[name].to_numpy(dtype=object)[rows] for name in names}
     lon_rounded = np.round(lon, 9)

@@ -354,6 +354,11 @@ def run_build(
             check_writable(path, name)
             if name in FOOTPRINT_FORMATS.values():
                 check_footprint_writer(name)
+        if config.output.postgres_table is not None:
+            from patchbalance.postgres_table import check_postgres_table
+
+            # Before any work: an existing table under if_exists: fail, or the source itself.
+            check_postgres_table(config)
     embeddings_mode = config.mode == "embeddings"
 
     with clock.stage("records"):
@@ -470,6 +475,11 @@ def run_build(
                         paths[kind],
                     )
                     summary[f"{kind}_skipped"] = "rasters have no CRS"
+            if config.output.postgres_table is not None:
+                from patchbalance.postgres_table import describe, write_postgres_table
+
+                summary["postgres_table"] = write_postgres_table(written, infos, config)
+                outputs["postgres_table"] = describe(config)
     summary["timings_s"] = clock.seconds
     summary["outputs"] = outputs
     if write:
@@ -685,6 +695,11 @@ def plan_text(config: BalancedDatasetConfig) -> str:
         )
     for name, path in output_paths(config).items():
         lines.append(f"  output {name}: {path}")
+    if config.output.postgres_table is not None:
+        from patchbalance.postgres_table import describe
+
+        table = config.output.postgres_table
+        lines.append(f"  output postgres_table: {describe(config)} (if_exists: {table.if_exists})")
     return "\n".join(lines)
 
 
