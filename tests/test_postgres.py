@@ -297,7 +297,11 @@ def test_pgvector_embeddings_come_from_the_table(postgres_server, tmp_path):
         try:
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
         except psycopg.Error:
-            pytest.skip("the pgvector extension is not installed on this PostgreSQL server")
+            pytest.skip(
+                "the pgvector extension is not installed on this PostgreSQL server: Debian 12 "
+                "has no pgvector server package (no postgresql-15-pgvector), so CI cannot "
+                "install it"
+            )
         conn.execute(
             "CREATE TABLE tiles_vector (file_path text, mask_path text, row_off int, "
             "col_off int, patch_size int, embedding vector(3))"

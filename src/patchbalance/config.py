@@ -65,6 +65,17 @@ class StrictModel(BaseModel):
         return data
 
 
+def secret_as_text(value: Any) -> Any:
+    """Return a password or DSN as text; raise `ValueError` (without the value) otherwise."""
+    # YAML reads `password: 12345` as a number; take it as text rather than echo it back in a
+    # type error, and never show a secret's value in a message.
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ValueError("must be text (quote it in the YAML); its value is not shown")
+
+
 class RasterPair(StrictModel):
     image_path: str
     mask_path: str
@@ -115,13 +126,7 @@ class InputConfig(StrictModel):
     @field_validator("password", "dsn", mode="before")
     @classmethod
     def _secret_as_text(cls, value: Any) -> Any:
-        # YAML reads `password: 12345` as a number; take it as text rather than echo it back
-        # in a type error, and never show a secret's value in a message.
-        if value is None or isinstance(value, str):
-            return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
-        raise ValueError("must be text (quote it in the YAML); its value is not shown")
+        return secret_as_text(value)
 
     def _source_kinds(self) -> list[str]:
         kinds = []
@@ -286,11 +291,54 @@ class WeightsConfig(StrictModel):
         )
 
 
+class PostgresTableConfig(StrictModel):
+    """`output.postgres_table`: a new PostgreSQL table for the balanced table (SPEC §4).
+
+    The connection keys are those of a PostgreSQL input; when none is given, the input's are
+    used.
+    """
+
+    db_schema: str = Field(default="public", alias="schema")
+    name: str = Field(min_length=1)
+    if_exists: Literal["fail", "replace"] = "fail"
+    dsn: str | None = Field(default=None, repr=False)
+    host: str | None = None
+    port: int | None = None
+    database: str | None = None
+    user: str | None = None
+    password: str | None = Field(default=None, repr=False)
+
+    @field_validator("password", "dsn", mode="before")
+    @classmethod
+    def _secret_as_text(cls, value: Any) -> Any:
+        return secret_as_text(value)
+
+    @property
+    def has_connection(self) -> bool:
+        """Return True when any connection key is given here."""
+        keys = (self.dsn, self.host, self.port, self.database, self.user, self.password)
+        return any(value not in (None, "") for value in keys)
+
+
 class OutputConfig(StrictModel):
+    """Where the build writes (SPEC §4)."""
+
+    synonyms: ClassVar[dict[str, str]] = {"geojson_path": "footprints_path"}
+
     csv_path: str
     include_excluded: bool = True
-    geojson_path: str | None = None
+    footprints_path: str | None = None
+    postgres_table: PostgresTableConfig | None = None
     summary_path: str | None = None
+
+    @field_validator("footprints_path")
+    @classmethod
+    def _known_footprint_format(cls, value: str | None) -> str | None:
+        if value is not None:
+            from patchbalance.outputs import footprint_format
+
+            footprint_format(value)
+        return value
 
 
 class BalancedDatasetConfig(StrictModel):
@@ -315,6 +363,16 @@ class BalancedDatasetConfig(StrictModel):
     @classmethod
     def _both_means_embeddings(cls, value: Any) -> Any:
         return "embeddings" if value == "both" else value
+
+    @model_validator(mode="after")
+    def _postgres_output_can_connect(self) -> BalancedDatasetConfig:
+        table = self.output.postgres_table
+        if table is not None and not table.has_connection and self.input.source_kind != "postgres":
+            raise ValueError(
+                "output.postgres_table needs connection keys (dsn, or host, port, database, "
+                "user, password) when the input is not a PostgreSQL table"
+            )
+        return self
 
     @model_validator(mode="after")
     def _method_fits_mode(self) -> BalancedDatasetConfig:

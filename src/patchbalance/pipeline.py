@@ -30,9 +30,12 @@ from patchbalance.config import (
 from patchbalance.errors import InputError
 from patchbalance.exclusion import REASONS, count_reasons, exclusion_columns
 from patchbalance.outputs import (
+    FOOTPRINT_FORMATS,
+    check_footprint_writer,
     check_writable,
+    footprint_format,
     tile_bound_columns,
-    write_geojson,
+    write_footprints,
     write_json,
     write_table,
 )
@@ -95,7 +98,10 @@ def _progress_bar(total: int, description: str, enabled: bool, unit: str = "patc
 
 
 def output_paths(config: BalancedDatasetConfig) -> dict[str, Path]:
-    """Return the resolved output paths: table, summary and (optionally) GeoJSON."""
+    """Return the resolved output paths: table, summary and (optionally) footprints.
+
+    The footprints' key is their format (`geojson`, `geopackage` or `geoparquet`).
+    """
     table_path = config.resolve(config.output.csv_path)
     summary_path = (
         config.resolve(config.output.summary_path)
@@ -103,8 +109,9 @@ def output_paths(config: BalancedDatasetConfig) -> dict[str, Path]:
         else table_path.with_name(f"{table_path.stem}.summary.json")
     )
     paths = {"table": table_path, "summary": summary_path}
-    if config.output.geojson_path:
-        paths["geojson"] = config.resolve(config.output.geojson_path)
+    if config.output.footprints_path:
+        footprints = config.resolve(config.output.footprints_path)
+        paths[footprint_format(footprints)] = footprints
     return paths
 
 
@@ -336,7 +343,7 @@ def run_build(
 ) -> BuildResult:
     """Run the whole pipeline and return the table, the summary and its text.
 
-    With `write`, the table, summary and GeoJSON are written (atomically) once every stage has
+    With `write`, the table, summary and footprints are written (atomically) once every stage has
     succeeded; a failure leaves any earlier outputs as they were.
     """
     config = _as_config(config)
@@ -345,6 +352,13 @@ def run_build(
     if write:
         for name, path in paths.items():
             check_writable(path, name)
+            if name in FOOTPRINT_FORMATS.values():
+                check_footprint_writer(name)
+        if config.output.postgres_table is not None:
+            from patchbalance.postgres_table import check_postgres_table
+
+            # Before any work: an existing table under if_exists: fail, or the source itself.
+            check_postgres_table(config)
     embeddings_mode = config.mode == "embeddings"
 
     with clock.stage("records"):
@@ -456,18 +470,25 @@ def run_build(
         if write:
             write_table(written, paths["table"])
             outputs["table"] = str(paths["table"])
-            if "geojson" in paths:
+            for kind in FOOTPRINT_FORMATS.values():
+                if kind not in paths:
+                    continue
                 if any(info.has_crs for info in infos.values()):
-                    count = write_geojson(written, infos, paths["geojson"])
-                    outputs["geojson"] = str(paths["geojson"])
-                    summary["geojson_features"] = count
+                    count = write_footprints(written, infos, paths[kind])
+                    outputs[kind] = str(paths[kind])
+                    summary[f"{kind}_features"] = count
                 else:
                     log.warning(
-                        "no GeoJSON written: the rasters have no CRS, so footprints cannot be "
-                        "placed on a map (%s)",
-                        paths["geojson"],
+                        "no footprints written: the rasters have no CRS, so footprints cannot "
+                        "be placed on a map (%s)",
+                        paths[kind],
                     )
-                    summary["geojson_skipped"] = "rasters have no CRS"
+                    summary[f"{kind}_skipped"] = "rasters have no CRS"
+            if config.output.postgres_table is not None:
+                from patchbalance.postgres_table import describe, write_postgres_table
+
+                summary["postgres_table"] = write_postgres_table(written, infos, config)
+                outputs["postgres_table"] = describe(config)
     summary["timings_s"] = clock.seconds
     summary["outputs"] = outputs
     if write:
@@ -692,6 +713,11 @@ def plan_text(config: BalancedDatasetConfig) -> str:
         )
     for name, path in output_paths(config).items():
         lines.append(f"  output {name}: {path}")
+    if config.output.postgres_table is not None:
+        from patchbalance.postgres_table import describe
+
+        table = config.output.postgres_table
+        lines.append(f"  output postgres_table: {describe(config)} (if_exists: {table.if_exists})")
     return "\n".join(lines)
 
 

