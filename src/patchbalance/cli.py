@@ -89,9 +89,8 @@ def build_balanced_dataset_command(
     """Compute a sampler_weight for every patch and write the balanced table."""
 
     def task() -> str:
-        from patchbalance.pipeline import plan_text, run_build
-
         from patchbalance.config import load_config
+        from patchbalance.pipeline import plan_text, run_build
 
         cfg = load_config(config, set_ or [])
         if dry_run:

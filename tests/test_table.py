@@ -1,0 +1,126 @@
+"""The patch table's shared rules: one boolean rule, one row convention, excluded rows not drawn.
+
+`report`, `select-coreset`, the training dataset and its loader read the same file the same
+way (issue 13, cases 1, 8 and 9).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from patchbalance.cli import app
+from patchbalance.coreset import select_coreset
+from patchbalance.data import CSVWindowedSegmentationDataset, build_dataloader
+from patchbalance.errors import InputError
+from patchbalance.report import figures_from_table, read_table
+from patchbalance.table import boolean_column, rows_text
+
+EXCLUDED = np.array([False, True, False, False, True, False])
+
+ENCODINGS = {
+    "bool": lambda flags: flags,
+    "float": lambda flags: flags.astype(float),
+    "int": lambda flags: flags.astype(int),
+    "yes/no": lambda flags: np.where(flags, "yes", "no"),
+    "t/f": lambda flags: np.where(flags, "t", "f"),
+    "TRUE/False": lambda flags: np.where(flags, " TRUE", "False "),
+}
+
+
+def balanced_table(excluded: np.ndarray = EXCLUDED) -> pd.DataFrame:
+    """Return six patches of two classes; the excluded rows have weight 0."""
+    n = len(excluded)
+    px_1 = np.array([10, 80, 30, 50, 100, 20])[:n]
+    return pd.DataFrame(
+        {
+            "image_path": "scene.tif",
+            "mask_path": "scene_mask.tif",
+            "row_off": np.arange(n) * 10,
+            "col_off": 0,
+            "patch_size": 10,
+            "px_0": 100 - px_1,
+            "px_1": px_1,
+            "class_entropy": np.linspace(0.2, 0.7, n),
+            "excluded": excluded,
+            "exclusion_reason": np.where(excluded, "mask_border_nodata", ""),
+            "has_low_entropy": False,
+            "sampler_weight": np.where(excluded, 0.0, 1.0),
+        }
+    )
+
+
+def _write(table: pd.DataFrame, tmp_path, name: str = "table.csv"):
+    path = tmp_path / name
+    table.to_csv(path, index=False)
+    return path
+
+
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+def test_report_coreset_and_dataset_exclude_the_same_rows(tmp_path, encoding):
+    table = balanced_table()
+    table["excluded"] = ENCODINGS[encoding](EXCLUDED)
+    path = _write(table, tmp_path)
+    read = read_table(path)
+
+    figures = figures_from_table(read, where=str(path))
+    assert figures.n_active == int((~EXCLUDED).sum())
+    # Uniform share over the active rows only, computed by hand.
+    active_px_1 = table.loc[~EXCLUDED, "px_1"].sum()
+    assert figures.uniform_share[1] == pytest.approx(active_px_1 / (100 * (~EXCLUDED).sum()))
+
+    out = select_coreset(read, {"method": "lc", "budget": 4, "budget_mode": "count"})
+    np.testing.assert_array_equal(out["coreset_score"].notna().to_numpy(), ~EXCLUDED)
+
+    dataset = CSVWindowedSegmentationDataset(path, n_classes=2)
+    np.testing.assert_array_equal(dataset.excluded, EXCLUDED)
+    kept = CSVWindowedSegmentationDataset(path, n_classes=2, drop_excluded=True)
+    np.testing.assert_array_equal(kept.row_numbers, np.flatnonzero(~EXCLUDED) + 1)
+
+
+@pytest.mark.parametrize("bad", ["maybe", "", "2"])
+def test_a_value_outside_the_boolean_rule_is_an_error_naming_column_and_row(tmp_path, bad):
+    table = balanced_table()
+    table["excluded"] = np.where(EXCLUDED, "true", "false").astype(object)
+    table.loc[2, "excluded"] = bad  # data row 3 of the file
+    path = _write(table, tmp_path)
+    read = read_table(path)
+    problem = "is empty" if bad == "" else f"holds '{bad}'"
+    message = rf"table\.csv: column 'excluded' {problem} in row 3;"
+    with pytest.raises(InputError, match=message):
+        figures_from_table(read, where=str(path))
+    with pytest.raises(InputError, match=message):
+        from patchbalance.coreset.selection import pool_mask
+
+        pool_mask(read, True, str(path))
+    with pytest.raises(InputError, match=message):
+        CSVWindowedSegmentationDataset(path, n_classes=2)
+    result = CliRunner().invoke(app, ["report", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "column 'excluded'" in lines[0] and "row 3" in lines[0]
+
+
+def test_boolean_rule_accepts_real_bools_numbers_and_words_in_any_case():
+    frame = pd.DataFrame(
+        {
+            "words": ["True", "FALSE", " yes", "No", "t", "F", "1", "0", "1.0", "0.0"],
+            "numbers": [1.0, 0.0, 1, 0, 1, 0, 1, 0, 1, 0],
+            "nullable": pd.array([True, False] * 5, dtype="boolean"),
+        }
+    )
+    expected = np.array([True, False] * 5)
+    for name in frame.columns:
+        np.testing.assert_array_equal(boolean_column(frame, name), expected)
+    with pytest.raises(InputError, match=r"column 'numbers' is empty in row 2 \(2 rows in all\)"):
+        boolean_column(frame.assign(numbers=[1, np.nan, 0, np.nan, 1, 0, 1, 0, 1, 0]), "numbers")
+
+
+def test_rows_are_named_from_1_like_a_spreadsheet():
+    assert rows_text(np.array([0])) == "row 1"
+    assert rows_text(np.arange(7)) == "rows 1, 2, 3, 4, 5 and 2 more"
+    assert rows_text(np.array([4, 9]), numbered=True) == "rows 4, 9"
