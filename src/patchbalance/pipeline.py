@@ -611,13 +611,12 @@ def summary_text(summary: dict[str, Any], figures: Any) -> str:
         f"composition clusters: k={clustering['k']} ({clustering['k_selection']}); sizes {sizes}"
     )
     if "embeddings" in summary:
+        from patchbalance.embeddings import extraction_text
+
         e = summary["embeddings"]
-        rate = e.get("patches_per_second")
         lines.append(
             f"embeddings: {e.get('model_id')} ({e.get('dim')}-d, {e.get('device')}): "
-            f"{e.get('computed', 0):,} computed"
-            + (f" at {rate:.1f} patches/s" if rate else "")
-            + f", {e.get('cache_hits', 0):,} reused from the cache"
+            + extraction_text(e)
         )
     if "uniqueness" in summary:
         u = summary["uniqueness"]
