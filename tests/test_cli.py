@@ -244,3 +244,38 @@ def test_two_input_sources_are_an_error(project):
         _run("build-balanced-dataset", project, "--set", "input.table=tiles"),
         "give exactly one source, not records_path and PostgreSQL (host/dsn/table)",
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "extra"),
+    [
+        ("output.csv_path", []),
+        ("output.summary_path", []),
+        ("output.geojson_path", []),
+        ("embeddings.parquet_path", ["--set", "mode=embeddings"]),
+    ],
+)
+def test_an_output_target_that_is_a_folder_exits_2_before_any_stage(
+    project, monkeypatch, key, extra
+):
+    import patchbalance.pipeline
+
+    def no_stage(*args, **kwargs):
+        raise AssertionError("a stage ran before the outputs were checked")
+
+    monkeypatch.setattr(patchbalance.pipeline, "load_records", no_stage)
+    folder = project.parent / "a_folder"
+    folder.mkdir()
+    result = _run("build-balanced-dataset", project, "--set", f"{key}={folder}", *extra)
+    _one_line_error(result, str(folder), "names a folder, not a file", key)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_an_output_under_proc_exits_2_before_any_stage_even_as_root(project, monkeypatch):
+    # /proc refuses new files whatever its permission bits say, also to root: only a test
+    # file finds that out.
+    import patchbalance.pipeline
+
+    monkeypatch.setattr(patchbalance.pipeline, "load_records", None)
+    result = _run("build-balanced-dataset", project, "--set", "output.csv_path=/proc/table.csv")
+    _one_line_error(result, "/proc/table.csv", "cannot write the balanced table", "in /proc")

@@ -147,9 +147,7 @@ def test_a_relative_model_folder_is_found_next_to_the_config_and_the_summary_say
     assert "(exact, k=3)" in result.summary_text
 
 
-def test_corrupt_model_weights_exit_2_with_one_line_before_any_raster_is_read(
-    tmp_path, tiny_model
-):
+def test_corrupt_model_weights_exit_2_with_one_line_before_any_raster_is_read(tmp_path, tiny_model):
     import shutil
 
     import yaml

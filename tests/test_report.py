@@ -236,3 +236,14 @@ def test_a_headless_browser_renders_the_report_with_its_plots(tmp_path):
     viridis_yellow = np.abs(shot - [0xFD, 0xE7, 0x25]).sum(axis=2) < 40
     assert weighted_red.sum() > 2000
     assert viridis_yellow.sum() > 200
+
+
+def test_report_out_that_is_a_folder_exits_2_before_the_table_is_read(tmp_path):
+    # The table does not exist: read first, the error would be about it.
+    result = CliRunner().invoke(
+        app, ["report", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "names a folder, not a file" in lines[0], result.stderr
+    assert "--out" in lines[0]

@@ -6,8 +6,6 @@ way (issue 13, cases 1, 8 and 9).
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -15,7 +13,7 @@ from typer.testing import CliRunner
 
 from patchbalance.cli import app
 from patchbalance.coreset import select_coreset
-from patchbalance.data import CSVWindowedSegmentationDataset, build_dataloader
+from patchbalance.data import CSVWindowedSegmentationDataset
 from patchbalance.errors import InputError
 from patchbalance.report import figures_from_table, read_table
 from patchbalance.table import boolean_column, rows_text

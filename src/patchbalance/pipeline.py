@@ -94,6 +94,14 @@ def _progress_bar(total: int, description: str, enabled: bool, unit: str = "patc
     )
 
 
+OUTPUT_LABELS = {
+    "table": "the balanced table (output.csv_path)",
+    "summary": "the summary (output.summary_path)",
+    "geojson": "the GeoJSON footprints (output.geojson_path)",
+    "cache": "the embeddings cache (embeddings.parquet_path)",
+}
+
+
 def output_paths(config: BalancedDatasetConfig) -> dict[str, Path]:
     """Return the resolved output paths: table, summary and (optionally) GeoJSON."""
     table_path = config.resolve(config.output.csv_path)
@@ -342,10 +350,13 @@ def run_build(
     config = _as_config(config)
     clock = StageClock()
     paths = output_paths(config)
-    if write:
-        for name, path in paths.items():
-            check_writable(path, name)
     embeddings_mode = config.mode == "embeddings"
+    # Every output target is checked before the first stage, not found unwritable at the end.
+    targets = {OUTPUT_LABELS[name]: path for name, path in paths.items()} if write else {}
+    if embeddings_mode and config.embeddings.parquet_path:
+        targets[OUTPUT_LABELS["cache"]] = Path(embeddings_config(config).parquet_path or "")
+    for what, path in targets.items():
+        check_writable(path, what)
 
     with clock.stage("records"):
         source = load_records(config)

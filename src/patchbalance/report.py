@@ -171,6 +171,10 @@ def report(table: pd.DataFrame) -> SamplingFigures:
 
 def run_report_command(table_path: Path, out: Path | None = None) -> str:
     """Return the report's text for the CLI; with `out`, also write the HTML page there."""
+    if out is not None:
+        from patchbalance.outputs import check_writable
+
+        check_writable(Path(out), "the HTML report (--out)")
     table = read_table(table_path)
     figures = figures_from_table(table, where=str(table_path))
     text = figures_text(figures)

@@ -40,7 +40,7 @@ from pydantic import Field, ValidationError
 
 from patchbalance.config import StrictModel, describe_validation_error, read_yaml_mapping
 from patchbalance.errors import ConfigError, OutputError
-from patchbalance.outputs import atomic_write_with
+from patchbalance.outputs import atomic_write_with, check_writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -482,6 +482,9 @@ def plan_training(
     base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
     resolved = resolve_config_mapping(config, (), where)
     cfg = _validate_config(resolved, where)
+    output_dir = Path(_resolve_path(cfg.output_dir, base))
+    # Found unwritable now, not after the first epoch's checkpoint.
+    check_writable_folder(output_dir, "output_dir")
     ignored = [key for key in UPSTREAM_ONLY_KEYS if resolved.get(key) is not None]
     if ignored:
         log.info(
@@ -528,7 +531,6 @@ def plan_training(
         if hasattr(train_dataset, "image_band_count")
         else int(cfg.model.get("in_channels", 3))
     )
-    output_dir = Path(_resolve_path(cfg.output_dir, base))
     return TrainPlan(
         config=cfg,
         resolved=resolved,
