@@ -279,3 +279,29 @@ def test_an_output_under_proc_exits_2_before_any_stage_even_as_root(project, mon
     monkeypatch.setattr(patchbalance.pipeline, "load_records", None)
     result = _run("build-balanced-dataset", project, "--set", "output.csv_path=/proc/table.csv")
     _one_line_error(result, "/proc/table.csv", "cannot write the balanced table", "in /proc")
+
+
+def test_two_different_duplicated_keys_name_the_rows_of_the_first_and_count_the_keys(project):
+    # Copies of rows 4 and 8 appended as rows 9 and 10: row 4 shares its key with row 9,
+    # and row 8 with row 10, never row 4 with row 8.
+    records = pd.read_csv(project.parent / "records.csv")
+    pd.concat([records, records.iloc[[3, 7]]]).to_csv(project.parent / "records.csv", index=False)
+    line = _one_line_error(
+        _run("build-balanced-dataset", project),
+        "duplicate patch key",
+        "records.csv row 4 and",
+        "records.csv row 9;",
+        "2 key(s) occur more than once (4 rows in all)",
+    )
+    assert "row 8" not in line
+
+
+def test_an_empty_offset_cell_says_empty_and_names_the_row(project):
+    records = pd.read_csv(project.parent / "records.csv")
+    records["row_off"] = records["row_off"].astype(object)
+    records.loc[4, "row_off"] = None
+    records.to_csv(project.parent / "records.csv", index=False)
+    line = _one_line_error(
+        _run("build-balanced-dataset", project), "records.csv row 5: row_off is empty"
+    )
+    assert "nan" not in line
