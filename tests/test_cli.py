@@ -305,3 +305,29 @@ def test_an_empty_offset_cell_says_empty_and_names_the_row(project):
         _run("build-balanced-dataset", project), "records.csv row 5: row_off is empty"
     )
     assert "nan" not in line
+
+
+def test_a_truncated_raster_warns_with_the_file_and_the_gdal_message(project):
+    import json
+
+    import rasterio
+
+    from rasters import write_geotiff
+
+    mask_path = project.parent / "masks" / "b.tif"
+    with rasterio.open(mask_path) as dataset:
+        mask = dataset.read(1)
+    write_geotiff(mask_path, mask, nodata=255, block=16)
+    data = mask_path.read_bytes()
+    mask_path.write_bytes(data[: int(len(data) * 0.6)])  # the last tiles are cut off
+
+    result = _run("build-balanced-dataset", project)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "could not be read" in line]
+    assert len(warnings) == 1, result.stderr
+    assert str(mask_path) in warnings[0] and "TIFF" in warnings[0], warnings[0]
+    summary = json.loads((project.parent / "out" / "table.summary.json").read_text())
+    assert summary["excluded_by_reason"]["read_error"] >= 1
+    first = summary["first_window_error"]
+    assert str(mask_path) in first and "TIFF" in first
+    assert "See previous exception" not in first + warnings[0]

@@ -244,6 +244,12 @@ def _read_rasters(
         )
     for path, message in sorted(open_errors.items())[:5]:
         log.warning("cannot read %s: %s (its patches are excluded: read_error)", path, message)
+    if stats.errors:
+        log.warning(
+            "%d window(s) could not be read (excluded: read_error), first: %s",
+            len(stats.errors),
+            notes["first_window_error"],
+        )
     if out_of_bounds.any():
         log.warning(
             "%d window(s) lie outside their raster (excluded: window_out_of_bounds)",
