@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from patchbalance.cli import app
 from patchbalance.coreset import select_coreset
-from patchbalance.data import CSVWindowedSegmentationDataset
+from patchbalance.data import CSVWindowedSegmentationDataset, build_dataloader
 from patchbalance.errors import InputError
 from patchbalance.report import figures_from_table, read_table
 from patchbalance.table import boolean_column, rows_text
@@ -122,3 +122,14 @@ def test_rows_are_named_from_1_like_a_spreadsheet():
     assert rows_text(np.array([0])) == "row 1"
     assert rows_text(np.arange(7)) == "rows 1, 2, 3, 4, 5 and 2 more"
     assert rows_text(np.array([4, 9]), numbered=True) == "rows 4, 9"
+
+
+def test_report_and_the_training_loader_name_the_same_rows_for_bad_weights(tmp_path):
+    table = balanced_table()
+    table.loc[[2, 5], "sampler_weight"] = np.nan
+    path = _write(table, tmp_path)
+    with pytest.raises(InputError, match=r"\(rows 3, 6\)"):
+        figures_from_table(read_table(path), where=str(path))
+    dataset = CSVWindowedSegmentationDataset(path, n_classes=2)
+    with pytest.raises(InputError, match=r"\(rows 3, 6\)"):
+        build_dataloader(dataset, {"weighted_sampler": True}, batch_size=2)
