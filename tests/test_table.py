@@ -6,6 +6,8 @@ way (issue 13, cases 1, 8 and 9).
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -133,3 +135,51 @@ def test_report_and_the_training_loader_name_the_same_rows_for_bad_weights(tmp_p
     dataset = CSVWindowedSegmentationDataset(path, n_classes=2)
     with pytest.raises(InputError, match=r"\(rows 3, 6\)"):
         build_dataloader(dataset, {"weighted_sampler": True}, batch_size=2)
+
+
+STRAY = "marked excluded but have sampler_weight > 0"
+
+
+def _stray_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if STRAY in r.getMessage()]
+
+
+def test_excluded_rows_with_a_weight_are_never_drawn_and_each_command_warns_once(tmp_path, caplog):
+    table = balanced_table()
+    table.loc[EXCLUDED, "sampler_weight"] = 5.0  # edited by hand: rows 2 and 5
+    path = _write(table, tmp_path)
+    read = read_table(path)
+    caplog.set_level(logging.WARNING)
+
+    figures = figures_from_table(read, where=str(path))
+    (warning,) = _stray_warnings(caplog)
+    assert "2 row(s)" in warning and "first: row 2" in warning and str(path) in warning
+    reference = figures_from_table(balanced_table())  # the same table with weight 0 there
+    np.testing.assert_allclose(figures.weighted_share, reference.weighted_share)
+    assert figures.ess == pytest.approx(reference.ess)
+    assert figures.max_expected_repeats == pytest.approx(reference.max_expected_repeats)
+
+    caplog.clear()
+    out = select_coreset(read, {"method": "lc", "budget": 4, "budget_mode": "count"})
+    assert len(_stray_warnings(caplog)) == 1
+    assert not out.loc[EXCLUDED, "coreset_selected"].any()
+    assert (out.loc[EXCLUDED, "sampler_weight"] == 0).all()
+
+    caplog.clear()
+    dataset = CSVWindowedSegmentationDataset(path, n_classes=2)
+    loader = build_dataloader(dataset, {"weighted_sampler": True}, batch_size=2, seed=0)
+    assert len(_stray_warnings(caplog)) == 1
+    np.testing.assert_array_equal(np.asarray(loader.sampler.weights)[EXCLUDED], 0.0)
+    drawn = np.concatenate([list(loader.sampler) for _ in range(20)])
+    assert not np.isin(drawn, np.flatnonzero(EXCLUDED)).any()
+
+
+def test_report_command_warns_once_about_excluded_rows_with_a_weight(tmp_path):
+    pytest.importorskip("matplotlib")
+    table = balanced_table()
+    table.loc[EXCLUDED, "sampler_weight"] = 5.0
+    path = _write(table, tmp_path)
+    result = CliRunner().invoke(app, ["report", str(path), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count(STRAY) == 1, result.stderr
+    assert "4 active" in result.stdout

@@ -253,3 +253,21 @@ def test_cli_unwritable_output_dir_exits_2_before_any_table_is_read(tables, tmp_
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(output_dir) in errors[0], result.stderr
     assert ("is a file, not a folder" if target == "a_file" else "cannot write") in errors[0]
+
+
+def test_cli_train_warns_once_about_excluded_rows_with_a_weight_and_never_draws_them(
+    tables, tmp_path
+):
+    train_table, val_table = tables
+    frame = pd.read_csv(train_table)
+    assert frame.loc[0, "excluded"] and len(frame) == 8
+    frame.loc[0, "sampler_weight"] = 5.0  # an excluded row edited by hand
+    edited = write_table(frame, tmp_path / "edited.csv")
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(
+        yaml.safe_dump(small_config(edited, val_table, tmp_path / "out")), encoding="utf-8"
+    )
+    result = runner.invoke(app, ["train", str(config_path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("marked excluded but have sampler_weight > 0") == 1, result.stderr
+    assert "rows with sampler_weight > 0: 7" in result.stdout

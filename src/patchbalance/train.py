@@ -41,6 +41,7 @@ from pydantic import Field, ValidationError
 from patchbalance.config import StrictModel, describe_validation_error, read_yaml_mapping
 from patchbalance.errors import ConfigError, OutputError
 from patchbalance.outputs import atomic_write_with, check_writable_folder
+from patchbalance.table import drawn_weights
 
 log = logging.getLogger(__name__)
 
@@ -430,7 +431,10 @@ class TrainPlan:
             f"train: {len(self.train_dataset)} patches from {self.train_dataset.input_csv_path}",
         ]
         if weights is not None and type(sampler).__name__ != "RandomSampler":
-            lines.append(f"  rows with sampler_weight > 0: {int(np.count_nonzero(weights > 0))}")
+            # Counted as the sampler draws: an excluded row never is, whatever its weight.
+            excluded = getattr(self.train_dataset, "excluded", None)
+            drawable = drawn_weights(weights, excluded, warn=False) > 0
+            lines.append(f"  rows with sampler_weight > 0: {int(np.count_nonzero(drawable))}")
         lines += [
             f"  sampler: {type(sampler).__name__}, {len(sampler)} draws per epoch, "
             f"{len(self.train_loader)} batches of {self.train_loader.batch_size}",
