@@ -99,7 +99,8 @@ def dataset_weights(dataset: Dataset) -> np.ndarray:
         )
     where = getattr(dataset, "input_csv_path", None)
     # An excluded row is never drawn, whatever weight the table gives it (as in `report`).
-    weights = drawn_weights(weights, getattr(dataset, "excluded", None), where and str(where))
+    excluded = getattr(dataset, "excluded", None)
+    weights = drawn_weights(weights, excluded, str(where) if where else None)
     return validate_weights(
         weights,
         what=f"{where}: sampler_weight" if where else "sampler_weight",
