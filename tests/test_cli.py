@@ -244,3 +244,90 @@ def test_two_input_sources_are_an_error(project):
         _run("build-balanced-dataset", project, "--set", "input.table=tiles"),
         "give exactly one source, not records_path and PostgreSQL (host/dsn/table)",
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "extra"),
+    [
+        ("output.csv_path", []),
+        ("output.summary_path", []),
+        ("output.geojson_path", []),
+        ("embeddings.parquet_path", ["--set", "mode=embeddings"]),
+    ],
+)
+def test_an_output_target_that_is_a_folder_exits_2_before_any_stage(
+    project, monkeypatch, key, extra
+):
+    import patchbalance.pipeline
+
+    def no_stage(*args, **kwargs):
+        raise AssertionError("a stage ran before the outputs were checked")
+
+    monkeypatch.setattr(patchbalance.pipeline, "load_records", no_stage)
+    folder = project.parent / "a_folder"
+    folder.mkdir()
+    result = _run("build-balanced-dataset", project, "--set", f"{key}={folder}", *extra)
+    _one_line_error(result, str(folder), "names a folder, not a file", key)
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+def test_an_output_under_proc_exits_2_before_any_stage_even_as_root(project, monkeypatch):
+    # /proc refuses new files whatever its permission bits say, also to root: only a test
+    # file finds that out.
+    import patchbalance.pipeline
+
+    monkeypatch.setattr(patchbalance.pipeline, "load_records", None)
+    result = _run("build-balanced-dataset", project, "--set", "output.csv_path=/proc/table.csv")
+    _one_line_error(result, "/proc/table.csv", "cannot write the balanced table", "in /proc")
+
+
+def test_two_different_duplicated_keys_name_the_rows_of_the_first_and_count_the_keys(project):
+    # Copies of rows 4 and 8 appended as rows 9 and 10: row 4 shares its key with row 9,
+    # and row 8 with row 10, never row 4 with row 8.
+    records = pd.read_csv(project.parent / "records.csv")
+    pd.concat([records, records.iloc[[3, 7]]]).to_csv(project.parent / "records.csv", index=False)
+    line = _one_line_error(
+        _run("build-balanced-dataset", project),
+        "duplicate patch key",
+        "records.csv row 4 and",
+        "records.csv row 9;",
+        "2 key(s) occur more than once (4 rows in all)",
+    )
+    assert "row 8" not in line
+
+
+def test_an_empty_offset_cell_says_empty_and_names_the_row(project):
+    records = pd.read_csv(project.parent / "records.csv")
+    records["row_off"] = records["row_off"].astype(object)
+    records.loc[4, "row_off"] = None
+    records.to_csv(project.parent / "records.csv", index=False)
+    line = _one_line_error(
+        _run("build-balanced-dataset", project), "records.csv row 5: row_off is empty"
+    )
+    assert "nan" not in line
+
+
+def test_a_truncated_raster_warns_with_the_file_and_the_gdal_message(project):
+    import json
+
+    import rasterio
+
+    from rasters import write_geotiff
+
+    mask_path = project.parent / "masks" / "b.tif"
+    with rasterio.open(mask_path) as dataset:
+        mask = dataset.read(1)
+    write_geotiff(mask_path, mask, nodata=255, block=16)
+    data = mask_path.read_bytes()
+    mask_path.write_bytes(data[: int(len(data) * 0.6)])  # the last tiles are cut off
+
+    result = _run("build-balanced-dataset", project)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if "could not be read" in line]
+    assert len(warnings) == 1, result.stderr
+    assert str(mask_path) in warnings[0] and "TIFF" in warnings[0], warnings[0]
+    summary = json.loads((project.parent / "out" / "table.summary.json").read_text())
+    assert summary["excluded_by_reason"]["read_error"] >= 1
+    first = summary["first_window_error"]
+    assert str(mask_path) in first and "TIFF" in first
+    assert "See previous exception" not in first + warnings[0]

@@ -100,7 +100,7 @@ def test_selected_bands_reads_those_bands_in_the_given_order(scene):
 
 def test_band_beyond_the_raster_is_an_error_naming_row_and_file(scene):
     dataset = CSVWindowedSegmentationDataset(scene["table"], n_classes=4, selected_bands=[4])
-    with pytest.raises(WindowReadError, match=r"row 0 .*scene\.tif.*band 4"):
+    with pytest.raises(WindowReadError, match=r"row 1 .*scene\.tif.*band 4"):
         dataset[0]
 
 
@@ -136,7 +136,7 @@ def test_non_integer_offsets_are_an_error_naming_the_rows(tmp_path, scene):
     frame = pd.read_csv(scene["table"])
     frame.loc[2, "col_off"] = -3
     table = write_table(frame, tmp_path / "bad.csv")
-    with pytest.raises(InputError, match=r"'col_off' must hold integers >= 0.*rows?.*: 2 "):
+    with pytest.raises(InputError, match=r"'col_off' must hold integers >= 0.*rows?.*: row 3$"):
         CSVWindowedSegmentationDataset(table, n_classes=4)
 
 
@@ -148,20 +148,20 @@ def test_unreadable_file_raises_an_error_naming_the_row_and_file(tmp_path, scene
     table = write_table(frame, tmp_path / "with_broken.csv")
     dataset = CSVWindowedSegmentationDataset(table, n_classes=4)
     assert dataset[1]["image"].shape == (3, 24, 24)  # other rows still read
-    with pytest.raises(WindowReadError, match=r"row 2 \(.*broken\.tif.*cannot read the image"):
+    with pytest.raises(WindowReadError, match=r"row 3 \(.*broken\.tif.*cannot read the image"):
         dataset[2]
     # Through DataLoader workers the error arrives as one line, not a worker traceback.
     loader = DataLoader(torch.utils.data.Subset(dataset, [2]), batch_size=1, num_workers=1)
     with pytest.raises(WindowReadError) as caught:
         next(iter(loader))
-    assert "\n" not in str(caught.value) and "row 2" in str(caught.value)
+    assert "\n" not in str(caught.value) and "row 3" in str(caught.value)
 
 
 def test_window_past_the_raster_edge_is_an_error_not_a_smaller_item(tmp_path, scene):
     frame = pd.read_csv(scene["table"])
     frame.loc[0, ["row_off", "col_off"]] = [80, 80]
     dataset = CSVWindowedSegmentationDataset(write_table(frame, tmp_path / "t.csv"), n_classes=4)
-    with pytest.raises(WindowReadError, match="row 0 .*runs past the raster's 96x96"):
+    with pytest.raises(WindowReadError, match="row 1 .*runs past the raster's 96x96"):
         dataset[0]
 
 
@@ -226,5 +226,5 @@ def test_drop_excluded_leaves_out_excluded_rows_but_errors_name_table_rows(tmp_p
     )
     assert len(dataset) == 3
     np.testing.assert_array_equal(dataset.sampler_weights, [1.0, 0.0, 1.0])
-    with pytest.raises(WindowReadError, match="row 3 "):
+    with pytest.raises(WindowReadError, match="row 4 "):
         dataset[2]

@@ -141,7 +141,7 @@ def test_nan_or_negative_table_weights_are_errors_naming_the_rows(tmp_path, id_t
     frame.loc[[2, 7], "sampler_weight"] = [np.nan, np.nan]
     dataset = CSVWindowedSegmentationDataset(write_table(frame, tmp_path / "n.csv"), n_classes=2)
     with pytest.raises(
-        InputError, match=r"n\.csv: sampler_weight is NaN in 2 row\(s\) \(rows 2, 7"
+        InputError, match=r"n\.csv: sampler_weight is NaN in 2 row\(s\) \(rows 3, 8\)"
     ):
         build_dataloader(dataset, {"weighted_sampler": True}, batch_size=2)
 
@@ -154,7 +154,7 @@ def test_weight_errors_name_table_rows_after_excluded_rows_are_dropped(tmp_path,
         write_table(frame, tmp_path / "x.csv"), n_classes=2, drop_excluded=True
     )
     assert len(dataset) == 7
-    with pytest.raises(InputError, match=r"negative in 1 row\(s\) \(rows 6, counted from 0\)"):
+    with pytest.raises(InputError, match=r"negative in 1 row\(s\) \(row 7\)"):
         build_dataloader(dataset, {"weighted_sampler": True}, batch_size=2)
 
 

@@ -28,8 +28,8 @@ WEIGHTS = np.array([0.0, 1.0, 2.0, 3.0, 0.0, 4.0, 10.0, 0.5])
 @pytest.mark.parametrize(
     ("weights", "message"),
     [
-        ([1.0, float("nan"), 2.0, float("nan")], r"NaN in 2 row\(s\) \(rows 1, 3"),
-        ([1.0, 2.0, -0.5], r"negative in 1 row\(s\) \(rows 2, counted from 0\)"),
+        ([1.0, float("nan"), 2.0, float("nan")], r"NaN in 2 row\(s\) \(rows 2, 4\)"),
+        ([1.0, 2.0, -0.5], r"negative in 1 row\(s\) \(row 3\)"),
         ([1.0, float("inf")], "infinite in 1 row"),
         ([0.0, 0.0, 0.0], "0 in all 3 rows"),
     ],

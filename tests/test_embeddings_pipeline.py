@@ -46,7 +46,12 @@ def scene(tmp_path):
 
 
 def _config(folder, records, model, **embeddings):
-    block = {
+    block = _block(folder, records, model, **embeddings)
+    return config_from_mapping({"balanced_dataset": block}, base_dir=folder)
+
+
+def _block(folder, records, model, **embeddings):
+    return {
         "mode": "embeddings",
         "sampling_method": "uniqueness_only",
         "input": {"patch_records": records},
@@ -64,7 +69,6 @@ def _config(folder, records, model, **embeddings):
         "output": {"csv_path": str(folder / "out" / "table.csv")},
         "num_workers": 1,
     }
-    return config_from_mapping({"balanced_dataset": block}, base_dir=folder)
 
 
 def test_embeddings_mode_scores_uniqueness_from_the_cached_embeddings(scene, tiny_model):
@@ -93,15 +97,20 @@ def test_embeddings_mode_scores_uniqueness_from_the_cached_embeddings(scene, tin
     np.testing.assert_allclose(active["sampler_weight"], ranks / ranks.mean(), rtol=1e-9)
 
 
-def test_a_rerun_reuses_every_cached_embedding_and_reports_it(scene, tiny_model):
+def test_a_rerun_reuses_every_cached_embedding_and_reports_it(scene, tiny_model, caplog):
     folder, records = scene
     config = _config(folder, records, tiny_model)
     first = run_build(config)
-    second = run_build(config)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="patchbalance.embeddings"):
+        second = run_build(config)
+    assert "all 15 reused, nothing computed" in caplog.text and "None" not in caplog.text
     summary = json.loads((folder / "out" / "table.summary.json").read_text())
     embeddings = summary["embeddings"]
     assert first.summary["embeddings"]["computed"] == 15
     assert embeddings["computed"] == 0 and embeddings["cache_hits"] == 15
+    assert "all 15 reused, nothing computed" in second.summary_text
+    assert "None" not in second.summary_text
     assert summary["uniqueness"]["uniqueness"]["backend"] == "exact"
     pd.testing.assert_series_equal(
         second.table["uniqueness_score"], first.table["uniqueness_score"]
@@ -136,3 +145,30 @@ def test_a_relative_model_folder_is_found_next_to_the_config_and_the_summary_say
     assert "15 computed" in result.summary_text
     assert "0 reused from the cache" in result.summary_text
     assert "(exact, k=3)" in result.summary_text
+
+
+def test_corrupt_model_weights_exit_2_with_one_line_before_any_raster_is_read(tmp_path, tiny_model):
+    import shutil
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from patchbalance.cli import app
+
+    model = tmp_path / "corrupt-dinov2"
+    shutil.copytree(tiny_model, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(np.random.default_rng(0).bytes(weights.stat().st_size))
+    # The rasters do not exist: read first, every patch would be excluded (read_error).
+    records = [
+        record(tmp_path / "nowhere.tif", tmp_path / "nowhere_mask.tif", 0, c, 32) for c in (0, 32)
+    ]
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump({"balanced_dataset": _block(tmp_path, records, model)}))
+    result = CliRunner().invoke(app, ["build-balanced-dataset", str(config_path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.output, result.output
+    assert str(weights) in lines[0] and "corrupt or incomplete" in lines[0]
+    assert "replace the file with an intact copy" in lines[0]
+    assert not (tmp_path / "out" / "table.csv").exists()

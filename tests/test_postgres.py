@@ -697,3 +697,25 @@ def test_a_nan_embedding_in_the_table_is_an_error_naming_the_patch(scene, postgr
     # first window follows scene_0's 256 windows).
     with pytest.raises(InputError, match=r"row 257: column 'embedding' holds NaN or infinite"):
         run_build(config)
+
+
+def test_a_dsn_option_that_libpq_rejects_is_reported_with_libpq_s_reason(tmp_path):
+    # libpq refuses the value before connecting, so no server is needed.
+    config_path = _write_config(
+        tmp_path / "sslmode.yaml",
+        {"dsn": "host=127.0.0.1 port=1 dbname=d user=u sslmode=bogus", "table": "t"},
+    )
+    line = _cli_error(config_path)
+    assert 'invalid sslmode value: "bogus"' in line, line
+    assert "input.dsn" in line
+    assert "cannot reach" not in line and "check input.host" not in line
+
+
+def test_a_dsn_together_with_host_port_or_user_is_an_error_naming_the_keys(tmp_path):
+    block = {"dsn": "host=db.example dbname=tiles", "host": "other", "user": "me", "table": "t"}
+    line = _cli_error(_write_config(tmp_path / "both.yaml", block))
+    assert line.startswith("error: input.dsn and input.host, input.user both say where"), line
+    # A password key beside a dsn that holds none is how a secret stays out of the dsn.
+    block = {"dsn": "host=127.0.0.1 port=1 dbname=d user=u sslmode=bogus", "password": "p4ss"}
+    line = _cli_error(_write_config(tmp_path / "password.yaml", {**block, "table": "t"}))
+    assert "invalid sslmode value" in line, line

@@ -236,3 +236,29 @@ def test_a_headless_browser_renders_the_report_with_its_plots(tmp_path):
     viridis_yellow = np.abs(shot - [0xFD, 0xE7, 0x25]).sum(axis=2) < 40
     assert weighted_red.sum() > 2000
     assert viridis_yellow.sum() > 200
+
+
+def test_report_out_that_is_a_folder_exits_2_before_the_table_is_read(tmp_path):
+    # The table does not exist: read first, the error would be about it.
+    result = CliRunner().invoke(
+        app, ["report", str(tmp_path / "missing.csv"), "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "names a folder, not a file" in lines[0], result.stderr
+    assert "--out" in lines[0]
+
+
+@pytest.mark.parametrize("bad", [np.nan, -1.0])
+def test_report_on_bad_weights_names_the_file_the_rows_from_1_and_the_fix(tmp_path, bad):
+    table = hand_built_table()
+    table.loc[[1, 3], "sampler_weight"] = bad  # data rows 2 and 4 of the file
+    path = tmp_path / "weights.csv"
+    table.to_csv(path, index=False)
+    result = CliRunner().invoke(app, ["report", str(path)])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {path}: sampler_weight is negative, empty or not a number")
+    assert "in 2 row(s) (rows 2, 4)" in lines[0]
+    assert "rebuild the table with build-balanced-dataset" in lines[0]

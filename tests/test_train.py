@@ -235,3 +235,39 @@ def test_example_config_trains_on_the_demo_data(tmp_path):
     assert list(metrics["step"]) == [2]
     assert metrics[[f"iou_{c}" for c in range(4)]].notna().any(axis=None)
     assert "best epoch 1: mIoU" in text and (tmp_path / "train" / "best.pt").is_file()
+
+
+@pytest.mark.parametrize("target", ["a_file", "/proc/train_output"])
+def test_cli_unwritable_output_dir_exits_2_before_any_table_is_read(tables, tmp_path, target):
+    train_table, val_table = tables
+    (tmp_path / "a_file").write_text("a file, not a folder")
+    output_dir = tmp_path / target
+    if target.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux /proc")
+    # The tables do not exist: read first, the error would be about them.
+    config = small_config(tmp_path / "nope.csv", val_table, output_dir)
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = runner.invoke(app, ["train", str(config_path)])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(output_dir) in errors[0], result.stderr
+    assert ("is a file, not a folder" if target == "a_file" else "cannot write") in errors[0]
+
+
+def test_cli_train_warns_once_about_excluded_rows_with_a_weight_and_never_draws_them(
+    tables, tmp_path
+):
+    train_table, val_table = tables
+    frame = pd.read_csv(train_table)
+    assert frame.loc[0, "excluded"] and len(frame) == 8
+    frame.loc[0, "sampler_weight"] = 5.0  # an excluded row edited by hand
+    edited = write_table(frame, tmp_path / "edited.csv")
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(
+        yaml.safe_dump(small_config(edited, val_table, tmp_path / "out")), encoding="utf-8"
+    )
+    result = runner.invoke(app, ["train", str(config_path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.count("marked excluded but have sampler_weight > 0") == 1, result.stderr
+    assert "rows with sampler_weight > 0: 7" in result.stdout

@@ -123,13 +123,59 @@ def check_model_available(config: EmbeddingsConfig) -> None:
     """Raise unless the configured model can be loaded offline with these settings.
 
     Called before any raster is read. Never touches the network: a model is usable when it is
-    a local folder or sits in the local Hugging Face cache. Also checks `bands` and that
-    `image_size` suits the model (a multiple of DINOv2's patch size).
+    a local folder or sits in the local Hugging Face cache and its weight files are intact
+    (their headers read). Also checks `bands` and that `image_size` suits the model (a
+    multiple of DINOv2's patch size).
     """
     _require_torch()
     _check_bands_setting(config)
     source = resolve_model(config)
     _check_image_size(config, source)
+    _check_weight_files(source)
+
+
+def _check_weight_files(source: ModelSource) -> None:
+    """Raise `ConfigError` naming the first weight file that is corrupt or incomplete.
+
+    Reads only each file's header and index (a safetensors header, a checkpoint's zip
+    directory), which is enough to catch random bytes and truncated copies in milliseconds.
+    """
+    for path in source.weight_files:
+        problem = _weight_file_problem(path)
+        if problem:
+            fix = (
+                f"`hf download {source.model_id} --local-dir DIR`"
+                if source.folder is not None and source.revision is not None
+                else "save_pretrained or a fresh download"
+            )
+            raise ConfigError(
+                f"{path}: the model weights are corrupt or incomplete ({problem}); replace the "
+                f"file with an intact copy ({fix}) or point embeddings.dino_model elsewhere"
+            )
+
+
+def _weight_file_problem(path: Path) -> str | None:
+    """Return why the weight file at `path` cannot be loaded, or None when its index reads."""
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as exc:
+            return " ".join(str(exc).split()) or type(exc).__name__
+        return None
+    if path.suffix == ".bin":
+        import zipfile
+
+        # torch.save writes a zip archive (its directory sits at the very end, so a truncated
+        # copy fails here); checkpoints older than torch 1.6 are a pickle, which starts 0x80.
+        if zipfile.is_zipfile(path):
+            return None
+        with open(path, "rb") as stream:
+            if stream.read(1) != b"\x80":
+                return "neither a PyTorch checkpoint archive nor a pickle"
+    return None
 
 
 def _check_bands_setting(config: EmbeddingsConfig) -> None:
@@ -350,6 +396,7 @@ def load_backbone(config: EmbeddingsConfig, source: ModelSource | None = None) -
 
         return Backbone(module, dim, mean, std, "avg", embed_efficientnet)
 
+    from safetensors import SafetensorError
     from transformers import AutoModel
     from transformers.utils import logging as transformers_logging
 
@@ -363,7 +410,7 @@ def load_backbone(config: EmbeddingsConfig, source: ModelSource | None = None) -
             trust_remote_code=False,
             dtype=torch.float32,
         )
-    except (OSError, ValueError, RuntimeError) as exc:
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(
             f"embeddings.dino_model {source.model_id}: cannot load the model from "
@@ -956,15 +1003,21 @@ def extract_embeddings(
         round(len(todo) / extraction_seconds, 2) if len(todo) and extraction_seconds > 0 else None
     )
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    log.info(
-        "embeddings: %d computed (%s patches/s on %s, %s), %d reused from the cache",
-        summary["computed"],
-        summary["patches_per_second"],
-        device,
-        precision,
-        cache_hits,
-    )
+    log.info("embeddings: %s", extraction_text(summary))
     return EmbeddingResult(vectors=vectors, summary=summary)
+
+
+def extraction_text(summary: dict[str, Any]) -> str:
+    """Return how many embeddings a run computed and reused, e.g. for the end-of-run summary."""
+    computed, reused = summary.get("computed", 0), summary.get("cache_hits", 0)
+    if not computed:
+        return f"all {reused:,} reused, nothing computed"
+    rate = summary.get("patches_per_second")
+    return (
+        f"{computed:,} computed"
+        + (f" at {rate:.1f} patches/s" if rate else "")
+        + f", {reused:,} reused from the cache"
+    )
 
 
 def _compute(

@@ -26,16 +26,54 @@ log = logging.getLogger(__name__)
 
 
 def check_writable(path: Path, what: str) -> None:
-    """Raise `OutputError` unless `path`'s folder exists (or can be made) and is writable."""
-    folder = Path(path).parent
+    """Raise `OutputError` unless a file can be written at `path`.
+
+    `path` must not be a folder; its folder must exist (or be made here) and take a test
+    file, created and deleted at once. The test file is the only check that holds as root
+    (where permission bits stop nothing) and on /proc or read-only mounts.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputError(
+            f"{path}: {what} names a folder, not a file; give a file name in that folder"
+        )
+    folder = path.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(
             f"{path}: cannot create the output folder for {what}: {exc.strerror}"
         ) from exc
-    if not os.access(folder, os.W_OK):
-        raise OutputError(f"{path}: the output folder {folder} is not writable ({what})")
+    _write_test_file(folder, path, what)
+
+
+def check_writable_folder(folder: Path, what: str) -> None:
+    """Raise `OutputError` unless files can be written in `folder` (made later when missing).
+
+    An existing `folder` must be a folder that takes a test file; a missing one needs its
+    nearest existing parent to. Nothing is left behind.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"{folder}: {what} is a file, not a folder; give a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{folder}: cannot create {what}: {existing} is a file, not a folder")
+    _write_test_file(existing, folder, what)
+
+
+def _write_test_file(folder: Path, target: Path, what: str) -> None:
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".patchbalance-write-test-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise OutputError(
+            f"{target}: cannot write {what} in {folder} ({reason}); choose a writable folder"
+        ) from None
 
 
 def _umask() -> int:

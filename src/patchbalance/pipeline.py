@@ -97,6 +97,16 @@ def _progress_bar(total: int, description: str, enabled: bool, unit: str = "patc
     )
 
 
+OUTPUT_LABELS = {
+    "table": "the balanced table (output.csv_path)",
+    "summary": "the summary (output.summary_path)",
+    "geojson": "the GeoJSON footprints (output.footprints_path)",
+    "geopackage": "the GeoPackage footprints (output.footprints_path)",
+    "geoparquet": "the GeoParquet footprints (output.footprints_path)",
+    "cache": "the embeddings cache (embeddings.parquet_path)",
+}
+
+
 def output_paths(config: BalancedDatasetConfig) -> dict[str, Path]:
     """Return the resolved output paths: table, summary and (optionally) footprints.
 
@@ -243,6 +253,12 @@ def _read_rasters(
         )
     for path, message in sorted(open_errors.items())[:5]:
         log.warning("cannot read %s: %s (its patches are excluded: read_error)", path, message)
+    if stats.errors:
+        log.warning(
+            "%d window(s) could not be read (excluded: read_error), first: %s",
+            len(stats.errors),
+            notes["first_window_error"],
+        )
     if out_of_bounds.any():
         log.warning(
             "%d window(s) lie outside their raster (excluded: window_out_of_bounds)",
@@ -349,9 +365,15 @@ def run_build(
     config = _as_config(config)
     clock = StageClock()
     paths = output_paths(config)
+    embeddings_mode = config.mode == "embeddings"
+    # Every output target is checked before the first stage, not found unwritable at the end.
+    targets = {OUTPUT_LABELS[name]: path for name, path in paths.items()} if write else {}
+    if embeddings_mode and config.embeddings.parquet_path:
+        targets[OUTPUT_LABELS["cache"]] = Path(embeddings_config(config).parquet_path or "")
+    for what, path in targets.items():
+        check_writable(path, what)
     if write:
-        for name, path in paths.items():
-            check_writable(path, name)
+        for name in paths:
             if name in FOOTPRINT_FORMATS.values():
                 check_footprint_writer(name)
         if config.output.postgres_table is not None:
@@ -359,7 +381,6 @@ def run_build(
 
             # Before any work: an existing table under if_exists: fail, or the source itself.
             check_postgres_table(config)
-    embeddings_mode = config.mode == "embeddings"
 
     with clock.stage("records"):
         source = load_records(config)
@@ -650,13 +671,12 @@ def summary_text(summary: dict[str, Any], figures: Any) -> str:
         f"composition clusters: k={clustering['k']} ({clustering['k_selection']}); sizes {sizes}"
     )
     if "embeddings" in summary:
+        from patchbalance.embeddings import extraction_text
+
         e = summary["embeddings"]
-        rate = e.get("patches_per_second")
         lines.append(
             f"embeddings: {e.get('model_id')} ({e.get('dim')}-d, {e.get('device')}): "
-            f"{e.get('computed', 0):,} computed"
-            + (f" at {rate:.1f} patches/s" if rate else "")
-            + f", {e.get('cache_hits', 0):,} reused from the cache"
+            + extraction_text(e)
         )
     if "uniqueness" in summary:
         u = summary["uniqueness"]

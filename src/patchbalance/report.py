@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.errors import InputError
+from patchbalance.table import drawn_weights, excluded_column, rows_text
 
 CLASS_COLUMN = re.compile(r"^px_(-?\d+)$")
 # A below-median class whose weighted share falls under this fraction of its uniform share is
@@ -154,26 +155,32 @@ def sampling_figures(
     )
 
 
-def figures_from_table(table: pd.DataFrame) -> SamplingFigures:
-    """Return the SPEC §5 figures of a balanced table (needs `px_*` and `sampler_weight`)."""
+def figures_from_table(table: pd.DataFrame, where: str | None = None) -> SamplingFigures:
+    """Return the SPEC §5 figures of a balanced table (needs `px_*` and `sampler_weight`).
+
+    `where` names the table (its file) in error messages and warnings. Active rows are those
+    not `excluded` (all rows of weight > 0 without the column); an excluded row with a weight
+    above 0 is never drawn, and one warning counts such rows.
+    """
+    prefix = f"{where}: " if where else ""
     if "sampler_weight" not in table.columns:
         raise InputError(
-            "the table has no sampler_weight column; build it with build-balanced-dataset"
+            f"{prefix}the table has no sampler_weight column; build it with build-balanced-dataset"
         )
     columns, values = class_count_columns(table)
     if not columns:
-        raise InputError("the table has no px_<class> columns of class pixel counts")
+        raise InputError(f"{prefix}the table has no px_<class> columns of class pixel counts")
     weights = pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(dtype=np.float64)
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
-        bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+    bad = ~np.isfinite(weights) | (weights < 0)
+    if bad.any():
         raise InputError(
-            f"sampler_weight is negative or not a number in {len(bad)} row(s), first at row {bad[0] + 1}"
+            f"{prefix}sampler_weight is negative, empty or not a number in "
+            f"{int(bad.sum())} row(s) ({rows_text(np.flatnonzero(bad))}); weights must be finite "
+            "and >= 0: rebuild the table with build-balanced-dataset or fix those rows"
         )
-    if "excluded" in table.columns:
-        excluded = table["excluded"].astype(str).str.lower().isin(("true", "1"))
-        active = ~excluded.to_numpy()
-    else:
-        active = weights > 0
+    excluded = excluded_column(table, where)
+    weights = drawn_weights(weights, excluded, where)
+    active = ~excluded if excluded is not None else weights > 0
     counts = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     return sampling_figures(counts, weights, active, values)
 
@@ -234,8 +241,12 @@ def report(table: pd.DataFrame) -> SamplingFigures:
 
 def run_report_command(table_path: Path, out: Path | None = None) -> str:
     """Return the report's text for the CLI; with `out`, also write the HTML page there."""
+    if out is not None:
+        from patchbalance.outputs import check_writable
+
+        check_writable(Path(out), "the HTML report (--out)")
     table = read_table(table_path)
-    figures = figures_from_table(table)
+    figures = figures_from_table(table, where=str(table_path))
     text = figures_text(figures)
     for line in figures.starvation_warnings(f"the weights of {Path(table_path).name}"):
         text += f"\nwarning: {line}"

@@ -21,6 +21,7 @@ import pandas as pd
 from patchbalance.errors import MissingDependencyError
 from patchbalance.outputs import atomic_writer, check_writable
 from patchbalance.report import SamplingFigures, class_count_columns
+from patchbalance.table import drawn_weights, excluded_column
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -97,11 +98,12 @@ def _class_colours(n_classes: int) -> list[Any]:
     return [palette(j % palette.N) for j in range(n_classes)]
 
 
-def _active_mask(table: pd.DataFrame, weights: np.ndarray) -> np.ndarray:
-    # The same rule as report.figures_from_table, so the plots and the figures agree.
-    if "excluded" in table.columns:
-        return ~table["excluded"].astype(str).str.lower().isin(("true", "1")).to_numpy()
-    return weights > 0
+def _active_and_drawn(table: pd.DataFrame, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # The same rules as report.figures_from_table (which already warned), so plots and figures
+    # agree: active = not excluded, and an excluded row is never drawn.
+    excluded = excluded_column(table)
+    weights = drawn_weights(weights, excluded, warn=False)
+    return (~excluded if excluded is not None else weights > 0), weights
 
 
 # ------------------------------------------------------------------------------------------
@@ -513,7 +515,7 @@ def render_html_report(
     weights = np.nan_to_num(
         pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(dtype=np.float64)
     )
-    active = _active_mask(table, weights)
+    active, weights = _active_and_drawn(table, weights)
     labels = _class_labels(figures.class_values, class_names)
     sections = [
         _summary_section(figures),

@@ -40,7 +40,8 @@ from pydantic import Field, ValidationError
 
 from patchbalance.config import StrictModel, describe_validation_error, read_yaml_mapping
 from patchbalance.errors import ConfigError, OutputError
-from patchbalance.outputs import atomic_write_with
+from patchbalance.outputs import atomic_write_with, check_writable_folder
+from patchbalance.table import drawn_weights
 
 log = logging.getLogger(__name__)
 
@@ -493,7 +494,10 @@ class TrainPlan:
             f"train: {len(self.train_dataset)} patches from {self.train_dataset.input_csv_path}",
         ]
         if weights is not None and type(sampler).__name__ != "RandomSampler":
-            lines.append(f"  rows with sampler_weight > 0: {int(np.count_nonzero(weights > 0))}")
+            # Counted as the sampler draws: an excluded row never is, whatever its weight.
+            excluded = getattr(self.train_dataset, "excluded", None)
+            drawable = drawn_weights(weights, excluded, warn=False) > 0
+            lines.append(f"  rows with sampler_weight > 0: {int(np.count_nonzero(drawable))}")
         lines += [
             f"  sampler: {type(sampler).__name__}, {len(sampler)} draws per epoch, "
             f"{len(self.train_loader)} batches of {self.train_loader.batch_size}",
@@ -545,6 +549,9 @@ def plan_training(
     base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
     resolved = resolve_config_mapping(config, (), where)
     cfg = _validate_config(resolved, where)
+    output_dir = Path(_resolve_path(cfg.output_dir, base))
+    # Found unwritable now, not after the first epoch's checkpoint.
+    check_writable_folder(output_dir, "output_dir")
     ignored = [key for key in UPSTREAM_ONLY_KEYS if resolved.get(key) is not None]
     if ignored:
         log.info(
@@ -591,7 +598,6 @@ def plan_training(
         if hasattr(train_dataset, "image_band_count")
         else int(cfg.model.get("in_channels", 3))
     )
-    output_dir = Path(_resolve_path(cfg.output_dir, base))
     ratio = np.zeros(n_classes)
     if cfg.prior_correction is not None:
         weighted = bool((train_loader_block or {}).get("weighted_sampler", False))

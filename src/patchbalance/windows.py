@@ -54,9 +54,24 @@ class RasterInfo:
 
 
 def gdal_message(exc: BaseException) -> str:
-    """Return GDAL's error text on one line."""
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
+    """Return GDAL's error text on one line.
+
+    A failed read raises rasterio's "Read failed. See previous exception for details." with
+    GDAL's own errors chained as causes (outermost first, e.g. "IReadBlock failed ...", down
+    to "TIFFFillTile:Read error at row ..."). The text is the first real message of that
+    chain, with its root cause in brackets when that adds something.
+    """
+    texts: list[str] = []
+    current: BaseException | None = exc
+    while current is not None and len(texts) < 16:
+        text = " ".join(str(current).split())
+        if text and "See previous exception" not in text:
+            texts.append(text)
+        current = current.__cause__
+    if not texts:
+        return type(exc).__name__
+    first, root = texts[0], texts[-1]
+    return first if root in first else f"{first} ({root})"
 
 
 def open_raster(path: str) -> rasterio.DatasetReader:

@@ -23,6 +23,12 @@ from patchbalance.config import CoresetConfig, coreset_config_from_mapping, load
 from patchbalance.coreset import scorers
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.stats import class_entropy, class_proportions
+from patchbalance.table import (
+    boolean_column,
+    excluded_but_weighted,
+    excluded_column,
+    warn_excluded_but_weighted,
+)
 from patchbalance.weights import (
     inverse_frequency_scores,
     normalise_weights,
@@ -53,28 +59,22 @@ class CoresetResult:
 # Reading the table's columns
 
 
-def boolean_column(table: pd.DataFrame, name: str) -> np.ndarray:
-    """Return column `name` as booleans ("true"/"1"/"yes" in text; empty is False)."""
-    column = table[name]
-    if column.dtype == bool:
-        return column.to_numpy()
-    if pd.api.types.is_numeric_dtype(column):
-        return column.fillna(0).to_numpy() != 0
-    text = column.astype(str).str.strip().str.lower()
-    return text.isin(("true", "1", "yes", "t", "1.0")).to_numpy()
-
-
-def pool_mask(table: pd.DataFrame, exclude_low_entropy: bool) -> tuple[np.ndarray, dict[str, int]]:
+def pool_mask(
+    table: pd.DataFrame, exclude_low_entropy: bool, where: str | None = None
+) -> tuple[np.ndarray, dict[str, int]]:
     """Return which rows form the pool, and how many rows were left out and why.
 
     The pool is the rows that are not `excluded` and, with `exclude_low_entropy`, not
     `has_low_entropy`. Without `exclude_low_entropy`, a row whose only exclusion reason is
-    `low_entropy` comes back into the pool: that is what the switch is for.
+    `low_entropy` comes back into the pool: that is what the switch is for. Excluded rows left
+    out of the pool are never drawn, whatever their input weight; one warning counts those
+    whose `sampler_weight` is above 0. `where` names the table in messages.
     """
     n = len(table)
-    excluded = boolean_column(table, "excluded") if "excluded" in table else np.zeros(n, bool)
+    excluded = excluded_column(table, where)
+    excluded = np.zeros(n, bool) if excluded is None else excluded
     low = (
-        boolean_column(table, "has_low_entropy")
+        boolean_column(table, "has_low_entropy", where)
         if "has_low_entropy" in table
         else np.zeros(n, bool)
     )
@@ -83,6 +83,13 @@ def pool_mask(table: pd.DataFrame, exclude_low_entropy: bool) -> tuple[np.ndarra
         excluded = excluded & ~only_low.to_numpy()
     left_out_low = (low & ~excluded) if exclude_low_entropy else np.zeros(n, bool)
     pool = ~excluded & ~left_out_low
+    if "sampler_weight" in table:
+        weights = pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(np.float64)
+        warn_excluded_but_weighted(
+            excluded_but_weighted(excluded, weights),
+            where,
+            "they are left out of the CoreSet pool and get weight 0",
+        )
     return pool, {"excluded": int(excluded.sum()), "low_entropy": int(left_out_low.sum())}
 
 
@@ -485,8 +492,12 @@ def run_selection(
     embeddings: np.ndarray | None = None,
     *,
     progress: bool = False,
+    where: str | None = None,
 ) -> CoresetResult:
-    """Return the output table of `select_coreset` and the figures for its summary."""
+    """Return the output table of `select_coreset` and the figures for its summary.
+
+    `where` names the input table (its file) in messages.
+    """
     config = _as_config(config)
     timings: dict[str, float] = {}
     notes: list[str] = []
@@ -494,7 +505,7 @@ def run_selection(
     check_key_columns(df, "the input table")
 
     with _clock(timings, "pool"):
-        pool, left_out = pool_mask(df, config.exclude_low_entropy)
+        pool, left_out = pool_mask(df, config.exclude_low_entropy, where)
         n_pool = int(pool.sum())
         if n_pool == 0:
             raise InputError(
@@ -778,7 +789,7 @@ def run_select_coreset_command(
 
     if dry_run:
         check_key_columns(table, str(input_path))
-        pool, left_out = pool_mask(table, config.exclude_low_entropy)
+        pool, left_out = pool_mask(table, config.exclude_low_entropy, str(input_path))
         count = budget_count(config.budget, config.budget_mode, int(pool.sum()))
         if config.method in EMBEDDING_METHODS:
             if config.embedding_column and config.embedding_column in table.columns:
@@ -809,7 +820,7 @@ def run_select_coreset_command(
     # Fail on an unwritable output before the selection, not after it.
     check_writable(output_path, "the CoreSet table (output_csv_path)")
     check_writable(summary_path, "the CoreSet summary")
-    result = run_selection(table, config, progress=progress)
+    result = run_selection(table, config, progress=progress, where=str(input_path))
     with _clock(result.summary["timings_s"], "write"):
         write_table(result.table, output_path)
         result.summary.update(

@@ -36,6 +36,7 @@ from rasterio.errors import RasterioError
 from torch.utils.data import Dataset
 
 from patchbalance.errors import ConfigError, InputError
+from patchbalance.table import boolean_column, excluded_column, row_numbers, rows_text
 from patchbalance.windows import RasterHandleCache, gdal_message, read_window
 
 log = logging.getLogger(__name__)
@@ -106,11 +107,9 @@ def build_augmentation(augmentation_list: Any) -> Any:
     return Compose(transforms)
 
 
-def _bad_rows(mask: np.ndarray) -> str:
-    rows = np.flatnonzero(mask)
-    shown = ", ".join(str(int(r)) for r in rows[:5])
-    more = f" and {rows.size - 5} more" if rows.size > 5 else ""
-    return f"{rows.size} row(s): {shown}{more} (counted from 0)"
+def _bad_rows(mask: np.ndarray, numbers: np.ndarray) -> str:
+    """Return "2 row(s): rows 4, 9" for the rows of `mask`; `numbers` are their table rows."""
+    return f"{int(np.count_nonzero(mask))} row(s): {rows_text(numbers[mask], numbered=True)}"
 
 
 def read_patch_table(
@@ -146,22 +145,17 @@ def read_patch_table(
         raise InputError(f"{path}: cannot read the table: {' '.join(str(exc).split())}") from exc
 
 
-def _integer_column(table: pd.DataFrame, column: str, path: Path, minimum: int) -> np.ndarray:
+def _integer_column(
+    table: pd.DataFrame, column: str, path: Path, minimum: int, numbers: np.ndarray
+) -> np.ndarray:
     values = pd.to_numeric(table[column], errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values) | (values != np.round(values)) | (values < minimum)
     if bad.any():
         raise InputError(
             f"{path}: column '{column}' must hold integers >= {minimum}; it does not in "
-            f"{_bad_rows(bad)}"
+            f"{_bad_rows(bad, numbers)}"
         )
     return values.astype(np.int64)
-
-
-def _boolean_column(series: pd.Series) -> np.ndarray:
-    if series.dtype == bool:
-        return series.to_numpy()
-    text = series.astype(str).str.strip().str.lower()
-    return text.isin(("true", "1", "1.0", "yes")).to_numpy()
 
 
 def _build_label_lookup(
@@ -279,20 +273,21 @@ class CSVWindowedSegmentationDataset(Dataset):
         table = read_patch_table(self.input_csv_path, keys, optional=(weight_key, "excluded"))
         if n_first_rows_to_read is not None:
             table = table.iloc[: int(n_first_rows_to_read)]
-        row_numbers = np.arange(len(table), dtype=np.int64)
+        numbers = row_numbers(np.arange(len(table)))
         if drop_excluded and "excluded" in table.columns:
-            keep = ~_boolean_column(table["excluded"])
+            keep = ~boolean_column(table, "excluded", str(self.input_csv_path))
             table = table.loc[keep]
-            row_numbers = row_numbers[keep]
+            numbers = numbers[keep]
         if len(table) == 0:
             raise InputError(f"{self.input_csv_path}: the table has no rows to train on")
 
         path = self.input_csv_path
-        self.row_off = _integer_column(table, row_off_key, path, 0)
-        self.col_off = _integer_column(table, col_off_key, path, 0)
-        self.patch_size = _integer_column(table, patch_size_key, path, 1)
-        # Table row numbers, so errors name the row a user sees even after drop_excluded.
-        self.row_numbers = row_numbers
+        self.row_off = _integer_column(table, row_off_key, path, 0, numbers)
+        self.col_off = _integer_column(table, col_off_key, path, 0, numbers)
+        self.patch_size = _integer_column(table, patch_size_key, path, 1, numbers)
+        # The table's 1-based data rows, so errors name the row a user sees in a spreadsheet,
+        # even after drop_excluded.
+        self.row_numbers = numbers
         base = Path(root_dir) if root_dir is not None else self.input_csv_path.resolve().parent
         # Paths stored once per distinct file plus an int32 code per row: no per-row Python
         # objects, which DataLoader workers would otherwise copy page by page on access.
@@ -306,9 +301,7 @@ class CSVWindowedSegmentationDataset(Dataset):
                 dtype=np.float64
             )
         self.weight_key = weight_key
-        self.excluded: np.ndarray | None = (
-            _boolean_column(table["excluded"]) if "excluded" in table.columns else None
-        )
+        self.excluded: np.ndarray | None = excluded_column(table, str(self.input_csv_path))
         self._handles = RasterHandleCache()
 
     def _factorize_paths(
@@ -316,7 +309,8 @@ class CSVWindowedSegmentationDataset(Dataset):
     ) -> tuple[np.ndarray, list[str]]:
         if column.isna().any():
             raise InputError(
-                f"{self.input_csv_path}: column '{key}' is empty in {_bad_rows(column.isna().to_numpy())}"
+                f"{self.input_csv_path}: column '{key}' is empty in "
+                f"{_bad_rows(column.isna().to_numpy(), self.row_numbers)}"
             )
         codes, uniques = pd.factorize(column.astype(str))
         files = [p if os.path.isabs(p) else os.path.normpath(base / p) for p in uniques]

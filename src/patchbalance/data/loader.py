@@ -32,6 +32,7 @@ from patchbalance.data.samplers import (
     validate_weights,
 )
 from patchbalance.errors import ConfigError, InputError
+from patchbalance.table import drawn_weights
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,10 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def dataset_weights(dataset: Dataset) -> np.ndarray:
-    """Return the validated sampler weights of `dataset` (its `sampler_weight` column)."""
+    """Return the validated sampler weights of `dataset` (its `sampler_weight` column).
+
+    Rows the table marks `excluded` get weight 0; one warning counts those that had more.
+    """
     if hasattr(dataset, "require_sampler_weights"):
         weights = dataset.require_sampler_weights()
     else:
@@ -94,6 +98,9 @@ def dataset_weights(dataset: Dataset) -> np.ndarray:
             f"{len(weights)} sampler weights for a dataset of {len(dataset)} rows"  # type: ignore[arg-type]
         )
     where = getattr(dataset, "input_csv_path", None)
+    # An excluded row is never drawn, whatever weight the table gives it (as in `report`).
+    excluded = getattr(dataset, "excluded", None)
+    weights = drawn_weights(weights, excluded, str(where) if where else None)
     return validate_weights(
         weights,
         what=f"{where}: sampler_weight" if where else "sampler_weight",

@@ -26,6 +26,8 @@ import torch
 from torch.utils.data import Sampler
 
 from patchbalance.errors import InputError
+from patchbalance.table import row_numbers as row_numbers_of
+from patchbalance.table import rows_text
 
 # torch.multinomial (behind WeightedRandomSampler) refuses more categories than this.
 TORCH_MULTINOMIAL_MAX_CATEGORIES = 2**24
@@ -42,9 +44,9 @@ def validate_weights(
 ) -> np.ndarray:
     """Return `weights` as a float64 array after checking it can drive a weighted sampler.
 
-    Raises `InputError` naming the first offending rows (0-based; `row_numbers[i]` names
-    weight i when given, e.g. the table rows left after dropping some) when a weight is NaN,
-    infinite or negative, or when every weight is 0.
+    Raises `InputError` naming the first offending rows when a weight is NaN, infinite or
+    negative, or when every weight is 0. Rows are 1-based (weight i is row i + 1), or
+    `row_numbers[i]` when given (the table's own rows, e.g. those left after dropping some).
     """
     array = np.asarray(weights, dtype=np.float64)
     if array.ndim != 1:
@@ -59,13 +61,14 @@ def validate_weights(
         ("negative", array < 0),
     ):
         if bad.any():
-            rows = np.flatnonzero(bad)
-            if row_numbers is not None:
-                rows = np.asarray(row_numbers)[rows]
-            shown = ", ".join(str(int(r)) for r in rows[:5])
-            more = f" and {rows.size - 5} more" if rows.size > 5 else ""
+            positions = np.flatnonzero(bad)
+            rows = (
+                row_numbers_of(positions)
+                if row_numbers is None
+                else np.asarray(row_numbers)[positions]
+            )
             raise InputError(
-                f"{what} is {name} in {rows.size} row(s) (rows {shown}{more}, counted from 0); "
+                f"{what} is {name} in {rows.size} row(s) ({rows_text(rows, numbered=True)}); "
                 "weights must be finite and >= 0: rebuild the table with build-balanced-dataset"
             )
     if not (array > 0).any():

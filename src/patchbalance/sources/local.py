@@ -49,9 +49,15 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
         bad = ~np.isfinite(as_float) | (as_float != np.round(as_float))
         if bad.any():
             position = int(np.flatnonzero(bad)[0])
+            value = records[column].iloc[position]
+            if pd.isna(value) or not str(value).strip():
+                raise InputError(
+                    f"{_row_label(source, position)}: {column} is empty; every record needs a "
+                    "whole number of pixels there"
+                )
             raise InputError(
                 f"{_row_label(source, position)}: {column} must be a whole number of pixels, "
-                f"got {records[column].iloc[position]!r}"
+                f"got {value!r}"
             )
         records[column] = as_float.astype(np.int64)
     negative = (records["row_off"].to_numpy() < 0) | (records["col_off"].to_numpy() < 0)
@@ -75,20 +81,30 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
             position = int(np.flatnonzero(empty.to_numpy())[0])
             raise InputError(f"{_row_label(source, position)}: {column} is empty")
         records[column] = resolve_paths(values.astype(str), base_dir)
-    duplicated = records.duplicated(list(KEY_COLUMNS), keep=False).to_numpy()
-    if duplicated.any():
-        first = np.flatnonzero(duplicated)[:2]
-        key = tuple(
-            value.item() if hasattr(value, "item") else value
-            for value in records.loc[first[0], list(KEY_COLUMNS)].tolist()
-        )
-        raise InputError(
-            f"{source}: duplicate patch key (image_path, row_off, col_off, patch_size) = "
-            f"{key} at {_row_label(source, int(first[0]))} and "
-            f"{_row_label(source, int(first[1]))} ({int(duplicated.sum())} rows share a key); "
-            "remove the duplicates"
-        )
+    _check_unique_keys(records, source)
     return records
+
+
+def _check_unique_keys(records: pd.DataFrame, source: str) -> None:
+    """Raise `InputError` naming the rows of the first duplicated key and counting the keys."""
+    duplicated = records.duplicated(list(KEY_COLUMNS), keep=False).to_numpy()
+    if not duplicated.any():
+        return
+    groups = records.groupby(list(KEY_COLUMNS), sort=False).ngroup().to_numpy()
+    first = int(np.flatnonzero(duplicated)[0])
+    rows = np.flatnonzero(groups == groups[first])
+    key = tuple(
+        value.item() if hasattr(value, "item") else value
+        for value in records.loc[first, list(KEY_COLUMNS)].tolist()
+    )
+    more = f" and {rows.size - 2} more" if rows.size > 2 else ""
+    n_keys = np.unique(groups[duplicated]).size
+    raise InputError(
+        f"{source}: duplicate patch key (image_path, row_off, col_off, patch_size) = {key} "
+        f"at {_row_label(source, int(rows[0]))} and {_row_label(source, int(rows[1]))}{more}; "
+        f"{n_keys} key(s) occur more than once ({int(duplicated.sum())} rows in all); "
+        "remove the duplicates"
+    )
 
 
 def resolve_paths(paths: pd.Series, base_dir: Path) -> pd.Series:

@@ -26,12 +26,13 @@ import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from patchbalance.config import BalancedDatasetConfig, InputConfig
-from patchbalance.errors import InputError, MissingDependencyError
+from patchbalance.errors import ConfigError, InputError, MissingDependencyError
 from patchbalance.sources import SourceRecords, validate_records
 
 log = logging.getLogger(__name__)
@@ -110,9 +111,10 @@ def scrub(text: str, secrets: Iterable[str] = ()) -> str:
 def connection_settings(source: InputConfig) -> tuple[str, Target, list[str]]:
     """Return (libpq connection string, target for messages, secret values to scrub).
 
-    `dsn` is the base; host, port, database, user and password given as keys override it.
-    Empty values count as not given, so `${oc.env:PGPASSWORD,""}` falls back to libpq's own
-    environment and `~/.pgpass`.
+    Either `dsn` or the keys host, port, database and user say where to connect; giving both
+    is an error naming the keys, never a silent override. `password` may come with a dsn that
+    holds none. Empty values count as not given, so `${oc.env:PGPASSWORD,""}` falls back to
+    libpq's own environment and `~/.pgpass`.
     """
     psycopg = _psycopg()
     from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -133,6 +135,7 @@ def connection_settings(source: InputConfig) -> tuple[str, Target, list[str]]:
             "input.dsn is not a valid PostgreSQL connection string; write key=value pairs "
             "(host=... port=... dbname=... user=...) or a postgresql://user@host:port/database URI"
         ) from None
+    _check_dsn_conflicts(source, given, base)
     settings = {**base, **given}
     settings.setdefault("connect_timeout", "10")
     settings.setdefault("application_name", "patchbalance")
@@ -150,6 +153,22 @@ def connection_settings(source: InputConfig) -> tuple[str, Target, list[str]]:
         database=pick("dbname", "PGDATABASE", user),
     )
     return conninfo, target, _secrets(source, settings.get("password"))
+
+
+DSN_KEYS = {"host": "host", "port": "port", "dbname": "database", "user": "user"}
+
+
+def _check_dsn_conflicts(source: InputConfig, given: dict[str, str], base: dict[str, Any]) -> None:
+    if source.dsn in (None, ""):
+        return
+    conflicting = [f"input.{name}" for key, name in DSN_KEYS.items() if key in given]
+    if "password" in given and base.get("password"):
+        conflicting.append("input.password")
+    if conflicting:
+        raise ConfigError(
+            f"input.dsn and {', '.join(conflicting)} both say where to connect; give either "
+            "the dsn or the separate keys (host, port, database, user, password), not both"
+        )
 
 
 def _os_user() -> str:
@@ -175,6 +194,10 @@ def connect(conninfo: str, target: Target, secrets: list[str]):  # -> psycopg.Co
     return conn
 
 
+# libpq's texts for a setting it cannot use (an unknown option, a value outside its choices).
+INVALID_OPTION = re.compile(r"invalid [\w ]*value|invalid connection option")
+
+
 def _connect_message(text: str, target: Target, secrets: list[str]) -> str:
     lowered = text.lower()
     who = f"user '{target.user}' on database '{target.database}' at {target.address}"
@@ -192,6 +215,13 @@ def _connect_message(text: str, target: Target, secrets: list[str]) -> str:
         return (
             f"PostgreSQL at {target.address} does not accept connections for user "
             f"'{target.user}' to database '{target.database}' from this host (pg_hba.conf)"
+        )
+    if lowered.startswith("connection is bad:") or INVALID_OPTION.search(lowered):
+        # libpq refused the settings before any network traffic: its reason is the fix.
+        reason = text.strip().splitlines()[0].split(":", 1)[-1].strip()
+        return (
+            f"PostgreSQL (libpq) rejects the connection settings: {scrub(reason, secrets)}; "
+            "fix that option in input.dsn"
         )
     if re.search(r'database ".*" does not exist', lowered):
         return (
