@@ -748,7 +748,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--short-steps", type=int, help="short budget (a validation point)")
     parser.add_argument("--eval-every", type=int, help="validation interval in steps")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument(
         "--encoder",
         default="efficientnet_lite0",
