@@ -153,7 +153,7 @@ def _scan_mask(info: RasterInfo, settings: PlacementSettings, keep: int, seed: i
             valid = np.ones(strip.shape, dtype=bool)
             if nodata is not None:
                 valid &= strip != nodata
-            values = np.unique(strip[valid])
+            values = _values_present(strip[valid])
             if settings.classes is not None:
                 values = values[np.isin(values, settings.classes)]
             grid_rows = max(0, min(rows, covered_rows - top))
@@ -166,6 +166,13 @@ def _scan_mask(info: RasterInfo, settings: PlacementSettings, keep: int, seed: i
                 pixels[..., 0] += top * (pixels[..., 0] >= 0)
                 _keep_largest(scanned.regions, value, sizes, pixels, keep)
     return scanned
+
+
+def _values_present(pixels: np.ndarray) -> np.ndarray:
+    """Return the sorted distinct values of `pixels` (a bincount for small unsigned integers)."""
+    if pixels.dtype.kind == "u" and pixels.dtype.itemsize <= 2:
+        return np.flatnonzero(np.bincount(pixels.ravel()))
+    return np.unique(pixels)
 
 
 def _regions(

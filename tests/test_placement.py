@@ -1,0 +1,169 @@
+"""`placement: class_centred` in the rasters source (SPEC §2.1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pandas as pd
+import pytest
+import rasterio
+
+from patchbalance.config import load_config
+from patchbalance.sources.local import records_from_rasters
+from tests.rasters import write_geotiff
+
+PATCH = 32
+
+
+def scene(tmp_path, seed: int = 0, size: int = 256):
+    """Write an image and a mask: class 1 ground, class 2 a band, class 7 a few small blobs."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((size, size), dtype=np.uint8)
+    mask[100:160] = 2
+    for row, col in rng.integers(5, size - 12, size=(9, 2)):
+        mask[row : row + 7, col : col + 7] = 7
+    mask[-4:] = 255
+    image = np.stack([mask * 20] * 3).astype(np.uint8)
+    write_geotiff(tmp_path / f"img{seed}.tif", image)
+    write_geotiff(tmp_path / f"mask{seed}.tif", mask, nodata=255)
+    return mask
+
+
+def config_for(tmp_path, **placement):
+    config = {
+        "input": {
+            "rasters": [
+                {"image_path": f"img{i}.tif", "mask_path": f"mask{i}.tif"} for i in range(2)
+            ],
+            "patch_size": PATCH,
+            **placement,
+        },
+        "output": {"csv_path": "out.csv"},
+    }
+    path = tmp_path / "config.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return load_config(path)
+
+
+@pytest.fixture
+def masks(tmp_path):
+    return [scene(tmp_path, seed) for seed in range(2)]
+
+
+def test_class_windows_lie_inside_and_hold_enough_of_their_class(tmp_path, masks):
+    records = records_from_rasters(config_for(tmp_path, placement="class_centred"))
+
+    added = records[records["placement"] != "grid"]
+    assert len(added) > 0 and set(added["placement"]) == {"class:7"}  # 7 is rare, 1 and 2 not
+    for row in added.itertuples():
+        mask = masks[int(row.mask_path.endswith("mask1.tif"))]
+        assert 0 <= row.row_off <= mask.shape[0] - PATCH
+        assert 0 <= row.col_off <= mask.shape[1] - PATCH
+        window = mask[row.row_off : row.row_off + PATCH, row.col_off : row.col_off + PATCH]
+        assert np.count_nonzero(window == 7) >= 0.01 * PATCH * PATCH
+
+
+def iou(a, b) -> float:
+    inter = max(0, PATCH - abs(a[0] - b[0])) * max(0, PATCH - abs(a[1] - b[1]))
+    return inter / (2 * PATCH * PATCH - inter)
+
+
+@pytest.mark.parametrize("max_overlap", [0.0, 0.5])
+def test_no_two_class_windows_overlap_more_than_max_overlap(tmp_path, masks, max_overlap):
+    records = records_from_rasters(
+        config_for(tmp_path, placement="class_centred", max_overlap=max_overlap, rare_classes=[2])
+    )
+
+    added = records[records["placement"] != "grid"]
+    assert {"class:2", "class:7"} <= set(added["placement"])
+    for _, group in added.groupby("image_path"):
+        corners = list(zip(group["row_off"], group["col_off"], strict=True))
+        for i, a in enumerate(corners):
+            for b in corners[i + 1 :]:
+                assert iou(a, b) <= max_overlap + 1e-12
+
+
+def test_grid_windows_are_those_of_placement_grid_and_a_rerun_is_identical(tmp_path, masks):
+    grid = records_from_rasters(config_for(tmp_path))
+    centred = records_from_rasters(config_for(tmp_path, placement="class_centred"))
+    again = records_from_rasters(config_for(tmp_path, placement="class_centred"))
+
+    assert "placement" not in grid.columns
+    pd.testing.assert_frame_equal(
+        centred[centred["placement"] == "grid"].drop(columns="placement"), grid
+    )
+    pd.testing.assert_frame_equal(centred, again)
+    # No class window repeats a grid window (keys stay unique).
+    assert not centred.duplicated(["image_path", "row_off", "col_off", "patch_size"]).any()
+
+
+def test_class_windows_per_raster_caps_the_windows_of_each_class(tmp_path, masks):
+    records = records_from_rasters(
+        config_for(tmp_path, placement="class_centred", class_windows_per_raster=2)
+    )
+
+    added = records[records["placement"] != "grid"]
+    assert added.groupby(["image_path", "placement"]).size().max() == 2
+
+
+def test_placement_needs_the_rasters_source(tmp_path):
+    from patchbalance.errors import ConfigError
+
+    (tmp_path / "records.csv").write_text("image_path,mask_path,row_off,col_off,patch_size\n")
+    (tmp_path / "config.yaml").write_text(
+        "input:\n  records_path: records.csv\n  placement: class_centred\n"
+        "output:\n  csv_path: out.csv\n"
+    )
+    with pytest.raises(ConfigError, match="placement: class_centred needs the rasters source"):
+        load_config(tmp_path / "config.yaml")
+
+
+def test_peak_memory_stays_bounded_on_a_raster_too_large_to_load_whole(tmp_path):
+    # 60,000 x 60,000 pixels of uint8 would be 3.6 GB in memory. The file is sparse: only the
+    # marked tiles are written, the rest reads as nodata.
+    side, block = 60_416, 512
+    mask_path, image_path = tmp_path / "big_mask.tif", tmp_path / "big_image.tif"
+    profile = {
+        "driver": "GTiff", "width": side, "height": side, "count": 1, "dtype": "uint8",
+        "tiled": True, "blockxsize": block, "blockysize": block, "compress": "deflate",
+        "nodata": 255, "sparse_ok": True, "crs": "EPSG:32640",
+        "transform": rasterio.transform.from_origin(300000, 2800000, 1, 1),
+    }  # fmt: skip
+    tile = np.ones((block, block), dtype=np.uint8)
+    tile[100:130, 200:230] = 9
+    with rasterio.open(mask_path, "w", **profile) as dataset:
+        for n in range(0, side // block, 17):  # 7 tiles on the diagonal
+            dataset.write(tile, 1, window=rasterio.windows.Window(n * block, n * block, block, block))
+    with rasterio.open(image_path, "w", **profile):
+        pass  # never read: class-centred placement reads masks only
+    script = textwrap.dedent(
+        f"""
+        import resource
+        from patchbalance.placement import PlacementSettings, class_centred_records
+        from patchbalance.windows import probe_raster
+        settings = PlacementSettings(patch_size=256, stride=256)
+        records, figures = class_centred_records(
+            [("{image_path}", "{mask_path}")], [probe_raster("{mask_path}")], settings
+        )
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(len(records), figures["rare_classes"], int(peak_mb))
+        """
+    )
+    # GDAL's block cache (5 % of RAM by default) is capped, so the figure is the pass's own.
+    env = {**os.environ, "GDAL_CACHEMAX": "64"}
+    output = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600,
+        env=env,
+    ).stdout.split()
+
+    count, peak_mb = int(output[0]), int(output[-1])
+    # Class 9 is 900 of the 7 tiles' 1.8 million labelled pixels: rare; one window per blob.
+    assert count == 7 and output[1] == "[9]"
+    # A strip of one block row is 31 MB; the whole mask would be 3,650 MB.
+    assert peak_mb < 500, f"peak RSS {peak_mb} MB"
