@@ -151,7 +151,7 @@ class ClassMap:
             raise SystemExit(f"{path}: class indices must be 0 .. {len(names) - 1}, each once")
         unmapped = data.get("unmapped", "error")
         if unmapped not in ("error", "nodata"):
-            raise SystemExit(f"{path}: 'unmapped' must be \"error\" or \"nodata\"")
+            raise SystemExit(f'{path}: \'unmapped\' must be "error" or "nodata"')
         return cls(
             names=names,
             lookup=lookup,
@@ -175,7 +175,10 @@ class ClassMap:
             array = np.asarray(image) if image.mode in ("L", "P", "I", "I;16") else None
             if array is None:
                 rgb = np.asarray(image.convert("RGB"))
-                if not (np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2])):
+                if not (
+                    np.array_equal(rgb[..., 0], rgb[..., 1])
+                    and np.array_equal(rgb[..., 1], rgb[..., 2])
+                ):
                     raise SystemExit(
                         f"{mask_path}: a colour mask, but the class map lists integer values; "
                         "give the classes as #RRGGBB colours"
@@ -191,7 +194,7 @@ class ClassMap:
                 shown = f"#{value:06X}" if self.colour else str(value)
                 raise SystemExit(
                     f"{mask_path}: mask value {shown} is not in the class map; add it to a "
-                    "class or to 'nodata', or set \"unmapped\": \"nodata\""
+                    'class or to \'nodata\', or set "unmapped": "nodata"'
                 )
         return table[inverse.reshape(codes.shape)]
 
@@ -221,7 +224,9 @@ def pair_files(images: str, masks: str) -> list[tuple[Path, Path, str]]:
             if match:
                 groups = list(match.groups())
                 if groups:
-                    groups[-1] = Path(groups[-1]).stem if fnmatch.fnmatch(groups[-1], "*.*") else groups[-1]
+                    groups[-1] = (
+                        Path(groups[-1]).stem if fnmatch.fnmatch(groups[-1], "*.*") else groups[-1]
+                    )
                 found[tuple(groups)] = Path(path)
         return found
 
@@ -277,7 +282,9 @@ def convert(
         mask = downsample_mask(mask[:height, :width], factor, len(class_map.names))
         transform = from_origin(x, 3_000_000.0, float(factor), float(factor))
         x += mask.shape[1] * factor + GAP
-        image_tif = write_geotiff(out / "images" / f"{name}.tif", image.transpose(2, 0, 1), transform)
+        image_tif = write_geotiff(
+            out / "images" / f"{name}.tif", image.transpose(2, 0, 1), transform
+        )
         mask_tif = write_geotiff(out / "masks" / f"{name}.tif", mask, transform, MASK_NODATA)
         rows.append(
             {
@@ -500,6 +507,7 @@ def paired_gain(
     runs: pd.DataFrame, method: str, step: int, tau: float, cls: str, metric: str, seed: int
 ) -> dict[str, Any]:
     """Return the mean gain of `method` over uniform, paired by seed, with a 95 % bootstrap CI."""
+
     def values(name: str) -> pd.Series:
         rows = runs[
             (runs["method"] == name)
@@ -535,7 +543,9 @@ def summarise(
             key = f"{budget}_tau{tau:g}"
             table: dict[str, Any] = {}
             for method in methods:
-                rows = runs[(runs["method"] == method) & (runs["step"] == step) & (runs["tau"] == tau)]
+                rows = runs[
+                    (runs["method"] == method) & (runs["step"] == step) & (runs["tau"] == tau)
+                ]
                 entry: dict[str, Any] = {}
                 for c in classes:
                     subset = rows[rows["class"] == c]
@@ -627,7 +637,9 @@ def markdown_tables(
     lines = [
         "#### What the weights do before training (class pixel share per epoch, %)",
         "",
-        "| method | " + " | ".join(names[c] for c in classes) + " | ESS share | max repeats | starved |",
+        "| method | "
+        + " | ".join(names[c] for c in classes)
+        + " | ESS share | max repeats | starved |",
         "|---|" + "---:|" * (len(classes) + 3),
     ]
     for row in sampling:
@@ -669,7 +681,11 @@ def markdown_tables(
         for method in methods[1:]:
             entry = block["methods"][method]
             cells = [gain_cell(entry[str(c)]["gain_iou"]) for c in rare]
-            lines.append(f"| {method} | " + " | ".join(cells) + f" | {gain_cell(entry['miou']['gain_iou'])} |")
+            lines.append(
+                f"| {method} | "
+                + " | ".join(cells)
+                + f" | {gain_cell(entry['miou']['gain_iou'])} |"
+            )
     block = summary["long_tau0"]
     lines += [
         "",
@@ -735,7 +751,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     """Return the command line; a preset and --quick fill the settings that were not given."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(p.stem for p in CLASS_MAPS.glob("*.json")))
-    parser.add_argument("--data", type=Path, help="the preset's data folder (default ../shared/data/<preset>)")
+    parser.add_argument(
+        "--data", type=Path, help="the preset's data folder (default ../shared/data/<preset>)"
+    )
     parser.add_argument("--images", help="glob of the image files")
     parser.add_argument("--masks", help="glob of the mask files")
     parser.add_argument("--class-map", type=Path, help="JSON class map (see the top of this file)")
@@ -790,7 +808,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.short_steps is None:
-        args.short_steps = max(args.eval_every, args.steps // 3 // args.eval_every * args.eval_every)
+        args.short_steps = max(
+            args.eval_every, args.steps // 3 // args.eval_every * args.eval_every
+        )
     if args.steps % args.eval_every or args.short_steps % args.eval_every:
         parser.error("--steps and --short-steps must be multiples of --eval-every")
     if args.encoder_weights == "auto":
@@ -818,7 +838,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     log("command: " + args.command)
     log("versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
 
-    pairs = convert(pair_files(args.images, args.masks), args.classes, work / "rasters", args.downsample)
+    pairs = convert(
+        pair_files(args.images, args.masks), args.classes, work / "rasters", args.downsample
+    )
     held = split(pairs, args.val_fraction, args.seed)
     train_pairs, val_pairs = pairs[~held], pairs[held]
     val_path = work / "val.csv"
@@ -850,13 +872,18 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     settings = {name: METHODS[name] for name in args.methods if name in METHODS}
     for name in [m for m in settings if m != "uniform"]:
         tables[name] = work / "weights" / f"{name}.csv"
-        built = run_build(build_config(settings[name], train_pairs, n_classes, args, rare, tables[name]))
+        built = run_build(
+            build_config(settings[name], train_pairs, n_classes, args, rare, tables[name])
+        )
         sampling.append(sampling_row(name, figures_from_table(built.table), rare))
     if "mix" in args.methods:
         aware = [row for row in sampling if row["method"] in CLASS_AWARE]
         strongest = max(aware, key=lambda row: row["rare_share_ratio"])["method"]
         name = f"{strongest}+mix{MIX:g}"
-        mixed = {**settings[strongest], "weights": {**settings[strongest].get("weights", {}), "uniform_mix": MIX}}
+        mixed = {
+            **settings[strongest],
+            "weights": {**settings[strongest].get("weights", {}), "uniform_mix": MIX},
+        }
         tables[name] = work / "weights" / f"{name}.csv"
         built = run_build(build_config(mixed, train_pairs, n_classes, args, rare, tables[name]))
         sampling.append(sampling_row(name, figures_from_table(built.table), rare))
@@ -887,7 +914,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             seconds[f"{method}_seed{seed}"] = spent
             log(f"[{count}/{len(jobs)}] {method} seed {seed}: {spent:.0f} s")
     runs = pd.concat(
-        [run_metrics(work / "runs" / f"{m}_seed{s}", m, s, n_classes) for s in seeds for m in methods],
+        [
+            run_metrics(work / "runs" / f"{m}_seed{s}", m, s, n_classes)
+            for s in seeds
+            for m in methods
+        ],
         ignore_index=True,
     )
     runs.to_csv(work / "runs.csv", index=False)

@@ -84,9 +84,7 @@ def test_an_infeasible_target_reports_the_reachable_maximum_and_the_shares_reach
     # The target moved toward uniform to just inside the reachable edge, and was reached there.
     np.testing.assert_allclose(result.reached, result.target, atol=1e-6)
     assert 0.59 < result.reached[1] < 0.6
-    np.testing.assert_allclose(
-        list(summary["share_reached"].values()), result.reached, atol=1e-6
-    )
+    np.testing.assert_allclose(list(summary["share_reached"].values()), result.reached, atol=1e-6)
 
 
 def test_min_ess_holds():

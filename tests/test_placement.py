@@ -139,7 +139,9 @@ def test_peak_memory_stays_bounded_on_a_raster_too_large_to_load_whole(tmp_path)
     tile[100:130, 200:230] = 9
     with rasterio.open(mask_path, "w", **profile) as dataset:
         for n in range(0, side // block, 17):  # 7 tiles on the diagonal
-            dataset.write(tile, 1, window=rasterio.windows.Window(n * block, n * block, block, block))
+            dataset.write(
+                tile, 1, window=rasterio.windows.Window(n * block, n * block, block, block)
+            )
     with rasterio.open(image_path, "w", **profile):
         pass  # never read: class-centred placement reads masks only
     script = textwrap.dedent(
@@ -158,7 +160,11 @@ def test_peak_memory_stays_bounded_on_a_raster_too_large_to_load_whole(tmp_path)
     # GDAL's block cache (5 % of RAM by default) is capped, so the figure is the pass's own.
     env = {**os.environ, "GDAL_CACHEMAX": "64"}
     output = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=600,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
         env=env,
     ).stdout.split()
 

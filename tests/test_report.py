@@ -262,3 +262,79 @@ def test_report_on_bad_weights_names_the_file_the_rows_from_1_and_the_fix(tmp_pa
     assert lines[0].startswith(f"error: {path}: sampler_weight is negative, empty or not a number")
     assert "in 2 row(s) (rows 2, 4)" in lines[0]
     assert "rebuild the table with build-balanced-dataset" in lines[0]
+
+
+def starving_pool():
+    """Return class counts and composition scores: the minority class 2 lives only in the big
+    cluster of mixed patches, so composition rarity (1 / cluster size) draws it less."""
+    mixed = np.tile([60.0, 30.0, 10.0], (8, 1))  # cluster of 8: classes 0, 1 and minority 2
+    pure = np.tile([100.0, 0.0, 0.0], (2, 1))  # cluster of 2: pure class 0
+    counts = np.vstack([mixed, pure])
+    composition = np.array([1 / 8] * 8 + [1 / 2] * 2)
+    return counts, composition
+
+
+def test_the_starvation_warning_names_a_below_median_class_that_the_weights_lower():
+    from patchbalance.report import sampling_figures
+    from patchbalance.weights import normalise_weights, sampling_scores
+
+    counts, composition = starving_pool()
+    scores, _ = sampling_scores(
+        "composition_only", composition, np.zeros(10), counts, np.full(10, 100.0)
+    )
+    figures = sampling_figures(counts, normalise_weights(scores), np.ones(10, bool), [0, 1, 2])
+
+    warnings = figures.starvation_warnings("composition_only")
+    assert figures.starved_classes() == [2]
+    assert len(warnings) == 1
+    # Uniform: 80 / 1000 = 8.00 %; weighted share falls below 0.9 of that.
+    assert warnings[0].startswith("composition_only lowers class 2 from 8.00% to ")
+    assert figures.to_dict()["starved_classes"] == [2]
+
+
+def test_no_warning_when_no_class_is_starved():
+    from patchbalance.report import sampling_figures
+    from patchbalance.weights import normalise_weights, sampling_scores
+
+    counts, composition = starving_pool()
+    for method in ("inverse_frequency", "class_target"):
+        scores, _ = sampling_scores(method, composition, np.zeros(10), counts, np.full(10, 100.0))
+        figures = sampling_figures(counts, normalise_weights(scores), np.ones(10, bool), [0, 1, 2])
+        assert figures.starvation_warnings(method) == [], method
+    uniform = sampling_figures(counts, np.ones(10), np.ones(10, bool), [0, 1, 2])
+    assert uniform.starvation_warnings() == []
+
+
+def test_prior_correction_is_the_log_ratio_of_uniform_to_weighted_shares():
+    import patchbalance
+
+    table = hand_built_table()
+    # Active rows: uniform class-0 share = 290 / 400; weighted (0.5 x 3 of 90/10, 2.5 of
+    # 20/80) = (135 + 50) / (150 + 250) = 185 / 400.
+    expected = np.log([(290 / 400) / (185 / 400), (110 / 400) / (215 / 400)])
+
+    np.testing.assert_allclose(patchbalance.prior_correction(table), expected)
+    figures = figures_from_table(table)
+    assert figures.to_dict()["log_prior_ratio"] == {
+        "0": round(expected[0], 6),
+        "1": round(expected[1], 6),
+    }
+
+
+def test_report_command_prints_the_starvation_warning(tmp_path):
+    counts, composition = starving_pool()
+    from patchbalance.weights import normalise_weights, sampling_scores
+
+    scores, _ = sampling_scores(
+        "composition_only", composition, np.zeros(10), counts, np.full(10, 100.0)
+    )
+    table = pd.DataFrame(counts, columns=["px_0", "px_1", "px_2"])
+    table["excluded"] = False
+    table["sampler_weight"] = normalise_weights(scores)
+    table.to_csv(tmp_path / "starved.csv", index=False)
+
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "starved.csv")])
+
+    assert result.exit_code == 0, result.output
+    assert "warning: starved.csv lowers class 2 from 8.00% to" in result.output
+    assert "log prior ratio" in result.output

@@ -271,3 +271,67 @@ def test_cli_train_warns_once_about_excluded_rows_with_a_weight_and_never_draws_
     assert result.exit_code == 0, result.output
     assert result.stderr.count("marked excluded but have sampler_weight > 0") == 1, result.stderr
     assert "rows with sampler_weight > 0: 7" in result.stdout
+
+
+class ConstantLogits(torch.nn.Module):
+    """A 'model' whose class logits are the same given vector at every pixel."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = torch.tensor(logits, dtype=torch.float32)
+
+    def forward(self, images):
+        batch, _, height, width = images.shape
+        return self.logits[None, :, None, None].expand(batch, -1, height, width)
+
+
+def test_prior_correction_shifts_the_logits_by_tau_times_the_log_prior_ratio():
+    from patchbalance.train import evaluate
+
+    # Raw logits (2.0, 1.5): class 0 wins. log prior ratio (-1, +1): at tau 0.5 the logits are
+    # (1.5, 2.0) and class 1 wins; at tau 0.2 they are (1.8, 1.7) and class 0 still wins.
+    masks = torch.tensor([[[0, 1], [1, 1]]])
+    loader = [{"image": torch.zeros((1, 3, 2, 2)), "mask": masks}]
+    offsets = np.outer([0.0, 0.2, 0.5], [-1.0, 1.0])
+
+    _, confusions = evaluate(
+        ConstantLogits([2.0, 1.5]), loader, torch.nn.CrossEntropyLoss(), 2, 255, "cpu",
+        logit_offsets=offsets,
+    )  # fmt: skip
+
+    np.testing.assert_array_equal(confusions[0], [[1, 0], [3, 0]])  # all predicted 0
+    np.testing.assert_array_equal(confusions[1], [[1, 0], [3, 0]])
+    np.testing.assert_array_equal(confusions[2], [[0, 1], [0, 3]])  # all predicted 1
+
+
+def test_log_prior_ratio_for_training_comes_from_the_table_shares(tmp_path):
+    from patchbalance.train import class_log_prior_ratio
+
+    # Uniform shares (class 0, class 2): (160, 40) / 200 = (0.8, 0.2). Weighted (0.5, 1.5):
+    # (50 + 90, 60) / 200 = (0.7, 0.3).
+    table = pd.DataFrame(
+        {"px_0": [100, 60], "px_2": [0, 40], "excluded": False, "sampler_weight": [0.5, 1.5]}
+    )
+    table.to_csv(tmp_path / "t.csv", index=False)
+    dataset = type("D", (), {"input_csv_path": tmp_path / "t.csv", "class_values": [0, 2]})()
+
+    ratio = class_log_prior_ratio(dataset, 2, weighted=True)
+
+    np.testing.assert_allclose(ratio, [np.log(0.8 / 0.7), np.log(0.2 / 0.3)])
+    np.testing.assert_array_equal(class_log_prior_ratio(dataset, 2, weighted=False), [0, 0])
+
+
+def test_metrics_have_iou_precision_and_recall_for_tau_0_and_each_tau(tables, tmp_path):
+    train_table, val_table = tables
+    config = small_config(train_table, val_table, tmp_path / "out")
+    config["prior_correction"] = [1.0, 0.5]
+
+    train_from_config(config)
+
+    metrics = pd.read_csv(tmp_path / "out" / "metrics.csv")
+    for suffix in ("", "_tau0.5", "_tau1"):
+        expected = {f"miou{suffix}"} | {
+            f"{m}_{c}{suffix}" for m in ("iou", "precision", "recall") for c in range(4)
+        }
+        assert expected <= set(metrics.columns), suffix
+    assert 0.0 <= metrics["miou_tau1"].iloc[0] <= 1.0
