@@ -14,7 +14,7 @@ import rasterio
 
 from patchbalance.config import load_config
 from patchbalance.sources.local import records_from_rasters
-from tests.rasters import write_geotiff
+from rasters import write_geotiff
 
 PATCH = 32
 
