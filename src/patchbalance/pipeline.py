@@ -688,7 +688,28 @@ def summary_text(summary: dict[str, Any], figures: Any) -> str:
                 line += f", estimated recall@k {search['recall_at_k']:.3f}"
             line += ")"
         lines.append(line)
-    lines.append(f"weights: {summary['sampling_method']} (power {summary['weights']['power']})")
+    weights = summary["weights"]
+    line = f"weights: {summary['sampling_method']} (power {weights['power']}"
+    if weights.get("uniform_mix"):
+        line += f", uniform_mix {weights['uniform_mix']}"
+    lines.append(line + ")")
+    placement = summary.get("source", {}).get("placement")
+    if placement:
+        added = ", ".join(f"class {v} {n}" for v, n in placement["class_windows"].items())
+        lines.append(
+            f"class-centred windows: {added or 'none'} beside {placement['grid_windows']:,} "
+            f"grid windows (rare classes {placement['rare_classes']})"
+        )
+    target = weights.get("class_target")
+    if target:
+        lines.append(
+            f"class targets ({target['target_share']}): "
+            + ", ".join(
+                f"class {v} {share:.2%} (reached {target['share_reached'][v]:.2%})"
+                for v, share in target["target"].items()
+            )
+        )
+        lines += [f"  note: {note}" for note in target["notes"]]
     lines.append(figures_text(figures))
     timings = summary.get("timings_s", {})
     if timings:

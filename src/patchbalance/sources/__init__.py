@@ -51,7 +51,8 @@ def load_records(config: BalancedDatasetConfig) -> SourceRecords:
     if kind == "records_path":
         return SourceRecords(records_from_file(config))
     if kind == "rasters":
-        return SourceRecords(records_from_rasters(config))
+        notes: dict[str, object] = {}
+        return SourceRecords(records_from_rasters(config, notes), notes=notes)
     if kind == "postgres":
         from patchbalance.sources.postgres import records_from_postgres
 

@@ -172,8 +172,14 @@ def grid_windows(
     return row_grid.ravel(), col_grid.ravel()
 
 
-def records_from_rasters(config: BalancedDatasetConfig) -> pd.DataFrame:
-    """Return the full grid windows over each image/mask pair of `input.rasters` or the globs."""
+def records_from_rasters(
+    config: BalancedDatasetConfig, notes: dict[str, object] | None = None
+) -> pd.DataFrame:
+    """Return the full grid windows over each image/mask pair of `input.rasters` or the globs.
+
+    With `placement: class_centred`, the class-centred windows follow the grid ones, and the
+    placement figures go into `notes["placement"]` when `notes` is given.
+    """
     source: InputConfig = config.input
     if source.rasters is not None:
         pairs = [
@@ -226,7 +232,9 @@ def records_from_rasters(config: BalancedDatasetConfig) -> pd.DataFrame:
             "use a smaller patch_size"
         )
     if source.placement == "class_centred":
-        records = _with_class_windows(config, records, pairs, mask_infos)
+        records, figures = _with_class_windows(config, records, pairs, mask_infos)
+        if notes is not None:
+            notes["placement"] = figures
     return validate_records(records, "input.rasters", config.base_dir)
 
 
@@ -235,7 +243,7 @@ def _with_class_windows(
     grid: pd.DataFrame,
     pairs: list[tuple[str, str]],
     mask_infos: list,
-) -> pd.DataFrame:
+) -> tuple[pd.DataFrame, dict[str, object]]:
     """Return the grid records followed by the class-centred windows (SPEC §2.1)."""
     from patchbalance.placement import PlacementSettings, class_centred_records
 
@@ -262,4 +270,5 @@ def _with_class_windows(
         len(grid),
     )
     grid = grid.assign(placement="grid")
-    return pd.concat([grid, added], ignore_index=True) if len(added) else grid
+    figures["grid_windows"] = len(grid)
+    return (pd.concat([grid, added], ignore_index=True) if len(added) else grid), figures
