@@ -54,3 +54,27 @@ def test_the_masks_only_example_config_runs_on_the_demo_data(tmp_path):
     table = pd.read_csv(tmp_path / "patchbalance-demo" / "balanced_train_records.csv")
     assert len(table) == 32
     assert table.loc[~table["excluded"], "sampler_weight"].mean() == pytest.approx(1.0)
+
+
+def test_class_target_example_raises_the_rare_class_with_class_centred_windows(tmp_path):
+    write_demo_dataset(tmp_path / "patchbalance-demo")
+    examples = tmp_path / "conf" / "examples"
+    examples.mkdir(parents=True)
+    shutil.copy(EXAMPLES / "class_target.yaml", examples)
+
+    result = CliRunner().invoke(
+        app, ["build-balanced-dataset", str(examples / "class_target.yaml"), "-q"]
+    )
+
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "patchbalance-demo" / "balanced_class_target.csv")
+    assert set(table["placement"]) == {"grid", "class:3"}
+    summary = json.loads(
+        (tmp_path / "patchbalance-demo" / "balanced_class_target.summary.json").read_text()
+    )
+    target = summary["weights"]["class_target"]
+    assert target["target_share"] == "sqrt"
+    share = summary["sampling"]["class_pixel_share"]["3"]
+    assert share["weighted"] > 1.5 * share["uniform"]
+    assert summary["sampling"]["effective_sample_size_share"] >= 0.25
+    assert summary["source"]["placement"]["rare_classes"] == [3]
