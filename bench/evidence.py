@@ -686,6 +686,20 @@ def markdown_tables(
                 + " | ".join(cells)
                 + f" | {gain_cell(entry['miou']['gain_iou'])} |"
             )
+    for key, title in (("long_tau0", "long budget"), ("long_tau1", "long budget, τ = 1")):
+        block = summary[key]
+        lines += [
+            "",
+            f"#### Gain over uniform for every class (IoU points), {title} (step {block['step']}):"
+            " mean [95 % bootstrap interval] (seeds better / seeds)",
+            "",
+            "| class | " + " | ".join(methods[1:]) + " |",
+            "|---|" + "---:|" * (len(methods) - 1),
+        ]
+        for c in [*classes, "miou"]:
+            label = "mIoU" if c == "miou" else names[c]
+            cells = [gain_cell(block["methods"][m][str(c)]["gain_iou"]) for m in methods[1:]]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     block = summary["long_tau0"]
     lines += [
         "",
