@@ -333,8 +333,11 @@ def test_report_command_prints_the_starvation_warning(tmp_path):
     table["sampler_weight"] = normalise_weights(scores)
     table.to_csv(tmp_path / "starved.csv", index=False)
 
-    result = CliRunner().invoke(app, ["report", str(tmp_path / "starved.csv")])
+    out = tmp_path / "starved.html"
+    result = CliRunner().invoke(app, ["report", str(tmp_path / "starved.csv"), "--out", str(out)])
 
     assert result.exit_code == 0, result.output
     assert "warning: starved.csv lowers class 2 from 8.00% to" in result.output
     assert "log prior ratio" in result.output
+    page = out.read_text()
+    assert "This weighting lowers class 2 from 8.00% to" in page and "log prior ratio" in page

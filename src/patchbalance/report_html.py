@@ -46,6 +46,7 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
 h1 { font-size: 1.6em; margin-bottom: 0.2em; }
 h2 { font-size: 1.25em; margin-top: 2em; border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 p.note { color: #555; font-size: 0.92em; }
+p.warning { color: #8a1c1c; font-weight: 600; }
 table { border-collapse: collapse; margin: 0.8em 0; font-size: 0.95em; }
 th, td { padding: 0.3em 0.9em; border-bottom: 1px solid #e4e4e4; text-align: right; }
 th:first-child, td:first-child, th.text, td.text { text-align: left; }
@@ -148,6 +149,7 @@ def _class_share_section(figures: SamplingFigures, labels: list[str]) -> str:
     from matplotlib.figure import Figure
 
     rows = []
+    prior = figures.log_prior_ratio
     for j, label in enumerate(labels):
         uniform, weighted = figures.uniform_share[j], figures.weighted_share[j]
         ratio = weighted / uniform if uniform > 0 else float("nan")
@@ -158,8 +160,13 @@ def _class_share_section(figures: SamplingFigures, labels: list[str]) -> str:
                 f"{uniform:.2%}",
                 f"{weighted:.2%}",
                 f'<span class="{css}">{ratio:.2f}&times;</span>',
+                f"{prior[j]:+.3f}",
             ]
         )
+    warnings = "".join(
+        f'<p class="warning">{html.escape(line)}</p>'
+        for line in figures.starvation_warnings("This weighting")
+    )
     n_classes = len(labels)
     figure = Figure(figsize=(max(6.0, 0.9 * n_classes + 2.5), 3.8))
     axes = figure.add_subplot()
@@ -201,7 +208,11 @@ def _class_share_section(figures: SamplingFigures, labels: list[str]) -> str:
     return (
         "<h2>Class pixel share per epoch</h2>"
         + _image_tag(figure, "class pixel share per epoch, uniform vs weighted")
-        + _html_table(["class", "uniform", "weighted", "ratio"], rows)
+        + _html_table(["class", "uniform", "weighted", "ratio", "log prior ratio"], rows)
+        + warnings
+        + '<p class="note">log prior ratio = ln(uniform share / weighted share): add it to a '
+        "trained model's class logits to undo the class prior these weights put into it "
+        "(<code>prior_correction</code> in <code>patchbalance train</code>).</p>"
     )
 
 
