@@ -251,7 +251,7 @@ def test_two_input_sources_are_an_error(project):
     [
         ("output.csv_path", []),
         ("output.summary_path", []),
-        ("output.geojson_path", []),
+        ("output.footprints_path", []),
         ("embeddings.parquet_path", ["--set", "mode=embeddings"]),
     ],
 )
