@@ -567,16 +567,22 @@ def learning_curve(runs: pd.DataFrame, method: str = "uniform") -> pd.DataFrame:
 
 
 def plateau_note(curve: pd.DataFrame, tolerance: float) -> tuple[bool, str]:
-    """Return whether uniform's mean mIoU changed by less than `tolerance` over the last third."""
+    """Return whether uniform's mean mIoU has stopped rising, and a line saying why.
+
+    A straight line is fitted to the mean mIoU over the last half of the validation points
+    (at least three); the curve has plateaued when that line rises less than `tolerance` over
+    its span. A fit rather than the last two points, because single validations are noisy.
+    """
     if len(curve) < 3:
         return False, "too few validation points to judge a plateau"
-    tail = curve["mean"].to_numpy()[-max(2, len(curve) // 3) :]
-    spread = float(tail.max() - tail.min())
-    flat = spread < tolerance
+    tail = curve.iloc[-max(3, (len(curve) + 1) // 2) :]
+    steps, means = tail["step"].to_numpy(float), tail["mean"].to_numpy(float)
+    rise = float(np.polyfit(steps, means, 1)[0] * (steps[-1] - steps[0]))
+    flat = rise < tolerance
     return flat, (
-        f"uniform mIoU over the last {len(tail)} validations ranges {spread * 100:.2f} points "
-        f"({'<' if flat else '>='} {tolerance * 100:.1f}): "
-        + ("plateaued" if flat else "NOT plateaued; the long budget is not a plateau budget")
+        f"uniform mIoU over steps {int(steps[0])}-{int(steps[-1])}: the fitted line rises "
+        f"{rise * 100:+.2f} points ({'<' if flat else '>='} {tolerance * 100:.1f}): "
+        + ("plateaued" if flat else "still rising; this budget is not a plateau")
     )
 
 
