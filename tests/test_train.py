@@ -323,7 +323,12 @@ def test_log_prior_ratio_for_training_comes_from_the_table_shares(tmp_path):
 
 def test_metrics_have_iou_precision_and_recall_for_tau_0_and_each_tau(tables, tmp_path):
     train_table, val_table = tables
-    config = small_config(train_table, val_table, tmp_path / "out")
+    # prior_correction needs a balanced table's class counts; any counts do for the columns.
+    table = pd.read_csv(train_table)
+    for c in range(4):
+        table[f"px_{c}"] = (np.arange(len(table)) % (c + 2)) * 10 + 1
+    table.to_csv(tmp_path / "train.csv", index=False)
+    config = small_config(tmp_path / "train.csv", val_table, tmp_path / "out")
     config["prior_correction"] = [1.0, 0.5]
 
     train_from_config(config)
@@ -335,3 +340,6 @@ def test_metrics_have_iou_precision_and_recall_for_tau_0_and_each_tau(tables, tm
         }
         assert expected <= set(metrics.columns), suffix
     assert 0.0 <= metrics["miou_tau1"].iloc[0] <= 1.0
+    config["train_dataset"]["input_csv_path"] = str(train_table)  # no px_ columns
+    with pytest.raises(ConfigError, match="prior_correction needs the class pixel counts"):
+        plan_training(config)

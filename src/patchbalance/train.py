@@ -221,7 +221,14 @@ def class_log_prior_ratio(dataset: Any, n_classes: int, weighted: bool) -> np.nd
     if not weighted:
         log.info("prior_correction: the training loader draws uniformly, so the correction is 0")
         return ratio
-    figures = figures_from_table(read_table(Path(dataset.input_csv_path)))
+    table = read_table(Path(dataset.input_csv_path))
+    if not any(str(column).startswith("px_") for column in table.columns):
+        raise ConfigError(
+            f"prior_correction needs the class pixel counts (px_<class> columns) of a balanced "
+            f"table, and {dataset.input_csv_path} has none; train on a table from "
+            "build-balanced-dataset, or remove prior_correction"
+        )
+    figures = figures_from_table(table)
     values = getattr(dataset, "class_values", None) or list(range(n_classes))
     by_value = dict(zip(figures.class_values, figures.log_prior_ratio, strict=True))
     for j, value in enumerate(values[:n_classes]):
