@@ -54,3 +54,34 @@ def test_the_masks_only_example_config_runs_on_the_demo_data(tmp_path):
     table = pd.read_csv(tmp_path / "patchbalance-demo" / "balanced_train_records.csv")
     assert len(table) == 32
     assert table.loc[~table["excluded"], "sampler_weight"].mean() == pytest.approx(1.0)
+
+
+EXPECTED = Path(__file__).resolve().parent / "demo_expected"
+PINNED_FILES = ("balanced_train.csv", "balanced_train.geojson", "balanced_train.summary.json")
+# Fields of the summary that change from run to run or machine to machine.
+UNPINNED_SUMMARY_KEYS = ("timings_s", "versions")
+
+
+def pinned_demo_outputs(out_dir: Path) -> dict[str, str]:
+    """Return the demo's table, GeoJSON and summary as text, with `out_dir` written as <OUT>.
+
+    The summary drops its timings and versions; everything else is kept as written.
+    """
+    result = CliRunner().invoke(app, ["demo", "--out", str(out_dir), "-q"])
+    assert result.exit_code == 0, result.output
+    texts = {}
+    for name in PINNED_FILES:
+        text = (out_dir / name).read_text(encoding="utf-8")
+        if name.endswith(".summary.json"):
+            summary = json.loads(text)
+            for key in UNPINNED_SUMMARY_KEYS:
+                summary.pop(key)
+            text = json.dumps(summary, indent=2) + "\n"
+        texts[name] = text.replace(str(out_dir.resolve()), "<OUT>")
+    return texts
+
+
+def test_demo_outputs_are_byte_identical_to_the_pinned_files(tmp_path):
+    # Regenerate after a deliberate change of output: write pinned_demo_outputs(...) to EXPECTED.
+    for name, text in pinned_demo_outputs(tmp_path / "demo").items():
+        assert text == (EXPECTED / name).read_text(encoding="utf-8"), f"{name} changed"
