@@ -18,7 +18,7 @@ import yaml
 from rasterio.transform import from_origin
 from scipy import ndimage
 
-from patchbalance.outputs import write_table
+from patchbalance.table import write_table
 
 CLASS_NAMES = {0: "bare soil", 1: "vegetation", 2: "water", 3: "building"}
 CLASS_COLOURS = {0: (196, 170, 130), 1: (70, 120, 50), 2: (40, 80, 140), 3: (200, 60, 60)}

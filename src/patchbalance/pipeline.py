@@ -20,6 +20,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from patchbalance import __version__
+from patchbalance.atomic import check_writable
 from patchbalance.composition import cluster_profiles, fit_composition_clusters
 from patchbalance.config import (
     BalancedDatasetConfig,
@@ -32,23 +33,21 @@ from patchbalance.exclusion import REASONS, count_reasons, exclusion_columns
 from patchbalance.outputs import (
     FOOTPRINT_FORMATS,
     check_footprint_writer,
-    check_writable,
     footprint_format,
     tile_bound_columns,
     write_footprints,
     write_json,
-    write_table,
 )
 from patchbalance.report import figures_text, sampling_figures
 from patchbalance.sources import SourceRecords, load_records
 from patchbalance.stats import (
     BorderCheck,
     MaskStatistics,
-    class_proportions,
     compute_mask_statistics,
     statistics_columns,
     statistics_from_counts,
 )
+from patchbalance.table import KEY_COLUMNS, class_proportions, write_table
 from patchbalance.weights import normalise_weights, sampler_weights, sampling_scores
 from patchbalance.windows import RasterInfo, probe_rasters, windows_in_bounds
 
@@ -321,9 +320,7 @@ def _uniqueness_stage(
 
         with clock.stage("embeddings"):
             result = extract_embeddings(
-                records.loc[active, ["image_path", "row_off", "col_off", "patch_size"]].reset_index(
-                    drop=True
-                ),
+                records.loc[active, list(KEY_COLUMNS)].reset_index(drop=True),
                 embeddings_config(config),
                 seed=config.seed,
                 progress=progress,
@@ -333,7 +330,7 @@ def _uniqueness_stage(
     labels = None
     if source.embeddings is not None:
         # Name patches in errors about vectors that came from the source (e.g. NaN in a table).
-        keys = records.loc[active, ["image_path", "row_off", "col_off", "patch_size"]]
+        keys = records.loc[active, list(KEY_COLUMNS)]
         labels = (
             "("
             + keys["image_path"].astype(str)

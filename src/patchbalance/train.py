@@ -38,9 +38,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import Field, ValidationError
 
+from patchbalance.atomic import atomic_write_with, check_writable_folder
 from patchbalance.config import StrictModel, describe_validation_error, read_yaml_mapping
 from patchbalance.errors import ConfigError, OutputError
-from patchbalance.outputs import atomic_write_with, check_writable_folder
 from patchbalance.table import drawn_weights
 
 log = logging.getLogger(__name__)
@@ -215,7 +215,8 @@ def class_log_prior_ratio(dataset: Any, n_classes: int, weighted: bool) -> np.nd
     Class index j is the table's `px_<class_values[j]>` column when the dataset names its
     class values, else `px_<j>`. Without a weighted sampler the prior is not shifted: zeros.
     """
-    from patchbalance.report import figures_from_table, read_table
+    from patchbalance.report import figures_from_table
+    from patchbalance.table import read_table
 
     ratio = np.zeros(n_classes)
     if not weighted:
