@@ -117,3 +117,15 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
         publish(temporary, path)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def atomic_copy(source: Path, path: Path) -> None:
+    """Make `path` an atomic copy of `source`: a hard link when the file system allows one."""
+
+    def link_or_copy(temporary: Path) -> None:
+        try:
+            os.link(source, temporary)
+        except OSError:
+            shutil.copyfile(source, temporary)
+
+    atomic_write_with(path, link_or_copy)

@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from patchbalance import __version__
 from patchbalance.atomic import check_writable
@@ -38,6 +35,7 @@ from patchbalance.outputs import (
     write_footprints,
     write_json,
 )
+from patchbalance.progress import StageClock, progress_bar
 from patchbalance.report import figures_text, sampling_figures
 from patchbalance.sources import SourceRecords, load_records
 from patchbalance.stats import (
@@ -64,22 +62,6 @@ class BuildResult:
     outputs: dict[str, str] = field(default_factory=dict)
 
 
-class StageClock:
-    """Times the pipeline's stages for the summary."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time the block as stage `name`."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
-
-
 def _as_config(
     config: BalancedDatasetConfig | dict[str, Any] | str | os.PathLike[str],
 ) -> BalancedDatasetConfig:
@@ -88,12 +70,6 @@ def _as_config(
     if isinstance(config, dict):
         return config_from_mapping(config)
     return load_config(config)
-
-
-def _progress_bar(total: int, description: str, enabled: bool, unit: str = "patch") -> tqdm:
-    return tqdm(
-        total=total, desc=description, unit=unit, disable=not enabled or total == 0, leave=False
-    )
 
 
 OUTPUT_LABELS = {
@@ -196,7 +172,7 @@ def _read_rasters(
     need_windows = not use_source_counts or exclusion.exclude_border_nodata or border_check
     with clock.stage("mask_statistics"):
         if need_windows:
-            bar = _progress_bar(int(to_read.sum()), "mask statistics", progress)
+            bar = progress_bar(int(to_read.sum()), "mask statistics", progress)
             with bar:
                 stats = compute_mask_statistics(
                     records,
@@ -422,7 +398,7 @@ def run_build(
             if config.clustering.k_selection == "fixed"
             else config.clustering.k_max - config.clustering.k_min + 1
         )
-        with _progress_bar(candidates, "composition k sweep", progress, unit="k") as bar:
+        with progress_bar(candidates, "composition k sweep", progress, unit="k") as bar:
             composition = fit_composition_clusters(
                 active_counts, config.clustering, config.kmeans_seed, progress=bar.update
             )

@@ -10,8 +10,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ import pandas as pd
 from patchbalance.config import CoresetConfig, coreset_config_from_mapping, load_coreset_config
 from patchbalance.coreset import scorers
 from patchbalance.errors import ConfigError, InputError
+from patchbalance.progress import StageClock, progress_bar
 from patchbalance.stats import class_entropy
 from patchbalance.table import (
     KEY_COLUMNS,
@@ -398,30 +398,9 @@ def _as_config(config: CoresetConfig | dict[str, Any]) -> CoresetConfig:
     return coreset_config_from_mapping(block)
 
 
-@contextmanager
-def _clock(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = round(time.perf_counter() - start, 3)
-
-
-def _progress_bar(enabled: bool, total: int, description: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="step", leave=False, mininterval=0.5)
-
-
 def _updater(bar: Any) -> Callable[[int], None] | None:
-    return bar.update if bar is not None else None
-
-
-def _close(bar: Any) -> None:
-    if bar is not None:
-        bar.close()
+    """Return the bar's update method, or None for a bar that shows nothing."""
+    return None if bar.disable else bar.update
 
 
 def select_coreset(
@@ -454,12 +433,12 @@ def run_selection(
     `where` names the input table (its file) in messages.
     """
     config = _as_config(config)
-    timings: dict[str, float] = {}
+    clock = StageClock(digits=3)
     notes: list[str] = []
     method = config.method
     check_key_columns(df, "the input table")
 
-    with _clock(timings, "pool"):
+    with clock.stage("pool"):
         pool, left_out = pool_mask(df, config.exclude_low_entropy, where)
         n_pool = int(pool.sum())
         if n_pool == 0:
@@ -487,7 +466,7 @@ def run_selection(
             )
 
     info: dict[str, Any] = {}
-    with _clock(timings, "scoring"):
+    with clock.stage("scoring"):
         complexity = None
         if method in ("lc", "lc_fd"):
             if "class_entropy" in df.columns:
@@ -518,11 +497,8 @@ def run_selection(
                 )
             backend, device = scorers.resolve_cb_device(config.device)
             info["cb_backend"] = backend if device is None else f"{backend} ({device})"
-            bar = _progress_bar(progress, count, "cb greedy")
-            try:
+            with progress_bar(count, "cb greedy", progress, "step", 0.5) as bar:
                 picks = scorers.class_balance_order(features, count, backend, device, _updater(bar))
-            finally:
-                _close(bar)
             balance = scorers.class_balance_scores(picks, n_pool)
 
         if method == "lc":
@@ -535,8 +511,8 @@ def run_selection(
             activation = scorers.feature_activation_scores(vectors)
             scores = config.fa_cb_lambda * activation + (1.0 - config.fa_cb_lambda) * balance
         else:  # fd, lc_fd
-            bar = _progress_bar(progress, config.fd_k_max - config.fd_k_min + 1, "fd k sweep")
-            try:
+            sweep = config.fd_k_max - config.fd_k_min + 1
+            with progress_bar(sweep, "fd k sweep", progress, "step", 0.5) as bar:
                 diversity = scorers.feature_diversity_order(
                     vectors,
                     config.fd_k_min,
@@ -546,8 +522,6 @@ def run_selection(
                     config.seed,
                     _updater(bar),
                 )
-            finally:
-                _close(bar)
             notes.extend(diversity.notes)
             info["fd"] = {
                 "k": diversity.k,
@@ -564,7 +538,7 @@ def run_selection(
             scores = scorers.order_scores(order, n_pool)
         chosen = scorers.top_by_score(scores, count)
 
-    with _clock(timings, "weights"):
+    with clock.stage("weights"):
         selected_pool = np.zeros(n_pool, dtype=bool)
         selected_pool[chosen] = True
         selected_rows = pool_rows[selected_pool]
@@ -596,7 +570,7 @@ def run_selection(
     )
     summary.update(info)
     summary["notes"] = notes
-    summary["timings_s"] = timings
+    summary["timings_s"] = clock.seconds
     return CoresetResult(table=table, summary=summary, notes=notes)
 
 
@@ -764,7 +738,7 @@ def run_select_coreset_command(
     check_writable(output_path, "the CoreSet table (output_csv_path)")
     check_writable(summary_path, "the CoreSet summary")
     result = run_selection(table, config, progress=progress, where=str(input_path))
-    with _clock(result.summary["timings_s"], "write"):
+    with StageClock(3, result.summary["timings_s"]).stage("write"):
         write_table(result.table, output_path)
         result.summary.update(
             {
