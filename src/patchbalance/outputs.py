@@ -17,7 +17,7 @@ from rasterio.warp import transform as transform_coordinates
 
 from patchbalance.atomic import atomic_write_with, atomic_writer
 from patchbalance.errors import MissingDependencyError, OutputError
-from patchbalance.windows import RasterInfo
+from patchbalance.windows import RasterInfo, window_corners
 
 log = logging.getLogger(__name__)
 
@@ -39,67 +39,6 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def _affine_columns(paths: pd.Series, infos: dict[str, RasterInfo]) -> np.ndarray:
-    """Return (N, 6) affine coefficients a, b, c, d, e, f per row; NaN for unknown rasters."""
-    table = {
-        path: (
-            info.transform.a,
-            info.transform.b,
-            info.transform.c,
-            info.transform.d,
-            info.transform.e,
-            info.transform.f,
-        )
-        for path, info in infos.items()
-    }
-    codes, uniques = pd.factorize(paths)
-    lookup = np.array([table.get(path, (np.nan,) * 6) for path in uniques], dtype=np.float64)
-    if len(lookup) == 0:
-        return np.full((len(paths), 6), np.nan)
-    return lookup[codes]
-
-
-def window_corners(
-    records: pd.DataFrame, infos: dict[str, RasterInfo], path_column: str = "image_path"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return the x and y of each window's four corners (N, 4) in its raster's CRS.
-
-    Corners run top-left, bottom-left, bottom-right, top-right in pixel space.
-    """
-    coeff = _affine_columns(records[path_column], infos)
-    row = records["row_off"].to_numpy(dtype=np.float64)
-    col = records["col_off"].to_numpy(dtype=np.float64)
-    size = records["patch_size"].to_numpy(dtype=np.float64)
-    pixel_cols = np.stack([col, col, col + size, col + size], axis=1)
-    pixel_rows = np.stack([row, row + size, row + size, row], axis=1)
-    a, b, c, d, e, f = (coeff[:, [j]] for j in range(6))
-    xs = a * pixel_cols + b * pixel_rows + c
-    ys = d * pixel_cols + e * pixel_rows + f
-    return xs, ys
-
-
-def tile_bound_columns(records: pd.DataFrame, infos: dict[str, RasterInfo]) -> pd.DataFrame:
-    """Return tile_minx, tile_miny, tile_maxx, tile_maxy and crs per patch.
-
-    Bounds are empty for rasters without a CRS (pixel coordinates are not map bounds) or that
-    could not be opened.
-    """
-    xs, ys = window_corners(records, infos)
-    crs_lookup = {path: info.crs or "" for path, info in infos.items()}
-    crs = records["image_path"].map(crs_lookup).fillna("").to_numpy(dtype=object)
-    georeferenced = crs != ""
-    columns = pd.DataFrame(
-        {
-            "tile_minx": np.where(georeferenced, xs.min(axis=1), np.nan),
-            "tile_miny": np.where(georeferenced, ys.min(axis=1), np.nan),
-            "tile_maxx": np.where(georeferenced, xs.max(axis=1), np.nan),
-            "tile_maxy": np.where(georeferenced, ys.max(axis=1), np.nan),
-            "crs": crs,
-        }
-    )
-    return columns
 
 
 FOOTPRINT_PROPERTIES = (

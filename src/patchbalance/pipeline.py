@@ -31,7 +31,6 @@ from patchbalance.outputs import (
     FOOTPRINT_FORMATS,
     check_footprint_writer,
     footprint_format,
-    tile_bound_columns,
     write_footprints,
     write_json,
 )
@@ -47,7 +46,7 @@ from patchbalance.stats import (
 )
 from patchbalance.table import KEY_COLUMNS, class_proportions, write_table
 from patchbalance.weights import normalise_weights, sampler_weights, sampling_scores
-from patchbalance.windows import RasterInfo, probe_rasters, windows_in_bounds
+from patchbalance.windows import RasterInfo, probe_rasters, tile_bound_columns, windows_in_bounds
 
 log = logging.getLogger(__name__)
 
