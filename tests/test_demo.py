@@ -85,3 +85,14 @@ def test_demo_outputs_are_byte_identical_to_the_pinned_files(tmp_path):
     # Regenerate after a deliberate change of output: write pinned_demo_outputs(...) to EXPECTED.
     for name, text in pinned_demo_outputs(tmp_path / "demo").items():
         assert text == (EXPECTED / name).read_text(encoding="utf-8"), f"{name} changed"
+
+
+def test_demo_without_matplotlib_skips_the_html_page_with_a_note(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "note: skipped the HTML report" in result.stdout
+    assert not (tmp_path / "demo" / "report.html").exists()
+    assert (tmp_path / "demo" / "balanced_train.csv").exists()

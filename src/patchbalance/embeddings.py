@@ -1031,7 +1031,6 @@ def _compute(
     done_rows: list[np.ndarray] = []
     pending_start = 0  # index into done_rows of the first row not yet checkpointed
     bad_rows: list[int] = []
-    done_count = 0
 
     def flush() -> None:
         nonlocal pending_start
@@ -1064,7 +1063,6 @@ def _compute(
                 vectors[todo[rows[finite]]] = output[finite]
                 bad_rows.extend(rows[~finite].tolist())
                 done_rows.append(rows[finite])
-                done_count += len(rows)
                 bar.update(len(rows))
                 if batch_number % config.checkpoint_every == 0:
                     flush()

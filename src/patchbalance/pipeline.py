@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -734,5 +733,4 @@ def plan_text(config: BalancedDatasetConfig) -> str:
     return "\n".join(lines)
 
 
-ProgressCallback = Callable[[int], None]
 __all__ = ["BuildResult", "build_balanced_dataset", "plan_text", "run_build", "REASONS"]
