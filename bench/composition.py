@@ -17,8 +17,9 @@ import os
 import time
 
 import numpy as np
+from sklearn.cluster import KMeans
 
-from patchbalance.composition import KMeans, clr, elbow_k, fit_composition_clusters
+from patchbalance.composition import clr, elbow_k, fit_composition_clusters
 from patchbalance.config import ClusteringConfig
 
 

@@ -29,7 +29,8 @@ import pandas as pd
 
 from patchbalance.coreset import select_coreset
 from patchbalance.coreset.scorers import class_balance_order
-from patchbalance.stats import class_entropy, class_proportions
+from patchbalance.stats import class_entropy
+from patchbalance.table import class_proportions
 
 CLASSES = 6
 LABEL_METHODS = ("lc", "cb", "cb_spatial")

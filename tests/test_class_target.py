@@ -5,14 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from patchbalance.class_target import (
-    class_shares,
-    class_target_weights,
-    effective_sample_size,
-    parse_target_share,
-)
+from patchbalance.class_target import class_target_weights, parse_target_share
 from patchbalance.config import WeightsConfig
 from patchbalance.errors import ConfigError
+from patchbalance.table import class_share, effective_sample_size
 from patchbalance.weights import normalise_weights, sampling_scores
 
 # Three patches of 100 pixels: all class 0, all class 1, half and half.
@@ -45,13 +41,13 @@ def random_pool(seed: int = 0, n: int = 3000) -> np.ndarray:
 def test_feasible_targets_are_met_within_1e_6(spec):
     counts = random_pool()
     counts = counts[counts.sum(axis=1) > 0]
-    uniform = class_shares(counts, np.ones(len(counts)))
+    uniform = class_share(counts, np.ones(len(counts)))
     target = parse_target_share(spec, uniform, list(range(6)))
 
     result = class_target_weights(counts, target)
 
     assert result.alpha == 1.0
-    np.testing.assert_allclose(class_shares(counts, result.probabilities), target, atol=1e-6)
+    np.testing.assert_allclose(class_share(counts, result.probabilities), target, atol=1e-6)
     assert result.probabilities.sum() == pytest.approx(1.0)
 
 
@@ -90,7 +86,7 @@ def test_an_infeasible_target_reports_the_reachable_maximum_and_the_shares_reach
 def test_min_ess_holds():
     counts = random_pool(seed=1)
     counts = counts[counts.sum(axis=1) > 0]
-    uniform = class_shares(counts, np.ones(len(counts)))
+    uniform = class_share(counts, np.ones(len(counts)))
     target = parse_target_share("balanced", uniform, list(range(6)))
     free = class_target_weights(counts, target)
     assert effective_sample_size(free.probabilities) < 0.9 * len(counts)
@@ -106,7 +102,7 @@ def test_min_ess_holds():
 def test_the_result_does_not_depend_on_the_row_order():
     counts = random_pool(seed=2, n=500)
     counts = counts[counts.sum(axis=1) > 0]
-    target = parse_target_share("sqrt", class_shares(counts, np.ones(len(counts))), list(range(6)))
+    target = parse_target_share("sqrt", class_share(counts, np.ones(len(counts))), list(range(6)))
     order = np.random.default_rng(3).permutation(len(counts))
 
     straight = class_target_weights(counts, target).probabilities

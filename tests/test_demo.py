@@ -78,3 +78,45 @@ def test_class_target_example_raises_the_rare_class_with_class_centred_windows(t
     assert share["weighted"] > 1.5 * share["uniform"]
     assert summary["sampling"]["effective_sample_size_share"] >= 0.25
     assert summary["source"]["placement"]["rare_classes"] == [3]
+
+
+EXPECTED = Path(__file__).resolve().parent / "demo_expected"
+PINNED_FILES = ("balanced_train.csv", "balanced_train.geojson", "balanced_train.summary.json")
+# Fields of the summary that change from run to run or machine to machine.
+UNPINNED_SUMMARY_KEYS = ("timings_s", "versions")
+
+
+def pinned_demo_outputs(out_dir: Path) -> dict[str, str]:
+    """Return the demo's table, GeoJSON and summary as text, with `out_dir` written as <OUT>.
+
+    The summary drops its timings and versions; everything else is kept as written.
+    """
+    result = CliRunner().invoke(app, ["demo", "--out", str(out_dir), "-q"])
+    assert result.exit_code == 0, result.output
+    texts = {}
+    for name in PINNED_FILES:
+        text = (out_dir / name).read_text(encoding="utf-8")
+        if name.endswith(".summary.json"):
+            summary = json.loads(text)
+            for key in UNPINNED_SUMMARY_KEYS:
+                summary.pop(key)
+            text = json.dumps(summary, indent=2) + "\n"
+        texts[name] = text.replace(str(out_dir.resolve()), "<OUT>")
+    return texts
+
+
+def test_demo_outputs_are_byte_identical_to_the_pinned_files(tmp_path):
+    # Regenerate after a deliberate change of output: write pinned_demo_outputs(...) to EXPECTED.
+    for name, text in pinned_demo_outputs(tmp_path / "demo").items():
+        assert text == (EXPECTED / name).read_text(encoding="utf-8"), f"{name} changed"
+
+
+def test_demo_without_matplotlib_skips_the_html_page_with_a_note(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now fails
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path / "demo"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert "note: skipped the HTML report" in result.stdout
+    assert not (tmp_path / "demo" / "report.html").exists()
+    assert (tmp_path / "demo" / "balanced_train.csv").exists()

@@ -17,8 +17,8 @@ from patchbalance.cli import app
 from patchbalance.coreset import select_coreset
 from patchbalance.data import CSVWindowedSegmentationDataset, build_dataloader
 from patchbalance.errors import InputError
-from patchbalance.report import figures_from_table, read_table
-from patchbalance.table import boolean_column, rows_text
+from patchbalance.report import figures_from_table
+from patchbalance.table import boolean_column, read_table, rows_text
 
 EXCLUDED = np.array([False, True, False, False, True, False])
 

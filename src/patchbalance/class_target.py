@@ -20,6 +20,7 @@ from scipy.optimize import linprog, minimize
 from scipy.special import logsumexp
 
 from patchbalance.errors import ConfigError
+from patchbalance.table import class_share, effective_sample_size
 
 # How close to the edge of the reachable set a moved target may go: exactly on the edge the
 # solution puts zero probability on some patches and lambda is infinite.
@@ -70,25 +71,6 @@ class ClassTargetResult:
             "effective_sample_size": round(self.ess, 3),
             "notes": list(self.notes),
         }
-
-
-def class_shares(counts: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-    """Return the class pixel share per epoch under draw probabilities.
-
-    Args:
-        counts: (N, C) class pixel counts.
-        probabilities: (N,) non-negative draw weights (any scale).
-
-    Returns:
-        (C,) shares summing to 1.
-    """
-    totals = probabilities @ counts
-    return totals / totals.sum()
-
-
-def effective_sample_size(probabilities: np.ndarray) -> float:
-    """Return (sum w)^2 / sum w^2 of the weights."""
-    return float(probabilities.sum() ** 2 / np.square(probabilities).sum())
 
 
 def parse_target_share(
@@ -184,7 +166,7 @@ def class_target_weights(
     counts = np.asarray(counts, dtype=np.float64)
     requested = np.asarray(target, dtype=np.float64)
     n = counts.shape[0]
-    uniform = class_shares(counts, np.ones(n))
+    uniform = class_share(counts, np.ones(n))
     totals = counts.sum(axis=1)
     proportions = counts / totals[:, None]
     reachable_max = proportions.max(axis=0)
@@ -220,7 +202,7 @@ def class_target_weights(
         probabilities=probabilities,
         requested=requested,
         target=moved,
-        reached=class_shares(counts, probabilities),
+        reached=class_share(counts, probabilities),
         uniform=uniform,
         reachable_max=reachable_max,
         lambdas=lambdas / scale,

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from patchbalance.config import ClusteringConfig
 from patchbalance.errors import InputError
+from patchbalance.kmeans import distinct_rows, fit_kmeans, renumber_by_size, sweep_k, sweep_sample
 
 log = logging.getLogger(__name__)
-
-# Above this many patches the final fit uses MiniBatchKMeans.
-MINIBATCH_ABOVE = 100_000
 
 
 def pseudo_count_proportions(counts: np.ndarray, alpha: float) -> np.ndarray:
@@ -77,14 +72,6 @@ class CompositionResult:
         return 1.0 / self.cluster_size
 
 
-def _kmeans(k: int, seed: int, n_init: int, n_samples: int) -> KMeans | MiniBatchKMeans:
-    if n_samples > MINIBATCH_ABOVE:
-        return MiniBatchKMeans(
-            n_clusters=k, random_state=seed, n_init=n_init, batch_size=4096, max_no_improvement=20
-        )
-    return KMeans(n_clusters=k, random_state=seed, n_init=n_init)
-
-
 def fit_composition_clusters(
     counts: np.ndarray,
     config: ClusteringConfig,
@@ -105,7 +92,7 @@ def fit_composition_clusters(
             "at least 2 (relax the exclusion settings or add patches)"
         )
     features = clr(counts, config.pseudo_count)
-    distinct = len(np.unique(np.round(features, 9), axis=0))
+    distinct = distinct_rows(features, decimals=9)
     notes: list[str] = []
     sweep: dict[int, float] = {}
     sample_size = 0
@@ -124,37 +111,20 @@ def fit_composition_clusters(
             )
         if k_min < config.k_min:
             notes.append(f"k_min={config.k_min} clamped to {k_min}")
-        sample = features
-        if n > config.sweep_sample:
-            rng = np.random.default_rng(seed)
-            sample = features[np.sort(rng.choice(n, size=config.sweep_sample, replace=False))]
+        sample = sweep_sample(features, config.sweep_sample, seed)
         sample_size = len(sample)
-        sample_distinct = len(np.unique(np.round(sample, 9), axis=0))
+        sample_distinct = distinct_rows(sample, decimals=9)
         candidates = [k for k in range(k_min, k_max + 1) if k <= sample_distinct] or [k_min]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            for candidate in candidates:
-                model = KMeans(n_clusters=candidate, random_state=seed, n_init=config.n_init)
-                model.fit(sample)
-                sweep[candidate] = float(model.inertia_)
-                if progress:
-                    progress(1)
+        # The sweep fits full KMeans at any sample size; only the final fit may switch.
+        sweep = sweep_k(
+            sample, candidates, seed, config.n_init, progress=progress, minibatch_above=None
+        )
         k = elbow_k(np.array(list(sweep)), np.array(list(sweep.values())))
 
     for note in notes:
         log.warning(note)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        model = _kmeans(k, seed, config.n_init, n).fit(features)
-    raw_labels = model.labels_
-    raw_sizes = np.bincount(raw_labels, minlength=k)
-    # Renumber: largest cluster first, ties by the old id so the result is deterministic.
-    order = np.lexsort((np.arange(len(raw_sizes)), -raw_sizes))
-    order = order[raw_sizes[order] > 0]
-    renumber = np.full(len(raw_sizes), -1, dtype=np.int64)
-    renumber[order] = np.arange(len(order))
-    labels = renumber[raw_labels]
-    sizes = raw_sizes[order]
+    model = fit_kmeans(features, k, seed, config.n_init)
+    labels, sizes = renumber_by_size(model.labels_, k)
     return CompositionResult(
         labels=labels, sizes=sizes, k=len(sizes), sweep=sweep, sweep_sample=sample_size, notes=notes
     )

@@ -39,8 +39,10 @@ import numpy as np
 import pandas as pd
 from rasterio.errors import RasterioError
 
+from patchbalance.atomic import atomic_write_with, check_writable
 from patchbalance.config import EmbeddingsConfig
 from patchbalance.errors import ConfigError, InputError, MissingDependencyError, OutputError
+from patchbalance.table import KEY_COLUMNS, empty_keys, key_label, key_sorted, normalised_keys
 from patchbalance.windows import (
     RasterHandleCache,
     RasterInfo,
@@ -57,7 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ["image_path", "row_off", "col_off", "patch_size"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINOV2_MODEL_TYPES = ("dinov2", "dinov2_with_registers")
@@ -618,31 +619,6 @@ class WindowDataset:
 # Cache
 
 
-def _normalise_keys(frame: pd.DataFrame) -> pd.DataFrame:
-    """Return the four key columns with one dtype each (str paths, int64 offsets)."""
-    return pd.DataFrame(
-        {
-            "image_path": frame["image_path"].astype(str).to_numpy(dtype=object),
-            "row_off": frame["row_off"].to_numpy(dtype=np.int64),
-            "col_off": frame["col_off"].to_numpy(dtype=np.int64),
-            "patch_size": frame["patch_size"].to_numpy(dtype=np.int64),
-        }
-    )
-
-
-def _no_keys() -> pd.DataFrame:
-    return _normalise_keys(pd.DataFrame({name: [] for name in KEY_COLUMNS}))
-
-
-def key_label(keys: pd.DataFrame, i: int) -> str:
-    """Return a readable name for patch `i`: its image path and window."""
-    row = keys.iloc[i]
-    return (
-        f"{row['image_path']} (row_off {row['row_off']}, col_off {row['col_off']}, "
-        f"patch_size {row['patch_size']})"
-    )
-
-
 def _metadata_difference(cached: dict[str, Any], current: dict[str, Any]) -> str:
     differences = [
         f"{key} {cached.get(key)!r} -> {current.get(key)!r}"
@@ -671,8 +647,6 @@ class EmbeddingCache:
 
     def check_writable(self) -> None:
         """Raise `OutputError` unless the cache's folder exists (or can be made) and is writable."""
-        from patchbalance.outputs import check_writable
-
         check_writable(self.path, "the embeddings cache (embeddings.parquet_path)")
 
     def _read(self, path: Path) -> tuple[pd.DataFrame, np.ndarray, dict[str, Any] | None]:
@@ -697,9 +671,9 @@ class EmbeddingCache:
         embedding = table.column("embedding").combine_chunks()
         dim = embedding.type.list_size if pa.types.is_fixed_size_list(embedding.type) else None
         if dim is None or dim != self.metadata.get("dim"):
-            return _no_keys(), np.empty((0, 0), np.float32), metadata
+            return empty_keys(), np.empty((0, 0), np.float32), metadata
         vectors = embedding.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
-        keys = _normalise_keys(table.select(KEY_COLUMNS).to_pandas())
+        keys = normalised_keys(table.select(list(KEY_COLUMNS)).to_pandas())
         return keys, vectors.reshape(-1, dim), metadata
 
     def load(self) -> tuple[pd.DataFrame, np.ndarray]:
@@ -732,7 +706,7 @@ class EmbeddingCache:
                 frames.append(keys)
                 blocks.append(vectors)
         if not frames:
-            return _no_keys(), np.empty((0, dim), np.float32)
+            return empty_keys(), np.empty((0, dim), np.float32)
         keys = pd.concat(frames, ignore_index=True)
         vectors = np.concatenate(blocks, axis=0)
         keep = ~pd.MultiIndex.from_frame(keys).duplicated(keep="last")
@@ -759,8 +733,6 @@ class EmbeddingCache:
     def _write(self, path: Path, keys: pd.DataFrame, vectors: np.ndarray) -> None:
         import pyarrow.parquet as pq
 
-        from patchbalance.outputs import atomic_write_with
-
         table = self._table(keys, vectors)
         try:
             atomic_write_with(path, lambda temporary: pq.write_table(table, temporary))
@@ -779,16 +751,7 @@ class EmbeddingCache:
         """Atomically replace the cache with these rows and drop the checkpoints merged in."""
         keep = np.flatnonzero(~pd.MultiIndex.from_frame(keys).duplicated(keep="last"))
         # Sorted by key, so the same rows always make the same file.
-        order = keep[
-            np.lexsort(
-                (
-                    keys["patch_size"].to_numpy()[keep],
-                    keys["col_off"].to_numpy()[keep],
-                    keys["row_off"].to_numpy()[keep],
-                    pd.factorize(keys["image_path"], sort=True)[0][keep],
-                )
-            )
-        ]
+        order = keep[key_sorted(keys.iloc[keep])]
         self._write(self.path, keys.iloc[order], vectors[order])
         for part in [*self._read_parts, *self.parts_dir.glob("part-*.parquet")]:
             part.unlink(missing_ok=True)
@@ -942,13 +905,13 @@ def extract_embeddings(
     mean, std = normalization(source)
     metadata = cache_metadata(config, source, seed, mean, std)
     dim = int(metadata["dim"])
-    keys = _normalise_keys(records)
+    keys = normalised_keys(records)
     n = len(keys)
     vectors = np.zeros((n, dim), dtype=np.float32)
     found = np.zeros(n, dtype=bool)
 
     cache = None
-    cached_keys = _no_keys()
+    cached_keys = empty_keys()
     cached_vectors = np.empty((0, dim), np.float32)
     if config.parquet_path:
         cache = EmbeddingCache(Path(config.parquet_path), metadata)
@@ -993,7 +956,7 @@ def extract_embeddings(
         summary["num_workers"] = workers
         if cache is not None:
             cache.write(
-                _normalise_keys(pd.concat([cached_keys, computed_keys], ignore_index=True)),
+                normalised_keys(pd.concat([cached_keys, computed_keys], ignore_index=True)),
                 np.concatenate([cached_vectors, computed_vectors], axis=0),
             )
     elif cache is not None and (cache.invalid_reason or cache._read_parts):
@@ -1068,7 +1031,6 @@ def _compute(
     done_rows: list[np.ndarray] = []
     pending_start = 0  # index into done_rows of the first row not yet checkpointed
     bad_rows: list[int] = []
-    done_count = 0
 
     def flush() -> None:
         nonlocal pending_start
@@ -1101,7 +1063,6 @@ def _compute(
                 vectors[todo[rows[finite]]] = output[finite]
                 bad_rows.extend(rows[~finite].tolist())
                 done_rows.append(rows[finite])
-                done_count += len(rows)
                 bar.update(len(rows))
                 if batch_number % config.checkpoint_every == 0:
                     flush()

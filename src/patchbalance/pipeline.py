@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from patchbalance import __version__
+from patchbalance.atomic import check_writable
 from patchbalance.composition import cluster_profiles, fit_composition_clusters
 from patchbalance.config import (
     BalancedDatasetConfig,
@@ -32,25 +29,23 @@ from patchbalance.exclusion import REASONS, count_reasons, exclusion_columns
 from patchbalance.outputs import (
     FOOTPRINT_FORMATS,
     check_footprint_writer,
-    check_writable,
     footprint_format,
-    tile_bound_columns,
     write_footprints,
     write_json,
-    write_table,
 )
+from patchbalance.progress import StageClock, progress_bar
 from patchbalance.report import figures_text, sampling_figures
 from patchbalance.sources import SourceRecords, load_records
 from patchbalance.stats import (
     BorderCheck,
     MaskStatistics,
-    class_proportions,
     compute_mask_statistics,
     statistics_columns,
     statistics_from_counts,
 )
+from patchbalance.table import KEY_COLUMNS, class_proportions, write_table
 from patchbalance.weights import normalise_weights, sampler_weights, sampling_scores
-from patchbalance.windows import RasterInfo, probe_rasters, windows_in_bounds
+from patchbalance.windows import RasterInfo, probe_rasters, tile_bound_columns, windows_in_bounds
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +60,6 @@ class BuildResult:
     outputs: dict[str, str] = field(default_factory=dict)
 
 
-class StageClock:
-    """Times the pipeline's stages for the summary."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time the block as stage `name`."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 4)
-
-
 def _as_config(
     config: BalancedDatasetConfig | dict[str, Any] | str | os.PathLike[str],
 ) -> BalancedDatasetConfig:
@@ -89,12 +68,6 @@ def _as_config(
     if isinstance(config, dict):
         return config_from_mapping(config)
     return load_config(config)
-
-
-def _progress_bar(total: int, description: str, enabled: bool, unit: str = "patch") -> tqdm:
-    return tqdm(
-        total=total, desc=description, unit=unit, disable=not enabled or total == 0, leave=False
-    )
 
 
 OUTPUT_LABELS = {
@@ -197,7 +170,7 @@ def _read_rasters(
     need_windows = not use_source_counts or exclusion.exclude_border_nodata or border_check
     with clock.stage("mask_statistics"):
         if need_windows:
-            bar = _progress_bar(int(to_read.sum()), "mask statistics", progress)
+            bar = progress_bar(int(to_read.sum()), "mask statistics", progress)
             with bar:
                 stats = compute_mask_statistics(
                     records,
@@ -321,9 +294,7 @@ def _uniqueness_stage(
 
         with clock.stage("embeddings"):
             result = extract_embeddings(
-                records.loc[active, ["image_path", "row_off", "col_off", "patch_size"]].reset_index(
-                    drop=True
-                ),
+                records.loc[active, list(KEY_COLUMNS)].reset_index(drop=True),
                 embeddings_config(config),
                 seed=config.seed,
                 progress=progress,
@@ -333,7 +304,7 @@ def _uniqueness_stage(
     labels = None
     if source.embeddings is not None:
         # Name patches in errors about vectors that came from the source (e.g. NaN in a table).
-        keys = records.loc[active, ["image_path", "row_off", "col_off", "patch_size"]]
+        keys = records.loc[active, list(KEY_COLUMNS)]
         labels = (
             "("
             + keys["image_path"].astype(str)
@@ -425,7 +396,7 @@ def run_build(
             if config.clustering.k_selection == "fixed"
             else config.clustering.k_max - config.clustering.k_min + 1
         )
-        with _progress_bar(candidates, "composition k sweep", progress, unit="k") as bar:
+        with progress_bar(candidates, "composition k sweep", progress, unit="k") as bar:
             composition = fit_composition_clusters(
                 active_counts, config.clustering, config.kmeans_seed, progress=bar.update
             )
@@ -762,5 +733,4 @@ def plan_text(config: BalancedDatasetConfig) -> str:
     return "\n".join(lines)
 
 
-ProgressCallback = Callable[[int], None]
 __all__ = ["BuildResult", "build_balanced_dataset", "plan_text", "run_build", "REASONS"]

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from patchbalance.atomic import check_writable
 from patchbalance.errors import InputError
-from patchbalance.table import drawn_weights, excluded_column, rows_text
+from patchbalance.table import (
+    class_columns,
+    class_share,
+    drawn_weights,
+    effective_sample_size,
+    excluded_column,
+    read_table,
+    rows_text,
+)
 
-CLASS_COLUMN = re.compile(r"^px_(-?\d+)$")
 # A below-median class whose weighted share falls under this fraction of its uniform share is
 # starved (SPEC §5).
 STARVATION_RATIO = 0.9
@@ -105,15 +112,6 @@ class SamplingFigures:
         }
 
 
-def class_count_columns(table: pd.DataFrame) -> tuple[list[str], list[int]]:
-    """Return the `px_<value>` column names of `table` and their class values, sorted by value."""
-    found = [
-        (int(m.group(1)), column) for column in table.columns if (m := CLASS_COLUMN.match(column))
-    ]
-    found.sort()
-    return [column for _, column in found], [value for value, _ in found]
-
-
 def expected_distinct(probabilities: np.ndarray, draws: int) -> float:
     """Return the expected number of distinct items seen in `draws` draws with replacement."""
     probabilities = probabilities[probabilities > 0]
@@ -131,14 +129,12 @@ def sampling_figures(
     n_rows, n_active = len(weights), int(active.sum())
     active_counts = counts[active]
     active_weights = weights[active]
-    uniform_totals = active_counts.sum(axis=0)
-    uniform_share = uniform_totals / max(uniform_totals.sum(), 1e-300)
-    weighted_totals = active_weights @ active_counts
-    weighted_share = weighted_totals / max(weighted_totals.sum(), 1e-300)
+    uniform_share = class_share(active_counts)
+    weighted_share = class_share(active_counts, active_weights)
     total_weight = active_weights.sum()
     if not total_weight > 0:
         raise InputError("every sampler_weight is 0; there is nothing the sampler could draw")
-    ess = float(total_weight**2 / np.square(active_weights).sum())
+    ess = effective_sample_size(active_weights)
     probabilities = active_weights / total_weight
     draws = n_rows
     return SamplingFigures(
@@ -167,7 +163,7 @@ def figures_from_table(table: pd.DataFrame, where: str | None = None) -> Samplin
         raise InputError(
             f"{prefix}the table has no sampler_weight column; build it with build-balanced-dataset"
         )
-    columns, values = class_count_columns(table)
+    columns, values = class_columns(table)
     if not columns:
         raise InputError(f"{prefix}the table has no px_<class> columns of class pixel counts")
     weights = pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(dtype=np.float64)
@@ -208,19 +204,6 @@ def figures_text(figures: SamplingFigures, class_names: dict[int, str] | None = 
     return "\n".join(lines)
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Return a balanced table read from CSV or Parquet."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: table not found")
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            return pd.read_parquet(path)
-        return pd.read_csv(path, keep_default_na=True)
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise InputError(f"{path}: cannot read the table: {exc}".splitlines()[0]) from exc
-
-
 def prior_correction(table: pd.DataFrame) -> np.ndarray:
     """Return log_prior_ratio per class of a balanced table, in the order of its px_ columns.
 
@@ -242,8 +225,6 @@ def report(table: pd.DataFrame) -> SamplingFigures:
 def run_report_command(table_path: Path, out: Path | None = None) -> str:
     """Return the report's text for the CLI; with `out`, also write the HTML page there."""
     if out is not None:
-        from patchbalance.outputs import check_writable
-
         check_writable(Path(out), "the HTML report (--out)")
     table = read_table(table_path)
     figures = figures_from_table(table, where=str(table_path))

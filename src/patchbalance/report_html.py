@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from patchbalance.atomic import atomic_writer, check_writable
 from patchbalance.errors import MissingDependencyError
-from patchbalance.outputs import atomic_writer, check_writable
-from patchbalance.report import SamplingFigures, class_count_columns
-from patchbalance.table import drawn_weights, excluded_column
+from patchbalance.report import SamplingFigures
+from patchbalance.table import class_columns, drawn_weights, excluded_column
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -290,7 +290,7 @@ def _cluster_section(
     in_cluster = active & np.isfinite(cluster_ids) & (cluster_ids >= 0)
     if not in_cluster.any():
         return "<h2>Composition clusters</h2><p class='note'>No active patch has a cluster.</p>"
-    columns, _ = class_count_columns(table)
+    columns, _ = class_columns(table)
     counts = np.nan_to_num(table[columns].to_numpy(dtype=np.float64))[in_cluster]
     valid = counts.sum(axis=1, keepdims=True)
     proportions = np.divide(counts, valid, out=np.zeros_like(counts), where=valid > 0)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from patchbalance.table import class_proportions
 from patchbalance.windows import for_each_window, read_window, read_window_mask
 
 # Distinct values remembered per window in the dense buffer; windows with more spill to a dict.
@@ -256,13 +257,6 @@ def statistics_from_counts(
         black_border=np.zeros(n, dtype=bool),
         read=np.ones(n, dtype=bool),
     )
-
-
-def class_proportions(counts: np.ndarray) -> np.ndarray:
-    """Return each row's counts divided by its total (rows with no valid pixel stay 0)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
 
 
 def class_entropy(counts: np.ndarray) -> np.ndarray:

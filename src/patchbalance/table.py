@@ -1,7 +1,14 @@
-"""The patch table as every command reads it: boolean columns, row numbers, excluded rows.
+"""The patch table as every command reads it: the patch key, class columns, booleans, files.
 
-One rule each, shared by `report`, `select-coreset`, the training dataset and its loader, so
-that they never disagree about which rows a table excludes or which row a message names.
+One rule each, shared by the sources, the embeddings cache, `report`, `select-coreset`, the
+training dataset and its loader, so that they never disagree about which rows a table excludes,
+which class columns it has, how a key is spelled or which row a message names:
+
+- the patch key (`KEY_COLUMNS`): one dtype per column, a readable label, a sort order;
+- the class columns (`px_<value>` pixel counts), class proportions and shares;
+- boolean columns and the `excluded` rows;
+- reading a CSV or Parquet table, writing one atomically;
+- the effective sample size of a set of weights.
 
 Row numbers in messages are the table's own data rows as a spreadsheet shows them: the first
 row under the header is row 1. `row_numbers` and `rows_text` turn array positions into them.
@@ -10,13 +17,22 @@ row under the header is row 1. `row_numbers` and `rows_text` turn array position
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from patchbalance.atomic import atomic_write_with, atomic_writer
 from patchbalance.errors import InputError
 
 log = logging.getLogger(__name__)
+
+KEY_COLUMNS = ("image_path", "row_off", "col_off", "patch_size")
+CLASS_COLUMN_PREFIX = "px_"
+CLASS_COLUMN = re.compile(r"^px_(-?\d+)$")
+PARQUET_SUFFIXES = (".parquet", ".pq")
 
 TRUE_WORDS = ("true", "t", "yes", "1", "1.0")
 FALSE_WORDS = ("false", "f", "no", "0", "0.0")
@@ -116,3 +132,152 @@ def drawn_weights(
         warn_excluded_but_weighted(stray, where, "they are treated as weight 0 and never drawn")
     weights[stray] = 0.0
     return weights
+
+
+# --------------------------------------------------------------------------------------------
+# The patch key
+
+
+def normalised_keys(table: pd.DataFrame) -> pd.DataFrame:
+    """Return the patch-key columns with one dtype each (text paths, int64 offsets)."""
+    try:
+        return pd.DataFrame(
+            {
+                "image_path": table["image_path"].astype(str).to_numpy(dtype=object),
+                "row_off": table["row_off"].to_numpy(dtype=np.int64),
+                "col_off": table["col_off"].to_numpy(dtype=np.int64),
+                "patch_size": table["patch_size"].to_numpy(dtype=np.int64),
+            }
+        )
+    except (TypeError, ValueError) as exc:
+        raise InputError(
+            f"the patch key columns row_off, col_off and patch_size must be whole numbers: {exc}"
+        ) from exc
+
+
+def empty_keys() -> pd.DataFrame:
+    """Return a patch-key frame with no rows and the dtypes of `normalised_keys`."""
+    return normalised_keys(pd.DataFrame({name: [] for name in KEY_COLUMNS}))
+
+
+def key_sorted(keys: pd.DataFrame) -> np.ndarray:
+    """Return the positions of `keys` sorted by (image_path, row_off, col_off, patch_size)."""
+    codes, _ = pd.factorize(keys["image_path"], sort=True)
+    return np.lexsort(
+        (
+            keys["patch_size"].to_numpy(),
+            keys["col_off"].to_numpy(),
+            keys["row_off"].to_numpy(),
+            codes,
+        )
+    )
+
+
+def key_label(keys: pd.DataFrame, i: int) -> str:
+    """Return a readable name for the patch at position `i` of `keys`: its image and window."""
+    row = keys.iloc[i]
+    return (
+        f"{row['image_path']} (row_off {row['row_off']}, col_off {row['col_off']}, "
+        f"patch_size {row['patch_size']})"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Class columns
+
+
+def class_columns(table: pd.DataFrame) -> tuple[list[str], list[int]]:
+    """Return the `px_<value>` column names of `table` and their class values, sorted by value."""
+    found = sorted(
+        (int(match.group(1)), str(column))
+        for column in table.columns
+        if (match := CLASS_COLUMN.match(str(column)))
+    )
+    return [name for _, name in found], [value for value, _ in found]
+
+
+def class_proportions(counts: np.ndarray) -> np.ndarray:
+    """Return each row's counts divided by its total (rows with no valid pixel stay 0)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def class_share(amounts: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Return the class pixel share of rows `amounts` (N, C), each row weighted when given.
+
+    All zeros when there is no pixel at all.
+    """
+    totals = amounts.sum(axis=0) if weights is None else weights @ amounts
+    whole = totals.sum()
+    return totals / whole if whole > 0 else np.zeros_like(totals)
+
+
+def effective_sample_size(weights: np.ndarray) -> float:
+    """Return (sum w)^2 / sum w^2 of the weights."""
+    return float(weights.sum() ** 2 / np.square(weights).sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+
+
+def is_parquet(path: Path) -> bool:
+    """Return whether `path` names a Parquet file (by its suffix); else it is CSV."""
+    return Path(path).suffix.lower() in PARQUET_SUFFIXES
+
+
+def _read_error(path: Path, what: str, exc: Exception) -> InputError:
+    return InputError(f"{path}: cannot read the {what}: {exc}".splitlines()[0])
+
+
+def table_columns(path: Path, what: str = "table") -> list[str]:
+    """Return the column names of the CSV or Parquet table at `path`, reading no rows."""
+    try:
+        if is_parquet(path):
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        return list(pd.read_csv(path, nrows=0).columns)
+    except (OSError, ValueError, pd.errors.ParserError) as exc:
+        raise _read_error(path, what, exc) from exc
+
+
+def read_table(
+    path: Path,
+    columns: Sequence[str] | None = None,
+    text_columns: Sequence[str] = (),
+    what: str = "table",
+) -> pd.DataFrame:
+    """Return the CSV or Parquet table at `path` (Parquet by its suffix).
+
+    Args:
+        path: the file.
+        columns: the columns to read; None for all.
+        text_columns: columns a CSV file holds as text whatever they look like (paths).
+        what: the table's name in error messages.
+
+    Returns:
+        The table. Raises `InputError` when the file is missing or cannot be read.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+    usecols = list(columns) if columns is not None else None
+    try:
+        if is_parquet(path):
+            return pd.read_parquet(path, columns=usecols)
+        dtype = {name: str for name in text_columns} or None
+        return pd.read_csv(path, usecols=usecols, dtype=dtype)
+    except (ValueError, OSError, pd.errors.ParserError) as exc:
+        raise _read_error(path, what, exc) from exc
+
+
+def write_table(table: pd.DataFrame, path: Path) -> None:
+    """Write `table` as Parquet when `path` ends in .parquet, else as CSV, atomically."""
+    path = Path(path)
+    if is_parquet(path):
+        atomic_write_with(path, lambda tmp: table.to_parquet(tmp, index=False))
+    else:
+        with atomic_writer(path, "w") as stream:
+            table.to_csv(stream, index=False, lineterminator="\n")

@@ -25,6 +25,7 @@ import torch
 
 from patchbalance.data.samplers import DistributedWeightedSampler, _seed_from_torch
 from patchbalance.errors import InputError, MissingDependencyError
+from patchbalance.table import read_table
 
 try:
     import shapely
@@ -155,8 +156,6 @@ def _as_table(table: pd.DataFrame | str | os.PathLike[str]) -> pd.DataFrame:
     if isinstance(table, pd.DataFrame):
         frame, where = table, "the table"
     else:
-        from patchbalance.report import read_table
-
         frame, where = read_table(Path(table)), str(table)
     missing = [c for c in (*FOOTPRINT_COLUMNS, "sampler_weight") if c not in frame.columns]
     if missing:

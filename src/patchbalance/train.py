@@ -25,7 +25,6 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -38,9 +37,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import Field, ValidationError
 
+from patchbalance.atomic import atomic_copy, atomic_write_with, check_writable_folder
 from patchbalance.config import StrictModel, describe_validation_error, read_yaml_mapping
 from patchbalance.errors import ConfigError, OutputError
-from patchbalance.outputs import atomic_write_with, check_writable_folder
 from patchbalance.table import drawn_weights
 
 log = logging.getLogger(__name__)
@@ -215,7 +214,8 @@ def class_log_prior_ratio(dataset: Any, n_classes: int, weighted: bool) -> np.nd
     Class index j is the table's `px_<class_values[j]>` column when the dataset names its
     class values, else `px_<j>`. Without a weighted sampler the prior is not shifted: zeros.
     """
-    from patchbalance.report import figures_from_table, read_table
+    from patchbalance.report import figures_from_table
+    from patchbalance.table import read_table
 
     ratio = np.zeros(n_classes)
     if not weighted:
@@ -446,22 +446,6 @@ def _save_checkpoint(payload: dict[str, Any], path: Path) -> None:
     import torch
 
     atomic_write_with(path, lambda temporary: torch.save(payload, temporary))
-
-
-def _publish_copy(source: Path, path: Path) -> None:
-    """Make `path` an atomic copy of `source`: a hard link when the file system allows one."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.link")
-    try:
-        if temporary.exists():
-            temporary.unlink()
-        try:
-            os.link(source, temporary)
-        except OSError:
-            shutil.copyfile(source, temporary)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
 
 
 def _write_metrics(rows: list[dict[str, Any]], path: Path) -> None:
@@ -821,7 +805,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
             best = {"epoch": epoch + 1, "miou": score, "iou": iou}
             best_confusion = confusion
             # The same bytes as last.pt: link rather than serialise the model a second time.
-            _publish_copy(last_path, best_path)
+            atomic_copy(last_path, best_path)
         log.info(
             "epoch %d: train loss %.4f, val loss %.4f, mIoU %.4f",
             epoch + 1,

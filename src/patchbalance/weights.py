@@ -11,8 +11,9 @@ import logging
 import numpy as np
 from scipy.stats import rankdata
 
-from patchbalance.class_target import class_shares, class_target_weights, parse_target_share
+from patchbalance.class_target import class_target_weights, parse_target_share
 from patchbalance.errors import InputError
+from patchbalance.table import class_share
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ def sampling_scores(
     if method == "class_target":
         values = list(range(counts.shape[1])) if class_values is None else list(class_values)
         counts = np.asarray(counts, dtype=np.float64)
-        uniform = class_shares(counts, np.ones(len(counts)))
+        uniform = class_share(counts, np.ones(len(counts)))
         target = parse_target_share(target_share, uniform, values)
         result = class_target_weights(counts, target, min_ess)
         notes["class_target"] = {"target_share": target_share, **result.to_summary(values)}

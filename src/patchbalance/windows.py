@@ -5,6 +5,9 @@ Windows are square: `patch_size x patch_size` pixels with the top-left corner at
 file, visit each file's windows in row-major block order (so each compressed block is decoded
 once while it sits in GDAL's cache) and open each file once per worker thread, not once per
 window. GDAL releases the GIL while it decodes, so threads give real parallelism.
+
+A window on the ground (its corners and bounds in the raster's CRS) lives here too, as in
+rasterio's `windows` module: `window_corners` and `tile_bound_columns`.
 """
 
 from __future__ import annotations
@@ -274,3 +277,68 @@ class RasterHandleCache:
     def __setstate__(self, state: dict[str, object]) -> None:
         self._pid = os.getpid()
         self._handles = {}
+
+
+# --------------------------------------------------------------------------------------------
+# Windows on the ground
+
+
+def _affine_columns(paths: pd.Series, infos: dict[str, RasterInfo]) -> np.ndarray:
+    """Return (N, 6) affine coefficients a, b, c, d, e, f per row; NaN for unknown rasters."""
+    table = {
+        path: (
+            info.transform.a,
+            info.transform.b,
+            info.transform.c,
+            info.transform.d,
+            info.transform.e,
+            info.transform.f,
+        )
+        for path, info in infos.items()
+    }
+    codes, uniques = pd.factorize(paths)
+    lookup = np.array([table.get(path, (np.nan,) * 6) for path in uniques], dtype=np.float64)
+    if len(lookup) == 0:
+        return np.full((len(paths), 6), np.nan)
+    return lookup[codes]
+
+
+def window_corners(
+    records: pd.DataFrame, infos: dict[str, RasterInfo], path_column: str = "image_path"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the x and y of each window's four corners (N, 4) in its raster's CRS.
+
+    Corners run top-left, bottom-left, bottom-right, top-right in pixel space.
+    """
+    coeff = _affine_columns(records[path_column], infos)
+    row = records["row_off"].to_numpy(dtype=np.float64)
+    col = records["col_off"].to_numpy(dtype=np.float64)
+    size = records["patch_size"].to_numpy(dtype=np.float64)
+    pixel_cols = np.stack([col, col, col + size, col + size], axis=1)
+    pixel_rows = np.stack([row, row + size, row + size, row], axis=1)
+    a, b, c, d, e, f = (coeff[:, [j]] for j in range(6))
+    xs = a * pixel_cols + b * pixel_rows + c
+    ys = d * pixel_cols + e * pixel_rows + f
+    return xs, ys
+
+
+def tile_bound_columns(records: pd.DataFrame, infos: dict[str, RasterInfo]) -> pd.DataFrame:
+    """Return tile_minx, tile_miny, tile_maxx, tile_maxy and crs per patch.
+
+    Bounds are empty for rasters without a CRS (pixel coordinates are not map bounds) or that
+    could not be opened.
+    """
+    xs, ys = window_corners(records, infos)
+    crs_lookup = {path: info.crs or "" for path, info in infos.items()}
+    crs = records["image_path"].map(crs_lookup).fillna("").to_numpy(dtype=object)
+    georeferenced = crs != ""
+    columns = pd.DataFrame(
+        {
+            "tile_minx": np.where(georeferenced, xs.min(axis=1), np.nan),
+            "tile_miny": np.where(georeferenced, ys.min(axis=1), np.nan),
+            "tile_maxx": np.where(georeferenced, xs.max(axis=1), np.nan),
+            "tile_maxy": np.where(georeferenced, ys.max(axis=1), np.nan),
+            "crs": crs,
+        }
+    )
+    return columns

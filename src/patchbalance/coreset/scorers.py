@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.cluster import KMeans, MiniBatchKMeans
-from sklearn.exceptions import ConvergenceWarning
 
 from patchbalance.composition import elbow_k
 from patchbalance.errors import ConfigError, InputError, MissingDependencyError
+from patchbalance.kmeans import distinct_rows, fit_kmeans, renumber_by_size, sweep_k, sweep_sample
 
 log = logging.getLogger(__name__)
 
@@ -337,22 +335,6 @@ class FeatureDiversityResult:
     notes: list[str] = field(default_factory=list)
 
 
-def _fit_kmeans(data: np.ndarray, k: int, seed: int, n_init: int) -> KMeans | MiniBatchKMeans:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)
-        if len(data) > FD_MINIBATCH_ABOVE:
-            model = MiniBatchKMeans(
-                n_clusters=k,
-                random_state=seed,
-                n_init=n_init,
-                batch_size=4096,
-                max_no_improvement=20,
-            )
-        else:
-            model = KMeans(n_clusters=k, random_state=seed, n_init=n_init)
-        return model.fit(data)
-
-
 def round_robin_order(labels: np.ndarray, distances: np.ndarray) -> np.ndarray:
     """Return positions taken round-robin over clusters 0, 1, ..., nearest to the centroid first.
 
@@ -393,44 +375,40 @@ def feature_diversity_order(
             np.zeros(1, dtype=np.int64), np.zeros(1, np.int64), 1, "single"
         )
     notes: list[str] = []
-    if n > FD_SWEEP_SAMPLE:
-        rng = np.random.default_rng(seed)
-        sample_rows = np.sort(rng.choice(n, size=FD_SWEEP_SAMPLE, replace=False))
-        sample = data[sample_rows]
-    else:
-        sample = data
-    distinct = len(np.unique(sample, axis=0))
+    sample = sweep_sample(data, FD_SWEEP_SAMPLE, seed)
+    distinct = distinct_rows(sample)
     top = min(k_max, distinct)
     bottom = min(k_min, top)
     if top < k_max:
         notes.append(f"fd_k_max={k_max} clamped to {top}: only {distinct} distinct embeddings")
     ks = list(range(bottom, top + 1))
-    sweep: dict[int, float] = {}
     rule = "vendi" if use_vendi else "elbow"
-    chosen: int | None = None
-    for k in ks:
-        model = _fit_kmeans(sample, k, seed, FD_SWEEP_N_INIT)
-        if use_vendi:
-            sweep[k] = mean_cluster_vendi(sample, model.labels_, seed)
-            chosen, settled = choose_k_vendi(list(sweep), sweep, vendi_delta)
-        else:
-            sweep[k] = float(model.inertia_)
-        if progress is not None:
-            progress(1)
-        if use_vendi and settled:
-            break
-    if use_vendi and chosen is None:
-        chosen = ks[-1]
-        notes.append(
-            f"the mean per-cluster Vendi score never settled (|change| < {vendi_delta} for "
-            f"{VENDI_CALM_STEPS} consecutive k) up to k={ks[-1]}; using k={ks[-1]}"
+    if use_vendi:
+        sweep = sweep_k(
+            sample,
+            ks,
+            seed,
+            FD_SWEEP_N_INIT,
+            score=lambda rows, model: mean_cluster_vendi(rows, model.labels_, seed),
+            stop=lambda scores: choose_k_vendi(list(scores), scores, vendi_delta)[1],
+            progress=progress,
+            minibatch_above=FD_MINIBATCH_ABOVE,
         )
-    if not use_vendi:
+        chosen = choose_k_vendi(list(sweep), sweep, vendi_delta)[0]
+        if chosen is None:
+            chosen = ks[-1]
+            notes.append(
+                f"the mean per-cluster Vendi score never settled (|change| < {vendi_delta} for "
+                f"{VENDI_CALM_STEPS} consecutive k) up to k={ks[-1]}; using k={ks[-1]}"
+            )
+    else:
+        sweep = sweep_k(
+            sample, ks, seed, FD_SWEEP_N_INIT, progress=progress, minibatch_above=FD_MINIBATCH_ABOVE
+        )
         chosen = elbow_k(np.array(list(sweep)), np.array(list(sweep.values())))
-    assert chosen is not None
     for note in notes:
         log.warning(note)
-    model = _fit_kmeans(data, chosen, seed, FD_FINAL_N_INIT)
+    model = fit_kmeans(data, chosen, seed, FD_FINAL_N_INIT, FD_MINIBATCH_ABOVE)
     raw_labels = model.labels_
     centres = model.cluster_centers_.astype(np.float64)
     # Distance to the own centroid, in blocks so that no (N, D) float64 copy is made.
@@ -441,16 +419,11 @@ def feature_diversity_order(
         distances[start : start + len(block)] = np.sqrt(
             np.einsum("ij,ij->i", difference, difference)
         )
-    sizes = np.bincount(raw_labels, minlength=chosen)
-    # Cluster 0 is the largest; ties by the fitted id, so the order is deterministic.
-    ranking = np.lexsort((np.arange(len(sizes)), -sizes))
-    renumber = np.empty(len(sizes), dtype=np.int64)
-    renumber[ranking] = np.arange(len(sizes))
-    labels = renumber[raw_labels]
+    labels, sizes = renumber_by_size(raw_labels, chosen)
     return FeatureDiversityResult(
         order=round_robin_order(labels, distances),
         labels=labels,
-        k=int(np.count_nonzero(sizes)),
+        k=len(sizes),
         rule=rule,
         sweep=sweep,
         sweep_sample=len(sample),

@@ -10,8 +10,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +21,23 @@ import pandas as pd
 from patchbalance.config import CoresetConfig, coreset_config_from_mapping, load_coreset_config
 from patchbalance.coreset import scorers
 from patchbalance.errors import ConfigError, InputError
-from patchbalance.stats import class_entropy, class_proportions
+from patchbalance.progress import StageClock, progress_bar
+from patchbalance.stats import class_entropy
 from patchbalance.table import (
+    KEY_COLUMNS,
     boolean_column,
+    class_columns,
+    class_proportions,
+    class_share,
+    effective_sample_size,
     excluded_but_weighted,
     excluded_column,
+    key_label,
+    key_sorted,
+    normalised_keys,
+    read_table,
     warn_excluded_but_weighted,
+    write_table,
 )
 from patchbalance.weights import (
     inverse_frequency_scores,
@@ -38,11 +48,9 @@ from patchbalance.weights import (
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ("image_path", "row_off", "col_off", "patch_size")
 TILE_COLUMNS = ("tile_minx", "tile_miny", "tile_maxx", "tile_maxy")
 EMBEDDING_METHODS = ("fa", "fd", "lc_fd", "fa_cb")
 CLASS_METHODS = ("cb", "fa_cb")
-CLASS_COLUMN_PREFIX = "px_"
 SELECTED_COLUMN = "coreset_selected"
 
 
@@ -103,45 +111,6 @@ def check_key_columns(table: pd.DataFrame, what: str) -> None:
         )
 
 
-def normalised_keys(table: pd.DataFrame) -> pd.DataFrame:
-    """Return the patch-key columns with one dtype each (text paths, int64 offsets)."""
-    try:
-        return pd.DataFrame(
-            {
-                "image_path": table["image_path"].astype(str).to_numpy(dtype=object),
-                "row_off": table["row_off"].to_numpy(dtype=np.int64),
-                "col_off": table["col_off"].to_numpy(dtype=np.int64),
-                "patch_size": table["patch_size"].to_numpy(dtype=np.int64),
-            }
-        )
-    except (TypeError, ValueError) as exc:
-        raise InputError(
-            f"the patch key columns row_off, col_off and patch_size must be whole numbers: {exc}"
-        ) from exc
-
-
-def key_sorted(keys: pd.DataFrame) -> np.ndarray:
-    """Return the positions of `keys` sorted by (image_path, row_off, col_off, patch_size)."""
-    codes, _ = pd.factorize(keys["image_path"], sort=True)
-    return np.lexsort(
-        (
-            keys["patch_size"].to_numpy(),
-            keys["col_off"].to_numpy(),
-            keys["row_off"].to_numpy(),
-            codes,
-        )
-    )
-
-
-def key_text(keys: pd.DataFrame, i: int) -> str:
-    """Return a readable name for the patch at position `i` of `keys`."""
-    row = keys.iloc[i]
-    return (
-        f"{row['image_path']} (row_off {row['row_off']}, col_off {row['col_off']}, "
-        f"patch_size {row['patch_size']})"
-    )
-
-
 def check_unique_keys(
     keys: pd.DataFrame, what: str, fix: str = "each patch may appear once"
 ) -> None:
@@ -151,22 +120,8 @@ def check_unique_keys(
         first = int(np.flatnonzero(duplicated)[0])
         raise InputError(
             f"{what}: {int(duplicated.sum())} rows share a patch key with another row (first: "
-            f"{key_text(keys, first)}); {fix}"
+            f"{key_label(keys, first)}); {fix}"
         )
-
-
-def class_columns(table: pd.DataFrame) -> tuple[list[str], list[int]]:
-    """Return the `px_<value>` columns of `table` and their class values, sorted by value."""
-    found = []
-    for column in table.columns:
-        name = str(column)
-        if name.startswith(CLASS_COLUMN_PREFIX):
-            try:
-                found.append((int(name[len(CLASS_COLUMN_PREFIX) :]), name))
-            except ValueError:
-                continue
-    found.sort()
-    return [name for _, name in found], [value for value, _ in found]
 
 
 def class_matrix(table: pd.DataFrame) -> tuple[np.ndarray, list[int], bool]:
@@ -307,7 +262,7 @@ def join_embeddings(pool_keys: pd.DataFrame, path: Path, column: str) -> np.ndar
         first = int(np.flatnonzero(missing)[0])
         raise InputError(
             f"{path}: {int(missing.sum())} of {len(pool_keys)} pool patches have no row in the "
-            f"embeddings file (first: {key_text(pool_keys, first)}); point parquet_path at the "
+            f"embeddings file (first: {key_label(pool_keys, first)}); point parquet_path at the "
             "embeddings cache of the build that wrote this table"
         )
     return vectors[position]
@@ -443,30 +398,9 @@ def _as_config(config: CoresetConfig | dict[str, Any]) -> CoresetConfig:
     return coreset_config_from_mapping(block)
 
 
-@contextmanager
-def _clock(timings: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[name] = round(time.perf_counter() - start, 3)
-
-
-def _progress_bar(enabled: bool, total: int, description: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=description, unit="step", leave=False, mininterval=0.5)
-
-
 def _updater(bar: Any) -> Callable[[int], None] | None:
-    return bar.update if bar is not None else None
-
-
-def _close(bar: Any) -> None:
-    if bar is not None:
-        bar.close()
+    """Return the bar's update method, or None for a bar that shows nothing."""
+    return None if bar.disable else bar.update
 
 
 def select_coreset(
@@ -499,12 +433,12 @@ def run_selection(
     `where` names the input table (its file) in messages.
     """
     config = _as_config(config)
-    timings: dict[str, float] = {}
+    clock = StageClock(digits=3)
     notes: list[str] = []
     method = config.method
     check_key_columns(df, "the input table")
 
-    with _clock(timings, "pool"):
+    with clock.stage("pool"):
         pool, left_out = pool_mask(df, config.exclude_low_entropy, where)
         n_pool = int(pool.sum())
         if n_pool == 0:
@@ -528,11 +462,11 @@ def run_selection(
             first = int(np.flatnonzero(empty)[0])
             raise InputError(
                 f"{int(empty.sum())} pool patch(es) have no class pixels (first: "
-                f"{key_text(pool_keys, first)}); mark them excluded (empty_mask) before selection"
+                f"{key_label(pool_keys, first)}); mark them excluded (empty_mask) before selection"
             )
 
     info: dict[str, Any] = {}
-    with _clock(timings, "scoring"):
+    with clock.stage("scoring"):
         complexity = None
         if method in ("lc", "lc_fd"):
             if "class_entropy" in df.columns:
@@ -563,11 +497,8 @@ def run_selection(
                 )
             backend, device = scorers.resolve_cb_device(config.device)
             info["cb_backend"] = backend if device is None else f"{backend} ({device})"
-            bar = _progress_bar(progress, count, "cb greedy")
-            try:
+            with progress_bar(count, "cb greedy", progress, "step", 0.5) as bar:
                 picks = scorers.class_balance_order(features, count, backend, device, _updater(bar))
-            finally:
-                _close(bar)
             balance = scorers.class_balance_scores(picks, n_pool)
 
         if method == "lc":
@@ -580,8 +511,8 @@ def run_selection(
             activation = scorers.feature_activation_scores(vectors)
             scores = config.fa_cb_lambda * activation + (1.0 - config.fa_cb_lambda) * balance
         else:  # fd, lc_fd
-            bar = _progress_bar(progress, config.fd_k_max - config.fd_k_min + 1, "fd k sweep")
-            try:
+            sweep = config.fd_k_max - config.fd_k_min + 1
+            with progress_bar(sweep, "fd k sweep", progress, "step", 0.5) as bar:
                 diversity = scorers.feature_diversity_order(
                     vectors,
                     config.fd_k_min,
@@ -591,8 +522,6 @@ def run_selection(
                     config.seed,
                     _updater(bar),
                 )
-            finally:
-                _close(bar)
             notes.extend(diversity.notes)
             info["fd"] = {
                 "k": diversity.k,
@@ -609,7 +538,7 @@ def run_selection(
             scores = scorers.order_scores(order, n_pool)
         chosen = scorers.top_by_score(scores, count)
 
-    with _clock(timings, "weights"):
+    with clock.stage("weights"):
         selected_pool = np.zeros(n_pool, dtype=bool)
         selected_pool[chosen] = True
         selected_rows = pool_rows[selected_pool]
@@ -641,15 +570,8 @@ def run_selection(
     )
     summary.update(info)
     summary["notes"] = notes
-    summary["timings_s"] = timings
+    summary["timings_s"] = clock.seconds
     return CoresetResult(table=table, summary=summary, notes=notes)
-
-
-def _share(amounts: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Return the class pixel share of `amounts` (rows weighted by `weights` when given)."""
-    totals = amounts.sum(axis=0) if weights is None else weights @ amounts
-    whole = totals.sum()
-    return totals / whole if whole > 0 else np.zeros_like(totals)
 
 
 def _summary(
@@ -665,11 +587,11 @@ def _summary(
     count: int,
 ) -> dict[str, Any]:
     weights = table["sampler_weight"].to_numpy(np.float64)
-    pool_share = _share(amounts[pool])
-    coreset_share = _share(amounts[selected])
-    weighted_share = _share(amounts[selected], weights[selected])
+    pool_share = class_share(amounts[pool])
+    coreset_share = class_share(amounts[selected])
+    weighted_share = class_share(amounts[selected], weights[selected])
     selected_weights = weights[selected]
-    ess = float(selected_weights.sum() ** 2 / np.square(selected_weights).sum())
+    ess = effective_sample_size(selected_weights)
     summary: dict[str, Any] = {
         "method": config.method,
         "budget": config.budget,
@@ -756,12 +678,6 @@ def _summary_path(config: CoresetConfig, output: Path) -> Path:
     return output.with_name(f"{output.stem}.summary.json")
 
 
-def _read_input(path: Path) -> pd.DataFrame:
-    from patchbalance.report import read_table
-
-    return read_table(path)
-
-
 def run_select_coreset_command(
     config_path: Path, overrides: list[str], dry_run: bool = False, progress: bool = True
 ) -> str:
@@ -772,7 +688,8 @@ def run_select_coreset_command(
     configuration and inputs and returns the plan without selecting or writing.
     """
     from patchbalance import __version__
-    from patchbalance.outputs import check_writable, write_json, write_table
+    from patchbalance.atomic import check_writable
+    from patchbalance.outputs import write_json
 
     start = time.perf_counter()
     config = load_coreset_config(config_path, overrides)
@@ -785,7 +702,7 @@ def run_select_coreset_command(
     input_path = config.resolve(config.input_csv_path)
     output_path = config.resolve(config.output_csv_path)
     summary_path = _summary_path(config, output_path)
-    table = _read_input(input_path)
+    table = read_table(input_path)
 
     if dry_run:
         check_key_columns(table, str(input_path))
@@ -821,7 +738,7 @@ def run_select_coreset_command(
     check_writable(output_path, "the CoreSet table (output_csv_path)")
     check_writable(summary_path, "the CoreSet summary")
     result = run_selection(table, config, progress=progress, where=str(input_path))
-    with _clock(result.summary["timings_s"], "write"):
+    with StageClock(3, result.summary["timings_s"]).stage("write"):
         write_table(result.table, output_path)
         result.summary.update(
             {

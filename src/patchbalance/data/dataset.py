@@ -36,7 +36,14 @@ from rasterio.errors import RasterioError
 from torch.utils.data import Dataset
 
 from patchbalance.errors import ConfigError, InputError
-from patchbalance.table import boolean_column, excluded_column, row_numbers, rows_text
+from patchbalance.table import (
+    boolean_column,
+    excluded_column,
+    read_table,
+    row_numbers,
+    rows_text,
+    table_columns,
+)
 from patchbalance.windows import RasterHandleCache, gdal_message, read_window
 
 log = logging.getLogger(__name__)
@@ -118,16 +125,7 @@ def read_patch_table(
     """Return the `columns` (and those of `optional` that exist) of the CSV or Parquet table."""
     if not path.is_file():
         raise InputError(f"{path}: table not found")
-    parquet = path.suffix.lower() in (".parquet", ".pq")
-    try:
-        if parquet:
-            import pyarrow.parquet as pq
-
-            present = list(pq.read_schema(path).names)
-        else:
-            present = list(pd.read_csv(path, nrows=0).columns)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise InputError(f"{path}: cannot read the table: {' '.join(str(exc).split())}") from exc
+    present = table_columns(path)
     missing = [c for c in columns if c not in present]
     if missing:
         names = ", ".join(f"'{c}'" for c in missing)
@@ -137,12 +135,7 @@ def read_patch_table(
             "patch_size_key if yours are named differently)"
         )
     wanted = list(columns) + [c for c in optional if c in present and c not in columns]
-    try:
-        if parquet:
-            return pd.read_parquet(path, columns=wanted)
-        return pd.read_csv(path, usecols=wanted)
-    except (OSError, ValueError, pd.errors.ParserError) as exc:
-        raise InputError(f"{path}: cannot read the table: {' '.join(str(exc).split())}") from exc
+    return read_table(path, columns=wanted)
 
 
 def _integer_column(

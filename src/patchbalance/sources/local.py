@@ -12,11 +12,11 @@ import pandas as pd
 
 from patchbalance.config import BalancedDatasetConfig, InputConfig
 from patchbalance.errors import InputError
+from patchbalance.table import KEY_COLUMNS, read_table
 from patchbalance.windows import gdal_message, probe_raster
 
 log = logging.getLogger(__name__)
 
-KEY_COLUMNS = ("image_path", "row_off", "col_off", "patch_size")
 RECORD_COLUMNS = ("image_path", "mask_path", "row_off", "col_off", "patch_size")
 INTEGER_COLUMNS = ("row_off", "col_off", "patch_size")
 
@@ -133,13 +133,7 @@ def records_from_file(config: BalancedDatasetConfig) -> pd.DataFrame:
     path = config.resolve(config.input.records_path or "")
     if not path.is_file():
         raise InputError(f"{path}: records file not found (input.records_path)")
-    try:
-        if path.suffix.lower() in (".parquet", ".pq"):
-            records = pd.read_parquet(path)
-        else:
-            records = pd.read_csv(path, dtype={"image_path": str, "mask_path": str})
-    except (ValueError, OSError, pd.errors.ParserError) as exc:
-        raise InputError(f"{path}: cannot read the records table: {exc}".splitlines()[0]) from exc
+    records = read_table(path, text_columns=("image_path", "mask_path"), what="records table")
     return validate_records(records, str(path), config.base_dir)
 
 
