@@ -42,14 +42,18 @@ def test_demo_writes_georeferenced_data_and_builds_in_under_a_minute(tmp_path):
     assert "effective sample size" in result.stdout
 
 
-def test_the_masks_only_example_config_runs_on_the_demo_data(tmp_path):
+def build_example(tmp_path, name: str):
+    """Return the CLI result of building conf/examples/<name> on fresh demo data, laid out as in
+    the repository (the example's paths are relative to conf/examples/)."""
     write_demo_dataset(tmp_path / "patchbalance-demo")
     examples = tmp_path / "conf" / "examples"
     examples.mkdir(parents=True)
-    shutil.copy(EXAMPLES / "balanced_train.yaml", examples)
-    result = CliRunner().invoke(
-        app, ["build-balanced-dataset", str(examples / "balanced_train.yaml"), "-q"]
-    )
+    shutil.copy(EXAMPLES / name, examples)
+    return CliRunner().invoke(app, ["build-balanced-dataset", str(examples / name), "-q"])
+
+
+def test_the_masks_only_example_config_runs_on_the_demo_data(tmp_path):
+    result = build_example(tmp_path, "balanced_train.yaml")
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "patchbalance-demo" / "balanced_train_records.csv")
     assert len(table) == 32
@@ -57,14 +61,7 @@ def test_the_masks_only_example_config_runs_on_the_demo_data(tmp_path):
 
 
 def test_class_target_example_raises_the_rare_class_with_class_centred_windows(tmp_path):
-    write_demo_dataset(tmp_path / "patchbalance-demo")
-    examples = tmp_path / "conf" / "examples"
-    examples.mkdir(parents=True)
-    shutil.copy(EXAMPLES / "class_target.yaml", examples)
-
-    result = CliRunner().invoke(
-        app, ["build-balanced-dataset", str(examples / "class_target.yaml"), "-q"]
-    )
+    result = build_example(tmp_path, "class_target.yaml")
 
     assert result.exit_code == 0, result.output
     table = pd.read_csv(tmp_path / "patchbalance-demo" / "balanced_class_target.csv")
