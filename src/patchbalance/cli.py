@@ -34,6 +34,14 @@ DryRunOption = Annotated[
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary.")]
 VerboseOption = Annotated[bool, typer.Option("--verbose", "-v", help="Log more detail.")]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")]
+SchedulerOption = Annotated[
+    str | None,
+    typer.Option(
+        "--scheduler",
+        help="Where the per-raster work runs: auto, local, threads, synchronous or a Dask "
+        "scheduler address (tcp://host:8786); sets compute.scheduler.",
+    ),
+]
 
 
 def _configure_logging(quiet: bool, verbose: bool) -> None:
@@ -42,7 +50,10 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
         level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True
     )
     # Third-party libraries stay quiet unless asked for.
-    for name in ("rasterio", "fiona", "matplotlib", "PIL", "urllib3", "filelock"):
+    for name in (
+        "rasterio", "fiona", "matplotlib", "PIL", "urllib3", "filelock", "distributed", "bokeh",
+        "tornado",
+    ):  # fmt: skip
         logging.getLogger(name).setLevel(logging.WARNING if not verbose else logging.INFO)
 
 
@@ -82,6 +93,7 @@ def build_balanced_dataset_command(
     strict: Annotated[
         bool, typer.Option("--strict", help="Treat unreadable or out-of-bounds windows as errors.")
     ] = False,
+    scheduler: SchedulerOption = None,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
@@ -92,7 +104,8 @@ def build_balanced_dataset_command(
         from patchbalance.config import load_config
         from patchbalance.pipeline import plan_text, run_build
 
-        cfg = load_config(config, set_ or [])
+        overrides = (set_ or []) + ([f"compute.scheduler={scheduler}"] if scheduler else [])
+        cfg = load_config(config, overrides)
         if dry_run:
             return plan_text(cfg)
         result = run_build(cfg, strict=strict, progress=not quiet)
@@ -164,6 +177,7 @@ def demo_command(
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the sample data and outputs.")
     ] = Path("patchbalance-demo"),
+    scheduler: SchedulerOption = None,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
@@ -173,7 +187,7 @@ def demo_command(
     def task() -> str:
         from patchbalance.demo import run_demo_command
 
-        return run_demo_command(out, progress=not quiet)
+        return run_demo_command(out, progress=not quiet, scheduler=scheduler)
 
     _run(task, quiet, verbose, debug)
 

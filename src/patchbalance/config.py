@@ -341,6 +341,30 @@ class OutputConfig(StrictModel):
         return value
 
 
+SCHEDULERS = ("auto", "local", "threads", "synchronous")
+SCHEDULER_ADDRESS = re.compile(r"^(tcp|tls|ucx|inproc)://\S+$")
+
+
+class ComputeConfig(StrictModel):
+    """The `compute:` block (SPEC §10): where the per-raster work runs."""
+
+    scheduler: str = "auto"
+    # `auto` runs in-process up to this many patches and on a LocalCluster above.
+    cluster_above: int = Field(default=20_000, ge=0)
+    # Worker processes of `local` (one thread each); None: one per core.
+    workers: int | None = Field(default=None, ge=1)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        if value in SCHEDULERS or SCHEDULER_ADDRESS.match(value):
+            return value
+        raise ValueError(
+            f"expected {', '.join(SCHEDULERS)} or a Dask scheduler address such as "
+            f"tcp://host:8786, not {value!r}"
+        )
+
+
 class BalancedDatasetConfig(StrictModel):
     """The `balanced_dataset:` block (SPEC §2)."""
 
@@ -355,6 +379,7 @@ class BalancedDatasetConfig(StrictModel):
     exclusion: ExclusionConfig = Field(default_factory=ExclusionConfig)
     weights: WeightsConfig = Field(default_factory=WeightsConfig)
     output: OutputConfig
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_path: Path | None = PrivateAttr(default=None)

@@ -158,7 +158,7 @@ def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
     }
 
 
-def run_demo_command(out_dir: Path, progress: bool = True) -> str:
+def run_demo_command(out_dir: Path, progress: bool = True, scheduler: str | None = None) -> str:
     """Write the demo data, build the balanced table, report on it; return the text to print."""
     from patchbalance.config import load_config
     from patchbalance.pipeline import run_build
@@ -166,7 +166,8 @@ def run_demo_command(out_dir: Path, progress: bool = True) -> str:
     from patchbalance.report_html import write_html_report
 
     paths = write_demo_dataset(out_dir)
-    result = run_build(load_config(paths["config"]), progress=progress)
+    overrides = [f"compute.scheduler={scheduler}"] if scheduler else []
+    result = run_build(load_config(paths["config"], overrides), progress=progress)
     lines = [
         f"demo data written to {Path(out_dir).resolve()} "
         f"(4 scenes of {SCENE_SIZE}x{SCENE_SIZE} px; scene 4 held out in {paths['val'].name})",

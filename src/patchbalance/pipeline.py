@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import pandas as pd
 from patchbalance import __version__
 from patchbalance.atomic import check_writable
 from patchbalance.composition import cluster_profiles, fit_composition_clusters
+from patchbalance.compute import Compute, open_compute
 from patchbalance.config import (
     BalancedDatasetConfig,
     EmbeddingsConfig,
@@ -43,7 +45,7 @@ from patchbalance.stats import (
     statistics_columns,
     statistics_from_counts,
 )
-from patchbalance.table import KEY_COLUMNS, class_proportions, write_table
+from patchbalance.table import KEY_COLUMNS, class_proportions, lookup_by_path, write_table
 from patchbalance.weights import normalise_weights, sampler_weights, sampling_scores
 from patchbalance.windows import RasterInfo, probe_rasters, tile_bound_columns, windows_in_bounds
 
@@ -98,10 +100,6 @@ def output_paths(config: BalancedDatasetConfig) -> dict[str, Path]:
     return paths
 
 
-def _row_lookup(paths: pd.Series, mapping: dict[str, Any], default: Any = np.nan) -> np.ndarray:
-    return paths.map(mapping).fillna(default).to_numpy()
-
-
 def _first_problem(records: pd.DataFrame, rows: np.ndarray, messages: dict[str, str] | None) -> str:
     row = int(rows[0])
     image, mask = records.at[row, "image_path"], records.at[row, "mask_path"]
@@ -118,6 +116,7 @@ def _read_rasters(
     clock: StageClock,
     progress: bool,
     strict: bool,
+    compute: Compute,
 ) -> tuple[dict[str, RasterInfo], MaskStatistics, np.ndarray, np.ndarray, dict[str, Any]]:
     """Return raster infos, mask statistics, out-of-bounds and read-error flags, and notes."""
     records = source.records
@@ -139,12 +138,12 @@ def _read_rasters(
         | mask_paths.isin(list(open_errors)).to_numpy()
     )
     heights = np.minimum(
-        _row_lookup(image_paths, {p: i.height for p, i in infos.items()}, 0),
-        _row_lookup(mask_paths, {p: i.height for p, i in infos.items()}, 0),
+        lookup_by_path(image_paths, {p: i.height for p, i in infos.items()}, 0),
+        lookup_by_path(mask_paths, {p: i.height for p, i in infos.items()}, 0),
     ).astype(np.int64)
     widths = np.minimum(
-        _row_lookup(image_paths, {p: i.width for p, i in infos.items()}, 0),
-        _row_lookup(mask_paths, {p: i.width for p, i in infos.items()}, 0),
+        lookup_by_path(image_paths, {p: i.width for p, i in infos.items()}, 0),
+        lookup_by_path(mask_paths, {p: i.width for p, i in infos.items()}, 0),
     ).astype(np.int64)
     in_bounds = windows_in_bounds(
         records["row_off"].to_numpy(),
@@ -181,8 +180,8 @@ def _read_rasters(
                     border_check=border_check,
                     image_has_mask={p: i.has_mask for p, i in infos.items()},
                     block_shapes={p: i.block_shape for p, i in infos.items()},
-                    num_workers=config.num_workers,
                     progress=bar.update,
+                    compute=compute,
                 )
         if use_source_counts:
             table_stats = statistics_from_counts(
@@ -322,6 +321,127 @@ def _uniqueness_stage(
     return np.asarray(result.scores, dtype=np.float64), notes
 
 
+def _check_outputs(config: BalancedDatasetConfig, paths: dict[str, Path]) -> None:
+    """Check every output target before the first stage, rather than fail on it at the end."""
+    targets = {OUTPUT_LABELS[name]: path for name, path in paths.items()}
+    if config.mode == "embeddings" and config.embeddings.parquet_path:
+        targets[OUTPUT_LABELS["cache"]] = Path(embeddings_config(config).parquet_path or "")
+    for what, path in targets.items():
+        check_writable(path, what)
+    for name in paths:
+        if name in FOOTPRINT_FORMATS.values():
+            check_footprint_writer(name)
+    if config.output.postgres_table is not None:
+        from patchbalance.postgres_table import check_postgres_table
+
+        # Before any work: an existing table under if_exists: fail, or the source itself.
+        check_postgres_table(config)
+
+
+def _exclusion_stage(
+    config: BalancedDatasetConfig,
+    records: pd.DataFrame,
+    infos: dict[str, RasterInfo],
+    stats: MaskStatistics,
+    out_of_bounds: np.ndarray,
+    read_error: np.ndarray,
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, dict[str, int]]:
+    """Return the statistics columns, the exclusion flags, the active rows and reason counts."""
+    computed = stats.read & ~read_error & ~out_of_bounds
+    stat_columns = statistics_columns(stats, computed)
+    flags = exclusion_columns(
+        config.exclusion,
+        nodata_defined=_nodata_defined(config, records, infos),
+        border_nodata=stats.border_nodata,
+        black_border=stats.black_border,
+        nodata_ratio=stat_columns["nodata_ratio"].to_numpy(),
+        entropy=stat_columns["class_entropy"].to_numpy(),
+        valid_pixels=stats.valid_pixels,
+        out_of_bounds=out_of_bounds,
+        read_error=read_error,
+    )
+    active = ~flags["excluded"].to_numpy()
+    reasons = count_reasons(flags["exclusion_reason"])
+    if not active.any():
+        counted = ", ".join(f"{name}: {count}" for name, count in reasons.items() if count)
+        raise InputError(
+            f"every one of the {len(records)} patches is excluded ({counted}); nothing to weight"
+        )
+    return stat_columns, flags, active, reasons
+
+
+def _composition_stage(config: BalancedDatasetConfig, active_counts: np.ndarray, progress: bool):
+    """Return the composition clusters of the active patches (SPEC §3.4)."""
+    clustering = config.clustering
+    candidates = 0 if clustering.k_selection == "fixed" else clustering.k_max - clustering.k_min + 1
+    with progress_bar(candidates, "composition k sweep", progress, unit="k") as bar:
+        return fit_composition_clusters(
+            active_counts, clustering, config.kmeans_seed, progress=bar.update
+        )
+
+
+def _weights_stage(
+    config: BalancedDatasetConfig,
+    stats: MaskStatistics,
+    active: np.ndarray,
+    composition: Any,
+    uniqueness: np.ndarray | None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Return the sampler weight of every patch (0 for excluded ones) and the weights' notes."""
+    weights_config = config.weights
+    scores, weight_notes = sampling_scores(
+        config.sampling_method,
+        composition_score=composition.composition_score,
+        cluster_id=composition.labels,
+        counts=stats.counts[active],
+        window_pixels=stats.window_pixels[active],
+        uniqueness=uniqueness,
+        min_pixels=weights_config.min_pixels,
+        repeat_threshold=weights_config.repeat_threshold,
+        sqrt=weights_config.sqrt,
+        target_share=weights_config.target_share,
+        min_ess=weights_config.min_ess,
+        class_values=[int(v) for v in stats.class_values],
+    )
+    if "reduced" in weight_notes:
+        log.info("%s", weight_notes["reduced"])
+    active_weights = normalise_weights(
+        scores, weights_config.power, weights_config.max_weight, weights_config.uniform_mix
+    )
+    return sampler_weights(active, active_weights), weight_notes
+
+
+def _write_outputs(
+    config: BalancedDatasetConfig,
+    written: pd.DataFrame,
+    infos: dict[str, RasterInfo],
+    paths: dict[str, Path],
+    summary: dict[str, Any],
+) -> dict[str, str]:
+    """Write the table, footprints and PostgreSQL table; return what was written where."""
+    write_table(written, paths["table"])
+    outputs = {"table": str(paths["table"])}
+    for kind in FOOTPRINT_FORMATS.values():
+        if kind not in paths:
+            continue
+        if any(info.has_crs for info in infos.values()):
+            summary[f"{kind}_features"] = write_footprints(written, infos, paths[kind])
+            outputs[kind] = str(paths[kind])
+        else:
+            log.warning(
+                "no footprints written: the rasters have no CRS, so footprints cannot "
+                "be placed on a map (%s)",
+                paths[kind],
+            )
+            summary[f"{kind}_skipped"] = "rasters have no CRS"
+    if config.output.postgres_table is not None:
+        from patchbalance.postgres_table import describe, write_postgres_table
+
+        summary["postgres_table"] = write_postgres_table(written, infos, config)
+        outputs["postgres_table"] = describe(config)
+    return outputs
+
+
 def run_build(
     config: BalancedDatasetConfig | dict[str, Any] | str | os.PathLike[str],
     strict: bool = False,
@@ -331,27 +451,16 @@ def run_build(
     """Run the whole pipeline and return the table, the summary and its text.
 
     With `write`, the table, summary and footprints are written (atomically) once every stage has
-    succeeded; a failure leaves any earlier outputs as they were.
+    succeeded; a failure leaves any earlier outputs as they were. The per-raster stages run
+    where `compute.scheduler` says (SPEC §10); a cluster started for the run stops before the
+    weights are computed.
     """
     config = _as_config(config)
     clock = StageClock()
     paths = output_paths(config)
     embeddings_mode = config.mode == "embeddings"
-    # Every output target is checked before the first stage, not found unwritable at the end.
-    targets = {OUTPUT_LABELS[name]: path for name, path in paths.items()} if write else {}
-    if embeddings_mode and config.embeddings.parquet_path:
-        targets[OUTPUT_LABELS["cache"]] = Path(embeddings_config(config).parquet_path or "")
-    for what, path in targets.items():
-        check_writable(path, what)
     if write:
-        for name in paths:
-            if name in FOOTPRINT_FORMATS.values():
-                check_footprint_writer(name)
-        if config.output.postgres_table is not None:
-            from patchbalance.postgres_table import check_postgres_table
-
-            # Before any work: an existing table under if_exists: fail, or the source itself.
-            check_postgres_table(config)
+        _check_outputs(config, paths)
 
     with clock.stage("records"):
         source = load_records(config)
@@ -365,69 +474,28 @@ def run_build(
         # Fail on an unavailable model before a single raster is read.
         check_model_available(embeddings_config(config))
 
-    infos, stats, out_of_bounds, read_error, read_notes = _read_rasters(
-        config, source, clock, progress, strict
-    )
-
-    with clock.stage("exclusion"):
-        computed = stats.read & ~read_error & ~out_of_bounds
-        stat_columns = statistics_columns(stats, computed)
-        flags = exclusion_columns(
-            config.exclusion,
-            nodata_defined=_nodata_defined(config, records, infos),
-            border_nodata=stats.border_nodata,
-            black_border=stats.black_border,
-            nodata_ratio=stat_columns["nodata_ratio"].to_numpy(),
-            entropy=stat_columns["class_entropy"].to_numpy(),
-            valid_pixels=stats.valid_pixels,
-            out_of_bounds=out_of_bounds,
-            read_error=read_error,
+    with ExitStack() as stack:
+        with clock.stage("scheduler"):
+            compute = stack.enter_context(open_compute(config.compute, n, config.num_workers))
+        infos, stats, out_of_bounds, read_error, read_notes = _read_rasters(
+            config, source, clock, progress, strict, compute
         )
-        active = ~flags["excluded"].to_numpy()
-        reasons = count_reasons(flags["exclusion_reason"])
-    if not active.any():
-        counted = ", ".join(f"{name}: {count}" for name, count in reasons.items() if count)
-        raise InputError(f"every one of the {n} patches is excluded ({counted}); nothing to weight")
-
-    with clock.stage("composition"):
-        active_counts = stats.counts[active]
-        candidates = (
-            0
-            if config.clustering.k_selection == "fixed"
-            else config.clustering.k_max - config.clustering.k_min + 1
-        )
-        with progress_bar(candidates, "composition k sweep", progress, unit="k") as bar:
-            composition = fit_composition_clusters(
-                active_counts, config.clustering, config.kmeans_seed, progress=bar.update
+        with clock.stage("exclusion"):
+            stat_columns, flags, active, reasons = _exclusion_stage(
+                config, records, infos, stats, out_of_bounds, read_error
             )
-
-    uniqueness = None
-    uniqueness_notes: dict[str, Any] = {}
-    if embeddings_mode:
-        uniqueness, uniqueness_notes = _uniqueness_stage(config, source, active, clock, progress)
+        with clock.stage("composition"):
+            composition = _composition_stage(config, stats.counts[active], progress)
+        uniqueness = None
+        uniqueness_notes: dict[str, Any] = {}
+        if embeddings_mode:
+            uniqueness, uniqueness_notes = _uniqueness_stage(
+                config, source, active, clock, progress
+            )
+        compute_notes = compute.describe()
 
     with clock.stage("weights"):
-        weights_config = config.weights
-        scores, weight_notes = sampling_scores(
-            config.sampling_method,
-            composition_score=composition.composition_score,
-            cluster_id=composition.labels,
-            counts=active_counts,
-            window_pixels=stats.window_pixels[active],
-            uniqueness=uniqueness,
-            min_pixels=weights_config.min_pixels,
-            repeat_threshold=weights_config.repeat_threshold,
-            sqrt=weights_config.sqrt,
-            target_share=weights_config.target_share,
-            min_ess=weights_config.min_ess,
-            class_values=[int(v) for v in stats.class_values],
-        )
-        if "reduced" in weight_notes:
-            log.info("%s", weight_notes["reduced"])
-        active_weights = normalise_weights(
-            scores, weights_config.power, weights_config.max_weight, weights_config.uniform_mix
-        )
-        weights = sampler_weights(active, active_weights)
+        weights, weight_notes = _weights_stage(config, stats, active, composition, uniqueness)
 
     with clock.stage("outputs"):
         table = _assemble_table(
@@ -451,6 +519,7 @@ def run_build(
             paths,
             source.notes,
         )
+        summary["compute"] = compute_notes
         warnings = figures.starvation_warnings(config.sampling_method)
         for line in warnings:
             log.warning("%s", line)
@@ -458,29 +527,7 @@ def run_build(
         written = (
             table if config.output.include_excluded else table.loc[active].reset_index(drop=True)
         )
-        outputs: dict[str, str] = {}
-        if write:
-            write_table(written, paths["table"])
-            outputs["table"] = str(paths["table"])
-            for kind in FOOTPRINT_FORMATS.values():
-                if kind not in paths:
-                    continue
-                if any(info.has_crs for info in infos.values()):
-                    count = write_footprints(written, infos, paths[kind])
-                    outputs[kind] = str(paths[kind])
-                    summary[f"{kind}_features"] = count
-                else:
-                    log.warning(
-                        "no footprints written: the rasters have no CRS, so footprints cannot "
-                        "be placed on a map (%s)",
-                        paths[kind],
-                    )
-                    summary[f"{kind}_skipped"] = "rasters have no CRS"
-            if config.output.postgres_table is not None:
-                from patchbalance.postgres_table import describe, write_postgres_table
-
-                summary["postgres_table"] = write_postgres_table(written, infos, config)
-                outputs["postgres_table"] = describe(config)
+        outputs = _write_outputs(config, written, infos, paths, summary) if write else {}
     summary["timings_s"] = clock.seconds
     summary["outputs"] = outputs
     if write:

@@ -9,18 +9,26 @@ into arrays preallocated for all patches; the class set is fixed at the end from
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from rasterio.errors import RasterioError
 
+from patchbalance.compute import Compute
 from patchbalance.table import class_proportions
-from patchbalance.windows import for_each_window, read_window, read_window_mask
+from patchbalance.windows import (
+    CHUNK_WINDOWS,
+    gdal_message,
+    open_raster,
+    read_window,
+    read_window_mask,
+    window_partitions,
+)
 
-# Distinct values remembered per window in the dense buffer; windows with more spill to a dict.
-VALUES_PER_WINDOW = 16
+# Windows per partition on a cluster: a task of ~1 s, so scheduling costs stay small.
+CLUSTER_PARTITION_WINDOWS = 4096
 
 
 @dataclass
@@ -114,6 +122,204 @@ def black_border_sides(
     return any(side.mean() >= check.min_fraction for side in sides)
 
 
+@dataclass(frozen=True)
+class CountTask:
+    """One partition's windows and what a worker needs to count them (no per-patch objects).
+
+    Args:
+        mask_path: the mask file every window reads.
+        image_path: the image file, read only for the black-border check (else None).
+        row_off, col_off, size: the windows, in the order to read them.
+        nodata: the mask's nodata value (None: none).
+        classes: the class values when `clustering.classes` fixes them, else None.
+        mask_band: the mask band to count.
+        border_check: the black-border settings, or None when the check is off.
+        image_has_mask: whether the image has its own dataset mask.
+    """
+
+    mask_path: str
+    image_path: str | None
+    row_off: np.ndarray
+    col_off: np.ndarray
+    size: np.ndarray
+    nodata: float | None
+    classes: np.ndarray | None
+    mask_band: int = 1
+    border_check: BorderCheck | None = None
+    image_has_mask: bool = False
+
+
+@dataclass
+class WindowCounts:
+    """The counts of one partition, as flat arrays in the partition's window order.
+
+    `values[j]`/`counts[j]` are the distinct values and pixel counts of the windows, `lengths`
+    says how many belong to each window (0 for a window that was not read).
+    """
+
+    values: np.ndarray
+    counts: np.ndarray
+    lengths: np.ndarray
+    border_nodata: np.ndarray
+    black_border: np.ndarray
+    read: np.ndarray
+    errors: dict[int, str] = field(default_factory=dict)
+
+
+def _is_nodata(values: np.ndarray, nodata: float | None, classes: np.ndarray | None) -> np.ndarray:
+    flags = np.zeros(values.shape, dtype=bool) if nodata is None else values == nodata
+    if classes is not None:
+        flags |= ~np.isin(values, classes)
+    return flags
+
+
+def count_windows(task: CountTask) -> WindowCounts:
+    """Return the value counts and border flags of the task's windows; each file opens once.
+
+    A `RasterioError` or `OSError` on a window (or on opening a file) is recorded in `errors`
+    by the window's position in the task, so one bad file never aborts the run.
+    """
+    n = len(task.row_off)
+    border_nodata = np.zeros(n, dtype=bool)
+    black_border = np.zeros(n, dtype=bool)
+    read = np.zeros(n, dtype=bool)
+    lengths = np.zeros(n, dtype=np.int32)
+    values_seen: list[np.ndarray] = []
+    counts_seen: list[np.ndarray] = []
+    errors: dict[int, str] = {}
+    known = np.zeros(0, dtype=np.int64)
+    try:
+        datasets = [open_raster(task.mask_path)]
+        if task.border_check is not None and task.image_path is not None:
+            datasets.append(open_raster(task.image_path))
+    except (RasterioError, OSError) as exc:
+        message = gdal_message(exc)
+        return WindowCounts(
+            np.zeros(0, np.int64), np.zeros(0, np.int64), lengths, border_nodata,
+            black_border, read, {i: message for i in range(n)},
+        )  # fmt: skip
+    try:
+        for i in range(n):
+            row, col, size = task.row_off[i], task.col_off[i], task.size[i]
+            try:
+                mask = read_window(datasets[0], row, col, size, task.mask_band)
+                values, counts, covered = _value_counts(mask, known)
+                ring = _is_nodata(_outer_ring(mask), task.nodata, task.classes)
+                if task.border_check is not None:
+                    image = read_window(datasets[1], row, col, size)
+                    image_mask = None
+                    if task.image_has_mask:
+                        image_mask = read_window_mask(datasets[1], row, col, size)
+                    black_border[i] = black_border_sides(image, image_mask, task.border_check)
+            except (RasterioError, OSError) as exc:
+                errors[i] = gdal_message(exc)
+                black_border[i] = False
+                continue
+            if not covered and len(values) <= COMPARE_UP_TO:
+                known = np.union1d(known, values)
+            values_seen.append(values)
+            counts_seen.append(counts)
+            lengths[i] = len(values)
+            border_nodata[i] = bool(ring.any())
+            read[i] = True
+    finally:
+        for dataset in datasets:
+            dataset.close()
+    return WindowCounts(
+        np.concatenate(values_seen) if values_seen else np.zeros(0, np.int64),
+        np.concatenate(counts_seen) if counts_seen else np.zeros(0, np.int64),
+        lengths,
+        border_nodata,
+        black_border,
+        read,
+        errors,
+    )
+
+
+class CountMerge:
+    """Merges the `WindowCounts` of partitions, as they arrive, into arrays over all patches.
+
+    Counts are kept as one column per value seen (int32 while a window has fewer than 2**31
+    pixels), so the client holds a few bytes per patch and value, never the partitions.
+
+    Args:
+        n: the number of patches.
+        window_pixels: `patch_size ** 2` per patch.
+    """
+
+    def __init__(self, n: int, window_pixels: np.ndarray) -> None:
+        self.n = n
+        self.window_pixels = np.asarray(window_pixels, dtype=np.int64)
+        fits = n == 0 or int(self.window_pixels.max(initial=0)) < 2**31
+        self._dtype = np.int32 if fits else np.int64
+        self.columns: dict[int, np.ndarray] = {}
+        self.border_nodata = np.zeros(n, dtype=bool)
+        self.black_border = np.zeros(n, dtype=bool)
+        self.read = np.zeros(n, dtype=bool)
+        self.errors: dict[int, str] = {}
+
+    def add(self, rows: np.ndarray, part: WindowCounts) -> None:
+        """Take in the counts of the partition whose windows are the patches `rows`."""
+        owner = np.repeat(rows, part.lengths)
+        for value in np.unique(part.values).tolist():
+            column = self.columns.get(value)
+            if column is None:
+                column = self.columns[value] = np.zeros(self.n, dtype=self._dtype)
+            chosen = part.values == value
+            column[owner[chosen]] = part.counts[chosen]
+        self.read[rows] = part.read
+        self.border_nodata[rows] = part.border_nodata
+        self.black_border[rows] = part.black_border
+        for position, message in part.errors.items():
+            self.errors[int(rows[position])] = message
+
+    def statistics(self, row_nodata: np.ndarray, classes: np.ndarray | None) -> MaskStatistics:
+        """Return the statistics of every patch.
+
+        Args:
+            row_nodata: the nodata value of each patch's mask (NaN: none).
+            classes: the class values when `clustering.classes` fixes them, else None; values
+                outside them count as nodata.
+
+        Returns:
+            The `MaskStatistics`; patches that were not read have zero counts.
+        """
+        nodata_pixels = np.zeros(self.n, dtype=np.int64)
+        outside = 0
+        valid: dict[int, np.ndarray] = {}
+        for value in sorted(self.columns):
+            column = self.columns.pop(value)
+            is_nodata = row_nodata == value
+            if classes is not None and value not in classes:
+                nodata_pixels += column
+                outside += int(column[~is_nodata].sum())
+                continue
+            nodata_pixels[is_nodata] += column[is_nodata]
+            column[is_nodata] = 0
+            if classes is not None or column.any():
+                valid[value] = column
+        class_values = (
+            np.asarray(classes, dtype=np.int64)
+            if classes is not None
+            else np.asarray(sorted(valid), dtype=np.int64)
+        )
+        counts = np.zeros((self.n, len(class_values)), dtype=np.int64)
+        for c, value in enumerate(class_values.tolist()):
+            if value in valid:
+                counts[:, c] = valid.pop(value)
+        return MaskStatistics(
+            class_values=class_values,
+            counts=counts,
+            nodata_pixels=nodata_pixels,
+            window_pixels=self.window_pixels,
+            border_nodata=self.border_nodata & self.read,
+            black_border=self.black_border & self.read,
+            read=self.read,
+            errors=self.errors,
+            outside_class_pixels=outside,
+        )
+
+
 def compute_mask_statistics(
     records: pd.DataFrame,
     indices: np.ndarray,
@@ -125,121 +331,69 @@ def compute_mask_statistics(
     block_shapes: dict[str, tuple[int, int]] | None = None,
     num_workers: int = 1,
     progress: Callable[[int], None] | None = None,
+    compute: Compute | None = None,
 ) -> MaskStatistics:
     """Return the statistics of the windows `indices` of `records` (other rows stay empty).
 
-    `nodata_by_mask` gives the nodata value of each mask file (None = no nodata). When
-    `classes` is given, values outside it count as nodata. With `border_check`, the image window
-    is read too and tested for a black border.
+    Args:
+        records: the patch records (keys).
+        indices: the rows whose windows are read.
+        nodata_by_mask: the nodata value of each mask file (None = no nodata).
+        classes: the class values; values outside them count as nodata. None: every value seen.
+        mask_band: the mask band to count.
+        border_check: with it, the image window is read too and tested for a black border.
+        image_has_mask: per image file, whether it has its own dataset mask.
+        block_shapes: per file, its block shape (windows are read in block order).
+        num_workers: threads, when `compute` is not given.
+        progress: called with the number of windows of each partition done.
+        compute: where the partitions run (a cluster, threads or this thread).
+
+    Returns:
+        The statistics, rows following `records`.
     """
-    n = len(records)
+    compute = compute or Compute("threads", num_workers)
     mask_paths = records["mask_path"].to_numpy()
     image_paths = records["image_path"].to_numpy()
     row_off = records["row_off"].to_numpy(dtype=np.int64)
     col_off = records["col_off"].to_numpy(dtype=np.int64)
     size = records["patch_size"].to_numpy(dtype=np.int64)
     class_list = np.asarray(sorted(classes), dtype=np.int64) if classes is not None else None
-
-    buffer_values = np.zeros((n, VALUES_PER_WINDOW), dtype=np.int64)
-    buffer_counts = np.zeros((n, VALUES_PER_WINDOW), dtype=np.int64)
-    buffer_used = np.zeros(n, dtype=np.int16)
-    spilled: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    border_nodata = np.zeros(n, dtype=bool)
-    black_border = np.zeros(n, dtype=bool)
-    read = np.zeros(n, dtype=bool)
-    lock = threading.Lock()
-    image_has_mask = image_has_mask or {}
-
-    def is_nodata(values: np.ndarray, nodata: float | None) -> np.ndarray:
-        flags = np.zeros(values.shape, dtype=bool) if nodata is None else values == nodata
-        if class_list is not None:
-            flags |= ~np.isin(values, class_list)
-        return flags
-
-    known_values = np.zeros(0, dtype=np.int64)
-
-    def handle(datasets: Sequence, i: int) -> None:
-        nonlocal known_values
-        mask = read_window(datasets[0], row_off[i], col_off[i], size[i], mask_band)
-        values, counts, covered = _value_counts(mask, known_values)
-        if not covered and len(values) <= COMPARE_UP_TO:
-            with lock:
-                known_values = np.union1d(known_values, values)
-        used = len(values)
-        if used <= VALUES_PER_WINDOW:
-            buffer_values[i, :used] = values
-            buffer_counts[i, :used] = counts
-            buffer_used[i] = used
-        else:
-            with lock:
-                spilled[i] = (values, counts)
-        border_nodata[i] = bool(
-            is_nodata(_outer_ring(mask), nodata_by_mask.get(mask_paths[i])).any()
-        )
-        if border_check is not None:
-            image = read_window(datasets[1], row_off[i], col_off[i], size[i])
-            image_mask = None
-            if image_has_mask.get(image_paths[i], False):
-                image_mask = read_window_mask(datasets[1], row_off[i], col_off[i], size[i])
-            black_border[i] = black_border_sides(image, image_mask, border_check)
-        read[i] = True
-
     path_columns = [mask_paths, image_paths] if border_check is not None else [mask_paths]
-    errors = for_each_window(
+    partitions = window_partitions(
         path_columns,
-        np.asarray(indices, dtype=np.int64),
+        indices,
         row_off,
         col_off,
-        handle,
         block_shapes=block_shapes,
-        num_workers=num_workers,
-        progress=progress,
+        max_windows=CLUSTER_PARTITION_WINDOWS if compute.distributed else CHUNK_WINDOWS,
     )
-    read[list(errors)] = False
-
-    # Flatten the (patch, value, count) triplets and turn them into a dense count matrix.
-    slot = np.arange(VALUES_PER_WINDOW)[None, :] < buffer_used[:, None]
-    rows = np.broadcast_to(np.arange(n)[:, None], slot.shape)[slot]
-    values = buffer_values[slot]
-    counts = buffer_counts[slot]
-    if spilled:
-        extra_rows = np.concatenate([np.full(len(v), i) for i, (v, _) in spilled.items()])
-        rows = np.concatenate((rows, extra_rows))
-        values = np.concatenate((values, *[v for v, _ in spilled.values()]))
-        counts = np.concatenate((counts, *[c for _, c in spilled.values()]))
-    keep = read[rows]
-    rows, values, counts = rows[keep], values[keep], counts[keep]
-
+    has_mask = image_has_mask or {}
+    tasks = [
+        CountTask(
+            mask_path=part.paths[0],
+            image_path=part.paths[1] if len(part.paths) > 1 else None,
+            row_off=row_off[part.rows],
+            col_off=col_off[part.rows],
+            size=size[part.rows],
+            nodata=nodata_by_mask.get(part.paths[0]),
+            classes=class_list,
+            mask_band=mask_band,
+            border_check=border_check,
+            image_has_mask=len(part.paths) > 1 and has_mask.get(part.paths[1], False),
+        )
+        for part in partitions
+    ]
+    merge = CountMerge(len(records), size * size)
+    for position, counted in compute.as_completed(count_windows, tasks):
+        merge.add(partitions[position].rows, counted)
+        tasks[position] = None  # the task's arrays are no longer needed
+        if progress:
+            progress(len(partitions[position].rows))
     nodata_lookup = {
         path: np.nan if value is None else float(value) for path, value in nodata_by_mask.items()
     }
-    row_nodata = pd.Series(mask_paths, dtype=object).map(nodata_lookup).to_numpy(dtype=np.float64)
-    nodata_flag = values == row_nodata[rows]
-    outside = np.zeros_like(nodata_flag)
-    if class_list is not None:
-        outside = ~np.isin(values, class_list) & ~nodata_flag
-        class_values = class_list
-    else:
-        class_values = np.unique(values[~nodata_flag])
-    invalid = nodata_flag | outside
-    nodata_pixels = np.bincount(rows[invalid], weights=counts[invalid], minlength=n).astype(
-        np.int64
-    )
-    valid_rows, valid_values, valid_counts = rows[~invalid], values[~invalid], counts[~invalid]
-    column = np.searchsorted(class_values, valid_values)
-    dense = np.zeros((n, len(class_values)), dtype=np.int64)
-    np.add.at(dense, (valid_rows, column), valid_counts)
-    return MaskStatistics(
-        class_values=class_values,
-        counts=dense,
-        nodata_pixels=nodata_pixels,
-        window_pixels=size * size,
-        border_nodata=border_nodata & read,
-        black_border=black_border & read,
-        read=read,
-        errors=errors,
-        outside_class_pixels=int(counts[outside].sum()),
-    )
+    row_nodata = records["mask_path"].map(nodata_lookup).to_numpy(dtype=np.float64)
+    return merge.statistics(row_nodata, class_list)
 
 
 def statistics_from_counts(

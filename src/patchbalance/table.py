@@ -20,6 +20,7 @@ import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -184,6 +185,19 @@ def key_label(keys: pd.DataFrame, i: int) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Class columns
+
+
+def lookup_by_path(paths: pd.Series, mapping: dict[str, Any], default: Any = np.nan) -> np.ndarray:
+    """Return `mapping[path]` for every row of `paths` (`default` for a path it lacks).
+
+    The paths are factorised first, so the mapping is looked up once per distinct file, not
+    once per patch (a categorical column is used as it is).
+    """
+    categorical = pd.Categorical(paths)
+    per_file = np.asarray(
+        [mapping.get(path, default) for path in categorical.categories.tolist()] + [default]
+    )
+    return per_file[categorical.codes]
 
 
 def class_columns(table: pd.DataFrame) -> tuple[list[str], list[int]]:

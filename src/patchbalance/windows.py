@@ -1,10 +1,10 @@
 """Windowed raster reading with rasterio, shared by statistics, embeddings and training.
 
 Windows are square: `patch_size x patch_size` pixels with the top-left corner at
-(`row_off`, `col_off`). The readers here never load a whole raster: they group the windows by
-file, visit each file's windows in row-major block order (so each compressed block is decoded
-once while it sits in GDAL's cache) and open each file once per worker thread, not once per
-window. GDAL releases the GIL while it decodes, so threads give real parallelism.
+(`row_off`, `col_off`). The readers here never load a whole raster: `window_partitions` groups the
+windows by file and orders each file's windows in row-major block order (so each compressed
+block is decoded once while it sits in GDAL's cache); a stage opens each file once per
+partition, not once per window.
 
 A window on the ground (its corners and bounds in the raster's CRS) lives here too, as in
 rasterio's `windows` module: `window_corners` and `tile_bound_columns`.
@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import warnings
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -169,78 +168,56 @@ def read_window_mask(
     return dataset.dataset_mask(window=window)
 
 
-WindowHandler = Callable[[Sequence[rasterio.DatasetReader], int], None]
+@dataclass(frozen=True)
+class WindowPartition:
+    """Windows that share their files, in block order: the unit of work of a stage.
+
+    Args:
+        paths: the files every window of the partition reads, e.g. `(mask_path,)` or
+            `(mask_path, image_path)`.
+        rows: the positions of the windows in the records, in the order to read them.
+    """
+
+    paths: tuple[str, ...]
+    rows: np.ndarray
 
 
-def for_each_window(
+def window_partitions(
     path_columns: Sequence[np.ndarray],
     indices: np.ndarray,
     row_off: np.ndarray,
     col_off: np.ndarray,
-    handler: WindowHandler,
     block_shapes: dict[str, tuple[int, int]] | None = None,
-    num_workers: int = 1,
-    progress: Callable[[int], None] | None = None,
-) -> dict[int, str]:
-    """Call `handler(datasets, i)` for every window index `i` in `indices`; return read errors.
+    max_windows: int = CHUNK_WINDOWS,
+) -> list[WindowPartition]:
+    """Return the windows `indices` grouped by the files they read, each group in block order.
 
-    `path_columns` are arrays over all windows naming the files each window needs, e.g.
-    `[mask_paths]` or `[mask_paths, image_paths]`; `datasets` follow that order. Windows
-    sharing the same files are read in block order by one task that opens each file once.
-    `handler` writes its results into arrays the caller preallocated. A `RasterioError` or
-    `OSError` in the handler (or on open) is caught and recorded as `{i: message}` so that one
-    bad file never aborts the run.
+    Args:
+        path_columns: arrays over all windows naming the files each window needs; the first
+            column's file gives the block shape.
+        indices: the windows to include.
+        row_off: row offsets of all windows.
+        col_off: column offsets of all windows.
+        block_shapes: the block shape of each file (256 x 256 when unknown).
+        max_windows: the most windows per partition; a larger group is cut in block order.
+
+    Returns:
+        The partitions, files in their order of first appearance.
     """
     indices = np.asarray(indices, dtype=np.int64)
     selected = pd.DataFrame(
         {j: np.asarray(column)[indices] for j, column in enumerate(path_columns)}
     )
-    tasks: list[tuple[tuple[str, ...], np.ndarray]] = []
-    for paths, positions in selected.groupby(list(selected.columns), sort=False).indices.items():
-        paths = paths if isinstance(paths, tuple) else (paths,)
+    partitions = []
+    groups = selected.groupby(list(selected.columns), sort=False, observed=True).indices
+    for paths, positions in groups.items():
+        paths = tuple(str(p) for p in paths) if isinstance(paths, tuple) else (str(paths),)
         members = indices[positions]
         shape = (block_shapes or {}).get(paths[0], (256, 256))
         ordered = members[block_order(row_off[members], col_off[members], shape)]
-        for start in range(0, len(ordered), CHUNK_WINDOWS):
-            tasks.append((paths, ordered[start : start + CHUNK_WINDOWS]))
-
-    errors: dict[int, str] = {}
-    lock = threading.Lock()
-
-    def run(paths: tuple[str, ...], chunk: np.ndarray) -> int:
-        local_errors: dict[int, str] = {}
-        try:
-            datasets = [open_raster(path) for path in paths]
-        except (RasterioError, OSError) as exc:
-            message = gdal_message(exc)
-            local_errors = {int(i): message for i in chunk}
-        else:
-            try:
-                for i in chunk.tolist():
-                    try:
-                        handler(datasets, i)
-                    except (RasterioError, OSError) as exc:
-                        local_errors[i] = gdal_message(exc)
-            finally:
-                for dataset in datasets:
-                    dataset.close()
-        with lock:
-            errors.update(local_errors)
-        return len(chunk)
-
-    if num_workers <= 1 or len(tasks) <= 1:
-        for paths, chunk in tasks:
-            done = run(paths, chunk)
-            if progress:
-                progress(done)
-    else:
-        with ThreadPoolExecutor(max_workers=num_workers) as pool:
-            futures = [pool.submit(run, paths, chunk) for paths, chunk in tasks]
-            for future in as_completed(futures):
-                done = future.result()
-                if progress:
-                    progress(done)
-    return errors
+        for start in range(0, len(ordered), max_windows):
+            partitions.append(WindowPartition(paths, ordered[start : start + max_windows]))
+    return partitions
 
 
 class RasterHandleCache:
