@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
 
@@ -19,7 +21,48 @@ REASONS = (
 )
 
 
-def exclusion_columns(
+@dataclass
+class ExclusionFlags:
+    """The exclusion flags of every patch, kept numeric until the table is written.
+
+    Args:
+        flags: the `has_*` flag columns, each a bool array over the patches.
+        reason_bits: bit j is set when the patch carries `REASONS[j]`.
+    """
+
+    flags: dict[str, np.ndarray]
+    reason_bits: np.ndarray
+
+    @property
+    def excluded(self) -> np.ndarray:
+        """Return whether each patch is excluded (it carries at least one reason)."""
+        return self.reason_bits != 0
+
+    def counts(self) -> dict[str, int]:
+        """Return how many patches carry each exclusion reason (a patch may carry several)."""
+        return {
+            name: int(np.count_nonzero(self.reason_bits & (1 << j)))
+            for j, name in enumerate(REASONS)
+        }
+
+    def columns(self, rows: np.ndarray | slice) -> pd.DataFrame:
+        """Return the flag columns, `excluded` and `exclusion_reason` of the patches `rows`."""
+        bits = self.reason_bits[rows]
+        distinct, inverse = np.unique(bits, return_inverse=True)
+        text = np.array(
+            [
+                ";".join(name for j, name in enumerate(REASONS) if int(code) & (1 << j))
+                for code in distinct
+            ],
+            dtype=object,
+        )
+        columns = pd.DataFrame({name: flag[rows] for name, flag in self.flags.items()})
+        columns["excluded"] = bits != 0
+        columns["exclusion_reason"] = text[inverse.ravel()]
+        return columns
+
+
+def exclusion_flags(
     config: ExclusionConfig,
     nodata_defined: np.ndarray,
     border_nodata: np.ndarray,
@@ -29,8 +72,8 @@ def exclusion_columns(
     valid_pixels: np.ndarray,
     out_of_bounds: np.ndarray,
     read_error: np.ndarray,
-) -> pd.DataFrame:
-    """Return the flag columns, `excluded` and `exclusion_reason` for every patch.
+) -> ExclusionFlags:
+    """Return the flags and exclusion reasons of every patch.
 
     `nodata_defined` says per patch whether its mask has a nodata value (the border check is
     only meaningful then). Statistics of patches that were not read are NaN and raise no flag
@@ -59,21 +102,7 @@ def exclusion_columns(
         read_error,
         empty,
     )
-    reasons = np.full(len(out_of_bounds), "", dtype=object)
-    for name, flag in zip(REASONS, reason_flags, strict=True):
-        reasons[flag] = reasons[flag] + name + ";"
-    reasons = pd.Series(reasons, dtype=object).str.rstrip(";")
-    excluded = np.logical_or.reduce(reason_flags)
-    columns = pd.DataFrame({name: np.asarray(flag, dtype=bool) for name, flag in flags.items()})
-    columns["excluded"] = excluded
-    columns["exclusion_reason"] = reasons.to_numpy()
-    return columns
-
-
-def count_reasons(reasons: pd.Series) -> dict[str, int]:
-    """Return how many patches carry each exclusion reason (a patch may carry several)."""
-    counts = {name: 0 for name in REASONS}
-    exploded = reasons[reasons != ""].str.split(";").explode()
-    for name, count in exploded.value_counts().items():
-        counts[str(name)] = int(count)
-    return counts
+    bits = np.zeros(len(out_of_bounds), dtype=np.uint8)
+    for j, flag in enumerate(reason_flags):
+        bits |= np.asarray(flag, dtype=np.uint8) << j
+    return ExclusionFlags({k: np.asarray(v, dtype=bool) for k, v in flags.items()}, bits)

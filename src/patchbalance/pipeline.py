@@ -10,6 +10,7 @@ import logging
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from patchbalance.config import (
     load_config,
 )
 from patchbalance.errors import InputError
-from patchbalance.exclusion import REASONS, count_reasons, exclusion_columns
+from patchbalance.exclusion import REASONS, ExclusionFlags, exclusion_flags
 from patchbalance.outputs import (
     FOOTPRINT_FORMATS,
     check_footprint_writer,
@@ -37,29 +38,40 @@ from patchbalance.outputs import (
 )
 from patchbalance.progress import StageClock, progress_bar
 from patchbalance.report import figures_text, sampling_figures
+from patchbalance.result_table import ResultTable
 from patchbalance.sources import SourceRecords, load_records
 from patchbalance.stats import (
     BorderCheck,
     MaskStatistics,
+    class_entropy,
     compute_mask_statistics,
-    statistics_columns,
+    nodata_ratios,
     statistics_from_counts,
 )
-from patchbalance.table import KEY_COLUMNS, class_proportions, lookup_by_path, write_table
+from patchbalance.table import KEY_COLUMNS, class_proportions, lookup_by_path, write_table_chunks
 from patchbalance.weights import normalise_weights, sampler_weights, sampling_scores
-from patchbalance.windows import RasterInfo, probe_rasters, tile_bound_columns, windows_in_bounds
+from patchbalance.windows import RasterInfo, probe_rasters, windows_in_bounds
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class BuildResult:
-    """What a build produced: the table (as written), the summary and its text form."""
+    """What a build produced: the table (as written), the summary and its text form.
 
-    table: pd.DataFrame
+    `table` is made from the stages' arrays the first time it is asked for; a command that
+    only writes the files never holds the whole table as a DataFrame.
+    """
+
+    rows: ResultTable
     summary: dict[str, Any]
     summary_text: str
     outputs: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def table(self) -> pd.DataFrame:
+        """Return the table the build wrote (or would write), as one DataFrame."""
+        return self.rows.to_frame()
 
 
 def _as_config(
@@ -343,31 +355,28 @@ def _exclusion_stage(
     records: pd.DataFrame,
     infos: dict[str, RasterInfo],
     stats: MaskStatistics,
+    computed: np.ndarray,
     out_of_bounds: np.ndarray,
     read_error: np.ndarray,
-) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, dict[str, int]]:
-    """Return the statistics columns, the exclusion flags, the active rows and reason counts."""
-    computed = stats.read & ~read_error & ~out_of_bounds
-    stat_columns = statistics_columns(stats, computed)
-    flags = exclusion_columns(
+) -> ExclusionFlags:
+    """Return the exclusion flags of every patch; raise when no patch is left."""
+    flags = exclusion_flags(
         config.exclusion,
         nodata_defined=_nodata_defined(config, records, infos),
         border_nodata=stats.border_nodata,
         black_border=stats.black_border,
-        nodata_ratio=stat_columns["nodata_ratio"].to_numpy(),
-        entropy=stat_columns["class_entropy"].to_numpy(),
+        nodata_ratio=nodata_ratios(stats, computed),
+        entropy=np.where(computed, class_entropy(stats.counts), np.nan),
         valid_pixels=stats.valid_pixels,
         out_of_bounds=out_of_bounds,
         read_error=read_error,
     )
-    active = ~flags["excluded"].to_numpy()
-    reasons = count_reasons(flags["exclusion_reason"])
-    if not active.any():
-        counted = ", ".join(f"{name}: {count}" for name, count in reasons.items() if count)
+    if flags.excluded.all():
+        counted = ", ".join(f"{name}: {count}" for name, count in flags.counts().items() if count)
         raise InputError(
             f"every one of the {len(records)} patches is excluded ({counted}); nothing to weight"
         )
-    return stat_columns, flags, active, reasons
+    return flags
 
 
 def _composition_stage(config: BalancedDatasetConfig, active_counts: np.ndarray, progress: bool):
@@ -413,17 +422,17 @@ def _weights_stage(
 
 def _write_outputs(
     config: BalancedDatasetConfig,
-    written: pd.DataFrame,
-    infos: dict[str, RasterInfo],
+    table: ResultTable,
     paths: dict[str, Path],
     summary: dict[str, Any],
 ) -> dict[str, str]:
     """Write the table, footprints and PostgreSQL table; return what was written where."""
-    write_table(written, paths["table"])
+    write_table_chunks(table.chunks(), paths["table"])
     outputs = {"table": str(paths["table"])}
-    for kind in FOOTPRINT_FORMATS.values():
-        if kind not in paths:
-            continue
+    infos = table.infos
+    footprint_kinds = [kind for kind in FOOTPRINT_FORMATS.values() if kind in paths]
+    written = table.to_frame() if footprint_kinds or config.output.postgres_table else None
+    for kind in footprint_kinds:
         if any(info.has_crs for info in infos.values()):
             summary[f"{kind}_features"] = write_footprints(written, infos, paths[kind])
             outputs[kind] = str(paths[kind])
@@ -481,9 +490,12 @@ def run_build(
             config, source, clock, progress, strict, compute
         )
         with clock.stage("exclusion"):
-            stat_columns, flags, active, reasons = _exclusion_stage(
-                config, records, infos, stats, out_of_bounds, read_error
+            computed = stats.read & ~read_error & ~out_of_bounds
+            flags = _exclusion_stage(
+                config, records, infos, stats, computed, out_of_bounds, read_error
             )
+            active = ~flags.excluded
+            reasons = flags.counts()
         with clock.stage("composition"):
             composition = _composition_stage(config, stats.counts[active], progress)
         uniqueness = None
@@ -498,8 +510,17 @@ def run_build(
         weights, weight_notes = _weights_stage(config, stats, active, composition, uniqueness)
 
     with clock.stage("outputs"):
-        table = _assemble_table(
-            records, infos, stat_columns, flags, active, composition, uniqueness, weights
+        table = ResultTable(
+            records,
+            infos,
+            stats,
+            computed,
+            flags,
+            active,
+            composition,
+            uniqueness,
+            weights,
+            include_excluded=config.output.include_excluded,
         )
         figures = sampling_figures(
             stats.counts, weights, active, [int(v) for v in stats.class_values]
@@ -524,61 +545,13 @@ def run_build(
         for line in warnings:
             log.warning("%s", line)
         summary["warnings"] = warnings
-        written = (
-            table if config.output.include_excluded else table.loc[active].reset_index(drop=True)
-        )
-        outputs = _write_outputs(config, written, infos, paths, summary) if write else {}
+        outputs = _write_outputs(config, table, paths, summary) if write else {}
     summary["timings_s"] = clock.seconds
     summary["outputs"] = outputs
     if write:
         outputs["summary"] = str(paths["summary"])
         write_json(summary, paths["summary"])
-    return BuildResult(written, summary, summary_text(summary, figures), outputs)
-
-
-def _assemble_table(
-    records: pd.DataFrame,
-    infos: dict[str, RasterInfo],
-    stat_columns: pd.DataFrame,
-    flags: pd.DataFrame,
-    active: np.ndarray,
-    composition: Any,
-    uniqueness: np.ndarray | None,
-    weights: np.ndarray,
-) -> pd.DataFrame:
-    n = len(records)
-    cluster_id = np.full(n, -1, dtype=np.int64)
-    cluster_id[active] = composition.labels
-    cluster_size = pd.array(np.zeros(n, dtype=np.int64), dtype="Int64")
-    cluster_size[active] = composition.cluster_size
-    cluster_size[~active] = pd.NA
-    composition_score = np.full(n, np.nan)
-    composition_score[active] = composition.composition_score
-    generated = pd.concat(
-        [
-            tile_bound_columns(records, infos),
-            stat_columns,
-            flags,
-            pd.DataFrame(
-                {
-                    "freq_cluster_id": cluster_id,
-                    "freq_cluster_size": cluster_size,
-                    "composition_score": composition_score,
-                }
-            ),
-        ],
-        axis=1,
-    )
-    if uniqueness is not None:
-        column = np.full(n, np.nan)
-        column[active] = uniqueness
-        generated["uniqueness_score"] = column
-    generated["sampler_weight"] = weights
-    clashing = [column for column in records.columns if column in generated.columns]
-    if clashing:
-        log.info("input columns recomputed by this run: %s", ", ".join(clashing))
-    base = records.drop(columns=clashing)
-    return pd.concat([base.reset_index(drop=True), generated], axis=1)
+    return BuildResult(table, summary, summary_text(summary, figures), outputs)
 
 
 def _versions() -> dict[str, str]:

@@ -435,24 +435,39 @@ def class_dist_json(class_values: np.ndarray, counts: np.ndarray) -> np.ndarray:
     return out
 
 
-def statistics_columns(stats: MaskStatistics, computed: np.ndarray) -> pd.DataFrame:
-    """Return the SPEC §3.2 columns; rows where `computed` is False are left empty."""
-    n = len(stats.counts)
+def nodata_ratios(stats: MaskStatistics, computed: np.ndarray) -> np.ndarray:
+    """Return the nodata share of each patch's window; NaN where `computed` is False."""
+    ratio = stats.nodata_pixels / np.maximum(stats.window_pixels, 1)
+    return np.where(computed, ratio, np.nan)
+
+
+def statistics_columns(
+    stats: MaskStatistics, computed: np.ndarray, rows: np.ndarray | slice | None = None
+) -> pd.DataFrame:
+    """Return the SPEC §3.2 columns of the patches `rows` (all when None).
+
+    Rows where `computed` is False are left empty. The text column `class_dist_json` is made
+    here, for these rows only, so a caller writing a large table makes it a chunk at a time.
+    """
+    rows = slice(None) if rows is None else rows
+    counts = stats.counts[rows]
+    computed = computed[rows]
+    n = len(counts)
     columns: dict[str, object] = {}
     for c, value in enumerate(stats.class_values):
-        column = pd.array(stats.counts[:, c], dtype="Int64")
+        column = pd.array(counts[:, c], dtype="Int64")
         column[~computed] = pd.NA
         columns[f"px_{int(value)}"] = column
-    nodata_ratio = stats.nodata_pixels / np.maximum(stats.window_pixels, 1)
+    nodata_ratio = stats.nodata_pixels[rows] / np.maximum(stats.window_pixels[rows], 1)
     columns["nodata_ratio"] = np.where(computed, nodata_ratio, np.nan)
-    dist = class_dist_json(stats.class_values, stats.counts)
+    dist = class_dist_json(stats.class_values, counts)
     dist[~computed] = ""
     columns["class_dist_json"] = dist
-    columns["class_entropy"] = np.where(computed, class_entropy(stats.counts), np.nan)
+    columns["class_entropy"] = np.where(computed, class_entropy(counts), np.nan)
     dominant = pd.array(np.zeros(n, dtype=np.int64), dtype="Int64")
-    has_pixels = computed & (stats.counts.sum(axis=1) > 0)
+    has_pixels = computed & (counts.sum(axis=1) > 0)
     if len(stats.class_values):
-        dominant_values = stats.class_values[np.argmax(stats.counts, axis=1)]
+        dominant_values = stats.class_values[np.argmax(counts, axis=1)]
         dominant = pd.array(dominant_values, dtype="Int64")
     dominant[~has_pixels] = pd.NA
     columns["dominant_class"] = dominant

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -289,9 +289,38 @@ def read_table(
 
 def write_table(table: pd.DataFrame, path: Path) -> None:
     """Write `table` as Parquet when `path` ends in .parquet, else as CSV, atomically."""
+    write_table_chunks([table], path)
+
+
+def write_table_chunks(chunks: Iterable[pd.DataFrame], path: Path) -> None:
+    """Write consecutive row chunks of one table to `path` (Parquet by suffix, else CSV).
+
+    Each chunk becomes a Parquet row group (or a run of CSV lines), so a table never has to
+    be whole in memory; the file is identical to writing the concatenated chunks. The file
+    replaces `path` only when every chunk is written.
+    """
     path = Path(path)
     if is_parquet(path):
-        atomic_write_with(path, lambda tmp: table.to_parquet(tmp, index=False))
-    else:
-        with atomic_writer(path, "w") as stream:
-            table.to_csv(stream, index=False, lineterminator="\n")
+        atomic_write_with(path, lambda temporary: _write_parquet_chunks(chunks, temporary))
+        return
+    with atomic_writer(path, "w") as stream:
+        for position, chunk in enumerate(chunks):
+            chunk.to_csv(stream, index=False, header=position == 0, lineterminator="\n")
+
+
+def _write_parquet_chunks(chunks: Iterable[pd.DataFrame], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    writer = None
+    try:
+        for chunk in chunks:
+            if writer is None:
+                batch = pa.Table.from_pandas(chunk, preserve_index=False)
+                writer = pq.ParquetWriter(path, batch.schema)
+            else:
+                batch = pa.Table.from_pandas(chunk, schema=writer.schema, preserve_index=False)
+            writer.write_table(batch, row_group_size=max(1, len(chunk)))
+    finally:
+        if writer is not None:
+            writer.close()

@@ -75,12 +75,13 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
             f"(got {records['patch_size'].iloc[position]})"
         )
     for column in ("image_path", "mask_path"):
-        values = records[column]
-        empty = values.isna() | (values.astype(str).str.strip() == "")
+        codes, unique = pd.factorize(records[column], use_na_sentinel=True)
+        blank = np.asarray([not str(path).strip() for path in unique], dtype=bool)
+        empty = (codes < 0) | np.append(blank, False)[codes]
         if empty.any():
-            position = int(np.flatnonzero(empty.to_numpy())[0])
+            position = int(np.flatnonzero(empty)[0])
             raise InputError(f"{_row_label(source, position)}: {column} is empty")
-        records[column] = resolve_paths(values.astype(str), base_dir)
+        records[column] = resolve_paths(records[column], base_dir)
     _check_unique_keys(records, source)
     return records
 
@@ -108,15 +109,22 @@ def _check_unique_keys(records: pd.DataFrame, source: str) -> None:
 
 
 def resolve_paths(paths: pd.Series, base_dir: Path) -> pd.Series:
-    """Return absolute path strings: relative ones are taken against `base_dir`."""
-    unique = pd.unique(paths)
-    mapping = {}
-    for path in unique:
-        expanded = os.path.expanduser(path)
-        mapping[path] = os.path.normpath(
+    """Return the paths as absolute path strings, as a categorical column (one string per file).
+
+    Relative paths are taken against `base_dir`; each distinct path is resolved once.
+    """
+    codes, unique = pd.factorize(paths)
+    resolved = [
+        os.path.normpath(
             expanded if os.path.isabs(expanded) else os.path.join(base_dir, expanded)
         )
-    return paths.map(mapping)
+        for expanded in (os.path.expanduser(str(path)) for path in unique)
+    ]
+    # Two spellings of one file ('a.tif', './a.tif') become one category.
+    merged, categories = pd.factorize(pd.Index(resolved, dtype=object))
+    return pd.Series(
+        pd.Categorical.from_codes(merged[codes], categories=categories), index=paths.index
+    )
 
 
 def records_from_list(config: BalancedDatasetConfig) -> pd.DataFrame:
