@@ -94,7 +94,7 @@ def test_a_value_outside_the_boolean_rule_is_an_error_naming_column_and_row(tmp_
     with pytest.raises(InputError, match=message):
         figures_from_table(read, where=str(path))
     with pytest.raises(InputError, match=message):
-        from patchbalance.coreset.selection import pool_mask
+        from patchbalance.coreset.pool import pool_mask
 
         pool_mask(read, True, str(path))
     with pytest.raises(InputError, match=message):

@@ -38,7 +38,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pydantic import Field, ValidationError
 
 from patchbalance.atomic import atomic_copy, atomic_write_with, check_writable_folder
-from patchbalance.config import StrictModel, describe_validation_error, read_yaml_mapping
+from patchbalance.config_loading import StrictModel, describe_validation_error, read_yaml_mapping
 from patchbalance.errors import ConfigError, OutputError
 from patchbalance.segmentation_metrics import (  # noqa: F401 - confusion_matrix, iou_from_confusion are part of the train API
     class_log_prior_ratio,
