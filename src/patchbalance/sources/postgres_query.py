@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from patchbalance.config import InputConfig
@@ -83,16 +84,13 @@ def _column_list(columns: list[Column]) -> str:
     return ", ".join(column.name for column in columns)
 
 
-def make_plan(source: InputConfig, columns: list[Column], label: str) -> Plan:
-    """Return the select plan; raise `InputError` for a missing or unusable column."""
-    by_name = {column.name: column for column in columns}
-
-    def missing(name: str, key: str) -> InputError:
-        return InputError(
-            f"{label} has no column '{name}' (input.{key}); its columns are: "
-            f"{_column_list(columns)}"
-        )
-
+def _record_columns(
+    source: InputConfig,
+    by_name: dict[str, Column],
+    label: str,
+    missing: Callable[[str, str], InputError],
+) -> dict[str, str]:
+    """Return {table column: record column} for the key columns, each checked for its type."""
     mapped: dict[str, str] = {}
     for record_name, key in RECORD_COLUMN_KEYS.items():
         name = getattr(source, key)
@@ -110,6 +108,20 @@ def make_plan(source: InputConfig, columns: list[Column], label: str) -> Plan:
         raise InputError(
             f"{label}: one table column is named for two record columns; check input.*_column"
         )
+    return mapped
+
+
+def make_plan(source: InputConfig, columns: list[Column], label: str) -> Plan:
+    """Return the select plan; raise `InputError` for a missing or unusable column."""
+    by_name = {column.name: column for column in columns}
+
+    def missing(name: str, key: str) -> InputError:
+        return InputError(
+            f"{label} has no column '{name}' (input.{key}); its columns are: "
+            f"{_column_list(columns)}"
+        )
+
+    mapped = _record_columns(source, by_name, label, missing)
 
     def optional(key: str, usable, what: str) -> str | None:
         name = getattr(source, key)
