@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
 from rasterio.transform import from_origin
+
+from patchbalance import geotiff
 
 REPO = Path(__file__).resolve().parents[1]
 DUBAI_DATA = Path(
@@ -32,29 +33,11 @@ def write_geotiff(
     path: Path, bands: np.ndarray, transform: Any = None, nodata: float | None = None
 ) -> Path:
     """Write (bands, h, w) or (h, w) data as a tiled (256 px), deflate-compressed GeoTIFF."""
-    bands = bands if bands.ndim == 3 else bands[None]
-    profile = {
-        "driver": "GTiff",
-        "width": bands.shape[2],
-        "height": bands.shape[1],
-        "count": bands.shape[0],
-        "dtype": bands.dtype.name,
-        "crs": CRS,
-        "transform": transform
-        if transform is not None
-        else from_origin(300_000, 2_780_000, 0.5, 0.5),
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-    }
-    if nodata is not None:
-        profile["nodata"] = nodata
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with rasterio.open(path, "w", **profile) as dataset:
-        dataset.write(bands)
-    return path
+    if transform is None:
+        transform = from_origin(300_000, 2_780_000, 0.5, 0.5)
+    return geotiff.write_geotiff(
+        path, bands, crs=CRS, transform=transform, nodata=nodata, block=256
+    )
 
 
 def mask_to_classes(rgb: np.ndarray, where: str) -> np.ndarray:

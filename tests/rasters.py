@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from rasterio.transform import from_origin
+
+from patchbalance import geotiff
 
 UTM_40N = "EPSG:32640"
 
@@ -20,30 +21,18 @@ def write_geotiff(
     tiled: bool = True,
     block: int = 64,
 ) -> Path:
-    """Write `data` ((bands,) h, w) as a tiled, deflate-compressed GeoTIFF and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bands = data if data.ndim == 3 else data[None]
-    profile = {
-        "driver": "GTiff",
-        "width": bands.shape[2],
-        "height": bands.shape[1],
-        "count": bands.shape[0],
-        "dtype": bands.dtype.name,
-        "compress": "deflate",
-    }
-    if crs is not None:
-        profile["crs"] = crs
-        profile["transform"] = transform or from_origin(300_000, 2_780_000, 1.0, 1.0)
-    elif transform is not None:
-        profile["transform"] = transform
-    if tiled and bands.shape[1] % 16 == 0 and bands.shape[2] % 16 == 0:
-        profile.update(tiled=True, blockxsize=block, blockysize=block)
-    if nodata is not None:
-        profile["nodata"] = nodata
-    with rasterio.open(path, "w", **profile) as dataset:
-        dataset.write(bands)
-    return path
+    """Write `data` ((bands,) h, w) as a tiled, deflate-compressed GeoTIFF and return its path.
+
+    The tests' defaults over `patchbalance.geotiff.write_geotiff`: UTM zone 40N with 1 m pixels,
+    and tiles of `block` px when the raster's sides are multiples of 16.
+    """
+    if crs is not None and not transform:
+        transform = from_origin(300_000, 2_780_000, 1.0, 1.0)
+    height, width = data.shape[-2:]
+    aligned = tiled and height % 16 == 0 and width % 16 == 0
+    return geotiff.write_geotiff(
+        path, data, crs=crs, transform=transform, nodata=nodata, block=block if aligned else None
+    )
 
 
 def write_pair(

@@ -79,10 +79,10 @@ def test_mapping_transforms_are_applied_to_the_window_pixels(scene):
     np.testing.assert_array_equal(item["mask"].numpy(), mask[:, ::-1].astype(np.int64))
 
 
-def test_transform_objects_work_and_normalize_output_is_kept_as_float(scene):
-    normalize = A.Normalize(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), max_pixel_value=255.0)
+def test_transform_objects_work_and_normalised_output_is_kept_as_float(scene):
+    normalise = A.Normalize(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), max_pixel_value=255.0)
     dataset = CSVWindowedSegmentationDataset(
-        scene["table"], n_classes=4, augmentation_list=[normalize]
+        scene["table"], n_classes=4, augmentation_list=[normalise]
     )
     row, col, size = WINDOWS[0]
     image = rasterio_window(scene["image_path"], row, col, size).astype(np.float32)

@@ -26,6 +26,9 @@ ENCODINGS = {
     "bool": lambda flags: flags,
     "float": lambda flags: flags.astype(float),
     "int": lambda flags: flags.astype(int),
+    "true/false": lambda flags: np.where(flags, "true", "false"),
+    "1/0 text": lambda flags: np.where(flags, "1", "0"),
+    "1.0/0.0 text": lambda flags: np.where(flags, "1.0", "0.0"),
     "yes/no": lambda flags: np.where(flags, "yes", "no"),
     "t/f": lambda flags: np.where(flags, "t", "f"),
     "TRUE/False": lambda flags: np.where(flags, " TRUE", "False "),
@@ -56,8 +59,33 @@ def balanced_table(excluded: np.ndarray = EXCLUDED) -> pd.DataFrame:
 
 def _write(table: pd.DataFrame, tmp_path, name: str = "table.csv"):
     path = tmp_path / name
-    table.to_csv(path, index=False)
+    if path.suffix == ".parquet":
+        table.to_parquet(path, index=False)  # text stays text: "1.0" is not read as a number
+    else:
+        table.to_csv(path, index=False)
     return path
+
+
+def _select_coreset_command(tmp_path, table_path):
+    """Return the result of `patchbalance select-coreset` (lc, 4 patches) on `table_path`."""
+    config = tmp_path / "coreset.yaml"
+    config.write_text(
+        "coreset:\n"
+        f"  input_csv_path: {table_path.name}\n"
+        "  output_csv_path: coreset.csv\n"
+        "  method: lc\n"
+        "  budget: 4\n"
+        "  budget_mode: count\n",
+        encoding="utf-8",
+    )
+    return CliRunner().invoke(app, ["select-coreset", str(config), "-q"])
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
 
 
 @pytest.mark.parametrize("encoding", list(ENCODINGS))
@@ -94,15 +122,63 @@ def test_a_value_outside_the_boolean_rule_is_an_error_naming_column_and_row(tmp_
     with pytest.raises(InputError, match=message):
         figures_from_table(read, where=str(path))
     with pytest.raises(InputError, match=message):
-        from patchbalance.coreset.selection import pool_mask
+        from patchbalance.coreset.pool import pool_mask
 
         pool_mask(read, True, str(path))
+    with pytest.raises(InputError, match=r"column 'excluded' .* in row 3;"):
+        select_coreset(read, {"method": "lc", "budget": 4, "budget_mode": "count"})
     with pytest.raises(InputError, match=message):
         CSVWindowedSegmentationDataset(path, n_classes=2)
-    result = CliRunner().invoke(app, ["report", str(path)])
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "column 'excluded'" in lines[0] and "row 3" in lines[0]
+    for result in (
+        CliRunner().invoke(app, ["report", str(path)]),
+        _select_coreset_command(tmp_path, path),
+    ):
+        line = _one_error_line(result)
+        assert "table.csv: column 'excluded'" in line and "row 3" in line, line
+
+
+@pytest.mark.parametrize("encoding", list(ENCODINGS))
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_report_select_coreset_and_dataset_commands_read_the_boolean_rule_alike(
+    tmp_path, encoding, suffix
+):
+    table = balanced_table()
+    table["excluded"] = ENCODINGS[encoding](EXCLUDED)
+    path = _write(table, tmp_path, f"table{suffix}")
+    n_active = int((~EXCLUDED).sum())
+
+    report = CliRunner().invoke(app, ["report", str(path)])
+    assert report.exit_code == 0, report.output
+    assert f"of {n_active} active" in report.stdout, report.stdout
+
+    coreset = _select_coreset_command(tmp_path, path)
+    assert coreset.exit_code == 0, coreset.output
+    out = pd.read_csv(tmp_path / "coreset.csv")
+    np.testing.assert_array_equal(out["coreset_score"].notna().to_numpy(), ~EXCLUDED)
+    assert not out.loc[EXCLUDED, "coreset_selected"].any()
+
+    dataset = CSVWindowedSegmentationDataset(path, n_classes=2)
+    np.testing.assert_array_equal(dataset.excluded, EXCLUDED)
+    kept = CSVWindowedSegmentationDataset(path, n_classes=2, drop_excluded=True)
+    np.testing.assert_array_equal(kept.row_numbers, np.flatnonzero(~EXCLUDED) + 1)
+
+
+@pytest.mark.parametrize("bad", ["maybe", "2", "1.5", "ja"])
+def test_the_three_commands_reject_the_same_value_outside_the_boolean_rule(tmp_path, bad):
+    table = balanced_table()
+    table["excluded"] = np.where(EXCLUDED, "yes", "no").astype(object)
+    table.loc[4, "excluded"] = bad  # data row 5 of the file
+    path = _write(table, tmp_path, "table.parquet")
+    for result in (
+        CliRunner().invoke(app, ["report", str(path)]),
+        _select_coreset_command(tmp_path, path),
+    ):
+        line = _one_error_line(result)
+        assert f"table.parquet: column 'excluded' holds '{bad}' in row 5;" in line, line
+    with pytest.raises(
+        InputError, match=rf"table\.parquet: column 'excluded' holds '{bad}' in row 5;"
+    ):
+        CSVWindowedSegmentationDataset(path, n_classes=2)
 
 
 def test_boolean_rule_accepts_real_bools_numbers_and_words_in_any_case():

@@ -144,13 +144,28 @@ def report_command(
     debug: DebugOption = False,
 ) -> None:
     """Show what the weights will do in training: class shares, ESS, repeats."""
+    _run(lambda: _report_text(table, out), quiet, verbose, debug)
 
-    def task() -> str:
-        from patchbalance.report import run_report_command
 
-        return run_report_command(table, out=out)
+def _report_text(table_path: Path, out: Path | None = None) -> str:
+    """Return the report's text for the terminal; with `out`, also write the HTML page there."""
+    from patchbalance.atomic import check_writable
+    from patchbalance.report import figures_from_table, figures_text
+    from patchbalance.table import read_table
 
-    _run(task, quiet, verbose, debug)
+    if out is not None:
+        check_writable(Path(out), "the HTML report (--out)")
+    table = read_table(table_path)
+    figures = figures_from_table(table, where=str(table_path))
+    text = figures_text(figures)
+    for line in figures.starvation_warnings(Path(table_path).name):
+        text += f"\nwarning: {line}"
+    if out is not None:
+        from patchbalance.report_html import write_html_report
+
+        write_html_report(table, figures, Path(out), title=Path(table_path).name)
+        text += f"\nreport written to {out}"
+    return text
 
 
 @app.command("train")

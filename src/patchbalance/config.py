@@ -1,34 +1,23 @@
 """Configuration: YAML loading with OmegaConf, validation with pydantic, upstream synonyms.
 
-`load_config(path)` returns a validated `BalancedDatasetConfig`; `load_coreset_config(path)` a
-`CoresetConfig`. Every user mistake becomes a `ConfigError` whose one-line message names the file
-and the key (and, for a typo, the closest valid key).
+`load_config(path)` returns a validated `BalancedDatasetConfig`. Every user mistake becomes a
+`ConfigError` whose one-line message names the file and the key (and, for a typo, the closest
+valid key); the reading and the messages are in `config_loading`, shared with the `coreset:`
+(`coreset.config`) and `train` (`train_config`) files.
 """
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-import types
 import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    PrivateAttr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from patchbalance.errors import ConfigError
+from patchbalance.config_loading import StrictModel, load_model_file, model_from_mapping
+from patchbalance.paths import resolve_path
 
 SamplingMethod = Literal[
     "rank_max",
@@ -43,26 +32,6 @@ SamplingMethod = Literal[
     "class_target",
 ]
 SAMPLING_METHODS: tuple[str, ...] = typing.get_args(SamplingMethod)
-
-
-class StrictModel(BaseModel):
-    """A config section: unknown keys are errors; `synonyms` maps upstream names to ours."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
-    synonyms: ClassVar[dict[str, str]] = {}
-
-    @model_validator(mode="before")
-    @classmethod
-    def _rename_synonyms(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not cls.synonyms:
-            return data
-        data = dict(data)
-        for old, new in cls.synonyms.items():
-            if old in data:
-                if new in data:
-                    raise ValueError(f"give either '{old}' or its synonym '{new}', not both")
-                data[new] = data.pop(old)
-        return data
 
 
 def secret_as_text(value: Any) -> Any:
@@ -425,227 +394,11 @@ class BalancedDatasetConfig(StrictModel):
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:
         """Return `path` resolved against the configuration file's folder."""
-        path = Path(os.path.expanduser(os.fspath(path)))
-        return Path(os.path.normpath(path if path.is_absolute() else self._base_dir / path))
-
-
-class CoresetConfig(StrictModel):
-    """The `coreset:` block (SPEC §6)."""
-
-    method: Literal["lc", "cb", "fa", "fd", "lc_fd", "fa_cb"] = "lc"
-    budget: float = Field(default=0.3, gt=0)
-    budget_mode: Literal["fraction", "count"] = "fraction"
-    input_csv_path: str
-    output_csv_path: str
-    embedding_column: str | None = None
-    parquet_path: str | None = None
-    device: str | None = None
-    cb_use_spatial: bool = False
-    fd_use_spatial: bool = False
-    exclude_low_entropy: bool = True
-    fd_k_min: int = Field(default=2, ge=1)
-    fd_k_max: int = Field(default=20, ge=1)
-    fd_use_vendi: bool = False
-    fd_vendi_delta: float = Field(default=0.005, gt=0)
-    lc_fd_cutoff_m: int | None = Field(default=None, ge=0)
-    fa_cb_lambda: float = Field(default=0.5, ge=0, le=1)
-    score_column: str = "coreset_score"
-    sampler_weights: Literal["inverse_frequency", "repeat_factor", "uniform", "keep"] = (
-        "inverse_frequency"
-    )
-    max_weight: float | None = Field(default=10.0, ge=1)
-    seed: int = 42
-    summary_path: str | None = None
-
-    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
-    _source_path: Path | None = PrivateAttr(default=None)
-
-    @model_validator(mode="after")
-    def _check_k_range(self) -> CoresetConfig:
-        if self.fd_k_min > self.fd_k_max:
-            raise ValueError(
-                f"fd_k_min ({self.fd_k_min}) is larger than fd_k_max ({self.fd_k_max})"
-            )
-        if self.budget_mode == "count" and self.budget != int(self.budget):
-            raise ValueError(f"budget_mode: count needs a whole number, got {self.budget}")
-        return self
-
-    @property
-    def base_dir(self) -> Path:
-        """Return the folder that relative paths in this configuration are resolved against."""
-        return self._base_dir
-
-    def resolve(self, path: str | os.PathLike[str]) -> Path:
-        """Return `path` resolved against the configuration file's folder."""
-        path = Path(os.path.expanduser(os.fspath(path)))
-        return Path(os.path.normpath(path if path.is_absolute() else self._base_dir / path))
+        return resolve_path(path, self._base_dir)
 
 
 # --------------------------------------------------------------------------------------------
 # Loading
-
-
-def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Return the YAML file at `path` as a plain mapping; `${...}` interpolations are left as text.
-
-    Raises `ConfigError` for a missing file, a YAML syntax error (with line and column) or a
-    non-mapping document. Interpolations are resolved later, after `--set` overrides.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: configuration file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from exc
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from exc
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}: the file must hold a mapping of keys, not a {type(raw).__name__}"
-        )
-    return raw
-
-
-def _apply_overrides(
-    block: dict[str, Any], overrides: list[str], block_name: str, path: Path
-) -> dict[str, Any]:
-    cleaned = []
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. clustering.k_max=8")
-        key = item.split("=", 1)[0].strip()
-        if key.startswith(block_name + "."):
-            item = item[len(block_name) + 1 :]
-        cleaned.append(item)
-    try:
-        merged = OmegaConf.merge(OmegaConf.create(block), OmegaConf.from_dotlist(cleaned))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: --set could not be applied: {exc}".splitlines()[0]) from exc
-    return _resolve(merged, path)
-
-
-def _resolve(conf: Any, path: Path) -> dict[str, Any]:
-    try:
-        return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        message = str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: cannot resolve an interpolation: {message}") from exc
-
-
-def _block(raw: dict[str, Any], name: str) -> dict[str, Any]:
-    if name in raw:
-        block = raw[name]
-        if not isinstance(block, dict):
-            raise ConfigError(f"'{name}' must be a mapping of keys")
-        return block
-    return raw
-
-
-def _known_keys(model: type[BaseModel]) -> list[str]:
-    keys = []
-    for name, field in model.model_fields.items():
-        keys.append(field.alias or name)
-    keys.extend(getattr(model, "synonyms", {}).keys())
-    return keys
-
-
-def _submodel(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType, list):
-        for arg in typing.get_args(annotation):
-            found = _submodel(arg)
-            if found is not None:
-                return found
-    return None
-
-
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    current: type[BaseModel] | None = model
-    for part in loc:
-        if current is None:
-            return None
-        if isinstance(part, int):
-            continue
-        field = current.model_fields.get(part)
-        if field is None:
-            for name, candidate in current.model_fields.items():
-                if candidate.alias == part:
-                    field = current.model_fields[name]
-                    break
-        if field is None:
-            return None
-        current = _submodel(field.annotation)
-    return current
-
-
-def describe_validation_error(
-    exc: ValidationError, model: type[BaseModel], path: Path | str, prefix: str = ""
-) -> str:
-    """Return one line that explains the first error of `exc` in terms of the YAML keys."""
-    error = exc.errors()[0]
-    loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
-    dotted = ".".join(str(part) for part in loc)
-    if prefix:
-        dotted = f"{prefix}.{dotted}" if dotted else prefix
-    more = len(exc.errors()) - 1
-    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
-    if error["type"] == "extra_forbidden":
-        parent = _model_at(model, loc[:-1])
-        hint = ""
-        if parent is not None:
-            close = difflib.get_close_matches(str(loc[-1]), _known_keys(parent), n=1, cutoff=0.6)
-            if close:
-                hint = f"; did you mean '{close[0]}'?"
-            else:
-                hint = f"; valid keys here: {', '.join(sorted(_known_keys(parent)))}"
-        return f"{path}: unknown key '{dotted}'{hint}{tail}"
-    if error["type"] == "missing":
-        return f"{path}: missing required key '{dotted}'{tail}"
-    message = error["msg"]
-    if message.startswith("Value error, "):
-        message = message[len("Value error, ") :]
-    where = f"'{dotted}': " if dotted else ""
-    got = ""
-    if error["type"] not in ("value_error", "assertion_error") and "input" in error:
-        shown = repr(error["input"])
-        if len(shown) <= 60:
-            got = f" (got {shown})"
-    return f"{path}: {where}{message}{got}{tail}"
-
-
-def _validate(model: type[BaseModel], data: dict[str, Any], path: Path, prefix: str) -> Any:
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, model, path, prefix)) from exc
-
-
-def _load_file(
-    model: type[StrictModel], block_name: str, path: str | os.PathLike[str], overrides: list[str]
-) -> Any:
-    path = Path(path)
-    block = _block(read_yaml_mapping(path), block_name)
-    config = _validate(model, _apply_overrides(block, overrides, block_name, path), path, "")
-    config._base_dir = path.resolve().parent
-    config._source_path = path
-    return config
-
-
-def _from_mapping(
-    model: type[StrictModel], block_name: str, data: dict[str, Any], base_dir: Any
-) -> Any:
-    resolved = _resolve(OmegaConf.create(_block(dict(data), block_name)), Path("<config>"))
-    config = _validate(model, resolved, Path("<config>"), "")
-    config._base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
-    return config
 
 
 def load_config(
@@ -656,25 +409,11 @@ def load_config(
     The file may be the block itself or hold it under `balanced_dataset:`. `overrides` are
     `key.path=value` strings applied on top (the CLI's `--set`).
     """
-    return _load_file(BalancedDatasetConfig, "balanced_dataset", path, overrides or [])
+    return load_model_file(BalancedDatasetConfig, "balanced_dataset", path, overrides or [])
 
 
 def config_from_mapping(
     data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None
 ) -> BalancedDatasetConfig:
     """Return a validated configuration built from a mapping (the Python API's entry point)."""
-    return _from_mapping(BalancedDatasetConfig, "balanced_dataset", data, base_dir)
-
-
-def load_coreset_config(
-    path: str | os.PathLike[str], overrides: list[str] | None = None
-) -> CoresetConfig:
-    """Return the validated `coreset` configuration read from the YAML file `path`."""
-    return _load_file(CoresetConfig, "coreset", path, overrides or [])
-
-
-def coreset_config_from_mapping(
-    data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None
-) -> CoresetConfig:
-    """Return a validated CoreSet configuration built from a mapping."""
-    return _from_mapping(CoresetConfig, "coreset", data, base_dir)
+    return model_from_mapping(BalancedDatasetConfig, "balanced_dataset", data, base_dir)

@@ -9,16 +9,15 @@ margin in one image.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
-import rasterio
 import yaml
 from rasterio.transform import from_origin
 from scipy import ndimage
 
 from patchbalance.errors import MissingDependencyError
+from patchbalance.geotiff import write_geotiff
 from patchbalance.table import write_table
 
 CLASS_NAMES = {0: "bare soil", 1: "vegetation", 2: "water", 3: "building"}
@@ -62,28 +61,6 @@ def _image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     return np.clip(colour + texture + noise, 1, 255).astype(np.uint8)
 
 
-def _write(path: Path, data: np.ndarray, transform: Any, nodata: float | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bands = data if data.ndim == 3 else data[None]
-    profile = {
-        "driver": "GTiff",
-        "width": bands.shape[2],
-        "height": bands.shape[1],
-        "count": bands.shape[0],
-        "dtype": bands.dtype.name,
-        "crs": CRS,
-        "transform": transform,
-        "tiled": True,
-        "blockxsize": 128,
-        "blockysize": 128,
-        "compress": "deflate",
-    }
-    if nodata is not None:
-        profile["nodata"] = nodata
-    with rasterio.open(path, "w", **profile) as dataset:
-        dataset.write(bands)
-
-
 def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
     """Write the sample rasters, records and configurations under `out_dir`; return their paths.
 
@@ -103,8 +80,8 @@ def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
         transform = from_origin(300_000 + 2_000 * scene, 2_780_000, 0.5, 0.5)
         image_path = out_dir / "images" / f"scene_{scene}.tif"
         mask_path = out_dir / "masks" / f"scene_{scene}.tif"
-        _write(image_path, image, transform)
-        _write(mask_path, mask, transform, nodata=MASK_NODATA)
+        write_geotiff(image_path, image, crs=CRS, transform=transform, block=128)
+        write_geotiff(mask_path, mask, crs=CRS, transform=transform, nodata=MASK_NODATA, block=128)
         rows, cols = np.meshgrid(
             np.arange(0, SCENE_SIZE, PATCH_SIZE),
             np.arange(0, SCENE_SIZE, PATCH_SIZE),

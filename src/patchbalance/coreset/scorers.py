@@ -2,7 +2,8 @@
 
 Every function takes arrays over the pool only, in patch-key order, and returns scores or an
 order over that pool. Ties are broken by position, which is the patch-key order, so every
-result is deterministic. Reading tables and embeddings is the job of `coreset.selection`.
+result is deterministic. Reading tables and embeddings is the job of `coreset.pool` and
+`coreset.pool_embeddings`.
 """
 
 from __future__ import annotations

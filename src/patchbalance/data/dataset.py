@@ -36,6 +36,7 @@ from rasterio.errors import RasterioError
 from torch.utils.data import Dataset
 
 from patchbalance.errors import ConfigError, InputError
+from patchbalance.paths import resolve_path
 from patchbalance.table import (
     boolean_column,
     excluded_column,
@@ -186,6 +187,18 @@ def _build_label_lookup(
     return keys, labels
 
 
+def _checked_bands(
+    selected_bands: Sequence[int] | None, mask_band: int
+) -> tuple[list[int] | None, int]:
+    """Return the image bands to read (None: all) and the mask band, both checked 1-based."""
+    bands = None if selected_bands is None else [int(b) for b in selected_bands]
+    if bands is not None and (not bands or min(bands) < 1):
+        raise ConfigError(f"selected_bands are 1-based band numbers, got {selected_bands}")
+    if int(mask_band) < 1:
+        raise ConfigError(f"mask_band is a 1-based band number, got {mask_band}")
+    return bands, int(mask_band)
+
+
 class CSVWindowedSegmentationDataset(Dataset):
     """Image and mask windows listed in a patch table (CSV or Parquet), one item per row.
 
@@ -241,14 +254,7 @@ class CSVWindowedSegmentationDataset(Dataset):
             self.image_dtype = np.dtype(image_dtype)
         except TypeError as exc:
             raise ConfigError(f"image_dtype {image_dtype!r} is not a numpy dtype") from exc
-        self.selected_bands = None if selected_bands is None else [int(b) for b in selected_bands]
-        if self.selected_bands is not None and (
-            not self.selected_bands or min(self.selected_bands) < 1
-        ):
-            raise ConfigError(f"selected_bands are 1-based band numbers, got {selected_bands}")
-        if int(mask_band) < 1:
-            raise ConfigError(f"mask_band is a 1-based band number, got {mask_band}")
-        self.mask_band = int(mask_band)
+        self.selected_bands, self.mask_band = _checked_bands(selected_bands, mask_band)
         self.ignore_index = int(ignore_index)
         if 0 <= self.ignore_index < n_classes:
             raise ConfigError(
@@ -263,6 +269,43 @@ class CSVWindowedSegmentationDataset(Dataset):
         self.transform = build_augmentation(augmentation_list)
 
         keys = [image_key, mask_key, row_off_key, col_off_key, patch_size_key]
+        table, numbers = self._read_rows(keys, weight_key, drop_excluded, n_first_rows_to_read)
+
+        path = self.input_csv_path
+        self.row_off = _integer_column(table, row_off_key, path, 0, numbers)
+        self.col_off = _integer_column(table, col_off_key, path, 0, numbers)
+        self.patch_size = _integer_column(table, patch_size_key, path, 1, numbers)
+        # The table's 1-based data rows, so errors name the row a user sees in a spreadsheet,
+        # even after drop_excluded.
+        self.row_numbers = numbers
+        base = (
+            resolve_path(root_dir, Path.cwd())
+            if root_dir is not None
+            else self.input_csv_path.resolve().parent
+        )
+        # Paths stored once per distinct file plus an int32 code per row: no per-row Python
+        # objects, which DataLoader workers would otherwise copy page by page on access.
+        self._image_codes, self.image_files = self._factorise_paths(
+            table[image_key], base, image_key
+        )
+        self._mask_codes, self.mask_files = self._factorise_paths(table[mask_key], base, mask_key)
+        self.sampler_weights: np.ndarray | None = None
+        if weight_key in table.columns:
+            self.sampler_weights = pd.to_numeric(table[weight_key], errors="coerce").to_numpy(
+                dtype=np.float64
+            )
+        self.weight_key = weight_key
+        self.excluded: np.ndarray | None = excluded_column(table, str(self.input_csv_path))
+        self._handles = RasterHandleCache()
+
+    def _read_rows(
+        self,
+        keys: list[str],
+        weight_key: str,
+        drop_excluded: bool,
+        n_first_rows_to_read: int | None,
+    ) -> tuple[pd.DataFrame, np.ndarray]:
+        """Return the table's rows to train on and their 1-based row numbers in the file."""
         table = read_patch_table(self.input_csv_path, keys, optional=(weight_key, "excluded"))
         if n_first_rows_to_read is not None:
             table = table.iloc[: int(n_first_rows_to_read)]
@@ -273,41 +316,19 @@ class CSVWindowedSegmentationDataset(Dataset):
             numbers = numbers[keep]
         if len(table) == 0:
             raise InputError(f"{self.input_csv_path}: the table has no rows to train on")
+        return table, numbers
 
-        path = self.input_csv_path
-        self.row_off = _integer_column(table, row_off_key, path, 0, numbers)
-        self.col_off = _integer_column(table, col_off_key, path, 0, numbers)
-        self.patch_size = _integer_column(table, patch_size_key, path, 1, numbers)
-        # The table's 1-based data rows, so errors name the row a user sees in a spreadsheet,
-        # even after drop_excluded.
-        self.row_numbers = numbers
-        base = Path(root_dir) if root_dir is not None else self.input_csv_path.resolve().parent
-        # Paths stored once per distinct file plus an int32 code per row: no per-row Python
-        # objects, which DataLoader workers would otherwise copy page by page on access.
-        self._image_codes, self.image_files = self._factorize_paths(
-            table[image_key], base, image_key
-        )
-        self._mask_codes, self.mask_files = self._factorize_paths(table[mask_key], base, mask_key)
-        self.sampler_weights: np.ndarray | None = None
-        if weight_key in table.columns:
-            self.sampler_weights = pd.to_numeric(table[weight_key], errors="coerce").to_numpy(
-                dtype=np.float64
-            )
-        self.weight_key = weight_key
-        self.excluded: np.ndarray | None = excluded_column(table, str(self.input_csv_path))
-        self._handles = RasterHandleCache()
-
-    def _factorize_paths(
+    def _factorise_paths(
         self, column: pd.Series, base: Path, key: str
     ) -> tuple[np.ndarray, list[str]]:
+        """Return an int32 code per row and the distinct files, resolved against `base`."""
         if column.isna().any():
             raise InputError(
                 f"{self.input_csv_path}: column '{key}' is empty in "
                 f"{_bad_rows(column.isna().to_numpy(), self.row_numbers)}"
             )
         codes, uniques = pd.factorize(column.astype(str))
-        files = [p if os.path.isabs(p) else os.path.normpath(base / p) for p in uniques]
-        return codes.astype(np.int32), [str(f) for f in files]
+        return codes.astype(np.int32), [str(resolve_path(p, base)) for p in uniques]
 
     def __len__(self) -> int:
         return int(self.row_off.size)

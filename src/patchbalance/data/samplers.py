@@ -2,7 +2,8 @@
 
 `torch.utils.data.WeightedRandomSampler` draws with `torch.multinomial`, which refuses more than
 2^24 categories, and it has no notion of DDP ranks. The samplers here draw with numpy's
-`Generator` instead:
+`Generator` instead. Both derive from `WeightedSampler`, which holds the shared constructor and
+the draw:
 
 - `NumpyWeightedRandomSampler`: the same contract as torch's sampler, for any number of rows.
 - `DistributedWeightedSampler`: every rank draws the same global sample for an epoch (from
@@ -18,6 +19,7 @@ drawn.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Iterator, Sequence
 
@@ -44,9 +46,15 @@ def validate_weights(
 ) -> np.ndarray:
     """Return `weights` as a float64 array after checking it can drive a weighted sampler.
 
-    Raises `InputError` naming the first offending rows when a weight is NaN, infinite or
-    negative, or when every weight is 0. Rows are 1-based (weight i is row i + 1), or
-    `row_numbers[i]` when given (the table's own rows, e.g. those left after dropping some).
+    Args:
+        weights: one weight per row.
+        what: names the weights in messages.
+        row_numbers: the table's own 1-based row of each weight (e.g. those left after
+            dropping some); default: weight i is row i + 1.
+
+    Returns:
+        The weights as a float64 array. Raises `InputError` naming the first offending rows
+        when a weight is NaN, infinite or negative, or when every weight is 0.
     """
     array = np.asarray(weights, dtype=np.float64)
     if array.ndim != 1:
@@ -137,13 +145,17 @@ def _yield_chunks(indices: np.ndarray) -> Iterator[int]:
         yield from indices[start : start + _YIELD_CHUNK].tolist()
 
 
-class NumpyWeightedRandomSampler(Sampler[int]):
-    """Sample row indices in proportion to `weights`, for any number of rows.
+class WeightedSampler(Sampler[int], abc.ABC):
+    """The shared part of the weighted samplers: weights, draw size, seed, epoch and the draw.
 
-    The contract of `torch.utils.data.WeightedRandomSampler` (`num_samples` draws per
-    iteration, with or without replacement) without torch.multinomial's 2^24-row limit. Each
-    iteration draws from `numpy.random.default_rng([seed, epoch])`; the epoch advances by one
-    after every iteration, or is set with `set_epoch`, so a run is reproducible from `seed`.
+    A subclass says which indices an iteration yields; the draw of an epoch comes from
+    `numpy.random.default_rng([seed, epoch])`, so a run is reproducible from `seed`.
+
+    Args:
+        weights: one weight per row, finite and >= 0, not all 0.
+        num_samples: indices per draw (default: one per row).
+        replacement: draw with replacement (True) or without.
+        seed: the seed of every epoch's draw; None takes one from torch's global generator.
     """
 
     def __init__(
@@ -165,24 +177,70 @@ class NumpyWeightedRandomSampler(Sampler[int]):
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration draw the sample of `epoch`."""
+        """Set the epoch that, with the seed, fixes the next draw.
+
+        Args:
+            epoch: the epoch number (0 for the first).
+        """
         self.epoch = int(epoch)
 
-    def draw(self) -> np.ndarray:
-        """Return the indices of the current epoch as an int64 array (without advancing)."""
+    def _draw_epoch(self, num_samples: int) -> np.ndarray:
+        """Return `num_samples` indices drawn by weight for the current epoch (int64)."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        return _draw(self.weights, self.positive, self.num_samples, self.replacement, rng)
+        return _draw(self.weights, self.positive, num_samples, self.replacement, rng)
+
+    @abc.abstractmethod
+    def __iter__(self) -> Iterator[int]:
+        """Yield the row indices of one iteration.
+
+        Yields:
+            Row indices, as Python ints.
+        """
+
+    def __len__(self) -> int:
+        """Return how many indices one iteration yields.
+
+        Returns:
+            `num_samples`.
+        """
+        return self.num_samples
+
+
+class NumpyWeightedRandomSampler(WeightedSampler):
+    """Sample row indices in proportion to `weights`, for any number of rows.
+
+    The contract of `torch.utils.data.WeightedRandomSampler` (`num_samples` draws per
+    iteration, with or without replacement) without torch.multinomial's 2^24-row limit. Each
+    iteration draws from `numpy.random.default_rng([seed, epoch])`; the epoch advances by one
+    after every iteration, or is set with `set_epoch`, so a run is reproducible from `seed`.
+
+    Args:
+        weights: one weight per row, finite and >= 0, not all 0.
+        num_samples: draws per iteration (default: one per row).
+        replacement: draw with replacement (True) or without.
+        seed: the seed of every epoch's draw; None takes one from torch's global generator.
+    """
+
+    def draw(self) -> np.ndarray:
+        """Return the indices of the current epoch (without advancing the epoch).
+
+        Returns:
+            (num_samples,) int64 row indices.
+        """
+        return self._draw_epoch(self.num_samples)
 
     def __iter__(self) -> Iterator[int]:
+        """Yield the current epoch's draw, then advance the epoch by one.
+
+        Yields:
+            `num_samples` row indices, as Python ints.
+        """
         indices = self.draw()
         self.epoch += 1
         return _yield_chunks(indices)
 
-    def __len__(self) -> int:
-        return self.num_samples
 
-
-class DistributedWeightedSampler(Sampler[int]):
+class DistributedWeightedSampler(WeightedSampler):
     """Weighted sampling for DDP: one global draw per epoch, a disjoint slice per rank.
 
     Every rank computes the same global draw of `num_samples` indices from
@@ -192,6 +250,16 @@ class DistributedWeightedSampler(Sampler[int]):
     first indices (or, with `drop_last`, its tail is cut) as `DistributedSampler` does, so every
     rank yields the same number of indices. Call `set_epoch(epoch)` before each epoch, as with
     `DistributedSampler`; without it every epoch repeats the draw of epoch 0.
+
+    Args:
+        weights: one weight per row, finite and >= 0, not all 0.
+        num_samples: indices of the global draw (default: one per row); kept as
+            `global_num_samples`, while `num_samples` becomes this rank's share.
+        replacement: draw with replacement (True) or without.
+        seed: the seed of every epoch's draw, the same on every rank.
+        num_replicas: the number of ranks (default: the process group's world size).
+        rank: this rank (default: the process group's rank).
+        drop_last: cut the draw's tail rather than pad it to a multiple of `num_replicas`.
     """
 
     def __init__(
@@ -216,36 +284,32 @@ class DistributedWeightedSampler(Sampler[int]):
             rank = torch.distributed.get_rank() if rank is None else rank
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
-        self.weights = validate_weights(weights)
-        self.positive = _positive_rows(self.weights)
-        self.replacement = bool(replacement)
-        self.global_num_samples = _check_num_samples(
-            self.weights.size if num_samples is None else num_samples,
-            self.replacement,
-            self.weights.size if self.positive is None else self.positive.size,
-        )
-        self.seed = int(seed)
+        super().__init__(weights, num_samples, replacement, int(seed))
+        self.global_num_samples = self.num_samples
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.drop_last = bool(drop_last)
-        self.epoch = 0
         if self.drop_last and self.global_num_samples % self.num_replicas:
             self.num_samples = self.global_num_samples // self.num_replicas
         else:
             self.num_samples = math.ceil(self.global_num_samples / self.num_replicas)
         self.total_size = self.num_samples * self.num_replicas
 
-    def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that, with the seed, fixes the global draw on every rank."""
-        self.epoch = int(epoch)
-
     def global_draw(self) -> np.ndarray:
-        """Return the epoch's global draw (identical on every rank), before padding."""
-        rng = np.random.default_rng([self.seed, self.epoch])
-        return _draw(self.weights, self.positive, self.global_num_samples, self.replacement, rng)
+        """Return the epoch's global draw (identical on every rank), before padding.
+
+        Returns:
+            (global_num_samples,) int64 row indices.
+        """
+        return self._draw_epoch(self.global_num_samples)
 
     def rank_indices(self) -> np.ndarray:
-        """Return this rank's slice of the epoch's global draw as an int64 array."""
+        """Return this rank's slice of the epoch's global draw.
+
+        Returns:
+            (num_samples,) int64 row indices: positions rank, rank + num_replicas, ... of the
+            padded (or cut) global draw.
+        """
         indices = self.global_draw()
         if indices.size < self.total_size:
             repeats = math.ceil((self.total_size - indices.size) / indices.size)
@@ -256,7 +320,9 @@ class DistributedWeightedSampler(Sampler[int]):
         return indices[self.rank : self.total_size : self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
-        return _yield_chunks(self.rank_indices())
+        """Yield this rank's slice of the current epoch's draw (the epoch does not advance).
 
-    def __len__(self) -> int:
-        return self.num_samples
+        Yields:
+            `num_samples` row indices, as Python ints.
+        """
+        return _yield_chunks(self.rank_indices())

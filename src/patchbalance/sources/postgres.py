@@ -3,8 +3,8 @@
 The table is read through a server-side (named) cursor in batches of `input.fetch_size`, inside
 a READ ONLY, REPEATABLE READ transaction: `where_clause` is SQL by design, and the transaction is
 what stops it from changing data. Table, schema and column names are only ever quoted
-identifiers. The password never appears in a message: messages are built from host, port, user
-and database, and PostgreSQL's own texts are scrubbed of anything that looks like a password.
+identifiers. The password never appears in a message (`postgres_connection`); the select list
+is planned from the catalog in `postgres_query`.
 
 What the table may add to the records (each optional):
 - `class_dist` (JSON/JSONB or JSON text, class value as a string key -> proportion of the valid
@@ -19,394 +19,37 @@ What the table may add to the records (each optional):
 
 from __future__ import annotations
 
-import getpass
 import json
 import logging
-import os
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from patchbalance.config import BalancedDatasetConfig, InputConfig
-from patchbalance.errors import ConfigError, InputError, MissingDependencyError
+from patchbalance.errors import InputError
 from patchbalance.sources import SourceRecords, validate_records
+from patchbalance.sources.postgres_connection import (
+    Target,
+    _psycopg,
+    connect,
+    connection_settings,
+    scrub,
+)
+from patchbalance.sources.postgres_query import (
+    FLOAT_TYPES,
+    INTEGER_TYPES,
+    RECORD_COLUMN_KEYS,
+    Column,
+    Plan,
+    build_query,
+    clean_where,
+    make_plan,
+    table_columns,
+)
 
 log = logging.getLogger(__name__)
 
-# Record column -> the `input` key that names its table column.
-RECORD_COLUMN_KEYS = {
-    "image_path": "image_path_column",
-    "mask_path": "mask_path_column",
-    "row_off": "row_off_column",
-    "col_off": "col_off_column",
-    "patch_size": "patch_size_column",
-}
-NODATA_RATIO_COLUMN = "nodata_ratio"
 CURSOR_NAME = "patchbalance_records"
-# PostgreSQL type names (pg_type.typname) read as integers, floats, numbers or JSON.
-INTEGER_TYPES = {"int2", "int4", "int8"}
-FLOAT_TYPES = {"float4", "float8"}
-NUMERIC_TYPES = INTEGER_TYPES | FLOAT_TYPES | {"numeric"}
-JSON_TYPES = {"json", "jsonb"}
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where the source connects, for messages: never holds the password."""
-
-    host: str
-    port: str
-    user: str
-    database: str
-
-    @property
-    def address(self) -> str:
-        """Return `host:port` (the socket folder stands for the host on local connections)."""
-        return f"{self.host}:{self.port}"
-
-
-@dataclass(frozen=True)
-class Column:
-    """A column of the table as the catalog describes it."""
-
-    name: str
-    type_name: str  # pg_type.typname, e.g. int4, text, jsonb, vector, _float4
-    category: str  # pg_type.typcategory: N numeric, S string, B boolean, A array, U user, ...
-    element: str | None  # the element type of an array
-
-
-def _psycopg():  # -> module
-    try:
-        import psycopg
-    except ImportError as exc:
-        raise MissingDependencyError(
-            "psycopg 3 (the PostgreSQL driver)", "postgres", '"psycopg[binary]"'
-        ) from exc
-    return psycopg
-
-
-# --------------------------------------------------------------------------------------------
-# Connecting
-
-
-def _secrets(source: InputConfig, conninfo_password: str | None) -> list[str]:
-    values = [source.password, conninfo_password, os.environ.get("PGPASSWORD")]
-    # Very short values would blank out ordinary words; the patterns below still catch them.
-    return sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
-
-
-def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """Return `text` on one line with passwords removed (given values, `password=`, URI userinfo)."""
-    text = " ".join(str(text).split())
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
-    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
-
-
-def connection_settings(source: InputConfig) -> tuple[str, Target, list[str]]:
-    """Return (libpq connection string, target for messages, secret values to scrub).
-
-    Either `dsn` or the keys host, port, database and user say where to connect; giving both
-    is an error naming the keys, never a silent override. `password` may come with a dsn that
-    holds none. Empty values count as not given, so `${oc.env:PGPASSWORD,""}` falls back to
-    libpq's own environment and `~/.pgpass`.
-    """
-    psycopg = _psycopg()
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-
-    keys = {
-        "host": source.host,
-        "port": source.port,
-        "dbname": source.database,
-        "user": source.user,
-        "password": source.password,
-    }
-    given = {key: str(value) for key, value in keys.items() if value not in (None, "")}
-    try:
-        base = conninfo_to_dict(source.dsn or "")
-    except psycopg.ProgrammingError:
-        # psycopg's text can quote pieces of the string, password included: never echo it.
-        raise InputError(
-            "input.dsn is not a valid PostgreSQL connection string; write key=value pairs "
-            "(host=... port=... dbname=... user=...) or a postgresql://user@host:port/database URI"
-        ) from None
-    _check_dsn_conflicts(source, given, base)
-    settings = {**base, **given}
-    settings.setdefault("connect_timeout", "10")
-    settings.setdefault("application_name", "patchbalance")
-    conninfo = make_conninfo("", **settings)
-
-    def pick(key: str, env: str, default: str) -> str:
-        value = settings.get(key) or os.environ.get(env)
-        return str(value) if value else default
-
-    user = pick("user", "PGUSER", _os_user())
-    target = Target(
-        host=pick("host", "PGHOST", "localhost"),
-        port=pick("port", "PGPORT", "5432"),
-        user=user,
-        database=pick("dbname", "PGDATABASE", user),
-    )
-    return conninfo, target, _secrets(source, settings.get("password"))
-
-
-DSN_KEYS = {"host": "host", "port": "port", "dbname": "database", "user": "user"}
-
-
-def _check_dsn_conflicts(source: InputConfig, given: dict[str, str], base: dict[str, Any]) -> None:
-    if source.dsn in (None, ""):
-        return
-    conflicting = [f"input.{name}" for key, name in DSN_KEYS.items() if key in given]
-    if "password" in given and base.get("password"):
-        conflicting.append("input.password")
-    if conflicting:
-        raise ConfigError(
-            f"input.dsn and {', '.join(conflicting)} both say where to connect; give either "
-            "the dsn or the separate keys (host, port, database, user, password), not both"
-        )
-
-
-def _os_user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return "the current user"
-
-
-def connect(conninfo: str, target: Target, secrets: list[str]):  # -> psycopg.Connection
-    """Return an open connection whose transactions are READ ONLY, or raise `InputError`."""
-    psycopg = _psycopg()
-    try:
-        conn = psycopg.connect(conninfo)
-    except psycopg.OperationalError as exc:
-        raise InputError(_connect_message(str(exc), target, secrets)) from None
-    except psycopg.Error as exc:
-        raise InputError(
-            f"cannot connect to PostgreSQL at {target.address}: {scrub(str(exc), secrets)}"
-        ) from None
-    conn.read_only = True
-    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    return conn
-
-
-# libpq's texts for a setting it cannot use (an unknown option, a value outside its choices).
-INVALID_OPTION = re.compile(r"invalid [\w ]*value|invalid connection option")
-
-
-def _connect_message(text: str, target: Target, secrets: list[str]) -> str:
-    lowered = text.lower()
-    who = f"user '{target.user}' on database '{target.database}' at {target.address}"
-    if "no password supplied" in lowered:
-        return (
-            f"PostgreSQL asks {who} for a password and none was given; set input.password "
-            "(e.g. ${oc.env:PGPASSWORD}), or PGPASSWORD or ~/.pgpass"
-        )
-    if "authentication failed" in lowered or re.search(r'role ".*" does not exist', lowered):
-        return (
-            f"PostgreSQL authentication failed for {who}; check input.user and the password "
-            "(input.password, PGPASSWORD or ~/.pgpass)"
-        )
-    if "pg_hba.conf" in lowered:
-        return (
-            f"PostgreSQL at {target.address} does not accept connections for user "
-            f"'{target.user}' to database '{target.database}' from this host (pg_hba.conf)"
-        )
-    if lowered.startswith("connection is bad:") or INVALID_OPTION.search(lowered):
-        # libpq refused the settings before any network traffic: its reason is the fix.
-        reason = text.strip().splitlines()[0].split(":", 1)[-1].strip()
-        return (
-            f"PostgreSQL (libpq) rejects the connection settings: {scrub(reason, secrets)}; "
-            "fix that option in input.dsn"
-        )
-    if re.search(r'database ".*" does not exist', lowered):
-        return (
-            f"PostgreSQL database '{target.database}' does not exist on {target.address}; "
-            "check input.database"
-        )
-    first_line = text.strip().splitlines()[0] if text.strip() else "no answer"
-    reason = first_line.rsplit(" failed: ", 1)[-1]
-    return (
-        f"cannot reach the PostgreSQL server at {target.address}: {scrub(reason, secrets)}; "
-        "check input.host and input.port, and that the server is running"
-    )
-
-
-# --------------------------------------------------------------------------------------------
-# The table
-
-
-def table_columns(conn, qualified: str) -> list[Column] | None:
-    """Return the table's columns in order, or None when no such table or view exists."""
-    rows = conn.execute(
-        """
-        SELECT a.attname, t.typname, t.typcategory, e.typname
-        FROM pg_attribute a
-        JOIN pg_type t ON t.oid = a.atttypid
-        LEFT JOIN pg_type e ON e.oid = t.typelem AND t.typcategory = 'A'
-        WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
-        ORDER BY a.attnum
-        """,
-        (qualified,),
-    ).fetchall()
-    if not rows and conn.execute("SELECT to_regclass(%s)", (qualified,)).fetchone()[0] is None:
-        return None
-    return [
-        Column(name, type_name, category, element) for name, type_name, category, element in rows
-    ]
-
-
-@dataclass
-class Plan:
-    """What to select and how each selected column becomes part of the result."""
-
-    columns: list[Column]  # selected table columns, in select-list order
-    names: list[str]  # their names in the records (record names for the mapped ones)
-    class_dist: str | None  # table column used for statistics
-    uniqueness: str | None
-    embedding: str | None
-    nodata_ratio: str | None
-
-    def position(self, column: str | None) -> int | None:
-        """Return where `column` sits in the select list."""
-        if column is None:
-            return None
-        return [c.name for c in self.columns].index(column)
-
-
-def _column_list(columns: list[Column]) -> str:
-    return ", ".join(column.name for column in columns)
-
-
-def make_plan(source: InputConfig, columns: list[Column], label: str) -> Plan:
-    """Return the select plan; raise `InputError` for a missing or unusable column."""
-    by_name = {column.name: column for column in columns}
-
-    def missing(name: str, key: str) -> InputError:
-        return InputError(
-            f"{label} has no column '{name}' (input.{key}); its columns are: "
-            f"{_column_list(columns)}"
-        )
-
-    mapped: dict[str, str] = {}
-    for record_name, key in RECORD_COLUMN_KEYS.items():
-        name = getattr(source, key)
-        if name not in by_name:
-            raise missing(name, key)
-        expected = "S" if record_name.endswith("_path") else "N"
-        if by_name[name].category != expected:
-            kind = "text" if expected == "S" else "a number"
-            raise InputError(
-                f"{label}: column '{name}' (input.{key}) is {by_name[name].type_name}, "
-                f"it must be {kind}"
-            )
-        mapped[name] = record_name
-    if len(set(mapped.values())) != len(RECORD_COLUMN_KEYS):
-        raise InputError(
-            f"{label}: one table column is named for two record columns; check input.*_column"
-        )
-
-    def optional(key: str, usable, what: str) -> str | None:
-        name = getattr(source, key)
-        if name is None:
-            return None
-        if name not in by_name:
-            if key in source.model_fields_set:
-                raise missing(name, key)
-            return None  # a default name the table does not have: simply not used
-        column = by_name[name]
-        if not usable(column):
-            raise InputError(
-                f"{label}: column '{name}' (input.{key}) is {column.type_name}; it must be {what}"
-            )
-        return name
-
-    class_dist = optional(
-        "class_dist_column",
-        lambda c: c.type_name in JSON_TYPES or c.category == "S",
-        "JSON/JSONB (or JSON text)",
-    )
-    uniqueness = optional(
-        "uniqueness_score_column", lambda c: c.type_name in NUMERIC_TYPES, "a number"
-    )
-    embedding = optional(
-        "embedding_column",
-        lambda c: c.type_name == "vector" or (c.category == "A" and c.element in NUMERIC_TYPES),
-        "a pgvector vector or a float array",
-    )
-    if not source.use_table_stats:
-        # Without table statistics these are ordinary columns that pass through.
-        class_dist = uniqueness = None
-    nodata_ratio = None
-    ratio_column = by_name.get(NODATA_RATIO_COLUMN)
-    if class_dist is not None and ratio_column is not None:
-        nodata_ratio = NODATA_RATIO_COLUMN if ratio_column.type_name in NUMERIC_TYPES else None
-
-    selected, names = [], []
-    taken = set(RECORD_COLUMN_KEYS)
-    for column in columns:
-        if column.name == embedding:
-            continue  # the vectors travel as an array, not as a table column
-        if column.name in mapped:
-            names.append(mapped[column.name])
-        elif column.name in taken:
-            log.info("%s: column '%s' is not passed through (a record column)", label, column.name)
-            continue
-        else:
-            names.append(column.name)
-        selected.append(column)
-    if embedding is not None:
-        selected.append(by_name[embedding])
-        names.append(embedding)
-    return Plan(selected, names, class_dist, uniqueness, embedding, nodata_ratio)
-
-
-def _select_expression(column: Column, plan: Plan):  # -> sql.Composable
-    from psycopg import sql
-
-    field = sql.Identifier(column.name)
-    if column.name == plan.embedding:
-        return sql.SQL("{}::real[]").format(field)
-    if column.type_name == "numeric":
-        return sql.SQL("{}::float8").format(field)
-    if column.category in ("N", "S", "B") and column.type_name not in ("money",):
-        return field
-    # Dates, JSON, arrays, geometries, ...: pass through as their text form.
-    return sql.SQL("{}::text").format(field)
-
-
-def _clean_where(clause: str | None) -> str | None:
-    if clause is None:
-        return None
-    clause = clause.strip().rstrip(";").strip()
-    clause = re.sub(r"^where\s+", "", clause, flags=re.IGNORECASE)
-    return clause or None
-
-
-def build_query(
-    table,
-    plan: Plan,
-    where: str | None,
-    order: list[str],
-):  # -> sql.Composed
-    """Return SELECT <columns> FROM <table> [WHERE (<where>)] ORDER BY <key columns>."""
-    from psycopg import sql
-
-    fields = sql.SQL(", ").join(_select_expression(column, plan) for column in plan.columns)
-    query = sql.SQL("SELECT {} FROM {}").format(fields, table)
-    if where is not None:
-        # where_clause is SQL by design; the READ ONLY transaction keeps it from writing.
-        query += sql.SQL(" WHERE ({})").format(sql.SQL(where))
-    path, *numbers = order
-    # A fixed order (paths by bytes, as Python sorts them) makes runs reproducible.
-    query += sql.SQL(' ORDER BY {} COLLATE "C", {}').format(
-        sql.Identifier(path), sql.SQL(", ").join(sql.Identifier(n) for n in numbers)
-    )
-    return query
 
 
 # --------------------------------------------------------------------------------------------
@@ -634,6 +277,19 @@ def _where_text(where: str) -> str:
     return where if len(where) <= 80 else where[:77] + "..."
 
 
+def _table_embeddings(accumulator: BatchAccumulator, plan: Plan, label: str) -> np.ndarray | None:
+    """Return the (N, D) embeddings read from the table, or None; NaN or inf is an error."""
+    embeddings = accumulator.embeddings
+    if embeddings is None and accumulator.embedding_chunks:
+        embeddings = np.concatenate(accumulator.embedding_chunks)
+    if embeddings is not None and not np.isfinite(embeddings).all():
+        row = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=1))[0]) + 1
+        raise InputError(
+            f"{label} row {row}: column '{plan.embedding}' holds NaN or infinite values"
+        )
+    return embeddings
+
+
 def records_from_postgres(config: BalancedDatasetConfig) -> SourceRecords:
     """Return the records of `input.table` (and the statistics the table already holds).
 
@@ -648,7 +304,7 @@ def records_from_postgres(config: BalancedDatasetConfig) -> SourceRecords:
     table_name = source.table or ""
     parts = [source.db_schema, table_name] if source.db_schema else [table_name]
     table = sql.Identifier(*parts)
-    where = _clean_where(source.where_clause)
+    where = clean_where(source.where_clause)
     conninfo, target, secrets = connection_settings(source)
     label = f"PostgreSQL table {'.'.join(_quote(part) for part in parts)}"
 
@@ -692,14 +348,7 @@ def records_from_postgres(config: BalancedDatasetConfig) -> SourceRecords:
             plan.class_dist,
         )
     uniqueness = np.concatenate(accumulator.uniqueness) if accumulator.uniqueness else None
-    embeddings = accumulator.embeddings
-    if embeddings is None and accumulator.embedding_chunks:
-        embeddings = np.concatenate(accumulator.embedding_chunks)
-    if embeddings is not None and not np.isfinite(embeddings).all():
-        row = int(np.flatnonzero(~np.isfinite(embeddings).all(axis=1))[0]) + 1
-        raise InputError(
-            f"{label} row {row}: column '{plan.embedding}' holds NaN or infinite values"
-        )
+    embeddings = _table_embeddings(accumulator, plan, label)
     notes: dict[str, object] = {
         "source": label,
         "rows": accumulator.rows,

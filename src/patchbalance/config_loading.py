@@ -1,0 +1,227 @@
+"""What every configuration file shares: strict sections, YAML reading, one-line errors.
+
+`StrictModel` is the base of every section (unknown keys are errors, upstream synonyms are
+renamed); `load_model_file` and `model_from_mapping` read and validate one block of a file or a
+mapping, turning every mistake into a `ConfigError` that names the file and the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from patchbalance.errors import ConfigError
+
+
+class StrictModel(BaseModel):
+    """A config section: unknown keys are errors; `synonyms` maps upstream names to ours."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_default=True)
+    synonyms: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _rename_synonyms(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not cls.synonyms:
+            return data
+        data = dict(data)
+        for old, new in cls.synonyms.items():
+            if old in data:
+                if new in data:
+                    raise ValueError(f"give either '{old}' or its synonym '{new}', not both")
+                data[new] = data.pop(old)
+        return data
+
+
+def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Return the YAML file at `path` as a plain mapping; `${...}` interpolations are left as text.
+
+    Raises `ConfigError` for a missing file, a YAML syntax error (with line and column) or a
+    non-mapping document. Interpolations are resolved later, after `--set` overrides.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: configuration file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from exc
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}: the file must hold a mapping of keys, not a {type(raw).__name__}"
+        )
+    return raw
+
+
+def _apply_overrides(
+    block: dict[str, Any], overrides: list[str], block_name: str, path: Path
+) -> dict[str, Any]:
+    cleaned = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. clustering.k_max=8")
+        key = item.split("=", 1)[0].strip()
+        if key.startswith(block_name + "."):
+            item = item[len(block_name) + 1 :]
+        cleaned.append(item)
+    try:
+        merged = OmegaConf.merge(OmegaConf.create(block), OmegaConf.from_dotlist(cleaned))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: --set could not be applied: {exc}".splitlines()[0]) from exc
+    return _resolve(merged, path)
+
+
+def _resolve(conf: Any, path: Path) -> dict[str, Any]:
+    try:
+        return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        message = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: cannot resolve an interpolation: {message}") from exc
+
+
+def _block(raw: dict[str, Any], name: str) -> dict[str, Any]:
+    if name in raw:
+        block = raw[name]
+        if not isinstance(block, dict):
+            raise ConfigError(f"'{name}' must be a mapping of keys")
+        return block
+    return raw
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(field.alias or name)
+    keys.extend(getattr(model, "synonyms", {}).keys())
+    return keys
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType, list):
+        for arg in typing.get_args(annotation):
+            found = _submodel(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    current: type[BaseModel] | None = model
+    for part in loc:
+        if current is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part)
+        if field is None:
+            for name, candidate in current.model_fields.items():
+                if candidate.alias == part:
+                    field = current.model_fields[name]
+                    break
+        if field is None:
+            return None
+        current = _submodel(field.annotation)
+    return current
+
+
+def describe_validation_error(
+    exc: ValidationError, model: type[BaseModel], path: Path | str, prefix: str = ""
+) -> str:
+    """Return one line that explains the first error of `exc` in terms of the YAML keys."""
+    error = exc.errors()[0]
+    loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+    dotted = ".".join(str(part) for part in loc)
+    if prefix:
+        dotted = f"{prefix}.{dotted}" if dotted else prefix
+    more = len(exc.errors()) - 1
+    tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
+    if error["type"] == "extra_forbidden":
+        parent = _model_at(model, loc[:-1])
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(str(loc[-1]), _known_keys(parent), n=1, cutoff=0.6)
+            if close:
+                hint = f"; did you mean '{close[0]}'?"
+            else:
+                hint = f"; valid keys here: {', '.join(sorted(_known_keys(parent)))}"
+        return f"{path}: unknown key '{dotted}'{hint}{tail}"
+    if error["type"] == "missing":
+        return f"{path}: missing required key '{dotted}'{tail}"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    where = f"'{dotted}': " if dotted else ""
+    got = ""
+    if error["type"] not in ("value_error", "assertion_error") and "input" in error:
+        shown = repr(error["input"])
+        if len(shown) <= 60:
+            got = f" (got {shown})"
+    return f"{path}: {where}{message}{got}{tail}"
+
+
+def _validate(model: type[BaseModel], data: dict[str, Any], path: Path, prefix: str) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, model, path, prefix)) from exc
+
+
+def load_model_file(
+    model: type[StrictModel], block_name: str, path: str | os.PathLike[str], overrides: list[str]
+) -> Any:
+    """Return the `model` read from block `block_name` of the YAML file `path`, validated.
+
+    Args:
+        model: the section class; it keeps the file's folder as its base folder.
+        block_name: the top-level key that may hold the block (else the file is the block).
+        path: the YAML file.
+        overrides: `key.path=value` strings applied on top (the CLI's `--set`).
+
+    Returns:
+        The validated model, its `_base_dir` the file's folder and `_source_path` the file.
+    """
+    path = Path(path)
+    block = _block(read_yaml_mapping(path), block_name)
+    config = _validate(model, _apply_overrides(block, overrides, block_name, path), path, "")
+    config._base_dir = path.resolve().parent
+    config._source_path = path
+    return config
+
+
+def model_from_mapping(
+    model: type[StrictModel], block_name: str, data: dict[str, Any], base_dir: Any
+) -> Any:
+    """Return the `model` built from `data` (or its `block_name` block), validated.
+
+    Args:
+        model: the section class.
+        block_name: the key that may hold the block (else `data` is the block).
+        data: the mapping; `${...}` interpolations are resolved.
+        base_dir: the folder relative paths are relative to (None: the current folder).
+
+    Returns:
+        The validated model, its `_base_dir` set from `base_dir`.
+    """
+    resolved = _resolve(OmegaConf.create(_block(dict(data), block_name)), Path("<config>"))
+    config = _validate(model, resolved, Path("<config>"), "")
+    config._base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+    return config

@@ -1,0 +1,115 @@
+"""The `coreset:` configuration (SPEC §6): its keys, and reading it from YAML or a mapping.
+
+The file paths are resolved once, when the configuration is loaded: relative to the YAML
+file's folder (or the `base_dir` of a mapping), with `~` expanded.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, PrivateAttr, model_validator
+
+from patchbalance.config_loading import StrictModel, load_model_file, model_from_mapping
+from patchbalance.paths import resolve_path
+
+# The keys that hold file paths; an empty one (the Python API's default) stays empty.
+PATH_KEYS = ("input_csv_path", "output_csv_path", "parquet_path", "summary_path")
+
+
+class CoresetConfig(StrictModel):
+    """The `coreset:` block (SPEC §6)."""
+
+    method: Literal["lc", "cb", "fa", "fd", "lc_fd", "fa_cb"] = "lc"
+    budget: float = Field(default=0.3, gt=0)
+    budget_mode: Literal["fraction", "count"] = "fraction"
+    input_csv_path: str
+    output_csv_path: str
+    embedding_column: str | None = None
+    parquet_path: str | None = None
+    device: str | None = None
+    cb_use_spatial: bool = False
+    fd_use_spatial: bool = False
+    exclude_low_entropy: bool = True
+    fd_k_min: int = Field(default=2, ge=1)
+    fd_k_max: int = Field(default=20, ge=1)
+    fd_use_vendi: bool = False
+    fd_vendi_delta: float = Field(default=0.005, gt=0)
+    lc_fd_cutoff_m: int | None = Field(default=None, ge=0)
+    fa_cb_lambda: float = Field(default=0.5, ge=0, le=1)
+    score_column: str = "coreset_score"
+    sampler_weights: Literal["inverse_frequency", "repeat_factor", "uniform", "keep"] = (
+        "inverse_frequency"
+    )
+    max_weight: float | None = Field(default=10.0, ge=1)
+    seed: int = 42
+    summary_path: str | None = None
+
+    _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
+    _source_path: Path | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check_k_range(self) -> CoresetConfig:
+        if self.fd_k_min > self.fd_k_max:
+            raise ValueError(
+                f"fd_k_min ({self.fd_k_min}) is larger than fd_k_max ({self.fd_k_max})"
+            )
+        if self.budget_mode == "count" and self.budget != int(self.budget):
+            raise ValueError(f"budget_mode: count needs a whole number, got {self.budget}")
+        return self
+
+    @property
+    def base_dir(self) -> Path:
+        """Return the folder that relative paths in this configuration are resolved against."""
+        return self._base_dir
+
+    def resolve(self, path: str | os.PathLike[str]) -> Path:
+        """Return `path` resolved against the configuration file's folder."""
+        return resolve_path(path, self._base_dir)
+
+
+def with_resolved_paths(config: CoresetConfig) -> CoresetConfig:
+    """Return a copy of `config` whose non-empty path keys are absolute (against `base_dir`).
+
+    Args:
+        config: a configuration, loaded or built by hand; resolving twice changes nothing.
+
+    Returns:
+        The copy; empty paths (the Python API's default for the command's files) stay empty.
+    """
+    update = {
+        key: str(config.resolve(getattr(config, key))) for key in PATH_KEYS if getattr(config, key)
+    }
+    return config.model_copy(update=update)
+
+
+def load_coreset_config(
+    path: str | os.PathLike[str], overrides: list[str] | None = None
+) -> CoresetConfig:
+    """Return the validated `coreset` configuration read from the YAML file `path`.
+
+    Args:
+        path: the YAML file; it may be the block itself or hold it under `coreset:`.
+        overrides: `key.path=value` strings applied on top (the CLI's `--set`).
+
+    Returns:
+        The configuration, its file paths resolved against the file's folder.
+    """
+    return with_resolved_paths(load_model_file(CoresetConfig, "coreset", path, overrides or []))
+
+
+def coreset_config_from_mapping(
+    data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None
+) -> CoresetConfig:
+    """Return a validated CoreSet configuration built from a mapping.
+
+    Args:
+        data: the `coreset` block, or a mapping that holds it under `coreset:`.
+        base_dir: the folder relative paths are relative to (default: the current folder).
+
+    Returns:
+        The configuration, its file paths resolved against `base_dir`.
+    """
+    return with_resolved_paths(model_from_mapping(CoresetConfig, "coreset", data, base_dir))

@@ -1,0 +1,190 @@
+"""The plan of a `patchbalance train` run: datasets, loaders, device and length, built not run.
+
+`plan_training` validates the configuration (paths resolved once, in `train_config`), builds
+both datasets and their loaders, and checks what can be checked before the first step; the
+plan's `describe` is what `--dry-run` prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from patchbalance.atomic import check_writable_folder
+from patchbalance.errors import ConfigError
+from patchbalance.segmentation_metrics import class_log_prior_ratio
+from patchbalance.table import drawn_weights
+from patchbalance.train_components import (
+    DEFAULT_MODEL,
+    build_dataset,
+    resolve_device,
+)
+from patchbalance.train_config import (
+    DEFAULT_EPOCHS,
+    UPSTREAM_ONLY_KEYS,
+    TrainConfig,
+    load_train_config,
+    resolve_config_mapping,
+)
+
+log = logging.getLogger(__name__)
+
+# Dataset arguments the validation set takes from the training set when it does not give its
+# own: they define what a label means, so the two must agree.
+SHARED_LABEL_KEYS = (
+    "n_classes",
+    "class_values",
+    "mask_class_mapping",
+    "ignore_index",
+    "selected_bands",
+    "mask_band",
+)
+
+
+@dataclass
+class TrainPlan:
+    """Everything built from a configuration before the first step."""
+
+    config: TrainConfig
+    resolved: dict[str, Any]
+    base_dir: Path
+    train_dataset: Any
+    val_dataset: Any
+    train_loader: Any
+    val_loader: Any
+    n_classes: int
+    ignore_index: int
+    in_channels: int
+    device: Any
+    output_dir: Path
+    epochs: int | None
+    max_steps: int | None
+    log_prior_ratio: np.ndarray
+
+    def describe(self) -> str:
+        """Return the plan as text (what `--dry-run` prints)."""
+        sampler = self.train_loader.sampler
+        weights = getattr(self.train_dataset, "sampler_weights", None)
+        lines = [
+            f"train: {len(self.train_dataset)} patches from {self.train_dataset.input_csv_path}",
+        ]
+        if weights is not None and type(sampler).__name__ != "RandomSampler":
+            # Counted as the sampler draws: an excluded row never is, whatever its weight.
+            excluded = getattr(self.train_dataset, "excluded", None)
+            drawable = drawn_weights(weights, excluded, warn=False) > 0
+            lines.append(f"  rows with sampler_weight > 0: {int(np.count_nonzero(drawable))}")
+        lines += [
+            f"  sampler: {type(sampler).__name__}, {len(sampler)} draws per epoch, "
+            f"{len(self.train_loader)} batches of {self.train_loader.batch_size}",
+            f"validation: {len(self.val_dataset)} patches from {self.val_dataset.input_csv_path}",
+            f"classes: {self.n_classes} (ignore index {self.ignore_index}), "
+            f"input bands: {self.in_channels}",
+            f"model: {self.resolved.get('model', {}).get('_target_', DEFAULT_MODEL['_target_'])}",
+            f"device: {self.device}",
+            "length: "
+            + ", ".join(
+                part
+                for part in (
+                    f"{self.epochs} epoch(s)" if self.epochs else "",
+                    f"at most {self.max_steps} step(s)" if self.max_steps else "",
+                )
+                if part
+            ),
+            f"outputs: {self.output_dir}",
+        ]
+        return "\n".join(lines)
+
+
+def _check_datasets(train_dataset: Any, val_dataset: Any) -> int:
+    """Return the class count, once the two datasets agree on it and their rasters exist."""
+    n_classes = int(getattr(train_dataset, "n_classes", 0))
+    if getattr(val_dataset, "n_classes", n_classes) != n_classes:
+        raise ConfigError(
+            f"val_dataset.n_classes ({val_dataset.n_classes}) differs from "
+            f"train_dataset.n_classes ({n_classes})"
+        )
+    missing = [
+        *getattr(train_dataset, "missing_files", list)(),
+        *getattr(val_dataset, "missing_files", list)(),
+    ]
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ConfigError(f"raster not found: {missing[0]}{more}; check the tables' paths")
+    return n_classes
+
+
+def plan_training(
+    config: Mapping[str, Any],
+    base_dir: str | os.PathLike[str] | None = None,
+    where: str = "<config>",
+) -> TrainPlan:
+    """Return the validated plan of a run: datasets, loaders, device and lengths, built not run."""
+    from patchbalance.data import build_dataloader
+
+    base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+    resolved = resolve_config_mapping(config, (), where)
+    cfg = load_train_config(resolved, base, where)
+    output_dir = Path(cfg.output_dir)
+    # Found unwritable now, not after the first epoch's checkpoint.
+    check_writable_folder(output_dir, "output_dir")
+    ignored = [key for key in UPSTREAM_ONLY_KEYS if resolved.get(key) is not None]
+    if ignored:
+        log.info(
+            "ignoring upstream keys that patchbalance train does not use: %s", ", ".join(ignored)
+        )
+
+    train_dataset, train_loader_block = build_dataset(cfg.train_dataset, "train_dataset")
+    inherited = {
+        key: cfg.train_dataset[key] for key in SHARED_LABEL_KEYS if key in cfg.train_dataset
+    }
+    val_dataset, val_loader_block = build_dataset(cfg.val_dataset, "val_dataset", inherited)
+    n_classes = _check_datasets(train_dataset, val_dataset)
+    ignore_index = int(getattr(train_dataset, "ignore_index", 255))
+
+    hyper = cfg.hyperparameters
+    train_loader = build_dataloader(
+        train_dataset, train_loader_block, hyper.batch_size, seed=cfg.seed, training=True
+    )
+    val_loader = build_dataloader(
+        val_dataset, val_loader_block, hyper.batch_size, seed=cfg.seed, training=False
+    )
+    if len(train_loader) == 0:
+        raise ConfigError(
+            f"the training loader yields no batch: {len(train_loader.sampler)} patches per epoch "
+            f"with batch_size {train_loader.batch_size} and drop_last: true; lower the batch size"
+        )
+    epochs = hyper.epochs
+    if epochs is None and hyper.max_steps is None:
+        epochs = DEFAULT_EPOCHS
+    in_channels = (
+        train_dataset.image_band_count()
+        if hasattr(train_dataset, "image_band_count")
+        else int(cfg.model.get("in_channels", 3))
+    )
+    ratio = np.zeros(n_classes)
+    if cfg.prior_correction is not None:
+        weighted = bool((train_loader_block or {}).get("weighted_sampler", False))
+        ratio = class_log_prior_ratio(train_dataset, n_classes, weighted)
+    return TrainPlan(
+        config=cfg,
+        resolved=resolved,
+        base_dir=base,
+        train_dataset=train_dataset,
+        val_dataset=val_dataset,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        n_classes=n_classes,
+        ignore_index=ignore_index,
+        in_channels=in_channels,
+        device=resolve_device(cfg.device, hyper.accelerator),
+        output_dir=output_dir,
+        epochs=epochs,
+        max_steps=hyper.max_steps,
+        log_prior_ratio=ratio,
+    )
