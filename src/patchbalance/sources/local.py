@@ -12,6 +12,7 @@ import pandas as pd
 
 from patchbalance.config import BalancedDatasetConfig, InputConfig
 from patchbalance.errors import InputError
+from patchbalance.paths import resolve_path
 from patchbalance.table import KEY_COLUMNS, read_table
 from patchbalance.windows import gdal_message, probe_raster
 
@@ -114,12 +115,7 @@ def resolve_paths(paths: pd.Series, base_dir: Path) -> pd.Series:
     Relative paths are taken against `base_dir`; each distinct path is resolved once.
     """
     codes, unique = pd.factorize(paths)
-    resolved = [
-        os.path.normpath(
-            expanded if os.path.isabs(expanded) else os.path.join(base_dir, expanded)
-        )
-        for expanded in (os.path.expanduser(str(path)) for path in unique)
-    ]
+    resolved = [str(resolve_path(str(path), base_dir)) for path in unique]
     # Two spellings of one file ('a.tif', './a.tif') become one category.
     merged, categories = pd.factorize(pd.Index(resolved, dtype=object))
     return pd.Series(

@@ -1,0 +1,184 @@
+"""Benchmark: masks_only builds at 1M, 2M and 10M patches, in-process threads against Dask.
+
+Writes tiled (256 px), deflate-compressed GeoTIFF masks made of the real Dubai masks (as in
+`bench/mask_stats.py`; synthetic blobs when the data is not at hand), and a Parquet
+`records_path` of 256 px windows every `--stride` px over them (a stride below the window size
+reaches millions of windows from a few files). Each build runs in a fresh process through the
+library's `run_build`, writing a Parquet table, and the script prints, side by side in one run:
+
+  - throughput of the mask-statistics stage and end to end, for the in-process `threads`
+    scheduler at 1 (and 2) threads against a `LocalCluster` at 1 and 2 workers (bar: 2 workers
+    >= 1.6x the one-thread in-process throughput);
+  - the peak resident memory of the client (the build's process; workers are their own
+    processes) per patch (bar: < 0.5 KB per patch at 10M);
+  - the time of every stage, and the wall time at 10M (bar: < 40 minutes).
+
+    python bench/scale.py                                   # 1M, 2M, 10M
+    python bench/scale.py --sizes 200000 --compare-at 200000  # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from geotiff import DUBAI_DATA
+from mask_stats import dubai_class_masks, synthetic_masks, write_mask
+
+CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    from patchbalance.config import config_from_mapping
+    from patchbalance.pipeline import run_build
+    block, base = json.loads(sys.argv[1]), sys.argv[2]
+    start = time.perf_counter()
+    result = run_build(config_from_mapping(block, base_dir=base))
+    seconds = time.perf_counter() - start
+    status = open("/proc/self/status").read().split("\\n")
+    peak_kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print(json.dumps({"peak_bytes": peak_kb * 1024, "seconds": seconds,
+                      "n": result.summary["n_patches"], "active": result.summary["n_active"],
+                      "timings": result.summary["timings_s"],
+                      "compute": result.summary["compute"]}))
+    """
+)
+
+# (label, compute block, num_workers) of the runs compared at --compare-at.
+COMPARED = (
+    ("threads, 1 thread", {"scheduler": "threads"}, 1),
+    ("threads, 2 threads", {"scheduler": "threads"}, 2),
+    ("LocalCluster, 1 worker", {"scheduler": "local", "workers": 1}, 1),
+    ("LocalCluster, 2 workers", {"scheduler": "local", "workers": 2}, 2),
+)
+SCALED = ("LocalCluster, 2 workers", {"scheduler": "local", "workers": 2}, 2)
+
+
+def write_rasters(work: Path, count: int, side: int) -> list[Path]:
+    """Write (or reuse) `count` side x side mosaics of the Dubai masks; return their paths."""
+    paths = [work / f"mask_{i}.tif" for i in range(count)]
+    missing = [path for path in paths if not path.exists()]
+    if missing:
+        sources = dubai_class_masks(DUBAI_DATA) if DUBAI_DATA.is_dir() else synthetic_masks(0)
+        for path in missing:
+            write_mask(path, side, sources, seed=int(path.stem.split("_")[1]))
+    return paths
+
+
+def write_records(path: Path, rasters: list[Path], n: int, side: int, size: int, stride: int):
+    """Write the first `n` windows of the stride grid over `rasters` as a Parquet records file."""
+    starts = np.arange(0, side - size + 1, stride, dtype=np.int64)
+    per_raster = len(starts) ** 2
+    frames, left = [], n
+    for raster in rasters:
+        take = min(left, per_raster)
+        if take <= 0:
+            break
+        flat = np.arange(take)
+        frames.append(
+            pd.DataFrame(
+                {
+                    "image_path": pd.Categorical([str(raster)] * take),
+                    "mask_path": pd.Categorical([str(raster)] * take),
+                    "row_off": starts[flat // len(starts)],
+                    "col_off": starts[flat % len(starts)],
+                    "patch_size": np.int64(size),
+                }
+            )
+        )
+        left -= take
+    records = pd.concat(frames, ignore_index=True)
+    records["image_path"] = records["image_path"].astype(str)
+    records["mask_path"] = records["mask_path"].astype(str)
+    records.to_parquet(path, index=False, row_group_size=1_000_000)
+    return len(records)
+
+
+def build(work: Path, records: Path, compute: dict, num_workers: int) -> dict:
+    """Run one build in a fresh process; return its measurements."""
+    block = {
+        "mode": "masks_only",
+        "num_workers": num_workers,
+        "input": {"records_path": str(records)},
+        "clustering": {"k_selection": "elbow", "k_min": 4, "k_max": 12},
+        "compute": compute,
+        "output": {"csv_path": str(work / "balanced.parquet"), "include_excluded": True},
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(block), str(work)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def show(label: str, result: dict, baseline: float | None, compared: bool) -> float:
+    n = result["n"]
+    stage = result["timings"]["mask_statistics"]
+    rate = n / stage
+    ratio = "-" if not compared else (f"{rate / baseline:.2f}x" if baseline else "1.00x")
+    print(
+        f"{label:<26}{n:>12,}{rate:>14,.0f}{ratio:>8}{n / result['seconds']:>14,.0f}"
+        f"{result['seconds']:>10.1f}{result['peak_bytes'] / n:>12.0f}"
+        f"{result['peak_bytes'] / 2**20:>10.0f}"
+    )
+    stages = ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items())
+    print(f"{'':<26}stages (s): {stages}")
+    return rate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 2_000_000, 10_000_000])
+    parser.add_argument("--compare-at", type=int, nargs="*", default=[1_000_000, 2_000_000])
+    parser.add_argument("--side", type=int, default=16384, help="raster width and height (px)")
+    parser.add_argument("--size", type=int, default=256, help="window size (px)")
+    parser.add_argument("--stride", type=int, default=16, help="window stride (px)")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the data")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as temporary:
+        work = args.work or Path(temporary)
+        work.mkdir(parents=True, exist_ok=True)
+        per_raster = ((args.side - args.size) // args.stride + 1) ** 2
+        count = math.ceil(max(args.sizes + args.compare_at) / per_raster)
+        start = time.perf_counter()
+        rasters = write_rasters(work, count, args.side)
+        origin = "mosaics of the real Dubai masks" if DUBAI_DATA.is_dir() else "synthetic masks"
+        size_mb = sum(p.stat().st_size for p in rasters) / 1e6
+        print(
+            f"masks: {count} x {args.side}^2 px {origin}, tiled 256, deflate ({size_mb:.0f} MB, "
+            f"ready in {time.perf_counter() - start:.0f} s); windows {args.size} px every "
+            f"{args.stride} px ({per_raster:,} per raster); cores: {os.cpu_count()}"
+        )
+        header = (
+            f"{'run':<26}{'patches':>12}{'stats p/s':>14}{'ratio':>8}{'end-to-end p/s':>14}"
+            f"{'wall s':>10}{'peak B/p':>12}{'peak MB':>10}"
+        )
+        for n in sorted(set(args.sizes) | set(args.compare_at)):
+            records = work / f"records_{n}.parquet"
+            if not records.exists():
+                write_records(records, rasters, n, args.side, args.size, args.stride)
+            runs = COMPARED if n in args.compare_at else (SCALED,)
+            print(f"\n{n:,} patches")
+            print(header)
+            baseline = None
+            for label, compute, workers in runs:
+                result = build(work, records, compute, workers)
+                rate = show(label, result, baseline, n in args.compare_at)
+                baseline = baseline or rate
+
+
+if __name__ == "__main__":
+    main()
