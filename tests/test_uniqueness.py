@@ -8,14 +8,15 @@ import sys
 import numpy as np
 import pytest
 
-from patchbalance.config import UniquenessConfig
-from patchbalance.errors import InputError, MissingDependencyError
+from patchbalance.config import UniquenessConfig, config_from_mapping
+from patchbalance.errors import ConfigError, InputError, MissingDependencyError
 from patchbalance.uniqueness import (
     _exact_numpy,
     choose_backend,
     compute_uniqueness,
     drop_self,
     exact_search,
+    ivf_parameters,
     nearest_neighbors,
     normalize_rows,
 )
@@ -87,7 +88,7 @@ def test_an_outlier_gets_the_highest_score():
     assert scores[150] > 5 * np.median(scores)
 
 
-@pytest.mark.parametrize("backend", ["exact", "faiss", "sklearn", "hnsw"])
+@pytest.mark.parametrize("backend", ["exact", "faiss", "sklearn", "hnsw", "faiss_ivf"])
 def test_two_identical_vectors_find_each_other_at_distance_zero(backend):
     rng = np.random.default_rng(1)
     vectors = rng.normal(size=(60, 8)).astype(np.float32)
@@ -101,7 +102,7 @@ def test_two_identical_vectors_find_each_other_at_distance_zero(backend):
     assert scores[np.setdiff1d(np.arange(60), [7, 41])].min() > 0.01
 
 
-@pytest.mark.parametrize("backend", ["exact", "faiss", "sklearn", "hnsw"])
+@pytest.mark.parametrize("backend", ["exact", "faiss", "sklearn", "hnsw", "faiss_ivf"])
 def test_self_is_dropped_by_index_even_with_more_duplicates_than_neighbours(backend):
     rng = np.random.default_rng(2)
     vectors = rng.normal(size=(80, 8)).astype(np.float32)
@@ -143,6 +144,112 @@ def test_hnsw_recall_at_5_is_at_least_0_95_on_clustered_data():
     assert np.corrcoef(result.scores, exact)[0, 1] > 0.99
 
 
+@pytest.fixture(scope="module")
+def overlapping_clusters() -> np.ndarray:
+    """5,000 x 32 vectors in 20 wide clusters, so some true neighbours sit in other IVF lists."""
+    return clustered(5000, 32, centres=20, noise=1.0, seed=5)
+
+
+def test_faiss_ivf_finds_the_exact_neighbours_of_at_least_95_percent_of_rows(
+    overlapping_clusters,
+):
+    unit = normalize_rows(overlapping_clusters)
+    config = UniquenessConfig(backend="faiss_ivf", k_neighbors=5)
+    exact_idx, exact_dist, _ = nearest_neighbors(unit, 5, "exact", config, 0)
+    ivf_idx, ivf_dist, device = nearest_neighbors(unit, 5, "faiss_ivf", config, 0)
+    assert device in ("cpu", "cuda") or device.startswith("cuda (")
+    same_rows = (np.sort(ivf_idx, axis=1) == np.sort(exact_idx, axis=1)).all(axis=1)
+    assert same_rows.mean() >= 0.95
+    assert not (ivf_idx == np.arange(len(unit))[:, None]).any()
+    # IVFFlat's distances are exact for what it finds, so a miss can only make a score larger.
+    ivf_scores, exact_scores = ivf_dist.mean(axis=1), exact_dist.mean(axis=1)
+    assert (ivf_scores >= exact_scores - 1e-6).all()
+    assert np.abs(ivf_scores - exact_scores).mean() < 1e-3
+    np.testing.assert_allclose(ivf_scores[same_rows], exact_scores[same_rows], atol=1e-6)
+
+
+def test_faiss_ivf_summary_reports_recall_nlist_and_nprobe(overlapping_clusters):
+    config = UniquenessConfig(backend="faiss_ivf", k_neighbors=5)
+    result = compute_uniqueness(overlapping_clusters, config, seed=0)
+    summary = result.summary
+    assert summary["backend"] == "faiss_ivf"
+    # auto: round(4 * sqrt(5000)) = 283 lists, lowered to 5000 // 39 = 128 for training.
+    assert summary["nlist"] == 128 and summary["nlist_requested"] == "auto"
+    assert summary["nprobe"] == 16 and "nprobe_requested" not in summary
+    assert summary["recall_queries"] == 1000
+    assert 0.95 <= summary["recall_at_k"] <= 1.0
+    exact = brute_force_scores(overlapping_clusters, 5)
+    assert np.corrcoef(result.scores, exact)[0, 1] > 0.999
+
+
+def test_faiss_ivf_gives_the_same_scores_for_the_same_seed(overlapping_clusters):
+    config = UniquenessConfig(backend="faiss_ivf", nlist=64, nprobe=4)
+    first = compute_uniqueness(overlapping_clusters, config, seed=7)
+    second = compute_uniqueness(overlapping_clusters, config, seed=7)
+    np.testing.assert_array_equal(first.scores, second.scores)
+    assert first.summary["recall_at_k"] == second.summary["recall_at_k"]
+
+
+def test_ivf_parameters_follow_4_sqrt_n_with_39_training_points_per_list():
+    auto = UniquenessConfig(backend="faiss_ivf")
+    assert ivf_parameters(auto, 1_000_000) == (4000, 16)  # 4 * sqrt(10^6)
+    assert ivf_parameters(auto, 200_000) == (1789, 16)  # 4 * 447.2
+    assert ivf_parameters(auto, 10_000) == (256, 16)  # 400 lowered to 10,000 // 39
+    assert ivf_parameters(auto, 300) == (7, 7)  # nprobe lowered to nlist
+    assert ivf_parameters(auto, 30) == (1, 1)
+    fixed = UniquenessConfig(backend="faiss_ivf", nlist=500, nprobe=32)
+    assert ivf_parameters(fixed, 1_000_000) == (500, 32)
+    assert ivf_parameters(fixed, 3_900) == (100, 32)
+
+
+def test_faiss_ivf_lowers_an_nlist_too_large_for_the_patches_with_a_warning(caplog):
+    vectors = clustered(400, 8, centres=4, noise=0.2)
+    config = UniquenessConfig(backend="faiss_ivf", nlist=50, nprobe=20)
+    with caplog.at_level(logging.WARNING):
+        result = compute_uniqueness(vectors, config, seed=0)
+    assert result.summary["nlist"] == 10 and result.summary["nlist_requested"] == 50
+    assert result.summary["nprobe"] == 10 and result.summary["nprobe_requested"] == 20
+    assert "uniqueness.nlist is 50" in caplog.text
+    assert "uniqueness.nprobe is 20 but there are only 10 lists" in caplog.text
+    # Every list is probed: the search is exact.
+    np.testing.assert_allclose(result.scores, brute_force_scores(vectors, 5), atol=1e-5)
+
+
+def uniqueness_from_mapping(tmp_path, **keys) -> UniquenessConfig:
+    return config_from_mapping(
+        {
+            "input": {"records_path": "r.csv"},
+            "output": {"csv_path": "t.csv"},
+            "uniqueness": {"backend": "faiss_ivf", **keys},
+        },
+        base_dir=tmp_path,
+    ).uniqueness
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        ({"nlist": 0}, r"'uniqueness.nlist': nlist must be 'auto' or a positive integer, got 0"),
+        ({"nlist": "many"}, r"'uniqueness.nlist': .* got 'many'"),
+        ({"nlist": 2.5}, r"'uniqueness.nlist': .* got 2.5"),
+        ({"nprobe": 0}, r"'uniqueness.nprobe': Input should be greater than or equal to 1"),
+        ({"nprobe": "x"}, r"'uniqueness.nprobe': Input should be a valid integer"),
+        ({"nlist": 16, "nprobe": 32}, r"nprobe \(32\) is larger than nlist \(16\)"),
+    ],
+)
+def test_bad_nlist_or_nprobe_is_a_one_line_config_error_naming_the_key(tmp_path, keys, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        uniqueness_from_mapping(tmp_path, **keys)
+    assert "\n" not in str(info.value)
+
+
+def test_an_explicit_nlist_below_the_default_nprobe_is_accepted(tmp_path):
+    config = uniqueness_from_mapping(tmp_path, nlist=8)
+    assert (config.nlist, config.nprobe) == (8, 16)
+    assert ivf_parameters(config, 100_000) == (8, 8)
+    assert uniqueness_from_mapping(tmp_path, nlist="auto", nprobe=64).nprobe == 64
+
+
 def test_k_is_clamped_with_a_warning_when_there_are_few_patches(caplog):
     vectors = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
     with caplog.at_level(logging.WARNING):
@@ -170,6 +277,7 @@ def test_auto_uses_exact_up_to_200000_patches_and_hnsw_above():
     assert choose_backend("auto", 200_000) == "exact"
     assert choose_backend("auto", 200_001) == "hnsw"
     assert choose_backend("faiss", 10) == "faiss"
+    assert choose_backend("faiss_ivf", 10) == "faiss_ivf"
     result = compute_uniqueness(np.eye(5, dtype=np.float32), UniquenessConfig(), seed=0)
     assert result.summary["backend"] == "exact"
     np.testing.assert_allclose(result.scores, 1.0)  # orthogonal rows: cosine distance 1
@@ -177,7 +285,11 @@ def test_auto_uses_exact_up_to_200000_patches_and_hnsw_above():
 
 @pytest.mark.parametrize(
     ("backend", "module", "command"),
-    [("faiss", "faiss", "pip install faiss-cpu"), ("hnsw", "hnswlib", "pip install hnswlib")],
+    [
+        ("faiss", "faiss", "pip install faiss-cpu"),
+        ("faiss_ivf", "faiss", "pip install faiss-cpu"),
+        ("hnsw", "hnswlib", "pip install hnswlib"),
+    ],
 )
 def test_a_missing_backend_fails_with_the_pip_command(monkeypatch, backend, module, command):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError

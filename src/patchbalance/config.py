@@ -216,12 +216,41 @@ class EmbeddingsConfig(StrictModel):
 
 
 class UniquenessConfig(StrictModel):
+    """`uniqueness:` (SPEC §3.6, §10): the kNN backend and its parameters."""
+
     k_neighbors: int = Field(default=5, ge=1)
-    backend: Literal["auto", "exact", "hnsw", "faiss", "sklearn"] = "auto"
+    backend: Literal["auto", "exact", "hnsw", "faiss", "faiss_ivf", "sklearn"] = "auto"
     M: int = Field(default=16, ge=2)
     ef_construction: int = Field(default=200, ge=1)
     ef_search: int = Field(default=100, ge=1)
     block_size: int = Field(default=4096, ge=1)
+    # faiss_ivf: inverted lists ("auto": about 4·sqrt(N)) and how many of them a query visits.
+    nlist: int | Literal["auto"] = "auto"
+    nprobe: int = Field(default=16, ge=1)
+
+    @field_validator("nlist", mode="before")
+    @classmethod
+    def _positive_nlist(cls, value: Any) -> Any:
+        if value == "auto" or (
+            isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ):
+            return value
+        raise ValueError(f"nlist must be 'auto' or a positive integer, got {value!r}")
+
+    @model_validator(mode="after")
+    def _nprobe_within_nlist(self) -> UniquenessConfig:
+        # Only a contradiction the user wrote is an error; the default nprobe, or any nprobe
+        # above an nlist that `auto` or a small N lowers, is clamped when the index is built.
+        if (
+            "nprobe" in self.model_fields_set
+            and isinstance(self.nlist, int)
+            and self.nprobe > self.nlist
+        ):
+            raise ValueError(
+                f"nprobe ({self.nprobe}) is larger than nlist ({self.nlist}); a query cannot "
+                "visit more lists than there are: lower nprobe or raise nlist"
+            )
+        return self
 
 
 class WeightsConfig(StrictModel):

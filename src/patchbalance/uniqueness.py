@@ -9,8 +9,12 @@ distance 0 whichever of the two a backend happens to list first.
   numpy) with a partial top-k per tile; memory is bounded by `block_size`², never N x N.
 - `faiss`: faiss `IndexFlatIP` (exact).
 - `sklearn`: `NearestNeighbors(algorithm="brute", metric="cosine")` (exact).
-- `hnsw`: hnswlib graph (approximate); its recall@k against `exact` on a seeded sample of up to
-  1,000 queries goes into the summary.
+- `hnsw`: hnswlib graph (approximate).
+- `faiss_ivf`: faiss `IndexIVFFlat` with the inner-product metric (approximate; SPEC §10):
+  k-means on a seeded sample picks `nlist` lists and a query visits the `nprobe` nearest ones;
+  on the GPU(s) when faiss sees any.
+- The approximate backends put their recall@k against `exact` on a seeded sample of up to 1,000
+  queries into the summary.
 - `auto`: `exact` up to 200,000 patches, `hnsw` above.
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -37,6 +42,15 @@ AUTO_EXACT_LIMIT = 200_000
 RECALL_SAMPLE = 1_000
 # Two neighbours whose distances differ by less than this are ties when measuring recall.
 RECALL_TOLERANCE = 1e-6
+# Backends whose neighbours are approximate, so the summary carries a recall estimate.
+APPROXIMATE_BACKENDS = ("hnsw", "faiss_ivf")
+# faiss_ivf: `nlist: auto` is about this many lists per sqrt(N), faiss's usual rule of thumb.
+IVF_LISTS_PER_SQRT_N = 4
+# faiss warns when k-means has fewer than 39 training points per centroid; nlist is lowered so
+# that every list has at least this many.
+IVF_MIN_POINTS_PER_LIST = 39
+# Training sample per list: faiss recommends 30 to 256; more costs k-means time, not recall.
+IVF_TRAIN_POINTS_PER_LIST = 64
 
 
 @dataclass
@@ -81,11 +95,15 @@ def compute_uniqueness(
         summary.update(
             M=config.M, ef_construction=config.ef_construction, ef_search=config.ef_search
         )
+    if backend == "faiss_ivf":
+        summary.update(ivf_summary(config, n))
+    if backend in APPROXIMATE_BACKENDS:
         summary["recall_at_k"], summary["recall_queries"] = estimate_recall(
             unit, indices, k, config.block_size, seed
         )
         log.info(
-            "uniqueness: hnsw recall@%d ~ %.4f on %d sampled queries",
+            "uniqueness: %s recall@%d ~ %.4f on %d sampled queries",
+            backend,
             k,
             summary["recall_at_k"],
             summary["recall_queries"],
@@ -169,7 +187,7 @@ def nearest_neighbors(
     """Return `(indices, distances, device)`: each row's k nearest other rows, nearest first.
 
     `unit` holds L2-normalised rows; distances are 1 - cosine similarity, clipped to [0, 2].
-    `device` names where the exact search ran (None for the other backends).
+    `device` names where the exact or faiss_ivf search ran (None for the other backends).
     """
     ids = np.arange(len(unit))
     device = None
@@ -177,6 +195,9 @@ def nearest_neighbors(
         indices, similarities, device = exact_search(unit, ids, k + 1, config.block_size)
     elif backend == "faiss":
         indices, similarities = _faiss_search(unit, k + 1)
+    elif backend == "faiss_ivf":
+        nlist, nprobe = ivf_parameters(config, len(unit))
+        indices, similarities, device = _faiss_ivf_search(unit, k + 1, nlist, nprobe, seed)
     elif backend == "sklearn":
         indices, similarities = _sklearn_search(unit, k + 1)
     elif backend == "hnsw":
@@ -328,6 +349,79 @@ def _faiss_search(unit: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
     index.add(np.ascontiguousarray(unit))
     similarities, indices = index.search(np.ascontiguousarray(unit), m)
     return indices.astype(np.int64), similarities.astype(np.float32)
+
+
+def ivf_parameters(config: UniquenessConfig, n: int) -> tuple[int, int]:
+    """Return the `(nlist, nprobe)` that faiss_ivf uses on n rows.
+
+    `nlist: auto` is round(4·sqrt(n)); any nlist is lowered to n // 39 (at least 1) so that
+    k-means has 39 training points per list, and nprobe to nlist.
+    """
+    auto = round(IVF_LISTS_PER_SQRT_N * math.sqrt(n))
+    nlist = auto if config.nlist == "auto" else config.nlist
+    nlist = max(1, min(nlist, n // IVF_MIN_POINTS_PER_LIST))
+    return nlist, min(config.nprobe, nlist)
+
+
+def ivf_summary(config: UniquenessConfig, n: int) -> dict[str, Any]:
+    """Return the faiss_ivf figures for the summary, warning where nlist or nprobe was lowered."""
+    nlist, nprobe = ivf_parameters(config, n)
+    figures: dict[str, Any] = {"nlist": nlist, "nprobe": nprobe}
+    if config.nlist == "auto":
+        figures["nlist_requested"] = "auto"
+    elif nlist != config.nlist:
+        figures["nlist_requested"] = config.nlist
+        log.warning(
+            "uniqueness.nlist is %d but %d patches train at most %d lists (%d points each); "
+            "using nlist = %d",
+            config.nlist,
+            n,
+            nlist,
+            IVF_MIN_POINTS_PER_LIST,
+            nlist,
+        )
+    if nprobe != config.nprobe:
+        figures["nprobe_requested"] = config.nprobe
+        log.warning(
+            "uniqueness.nprobe is %d but there are only %d lists; using nprobe = %d",
+            config.nprobe,
+            nlist,
+            nprobe,
+        )
+    return figures
+
+
+def _faiss_ivf_search(
+    unit: np.ndarray, m: int, nlist: int, nprobe: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+    try:
+        import faiss
+    except ImportError as exc:
+        raise MissingDependencyError(
+            "faiss (uniqueness.backend: faiss_ivf)", "knn", "faiss-cpu"
+        ) from exc
+    data = np.ascontiguousarray(unit)
+    n, dim = data.shape
+    train_size = min(n, IVF_TRAIN_POINTS_PER_LIST * nlist)
+    train = data
+    if train_size < n:
+        rng = np.random.default_rng(seed)
+        train = data[np.sort(rng.choice(n, size=train_size, replace=False))]
+    quantizer = faiss.IndexFlatIP(dim)
+    index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = seed % (2**31)  # k-means initialisation, so the same seed gives the same lists
+    index.train(train)
+    index.nprobe = nprobe
+    device = "cpu"
+    gpus = faiss.get_num_gpus()
+    if gpus > 0:
+        # The trained (still empty) index is cloned with its nprobe; adding and searching,
+        # which dominate the time, run on the GPU(s).
+        index = faiss.index_cpu_to_all_gpus(index)
+        device = "cuda" if gpus == 1 else f"cuda ({gpus} GPUs)"
+    index.add(data)
+    similarities, indices = index.search(data, m)
+    return indices.astype(np.int64), similarities.astype(np.float32), device
 
 
 def _sklearn_search(unit: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
