@@ -107,3 +107,52 @@ def test_entropy_is_nan_without_valid_pixels_and_zero_for_one_class():
     assert np.isnan(entropy[0])
     assert entropy[1] == 0.0
     assert entropy[2] == np.log(2)
+
+
+def _per_window(counted) -> list[tuple]:
+    """Return each window's (sorted value -> count pairs, ring flag, read flag)."""
+    out, start = [], 0
+    for i, length in enumerate(counted.lengths.tolist()):
+        values = counted.values[start : start + length]
+        counts = counted.counts[start : start + length]
+        order = np.argsort(values)
+        pairs = tuple(zip(values[order].tolist(), counts[order].tolist(), strict=True))
+        out.append((pairs, bool(counted.border_nodata[i]), bool(counted.read[i])))
+        start += length
+    return out
+
+
+def test_overlapping_windows_counted_from_one_box_match_window_by_window(tmp_path):
+    from patchbalance.stats import CountTask, _count_each_window, _count_from_box
+    from patchbalance.windows import open_raster
+
+    rng = np.random.default_rng(3)
+    mask = rng.integers(0, 5, size=(300, 280)).astype(np.uint8)
+    mask[rng.random(mask.shape) < 0.01] = 255
+    mask[:40, :60] = 2  # a region where some windows hold one value only
+    mask[100:103, :] = 9  # a value outside `classes` below
+    _, mask_path = write_pair(tmp_path, "a", mask)
+    rows, cols = np.meshgrid(np.arange(0, 300 - 48, 7), np.arange(0, 280 - 48, 11), indexing="ij")
+    sizes = np.where(rng.random(rows.size) < 0.2, 32, 48)  # two window sizes in one task
+    for classes in (None, np.array([0, 1, 2, 3, 4])):
+        task = CountTask(str(mask_path), None, rows.ravel(), cols.ravel(), sizes, 255.0, classes)
+        with open_raster(str(mask_path)) as dataset:
+            from_box = _count_from_box(task, dataset)
+            one_by_one = _count_each_window(task, [dataset])
+        assert from_box is not None
+        assert _per_window(from_box) == _per_window(one_by_one)
+        assert from_box.border_nodata.any() and not from_box.border_nodata.all()
+
+
+def test_sparse_windows_are_read_one_by_one(tmp_path):
+    from patchbalance.stats import CountTask, _count_from_box
+    from patchbalance.windows import open_raster
+
+    _, mask_path = write_pair(tmp_path, "a", np.zeros((512, 512), dtype=np.uint8))
+    # Two windows in opposite corners: their box holds far more pixels than they do.
+    task = CountTask(
+        str(mask_path), None, np.array([0, 480]), np.array([0, 480]), np.array([32, 32]), None,
+        None,
+    )  # fmt: skip
+    with open_raster(str(mask_path)) as dataset:
+        assert _count_from_box(task, dataset) is None

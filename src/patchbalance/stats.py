@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from rasterio.errors import RasterioError
+from rasterio.windows import Window
 
 from patchbalance.compute import Compute
 from patchbalance.table import class_proportions
@@ -27,6 +29,8 @@ from patchbalance.windows import (
     window_partitions,
 )
 
+# The largest bounding box (pixels) a partition's windows are counted from in one read.
+BOX_PIXELS_MAX = 64 * 2**20
 # Windows per partition on a cluster: a task of ~1 s, so scheduling costs stay small.
 CLUSTER_PARTITION_WINDOWS = 4096
 
@@ -180,6 +184,110 @@ def count_windows(task: CountTask) -> WindowCounts:
     by the window's position in the task, so one bad file never aborts the run.
     """
     n = len(task.row_off)
+    try:
+        datasets = [open_raster(task.mask_path)]
+        if task.border_check is not None and task.image_path is not None:
+            datasets.append(open_raster(task.image_path))
+    except (RasterioError, OSError) as exc:
+        message = gdal_message(exc)
+        nothing = np.zeros(n, dtype=bool)
+        return WindowCounts(
+            np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(n, dtype=np.int32),
+            nothing, nothing.copy(), nothing.copy(), {i: message for i in range(n)},
+        )  # fmt: skip
+    try:
+        counted = _count_from_box(task, datasets[0])
+        return counted if counted is not None else _count_each_window(task, datasets)
+    finally:
+        for dataset in datasets:
+            dataset.close()
+
+
+def _column_spans(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return the distinct (left, right) column spans of windows and each window's span."""
+    spans, span_of = np.unique(np.stack([left, right], axis=1), axis=0, return_inverse=True)
+    return spans, span_of.ravel()
+
+
+def _window_sums(
+    indicator: np.ndarray,
+    top: np.ndarray,
+    bottom: np.ndarray,
+    spans: tuple[np.ndarray, np.ndarray],
+) -> np.ndarray:
+    """Return the number of True pixels of `indicator` in each window [top:bottom, span].
+
+    Running sums along the rows give each row's count over every distinct column span
+    (`_column_spans`); running sums of those down the rows give the windows. Both run along
+    contiguous memory.
+    """
+    height, width = indicator.shape
+    along = np.zeros((height, width + 1), dtype=np.int64)
+    np.cumsum(indicator, axis=1, dtype=np.int64, out=along[:, 1:])
+    spans, span_of = spans
+    across = np.ascontiguousarray((along[:, spans[:, 1]] - along[:, spans[:, 0]]).T)
+    down = np.zeros((len(spans), height + 1), dtype=np.int64)
+    np.cumsum(across, axis=1, out=down[:, 1:])
+    return down[span_of, bottom] - down[span_of, top]
+
+
+def _count_from_box(task: CountTask, dataset: Any) -> WindowCounts | None:
+    """Return the counts of all windows from one read of their bounding box, or None.
+
+    Overlapping windows (a stride below the window size) share most pixels; counting them
+    from summed-area tables of the box costs a few passes over the box instead of one pass
+    per window. None when that does not pay or does not apply: the box holds more pixels than
+    the windows, or more than `BOX_PIXELS_MAX`; a float mask; the black-border check (which
+    reads the image window by window); a read error (the caller then reads window by window
+    and records the error on the windows it hits).
+    """
+    if (
+        task.border_check is not None
+        or np.dtype(dataset.dtypes[task.mask_band - 1]).kind not in "ui"
+    ):
+        return None
+    size = task.size.astype(np.int64)
+    top, left = int(task.row_off.min()), int(task.col_off.min())
+    bottom, right = int((task.row_off + size).max()), int((task.col_off + size).max())
+    box = (bottom - top) * (right - left)
+    if box > BOX_PIXELS_MAX or box > int((size * size).sum()):
+        return None
+    try:
+        strip = dataset.read(task.mask_band, window=Window(left, top, right - left, bottom - top))
+    except (RasterioError, OSError):
+        return None
+    r0, c0 = task.row_off - top, task.col_off - left
+    r1, c1 = r0 + size, c0 + size
+    flat = strip.ravel()
+    if flat.dtype.kind == "u" and flat.dtype.itemsize <= 2:
+        values = np.flatnonzero(np.bincount(flat)).astype(np.int64)
+    else:
+        values = np.unique(flat).astype(np.int64)
+    spans = _column_spans(c0, c1)
+    counts = np.zeros((len(size), len(values)), dtype=np.int64)
+    for j, value in enumerate(values.tolist()):
+        counts[:, j] = _window_sums(strip == value, r0, r1, spans)
+    nodata = _is_nodata(strip, task.nodata, task.classes)
+    invalid = _window_sums(nodata, r0, r1, spans)
+    inner = size > 2  # windows of 1 or 2 pixels are all ring
+    interior = np.zeros(len(size), dtype=np.int64)
+    if inner.any():
+        inner_spans = _column_spans(c0[inner] + 1, c1[inner] - 1)
+        interior[inner] = _window_sums(nodata, r0[inner] + 1, r1[inner] - 1, inner_spans)
+    present = counts > 0
+    return WindowCounts(
+        values=np.broadcast_to(values, counts.shape)[present],
+        counts=counts[present],
+        lengths=present.sum(axis=1).astype(np.int32),
+        border_nodata=invalid - interior > 0,
+        black_border=np.zeros(len(size), dtype=bool),
+        read=np.ones(len(size), dtype=bool),
+    )
+
+
+def _count_each_window(task: CountTask, datasets: list[Any]) -> WindowCounts:
+    """Return the counts of the task's windows, reading them one by one."""
+    n = len(task.row_off)
     border_nodata = np.zeros(n, dtype=bool)
     black_border = np.zeros(n, dtype=bool)
     read = np.zeros(n, dtype=bool)
@@ -188,43 +296,29 @@ def count_windows(task: CountTask) -> WindowCounts:
     counts_seen: list[np.ndarray] = []
     errors: dict[int, str] = {}
     known = np.zeros(0, dtype=np.int64)
-    try:
-        datasets = [open_raster(task.mask_path)]
-        if task.border_check is not None and task.image_path is not None:
-            datasets.append(open_raster(task.image_path))
-    except (RasterioError, OSError) as exc:
-        message = gdal_message(exc)
-        return WindowCounts(
-            np.zeros(0, np.int64), np.zeros(0, np.int64), lengths, border_nodata,
-            black_border, read, {i: message for i in range(n)},
-        )  # fmt: skip
-    try:
-        for i in range(n):
-            row, col, size = task.row_off[i], task.col_off[i], task.size[i]
-            try:
-                mask = read_window(datasets[0], row, col, size, task.mask_band)
-                values, counts, covered = _value_counts(mask, known)
-                ring = _is_nodata(_outer_ring(mask), task.nodata, task.classes)
-                if task.border_check is not None:
-                    image = read_window(datasets[1], row, col, size)
-                    image_mask = None
-                    if task.image_has_mask:
-                        image_mask = read_window_mask(datasets[1], row, col, size)
-                    black_border[i] = black_border_sides(image, image_mask, task.border_check)
-            except (RasterioError, OSError) as exc:
-                errors[i] = gdal_message(exc)
-                black_border[i] = False
-                continue
-            if not covered and len(values) <= COMPARE_UP_TO:
-                known = np.union1d(known, values)
-            values_seen.append(values)
-            counts_seen.append(counts)
-            lengths[i] = len(values)
-            border_nodata[i] = bool(ring.any())
-            read[i] = True
-    finally:
-        for dataset in datasets:
-            dataset.close()
+    for i in range(n):
+        row, col, size = task.row_off[i], task.col_off[i], task.size[i]
+        try:
+            mask = read_window(datasets[0], row, col, size, task.mask_band)
+            values, counts, covered = _value_counts(mask, known)
+            ring = _is_nodata(_outer_ring(mask), task.nodata, task.classes)
+            if task.border_check is not None:
+                image = read_window(datasets[1], row, col, size)
+                image_mask = None
+                if task.image_has_mask:
+                    image_mask = read_window_mask(datasets[1], row, col, size)
+                black_border[i] = black_border_sides(image, image_mask, task.border_check)
+        except (RasterioError, OSError) as exc:
+            errors[i] = gdal_message(exc)
+            black_border[i] = False
+            continue
+        if not covered and len(values) <= COMPARE_UP_TO:
+            known = np.union1d(known, values)
+        values_seen.append(values)
+        counts_seen.append(counts)
+        lengths[i] = len(values)
+        border_nodata[i] = bool(ring.any())
+        read[i] = True
     return WindowCounts(
         np.concatenate(values_seen) if values_seen else np.zeros(0, np.int64),
         np.concatenate(counts_seen) if counts_seen else np.zeros(0, np.int64),
