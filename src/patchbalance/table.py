@@ -262,6 +262,7 @@ def read_table(
     columns: Sequence[str] | None = None,
     text_columns: Sequence[str] = (),
     what: str = "table",
+    categorical: bool = False,
 ) -> pd.DataFrame:
     """Return the CSV or Parquet table at `path` (Parquet by its suffix).
 
@@ -270,6 +271,9 @@ def read_table(
         columns: the columns to read; None for all.
         text_columns: columns a CSV file holds as text whatever they look like (paths).
         what: the table's name in error messages.
+        categorical: read the `text_columns` as categorical columns (one string per distinct
+            value, not one per row: millions of records name a few files); Parquet reads them
+            dictionary-encoded, row group by row group.
 
     Returns:
         The table. Raises `InputError` when the file is missing or cannot be read.
@@ -280,11 +284,40 @@ def read_table(
     usecols = list(columns) if columns is not None else None
     try:
         if is_parquet(path):
+            if categorical and text_columns:
+                return _read_parquet_categorical(path, usecols, text_columns)
             return pd.read_parquet(path, columns=usecols)
-        dtype = {name: str for name in text_columns} or None
+        kind = "category" if categorical else str
+        dtype = {name: kind for name in text_columns} or None
         return pd.read_csv(path, usecols=usecols, dtype=dtype)
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise _read_error(path, what, exc) from exc
+
+
+def _read_parquet_categorical(
+    path: Path, columns: list[str] | None, text_columns: Sequence[str]
+) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    source = pq.ParquetFile(path)
+    present = [
+        name
+        for name in text_columns
+        if name in source.schema_arrow.names and (columns is None or name in columns)
+    ]
+    source = pq.ParquetFile(path, read_dictionary=present)
+    groups = [
+        source.read_row_group(i, columns=columns).to_pandas()
+        for i in range(source.num_row_groups)
+    ]
+    if not groups:
+        return source.schema_arrow.empty_table().to_pandas()
+    for name in present:
+        # Row groups have their own dictionaries; give them one set of categories.
+        union = pd.api.types.union_categoricals([group[name] for group in groups])
+        for group in groups:
+            group[name] = pd.Categorical(group[name], categories=union.categories)
+    return pd.concat(groups, ignore_index=True)
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:

@@ -137,7 +137,9 @@ def records_from_file(config: BalancedDatasetConfig) -> pd.DataFrame:
     path = config.resolve(config.input.records_path or "")
     if not path.is_file():
         raise InputError(f"{path}: records file not found (input.records_path)")
-    records = read_table(path, text_columns=("image_path", "mask_path"), what="records table")
+    records = read_table(
+        path, text_columns=("image_path", "mask_path"), what="records table", categorical=True
+    )
     return validate_records(records, str(path), config.base_dir)
 
 
