@@ -10,6 +10,7 @@ worker takes one of them, chosen by its name, so the workers spread over the GPU
 from __future__ import annotations
 
 import json
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -44,8 +45,10 @@ if TYPE_CHECKING:
 # next to the forward passes, few enough that the workers share a large raster.
 CLUSTER_PARTITION_WINDOWS = 1024
 
-# The model this worker process has loaded: model key -> (backbone, device, precision).
+# The model this worker process has loaded: model key -> (backbone, device, precision). The
+# lock keeps the threads of a multi-threaded worker from loading it twice.
 _LOADED: dict[str, tuple[Backbone, str, str]] = {}
+_LOADING = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class PartitionEmbeddings:
     worker: str
     device: str
     precision: str
+    loaded_model: bool  # whether this task loaded the model (the worker's first task)
     errors: dict[int, str] = field(default_factory=dict)  # window position -> GDAL message
 
 
@@ -111,16 +115,18 @@ def worker_device(config: EmbeddingsConfig, name: str) -> tuple[str, str]:
     return device, precision
 
 
-def _backbone(task: EmbeddingTask, name: str) -> tuple[Backbone, str, str]:
-    """Return this process's loaded model for the task, loading it on first use."""
-    loaded = _LOADED.get(task.model_key)
-    if loaded is None:
+def _backbone(task: EmbeddingTask, name: str) -> tuple[Backbone, str, str, bool]:
+    """Return this process's model for the task, its device and precision, and if it loaded now."""
+    with _LOADING:
+        loaded = _LOADED.get(task.model_key)
+        if loaded is not None:
+            return (*loaded, False)
         device, precision = worker_device(task.config, name)
         backbone = load_backbone(task.config, task.source)
         backbone.module.to(device)
         _LOADED.clear()  # one model per worker process: a new one replaces the last
-        loaded = _LOADED[task.model_key] = (backbone, device, precision)
-    return loaded
+        _LOADED[task.model_key] = (backbone, device, precision)
+        return backbone, device, precision, True
 
 
 def _read_inputs(
@@ -156,10 +162,10 @@ def embed_partition(task: EmbeddingTask) -> PartitionEmbeddings:
     import torch
 
     name = worker_name()
-    backbone, device, precision = _backbone(task, name)
+    backbone, device, precision, loaded_model = _backbone(task, name)
     n = len(task.row_off)
     vectors = np.zeros((n, backbone.dim), dtype=np.float32)
-    result = PartitionEmbeddings(vectors, name, device, precision)
+    result = PartitionEmbeddings(vectors, name, device, precision, loaded_model)
     try:
         dataset = open_raster(task.path)
     except (RasterioError, OSError) as exc:
@@ -222,6 +228,7 @@ def compute_on_workers(
     ]
     devices: dict[str, str] = {}
     precisions: set[str] = set()
+    model_loads = 0
     every = config.checkpoint_every * config.batch_size
     bar = tqdm(total=len(keys), unit="patch", desc="embeddings", disable=not progress, leave=False)
     try:
@@ -235,6 +242,7 @@ def compute_on_workers(
             computed.add(rows, part.vectors)
             devices[part.worker] = part.device
             precisions.add(part.precision)
+            model_loads += part.loaded_model
             bar.update(len(rows))
             if computed.pending >= every:
                 computed.flush()
@@ -248,4 +256,5 @@ def compute_on_workers(
         "precision": ", ".join(sorted(precisions)),
         "device_by_worker": dict(sorted(devices.items())),
         "partitions": len(chunks),
+        "model_loads": model_loads,
     }
