@@ -80,6 +80,9 @@ def test_a_local_cluster_embeds_like_the_in_process_build_and_a_rerun_computes_n
     assert set(summary["device_by_worker"]) <= {"0", "1"}
     assert set(summary["device_by_worker"].values()) == {"cpu"} and summary["device"] == "cpu"
     assert not (tmp_path / "demo" / "cluster.parquet.parts").exists()
+    workers_used = len(summary["device_by_worker"])
+    assert f"{patches:,} computed at " in on_cluster.summary_text
+    assert f" on {workers_used} Dask worker" in on_cluster.summary_text
 
     # Same keys and settings; the vectors agree to float32 rounding (the batches differ: the
     # cluster batches each partition, the DataLoader batches across rasters).

@@ -126,10 +126,10 @@ def extract_embeddings(
     todo = np.flatnonzero(~found)
     distributed = compute is not None and compute.distributed
     summary = _summary(config, source, metadata, cache, len(keys), int(found.sum()))
-    if not distributed:
-        summary["device"], summary["precision"] = choose_device(config)
-    else:
+    if distributed:
         summary.update(scheduler=compute.scheduler, workers=compute.workers)
+    else:
+        summary["device"], summary["precision"] = choose_device(config)
 
     extraction_seconds = 0.0
     if len(todo):
@@ -174,7 +174,11 @@ def _summary(
     patches: int,
     cache_hits: int,
 ) -> dict[str, Any]:
-    """Return the summary's `embeddings` block before anything is computed."""
+    """Return the summary's `embeddings` block before anything is computed.
+
+    `device` and `precision` are filled in where the vectors are computed: here, or by the
+    workers of a cluster (None when a cluster had nothing to compute).
+    """
     summary: dict[str, Any] = {
         "backbone": source.backbone,
         "model_id": source.model_id,
@@ -203,9 +207,11 @@ def extraction_text(summary: dict[str, Any]) -> str:
     if not computed:
         return f"all {reused:,} reused, nothing computed"
     rate = summary.get("patches_per_second")
+    workers = len(summary.get("device_by_worker") or {})
     return (
         f"{computed:,} computed"
         + (f" at {rate:.1f} patches/s" if rate else "")
+        + (f" on {workers} Dask worker{'s' if workers > 1 else ''}" if workers else "")
         + f", {reused:,} reused from the cache"
     )
 
