@@ -6,6 +6,7 @@ back to the client, which alone writes the keyed cache.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import zlib
 
@@ -142,6 +143,11 @@ def test_a_partition_embedded_by_the_worker_function_matches_the_dataloader(tmp_
     assert first.worker == "client" and first.device == "cpu" and not first.errors
     np.testing.assert_allclose(first.vectors, expected[rows], rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(again.vectors, first.vectors)
+
+    # A raster the worker cannot open: every window gets GDAL's message, none a vector.
+    missing = embed_partition(dataclasses.replace(task, path=str(tmp_path / "gone.tif")))
+    assert sorted(missing.errors) == list(range(len(rows)))
+    assert "gone.tif" in missing.errors[0] and not missing.vectors.any()
 
 
 def test_given_raster_infos_the_extraction_probes_nothing(tmp_path, monkeypatch):

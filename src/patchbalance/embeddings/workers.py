@@ -5,6 +5,10 @@
 for the partition, reads, preprocesses and embeds its windows in batches of `batch_size`, and
 returns the vectors to the client, which alone writes the cache. On a machine with GPUs each
 worker takes one of them, chosen by its name, so the workers spread over the GPUs.
+
+`compute_on_workers` is the client's side: it cuts the missing windows into partitions
+(`CLUSTER_PARTITION_WINDOWS` each), hands them to `Compute.as_completed` and checkpoints the
+vectors as partitions arrive.
 """
 
 from __future__ import annotations
