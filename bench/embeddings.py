@@ -27,7 +27,7 @@ import pandas as pd
 
 from geotiff import write_geotiff
 from patchbalance.config import EmbeddingsConfig
-from patchbalance.embeddings import _autocast, choose_device, extract_embeddings, load_backbone
+from patchbalance.embeddings import autocast, choose_device, extract_embeddings, load_backbone
 
 
 def write_rasters(folder: Path, count: int, size: int, seed: int) -> list[Path]:
@@ -78,7 +78,7 @@ def forward_only(config: EmbeddingsConfig, batches: int, precision: str) -> floa
     generator = torch.Generator().manual_seed(0)
     shape = (config.batch_size, 3, config.image_size, config.image_size)
     inputs = [torch.randn(shape, generator=generator) for _ in range(min(batches, 4))]
-    with torch.inference_mode(), _autocast(device, precision):
+    with torch.inference_mode(), autocast(device, precision):
         backbone.embed(inputs[0].to(device))  # warm-up
         start = time.perf_counter()
         for b in range(batches):

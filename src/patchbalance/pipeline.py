@@ -282,6 +282,8 @@ def _uniqueness_stage(
     active: np.ndarray,
     clock: StageClock,
     progress: bool,
+    infos: dict[str, RasterInfo],
+    compute: Compute,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Return uniqueness scores for the active patches (embeddings mode) and summary notes."""
     records = source.records
@@ -309,6 +311,8 @@ def _uniqueness_stage(
                 embeddings_config(config),
                 seed=config.seed,
                 progress=progress,
+                infos=infos,
+                compute=compute,
             )
         vectors = result.vectors
         notes["embeddings"] = result.summary
@@ -502,7 +506,7 @@ def run_build(
         uniqueness_notes: dict[str, Any] = {}
         if embeddings_mode:
             uniqueness, uniqueness_notes = _uniqueness_stage(
-                config, source, active, clock, progress
+                config, source, active, clock, progress, infos, compute
             )
         compute_notes = compute.describe()
 
