@@ -111,6 +111,8 @@ def build(work: Path, records: Path, compute: dict, num_workers: int) -> dict:
         "num_workers": num_workers,
         "input": {"records_path": str(records)},
         "clustering": {"k_selection": "elbow", "k_min": 4, "k_max": 12},
+        # Masks only: the records name each mask as its image too, so no image is checked.
+        "exclusion": {"exclude_black_border": False},
         "compute": compute,
         "output": {"csv_path": str(work / "balanced.parquet"), "include_excluded": True},
     }

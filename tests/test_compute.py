@@ -225,3 +225,17 @@ def test_an_unreachable_scheduler_is_one_clear_error(tmp_path, monkeypatch):
     config = demo_config(tmp_path, [f"compute.scheduler=tcp://127.0.0.1:{free_port()}"])
     with pytest.raises(InputError, match="cannot reach the Dask scheduler at tcp://127.0.0.1"):
         run_build(config, write=False)
+
+
+def test_the_class_centred_search_on_a_local_cluster_finds_the_same_windows(tmp_path):
+    mapping = dense_grid_config(tmp_path, "synchronous")
+    mapping["input"].update(
+        {"stride": 64, "placement": "class_centred", "rare_classes": [3], "max_overlap": 0.3}
+    )
+    here = run_build(config_from_mapping(mapping), write=False)
+    mapping["compute"] = {"scheduler": "local", "workers": 2}
+    there = run_build(config_from_mapping(mapping), write=False)
+    assert there.summary["compute"]["scheduler"] == "local"
+    assert (there.table["placement"] != "grid").sum() > 0
+    assert there.summary["source"]["placement"] == here.summary["source"]["placement"]
+    assert there.table.to_csv(index=False) == here.table.to_csv(index=False)

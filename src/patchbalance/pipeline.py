@@ -40,6 +40,7 @@ from patchbalance.progress import StageClock, progress_bar
 from patchbalance.report import figures_text, sampling_figures
 from patchbalance.result_table import ResultTable
 from patchbalance.sources import SourceRecords, load_records
+from patchbalance.sources.local import grid_window_count
 from patchbalance.stats import (
     BorderCheck,
     MaskStatistics,
@@ -455,6 +456,14 @@ def _write_outputs(
     return outputs
 
 
+def _start_compute(
+    stack: ExitStack, clock: StageClock, config: BalancedDatasetConfig, n: int
+) -> Compute:
+    """Return the run's `Compute`; a cluster it starts stops when `stack` closes."""
+    with clock.stage("scheduler"):
+        return stack.enter_context(open_compute(config.compute, n, config.num_workers))
+
+
 def run_build(
     config: BalancedDatasetConfig | dict[str, Any] | str | os.PathLike[str],
     strict: bool = False,
@@ -475,21 +484,23 @@ def run_build(
     if write:
         _check_outputs(config, paths)
 
-    with clock.stage("records"):
-        source = load_records(config)
-    records = source.records
-    n = len(records)
-    log.info("records: %d patches", n)
-
-    if embeddings_mode and source.uniqueness is None and source.embeddings is None:
-        from patchbalance.embeddings import check_model_available
-
-        # Fail on an unavailable model before a single raster is read.
-        check_model_available(embeddings_config(config))
-
     with ExitStack() as stack:
-        with clock.stage("scheduler"):
-            compute = stack.enter_context(open_compute(config.compute, n, config.num_workers))
+        compute = None
+        if config.input.placement == "class_centred":
+            # The class-centred window search runs on the workers too: start them first.
+            compute = _start_compute(stack, clock, config, grid_window_count(config))
+        with clock.stage("records"):
+            source = load_records(config, compute)
+        records = source.records
+        n = len(records)
+        log.info("records: %d patches", n)
+        if embeddings_mode and source.uniqueness is None and source.embeddings is None:
+            from patchbalance.embeddings import check_model_available
+
+            # Fail on an unavailable model before the statistics are computed.
+            check_model_available(embeddings_config(config))
+        if compute is None:
+            compute = _start_compute(stack, clock, config, n)
         infos, stats, out_of_bounds, read_error, read_notes = _read_rasters(
             config, source, clock, progress, strict, compute
         )

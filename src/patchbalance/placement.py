@@ -24,6 +24,7 @@ import pandas as pd
 from rasterio.windows import Window
 from scipy import ndimage
 
+from patchbalance.compute import Compute
 from patchbalance.windows import RasterInfo, open_raster
 
 # Random pixels kept per region: the first centres a region offers, in order.
@@ -68,7 +69,10 @@ class _Candidates:
 
 
 def class_centred_records(
-    pairs: list[tuple[str, str]], infos: list[RasterInfo], settings: PlacementSettings
+    pairs: list[tuple[str, str]],
+    infos: list[RasterInfo],
+    settings: PlacementSettings,
+    compute: Compute | None = None,
 ) -> tuple[pd.DataFrame, dict[str, object]]:
     """Return the class-centred windows of every pair and the figures behind them.
 
@@ -76,17 +80,19 @@ def class_centred_records(
         pairs: (image path, mask path) per raster pair, in the order of the grid records.
         infos: the probed mask raster of each pair.
         settings: the placement keys.
+        compute: where the per-mask passes run (a raster per task); this thread when None.
 
     Returns:
         Records (image_path, mask_path, row_off, col_off, patch_size, placement) of the added
         windows, and a summary: the class shares over the grid, the rare classes, and the
         windows added per class.
     """
+    compute = compute or Compute("synchronous", 1)
     keep = settings.windows_per_raster * REGIONS_PER_WINDOW
-    passes = [
-        _scan_mask(info, settings, keep, settings.seed + number)
-        for number, info in enumerate(infos)
-    ]
+    scans = [(info, settings, keep, settings.seed + number) for number, info in enumerate(infos)]
+    passes: list[_Candidates] = [_Candidates()] * len(infos)
+    for position, scanned in compute.as_completed(_scan_task, scans):
+        passes[position] = scanned
     totals: dict[int, int] = {}
     for scanned in passes:
         for value, count in scanned.counts.items():
@@ -100,8 +106,11 @@ def class_centred_records(
     )
     frames = []
     added = {value: 0 for value in rare}
-    for (image_path, mask_path), info, scanned in zip(pairs, infos, passes, strict=True):
-        offsets, values = _choose_windows(info, scanned, rare, settings)
+    choices = [(info, scanned, rare, settings) for info, scanned in zip(infos, passes, strict=True)]
+    chosen: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros((0, 2)), np.zeros(0))] * len(infos)
+    for position, windows in compute.as_completed(_choose_task, choices):
+        chosen[position] = windows
+    for (image_path, mask_path), (offsets, values) in zip(pairs, chosen, strict=True):
         for value in values:
             added[int(value)] += 1
         frames.append(
@@ -123,6 +132,18 @@ def class_centred_records(
         "class_windows": {str(v): n for v, n in added.items()},
     }
     return records, summary
+
+
+def _scan_task(task: tuple[RasterInfo, PlacementSettings, int, int]) -> _Candidates:
+    """Return `_scan_mask` of one raster (the unit of work on a cluster)."""
+    return _scan_mask(*task)
+
+
+def _choose_task(
+    task: tuple[RasterInfo, _Candidates, list[int], PlacementSettings],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return `_choose_windows` of one raster (the unit of work on a cluster)."""
+    return _choose_windows(*task)
 
 
 def _grid_extent(length: int, settings: PlacementSettings) -> int:

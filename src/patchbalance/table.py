@@ -307,8 +307,7 @@ def _read_parquet_categorical(
     ]
     source = pq.ParquetFile(path, read_dictionary=present)
     groups = [
-        source.read_row_group(i, columns=columns).to_pandas()
-        for i in range(source.num_row_groups)
+        source.read_row_group(i, columns=columns).to_pandas() for i in range(source.num_row_groups)
     ]
     if not groups:
         return source.schema_arrow.empty_table().to_pandas()

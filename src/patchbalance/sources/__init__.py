@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from patchbalance.compute import Compute
 from patchbalance.config import BalancedDatasetConfig
 from patchbalance.sources.local import (
     KEY_COLUMNS,
@@ -43,8 +44,11 @@ class SourceRecords:
     notes: dict[str, object] = field(default_factory=dict)
 
 
-def load_records(config: BalancedDatasetConfig) -> SourceRecords:
-    """Return the validated records of the configured source."""
+def load_records(config: BalancedDatasetConfig, compute: Compute | None = None) -> SourceRecords:
+    """Return the validated records of the configured source.
+
+    `compute` runs the class-centred window search of the rasters source (SPEC §2.1, §10).
+    """
     kind = config.input.source_kind
     if kind == "patch_records":
         return SourceRecords(records_from_list(config))
@@ -52,7 +56,7 @@ def load_records(config: BalancedDatasetConfig) -> SourceRecords:
         return SourceRecords(records_from_file(config))
     if kind == "rasters":
         notes: dict[str, object] = {}
-        return SourceRecords(records_from_rasters(config, notes), notes=notes)
+        return SourceRecords(records_from_rasters(config, notes, compute), notes=notes)
     if kind == "postgres":
         from patchbalance.sources.postgres import records_from_postgres
 

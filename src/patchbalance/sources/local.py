@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rasterio.errors import RasterioError
 
+from patchbalance.compute import Compute
 from patchbalance.config import BalancedDatasetConfig, InputConfig
 from patchbalance.errors import InputError
 from patchbalance.paths import resolve_path
@@ -172,22 +174,48 @@ def grid_windows(
     return row_grid.ravel(), col_grid.ravel()
 
 
-def records_from_rasters(
-    config: BalancedDatasetConfig, notes: dict[str, object] | None = None
-) -> pd.DataFrame:
-    """Return the full grid windows over each image/mask pair of `input.rasters` or the globs.
-
-    With `placement: class_centred`, the class-centred windows follow the grid ones, and the
-    placement figures go into `notes["placement"]` when `notes` is given.
-    """
-    source: InputConfig = config.input
+def _raster_pairs(config: BalancedDatasetConfig) -> list[tuple[str, str]]:
+    source = config.input
     if source.rasters is not None:
-        pairs = [
+        return [
             (str(config.resolve(pair.image_path)), str(config.resolve(pair.mask_path)))
             for pair in source.rasters
         ]
-    else:
-        pairs = _pairs_from_globs(config)
+    return _pairs_from_globs(config)
+
+
+def grid_window_count(config: BalancedDatasetConfig) -> int:
+    """Return how many grid windows the rasters source has (0 for a raster it cannot open).
+
+    Only the files' headers are read: the scheduler is chosen by this count before the
+    class-centred window search, which runs on it.
+    """
+    size = int(config.input.patch_size or 0)
+    stride = int(config.input.stride or size)
+    total = 0
+    for image_path, _ in _raster_pairs(config):
+        try:
+            info = probe_raster(image_path)
+        except (RasterioError, OSError):
+            continue
+        rows, cols = grid_windows(info.height, info.width, size, stride)
+        total += len(rows)
+    return total
+
+
+def records_from_rasters(
+    config: BalancedDatasetConfig,
+    notes: dict[str, object] | None = None,
+    compute: Compute | None = None,
+) -> pd.DataFrame:
+    """Return the full grid windows over each image/mask pair of `input.rasters` or the globs.
+
+    With `placement: class_centred`, the class-centred windows follow the grid ones (their
+    search runs a raster per task on `compute`), and the placement figures go into
+    `notes["placement"]` when `notes` is given.
+    """
+    source: InputConfig = config.input
+    pairs = _raster_pairs(config)
     patch_size = int(source.patch_size or 0)
     stride = int(source.stride or patch_size)
     frames = []
@@ -232,7 +260,7 @@ def records_from_rasters(
             "use a smaller patch_size"
         )
     if source.placement == "class_centred":
-        records, figures = _with_class_windows(config, records, pairs, mask_infos)
+        records, figures = _with_class_windows(config, records, pairs, mask_infos, compute)
         if notes is not None:
             notes["placement"] = figures
     return validate_records(records, "input.rasters", config.base_dir)
@@ -243,6 +271,7 @@ def _with_class_windows(
     grid: pd.DataFrame,
     pairs: list[tuple[str, str]],
     mask_infos: list,
+    compute: Compute | None = None,
 ) -> tuple[pd.DataFrame, dict[str, object]]:
     """Return the grid records followed by the class-centred windows (SPEC §2.1)."""
     from patchbalance.placement import PlacementSettings, class_centred_records
@@ -262,7 +291,7 @@ def _with_class_windows(
         mask_band=config.exclusion.mask_band,
         seed=config.seed,
     )
-    added, figures = class_centred_records(pairs, mask_infos, settings)
+    added, figures = class_centred_records(pairs, mask_infos, settings, compute)
     log.info(
         "class_centred: rare classes %s, %d windows added beside %d grid windows",
         figures["rare_classes"],
