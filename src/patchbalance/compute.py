@@ -187,17 +187,7 @@ def open_compute(config: ComputeConfig, n_patches: int, num_workers: int) -> Ite
     distributed = _import_distributed(scheduler)
     if scheduler == "local":
         workers = config.workers or os.cpu_count() or 1
-        dashboard = ":0" if _has_bokeh() else None
-        with (
-            distributed.LocalCluster(
-                n_workers=workers,
-                threads_per_worker=1,
-                processes=True,
-                dashboard_address=dashboard,
-                silence_logs=logging.ERROR,
-            ) as cluster,
-            distributed.Client(cluster) as client,
-        ):
+        with _local_cluster(distributed, workers) as cluster, distributed.Client(cluster) as client:
             yield _cluster_compute("local", client, workers)
         return
     try:
@@ -217,6 +207,29 @@ def open_compute(config: ComputeConfig, n_patches: int, num_workers: int) -> Ite
             ) from exc
         workers = len(client.scheduler_info()["workers"])
         yield _cluster_compute(scheduler, client, workers)
+
+
+@contextmanager
+def _local_cluster(distributed: Any, workers: int) -> Iterator[Any]:
+    """Return a started `LocalCluster` of `workers` one-thread processes; stop it after."""
+    try:
+        cluster = distributed.LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0" if _has_bokeh() else None,
+            silence_logs=logging.ERROR,
+        )
+    except RuntimeError as exc:
+        # Worker processes are spawned: they import the main module again, and a script that
+        # starts the build at import time fails there.
+        raise InputError(
+            "compute.scheduler: local could not start its worker processes; a Python script "
+            "that runs the build must do so under `if __name__ == '__main__':` (or use "
+            "scheduler: threads)"
+        ) from exc
+    with cluster:
+        yield cluster
 
 
 def _has_bokeh() -> bool:
