@@ -111,7 +111,7 @@ def test_a_rerun_reuses_every_cached_embedding_and_reports_it(scene, tiny_model,
     assert embeddings["computed"] == 0 and embeddings["cache_hits"] == 15
     assert "all 15 reused, nothing computed" in second.summary_text
     assert "None" not in second.summary_text
-    assert summary["uniqueness"]["uniqueness"]["backend"] == "exact"
+    assert summary["uniqueness"]["backend"] == "exact"
     pd.testing.assert_series_equal(
         second.table["uniqueness_score"], first.table["uniqueness_score"]
     )
