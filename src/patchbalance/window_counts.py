@@ -10,7 +10,7 @@ counted with `numpy` comparisons or `numpy.bincount`. The client merges the resu
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,8 @@ from rasterio.windows import Window
 
 from patchbalance.windows import gdal_message, open_raster, read_window, read_window_mask
 
+# Windows counted from one box: their box stays small enough for the CPU caches.
+BOX_WINDOWS = 512
 # The largest bounding box (pixels) a partition's windows are counted from in one read.
 BOX_PIXELS_MAX = 64 * 2**20
 
@@ -164,11 +166,50 @@ def count_windows(task: CountTask) -> WindowCounts:
             nothing, nothing.copy(), nothing.copy(), {i: message for i in range(n)},
         )  # fmt: skip
     try:
-        counted = _count_from_box(task, datasets[0])
-        return counted if counted is not None else _count_each_window(task, datasets)
+        return _concatenate(
+            [
+                _count_from_box(run, datasets[0]) or _count_each_window(run, datasets)
+                for run in _runs(task, BOX_WINDOWS)
+            ]
+        )
     finally:
         for dataset in datasets:
             dataset.close()
+
+
+def _runs(task: CountTask, length: int) -> list[CountTask]:
+    """Return the task cut into consecutive tasks of at most `length` windows."""
+    if len(task.row_off) <= length:
+        return [task]
+    return [
+        replace(
+            task,
+            row_off=task.row_off[start : start + length],
+            col_off=task.col_off[start : start + length],
+            size=task.size[start : start + length],
+        )
+        for start in range(0, len(task.row_off), length)
+    ]
+
+
+def _concatenate(parts: list[WindowCounts]) -> WindowCounts:
+    """Return the counts of consecutive runs of windows as the counts of all of them."""
+    if len(parts) == 1:
+        return parts[0]
+    errors: dict[int, str] = {}
+    offset = 0
+    for part in parts:
+        errors.update({offset + i: message for i, message in part.errors.items()})
+        offset += len(part.lengths)
+    return WindowCounts(
+        values=np.concatenate([p.values for p in parts]),
+        counts=np.concatenate([p.counts for p in parts]),
+        lengths=np.concatenate([p.lengths for p in parts]),
+        border_nodata=np.concatenate([p.border_nodata for p in parts]),
+        black_border=np.concatenate([p.black_border for p in parts]),
+        read=np.concatenate([p.read for p in parts]),
+        errors=errors,
+    )
 
 
 def _column_spans(left: np.ndarray, right: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -190,11 +231,13 @@ def _window_sums(
     contiguous memory.
     """
     height, width = indicator.shape
-    along = np.zeros((height, width + 1), dtype=np.int64)
-    np.cumsum(indicator, axis=1, dtype=np.int64, out=along[:, 1:])
+    # int32 holds any count of a box of at most BOX_PIXELS_MAX pixels, at half the memory
+    # traffic of int64.
+    along = np.zeros((height, width + 1), dtype=np.int32)
+    np.cumsum(indicator, axis=1, dtype=np.int32, out=along[:, 1:])
     spans, span_of = spans
     across = np.ascontiguousarray((along[:, spans[:, 1]] - along[:, spans[:, 0]]).T)
-    down = np.zeros((len(spans), height + 1), dtype=np.int64)
+    down = np.zeros((len(spans), height + 1), dtype=np.int32)
     np.cumsum(across, axis=1, out=down[:, 1:])
     return down[span_of, bottom] - down[span_of, top]
 
