@@ -31,6 +31,29 @@ IN_FLIGHT_PER_WORKER = 4
 CONNECT_TIMEOUT_S = 30
 
 
+class LazySequence(Sequence[Any]):
+    """A sequence whose items are made when they are asked for (`make(position)`).
+
+    Args:
+        make: returns the item at a position.
+        length: the number of items.
+    """
+
+    def __init__(self, make: Callable[[int], Any], length: int) -> None:
+        self._make = make
+        self._length = length
+
+    def __len__(self) -> int:
+        """Return the number of items."""
+        return self._length
+
+    def __getitem__(self, position: int) -> Any:  # type: ignore[override]
+        """Return the item at `position`, made now."""
+        if not 0 <= position < self._length:
+            raise IndexError(position)
+        return self._make(position)
+
+
 @dataclass
 class Compute:
     """The scheduler of one run and the way to run partitions on it.

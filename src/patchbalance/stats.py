@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from patchbalance.compute import Compute
-from patchbalance.table import class_proportions
+from patchbalance.compute import Compute, LazySequence
+from patchbalance.table import class_proportions, lookup_by_path
 from patchbalance.window_counts import BorderCheck, CountTask, WindowCounts, count_windows
 from patchbalance.windows import CHUNK_WINDOWS, window_partitions
 
@@ -32,6 +32,8 @@ __all__ = [
     "statistics_from_counts",
 ]
 
+# Rows a per-row computation over the counts handles at once.
+ROWS_AT_ONCE = 262_144
 # Windows per partition on a cluster: a task of ~1 s, so scheduling costs stay small.
 CLUSTER_PARTITION_WINDOWS = 4096
 
@@ -123,7 +125,8 @@ class CountMerge:
             if classes is not None
             else np.asarray(sorted(valid), dtype=np.int64)
         )
-        counts = np.zeros((self.n, len(class_values)), dtype=np.int64)
+        # int32 (4 bytes per patch and class) whenever a window has fewer than 2**31 pixels.
+        counts = np.zeros((self.n, len(class_values)), dtype=self._dtype)
         for c, value in enumerate(class_values.tolist()):
             if value in valid:
                 counts[:, c] = valid.pop(value)
@@ -172,13 +175,12 @@ def compute_mask_statistics(
         The statistics, rows following `records`.
     """
     compute = compute or Compute("threads", num_workers)
-    mask_paths = records["mask_path"].to_numpy()
-    image_paths = records["image_path"].to_numpy()
     row_off = records["row_off"].to_numpy(dtype=np.int64)
     col_off = records["col_off"].to_numpy(dtype=np.int64)
     size = records["patch_size"].to_numpy(dtype=np.int64)
     class_list = np.asarray(sorted(classes), dtype=np.int64) if classes is not None else None
-    path_columns = [mask_paths, image_paths] if border_check is not None else [mask_paths]
+    # The path columns stay as they are (categorical): no Python object per patch.
+    path_columns = [records["mask_path"]] + ([records["image_path"]] if border_check else [])
     partitions = window_partitions(
         path_columns,
         indices,
@@ -188,8 +190,10 @@ def compute_mask_statistics(
         max_windows=CLUSTER_PARTITION_WINDOWS if compute.distributed else CHUNK_WINDOWS,
     )
     has_mask = image_has_mask or {}
-    tasks = [
-        CountTask(
+
+    def task(position: int) -> CountTask:
+        part = partitions[position]
+        return CountTask(
             mask_path=part.paths[0],
             image_path=part.paths[1] if len(part.paths) > 1 else None,
             row_off=row_off[part.rows],
@@ -201,18 +205,18 @@ def compute_mask_statistics(
             border_check=border_check,
             image_has_mask=len(part.paths) > 1 and has_mask.get(part.paths[1], False),
         )
-        for part in partitions
-    ]
+
+    # Tasks are made as they are handed out, so only those in flight hold their offsets.
+    tasks = LazySequence(task, len(partitions))
     merge = CountMerge(len(records), size * size)
     for position, counted in compute.as_completed(count_windows, tasks):
         merge.add(partitions[position].rows, counted)
-        tasks[position] = None  # the task's arrays are no longer needed
         if progress:
             progress(len(partitions[position].rows))
     nodata_lookup = {
         path: np.nan if value is None else float(value) for path, value in nodata_by_mask.items()
     }
-    row_nodata = records["mask_path"].map(nodata_lookup).to_numpy(dtype=np.float64)
+    row_nodata = lookup_by_path(records["mask_path"], nodata_lookup).astype(np.float64)
     return merge.statistics(row_nodata, class_list)
 
 
@@ -235,6 +239,14 @@ def statistics_from_counts(
 
 def class_entropy(counts: np.ndarray) -> np.ndarray:
     """Return the Shannon entropy (nats) of each row's class distribution; NaN without pixels."""
+    counts = np.asarray(counts)
+    if len(counts) > ROWS_AT_ONCE:  # bounded temporaries for millions of patches
+        return np.concatenate(
+            [
+                class_entropy(counts[i : i + ROWS_AT_ONCE])
+                for i in range(0, len(counts), ROWS_AT_ONCE)
+            ]
+        )
     proportions = class_proportions(counts)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(proportions > 0, proportions * np.log(proportions), 0.0)

@@ -193,8 +193,8 @@ def window_partitions(
     """Return the windows `indices` grouped by the files they read, each group in block order.
 
     Args:
-        path_columns: arrays over all windows naming the files each window needs; the first
-            column's file gives the block shape.
+        path_columns: arrays (or Series, categorical ones as they are) over all windows naming
+            the files each window needs; the first column's file gives the block shape.
         indices: the windows to include.
         row_off: row offsets of all windows.
         col_off: column offsets of all windows.
@@ -206,7 +206,14 @@ def window_partitions(
     """
     indices = np.asarray(indices, dtype=np.int64)
     selected = pd.DataFrame(
-        {j: np.asarray(column)[indices] for j, column in enumerate(path_columns)}
+        {
+            j: (
+                column.iloc[indices].reset_index(drop=True)
+                if isinstance(column, pd.Series)
+                else np.asarray(column)[indices]
+            )
+            for j, column in enumerate(path_columns)
+        }
     )
     partitions = []
     groups = selected.groupby(list(selected.columns), sort=False, observed=True).indices
