@@ -297,6 +297,7 @@ def read_table(
 def _read_parquet_categorical(
     path: Path, columns: list[str] | None, text_columns: Sequence[str]
 ) -> pd.DataFrame:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     source = pq.ParquetFile(path)
@@ -316,7 +317,11 @@ def _read_parquet_categorical(
         union = pd.api.types.union_categoricals([group[name] for group in groups])
         for group in groups:
             group[name] = pd.Categorical(group[name], categories=union.categories)
-    return pd.concat(groups, ignore_index=True)
+    table = pd.concat(groups, ignore_index=True)
+    del groups
+    # Arrow keeps freed buffers in its own pool; give them back before the next stage.
+    pa.default_memory_pool().release_unused()
+    return table
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:

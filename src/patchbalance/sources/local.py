@@ -47,6 +47,10 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
         raise InputError(f"{source}: no records; the source holds no patches")
     records = records.reset_index(drop=True).copy()
     for column in INTEGER_COLUMNS:
+        if pd.api.types.is_integer_dtype(records[column].dtype):
+            # Already whole numbers (a Parquet int column): no float copy of millions of rows.
+            records[column] = records[column].astype(np.int64)
+            continue
         numeric = pd.to_numeric(records[column], errors="coerce")
         as_float = numeric.to_numpy(dtype=np.float64, na_value=np.nan)
         bad = ~np.isfinite(as_float) | (as_float != np.round(as_float))
