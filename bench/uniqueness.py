@@ -23,7 +23,7 @@ import numpy as np
 from scipy.stats import spearmanr
 
 from patchbalance.config import UniquenessConfig
-from patchbalance.uniqueness import compute_uniqueness, normalize_rows
+from patchbalance.uniqueness import compute_uniqueness, normalise_rows
 
 
 def clustered_embeddings(n: int, dim: int, centres: int, seed: int) -> np.ndarray:
@@ -95,7 +95,7 @@ def main() -> None:
         from sklearn.decomposition import PCA
 
         start = time.perf_counter()
-        unit = normalize_rows(vectors)
+        unit = normalise_rows(vectors)
         fit_rows = np.random.default_rng(args.seed).choice(args.n, min(20_000, args.n), False)
         pca = PCA(n_components=args.pca_dim, random_state=args.seed).fit(unit[fit_rows])
         reduced = pca.transform(unit).astype(np.float32)

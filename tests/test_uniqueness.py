@@ -18,7 +18,7 @@ from patchbalance.uniqueness import (
     exact_search,
     ivf_parameters,
     nearest_neighbors,
-    normalize_rows,
+    normalise_rows,
 )
 
 
@@ -61,7 +61,7 @@ def test_exact_faiss_and_sklearn_agree_to_1e_5(random_vectors, backend):
 
 
 def test_block_size_smaller_than_n_gives_the_same_neighbours_as_one_block(random_vectors):
-    unit = normalize_rows(random_vectors)
+    unit = normalise_rows(random_vectors)
     ids = np.arange(len(unit))
     one_idx, one_sim, _ = exact_search(unit, ids, 6, block_size=10_000)
     for block in (7, 64, 399):
@@ -71,7 +71,7 @@ def test_block_size_smaller_than_n_gives_the_same_neighbours_as_one_block(random
 
 
 def test_numpy_exact_search_matches_the_torch_one_with_tiling(random_vectors):
-    unit = normalize_rows(random_vectors)
+    unit = normalise_rows(random_vectors)
     ids = np.arange(len(unit))
     torch_idx, torch_sim, _ = exact_search(unit, ids, 6, block_size=50)
     numpy_idx, numpy_sim = _exact_numpy(unit, ids, 6, block_size=33)
@@ -94,7 +94,7 @@ def test_two_identical_vectors_find_each_other_at_distance_zero(backend):
     vectors = rng.normal(size=(60, 8)).astype(np.float32)
     vectors[41] = vectors[7]
     config = UniquenessConfig(backend=backend, k_neighbors=1)
-    indices, distances, _ = nearest_neighbors(normalize_rows(vectors), 1, backend, config, 0)
+    indices, distances, _ = nearest_neighbors(normalise_rows(vectors), 1, backend, config, 0)
     assert indices[7, 0] == 41 and indices[41, 0] == 7
     np.testing.assert_allclose(distances[[7, 41], 0], 0.0, atol=1e-6)
     scores = compute_uniqueness(vectors, config, seed=0).scores
@@ -109,7 +109,7 @@ def test_self_is_dropped_by_index_even_with_more_duplicates_than_neighbours(back
     copies = [3, 10, 11, 30, 52, 53, 70]  # seven identical rows, k + 1 = 4
     vectors[copies] = vectors[3]
     config = UniquenessConfig(backend=backend, k_neighbors=3)
-    indices, distances, _ = nearest_neighbors(normalize_rows(vectors), 3, backend, config, 0)
+    indices, distances, _ = nearest_neighbors(normalise_rows(vectors), 3, backend, config, 0)
     assert not (indices == np.arange(80)[:, None]).any()
     assert set(indices[copies].ravel()) <= set(copies)
     np.testing.assert_allclose(distances[copies], 0.0, atol=1e-6)
@@ -128,13 +128,13 @@ def test_hnsw_recall_at_5_is_at_least_0_95_on_clustered_data():
     vectors = clustered(3000, 32, centres=40, noise=0.3, seed=4)
     config = UniquenessConfig(backend="hnsw", k_neighbors=5)
     result = compute_uniqueness(vectors, config, seed=0)
-    unit = normalize_rows(vectors).astype(np.float64)
+    unit = normalise_rows(vectors).astype(np.float64)
     # Independent check on 300 queries against the full distance rows.
     sample = np.arange(0, 3000, 10)
     distance = 1.0 - unit[sample] @ unit.T
     distance[np.arange(len(sample)), sample] = np.inf
     kth = np.sort(distance, axis=1)[:, 4]
-    indices, _, _ = nearest_neighbors(normalize_rows(vectors), 5, "hnsw", config, 0)
+    indices, _, _ = nearest_neighbors(normalise_rows(vectors), 5, "hnsw", config, 0)
     found = np.take_along_axis(distance, indices[sample], axis=1)
     recall = (found <= kth[:, None] + 1e-6).sum() / (5 * len(sample))
     assert recall >= 0.95
@@ -153,7 +153,7 @@ def overlapping_clusters() -> np.ndarray:
 def test_faiss_ivf_finds_the_exact_neighbours_of_at_least_95_percent_of_rows(
     overlapping_clusters,
 ):
-    unit = normalize_rows(overlapping_clusters)
+    unit = normalise_rows(overlapping_clusters)
     config = UniquenessConfig(backend="faiss_ivf", k_neighbors=5)
     exact_idx, exact_dist, _ = nearest_neighbors(unit, 5, "exact", config, 0)
     ivf_idx, ivf_dist, device = nearest_neighbors(unit, 5, "faiss_ivf", config, 0)

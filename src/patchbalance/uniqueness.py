@@ -74,7 +74,7 @@ def compute_uniqueness(
     fewer than 2 rows; `MissingDependencyError` when the chosen backend is not installed.
     """
     start = time.perf_counter()
-    unit = normalize_rows(check_vectors(vectors, row_labels))
+    unit = normalise_rows(check_vectors(vectors, row_labels))
     n = len(unit)
     k = clamp_k(config.k_neighbors, n)
     backend = choose_backend(config.backend, n)
@@ -142,7 +142,7 @@ def check_vectors(vectors: np.ndarray, row_labels: Sequence[str] | None = None) 
     return array
 
 
-def normalize_rows(vectors: np.ndarray) -> np.ndarray:
+def normalise_rows(vectors: np.ndarray) -> np.ndarray:
     """Return float32 rows scaled to unit L2 norm (all-zero rows stay zero)."""
     vectors = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)

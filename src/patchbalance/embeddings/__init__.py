@@ -34,7 +34,7 @@ from patchbalance.embeddings.models import (
     effective_pooling,
     embedding_dim,
     load_backbone,
-    normalization,
+    normalisation,
     resolve_model,
     weights_sha256,
 )
@@ -72,7 +72,7 @@ __all__ = [
     "extract_embeddings",
     "extraction_text",
     "load_backbone",
-    "normalization",
+    "normalisation",
     "percentile_range",
     "preprocess_window",
     "raster_scaling",

@@ -37,7 +37,7 @@ from patchbalance.embeddings.models import (
     check_image_size,
     choose_device,
     load_backbone,
-    normalization,
+    normalisation,
     require_torch,
     resolve_model,
 )
@@ -119,7 +119,7 @@ def extract_embeddings(
     check_bands_setting(config)
     source = resolve_model(config)
     check_image_size(config, source)
-    mean, std = normalization(source)
+    mean, std = normalisation(source)
     metadata = cache_metadata(config, source, seed, mean, std)
     keys = normalised_keys(records)
     cache, cached_keys, cached_vectors, vectors, found = _cached_rows(keys, config, metadata)

@@ -281,7 +281,7 @@ def embedding_dim(source: ModelSource, pooling: str) -> int:
     return 2 * hidden if pooling == "cls+mean" else hidden
 
 
-def normalization(source: ModelSource) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalisation(source: ModelSource) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Return the model's input mean and std (its preprocessor config's, else ImageNet's)."""
     if source.folder is not None:
         preprocessor = source.folder / "preprocessor_config.json"
@@ -310,7 +310,7 @@ def load_backbone(config: EmbeddingsConfig, source: ModelSource | None = None) -
 
     source = source or resolve_model(config)
     check_image_size(config, source)
-    mean, std = normalization(source)
+    mean, std = normalisation(source)
     dim = embedding_dim(source, config.pooling)
     if source.backbone == "efficientnet_lite0":
         from efficientnet_lite_pytorch import EfficientNet
