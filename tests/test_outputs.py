@@ -236,8 +236,9 @@ def test_geojson_path_is_a_synonym_of_footprints_path(tmp_path):
             base_dir=tmp_path,
         ).output
 
-    assert output(geojson_path="p.geojson").footprints_path == "p.geojson"
-    assert output(geojson_path="p.gpkg").footprints_path == "p.gpkg"
+    # Paths are absolute once loaded: relative ones are taken against the config's folder.
+    assert output(geojson_path="p.geojson").footprints_path == str(tmp_path / "p.geojson")
+    assert output(geojson_path="p.gpkg").footprints_path == str(tmp_path / "p.gpkg")
     with pytest.raises(ConfigError, match="either 'geojson_path' or its synonym"):
         output(geojson_path="p.geojson", footprints_path="q.gpkg")
     with pytest.raises(ConfigError, match=r"output.footprints_path.*\.gpkg, \.parquet, \.geojson"):

@@ -364,3 +364,33 @@ def test_outputs_get_ordinary_file_permissions(scene):
     os.umask(umask)
     for name in ("t.csv", "t.summary.json", "p.geojson"):
         assert stat.S_IMODE((folder / "out" / name).stat().st_mode) == 0o666 & ~umask, name
+
+
+def test_paths_are_resolved_once_when_the_configuration_is_loaded(tmp_path):
+    from patchbalance.config import config_from_mapping
+
+    (tmp_path / "models" / "dino").mkdir(parents=True)
+    config = config_from_mapping(
+        {
+            "mode": "embeddings",
+            "input": {
+                "rasters": [{"image_path": "i.tif", "mask_path": "~/m.tif"}],
+                "patch_size": 8,
+            },
+            "embeddings": {"parquet_path": "cache/e.parquet", "dino_model": "models/dino"},
+            "output": {"csv_path": "out/t.csv", "geojson_path": "../f.geojson"},
+        },
+        base_dir=tmp_path,
+    )
+    assert config.input.rasters[0].image_path == str(tmp_path / "i.tif")
+    assert config.input.rasters[0].mask_path == str(Path("~/m.tif").expanduser())
+    assert config.output.csv_path == str(tmp_path / "out" / "t.csv")
+    assert config.output.footprints_path == str(tmp_path.parent / "f.geojson")
+    assert config.embeddings.parquet_path == str(tmp_path / "cache" / "e.parquet")
+    assert config.embeddings.dino_model == str(tmp_path / "models" / "dino")
+    # A model id that names no folder stays an id.
+    other = config_from_mapping(
+        {"input": {"records_path": "r.csv"}, "output": {"csv_path": "t.csv"}}, base_dir=tmp_path
+    )
+    assert other.embeddings.dino_model == "facebook/dinov2-small"
+    assert other.with_resolved_paths().input.records_path == str(tmp_path / "r.csv")

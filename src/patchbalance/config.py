@@ -421,6 +421,59 @@ class BalancedDatasetConfig(StrictModel):
         """Return the KMeans random state: `clustering.random_state`, else `seed`."""
         return self.seed if self.clustering.random_state is None else self.clustering.random_state
 
+    def with_resolved_paths(self) -> BalancedDatasetConfig:
+        """Return a copy whose file paths are absolute, taken against `base_dir` (once, at load).
+
+        `embeddings.dino_model` becomes a path only when it names an existing folder there;
+        otherwise it stays a model id (e.g. facebook/dinov2-small).
+        """
+
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(self.resolve(path))
+
+        source = self.input
+        rasters = None
+        if source.rasters is not None:
+            rasters = [
+                pair.model_copy(
+                    update={
+                        "image_path": absolute(pair.image_path),
+                        "mask_path": absolute(pair.mask_path),
+                    }
+                )
+                for pair in source.rasters
+            ]
+        embeddings = self.embeddings
+        model = embeddings.dino_model
+        folder = self.resolve(model)
+        if not os.path.isabs(os.path.expanduser(model)) and folder.is_dir():
+            model = str(folder)
+        output = self.output
+        resolved = self.model_copy(
+            update={
+                "input": source.model_copy(
+                    update={
+                        "records_path": absolute(source.records_path),
+                        "image_glob": absolute(source.image_glob),
+                        "mask_glob": absolute(source.mask_glob),
+                        "rasters": rasters,
+                    }
+                ),
+                "output": output.model_copy(
+                    update={
+                        "csv_path": absolute(output.csv_path),
+                        "summary_path": absolute(output.summary_path),
+                        "footprints_path": absolute(output.footprints_path),
+                    }
+                ),
+                "embeddings": embeddings.model_copy(
+                    update={"parquet_path": absolute(embeddings.parquet_path), "dino_model": model}
+                ),
+            }
+        )
+        resolved._base_dir, resolved._source_path = self._base_dir, self._source_path
+        return resolved
+
     def resolve(self, path: str | os.PathLike[str]) -> Path:
         """Return `path` resolved against the configuration file's folder."""
         return resolve_path(path, self._base_dir)
@@ -438,11 +491,14 @@ def load_config(
     The file may be the block itself or hold it under `balanced_dataset:`. `overrides` are
     `key.path=value` strings applied on top (the CLI's `--set`).
     """
-    return load_model_file(BalancedDatasetConfig, "balanced_dataset", path, overrides or [])
+    config = load_model_file(BalancedDatasetConfig, "balanced_dataset", path, overrides or [])
+    return config.with_resolved_paths()
 
 
 def config_from_mapping(
     data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None
 ) -> BalancedDatasetConfig:
     """Return a validated configuration built from a mapping (the Python API's entry point)."""
-    return model_from_mapping(BalancedDatasetConfig, "balanced_dataset", data, base_dir)
+    return model_from_mapping(
+        BalancedDatasetConfig, "balanced_dataset", data, base_dir
+    ).with_resolved_paths()

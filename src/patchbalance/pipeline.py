@@ -23,7 +23,6 @@ from patchbalance.compute import Compute, open_compute
 from patchbalance.config import (
     BalancedDatasetConfig,
     ClusteringConfig,
-    EmbeddingsConfig,
     ExclusionConfig,
     config_from_mapping,
     load_config,
@@ -75,7 +74,8 @@ def _as_config(
     config: BalancedDatasetConfig | dict[str, Any] | str | os.PathLike[str],
 ) -> BalancedDatasetConfig:
     if isinstance(config, BalancedDatasetConfig):
-        return config
+        # A configuration built in Python may have been changed since it was loaded.
+        return config.with_resolved_paths()
     if isinstance(config, dict):
         return config_from_mapping(config)
     return load_config(config)
@@ -92,19 +92,19 @@ OUTPUT_LABELS = {
 
 
 def output_paths(config: BalancedDatasetConfig) -> dict[str, Path]:
-    """Return the resolved output paths: table, summary and (optionally) footprints.
+    """Return the output paths (absolute since the config was loaded): table, summary, footprints.
 
     The footprints' key is their format (`geojson`, `geopackage` or `geoparquet`).
     """
-    table_path = config.resolve(config.output.csv_path)
+    table_path = Path(config.output.csv_path)
     summary_path = (
-        config.resolve(config.output.summary_path)
+        Path(config.output.summary_path)
         if config.output.summary_path
         else table_path.with_name(f"{table_path.stem}.summary.json")
     )
     paths = {"table": table_path, "summary": summary_path}
     if config.output.footprints_path:
-        footprints = config.resolve(config.output.footprints_path)
+        footprints = Path(config.output.footprints_path)
         paths[footprint_format(footprints)] = footprints
     return paths
 
@@ -119,22 +119,6 @@ def _nodata_defined(
         return np.ones(len(records), dtype=bool)
     with_nodata = [path for path, info in infos.items() if info.nodata is not None]
     return records["mask_path"].isin(with_nodata).to_numpy()
-
-
-def embeddings_config(config: BalancedDatasetConfig) -> EmbeddingsConfig:
-    """Return `config.embeddings` with its paths resolved against the configuration's folder.
-
-    `dino_model` is a path only when it names an existing folder there; otherwise it stays a
-    model id (e.g. facebook/dinov2-small).
-    """
-    embeddings = config.embeddings
-    update: dict[str, Any] = {}
-    if embeddings.parquet_path:
-        update["parquet_path"] = str(config.resolve(embeddings.parquet_path))
-    model_folder = config.resolve(embeddings.dino_model)
-    if not os.path.isabs(os.path.expanduser(embeddings.dino_model)) and model_folder.is_dir():
-        update["dino_model"] = str(model_folder)
-    return embeddings.model_copy(update=update) if update else embeddings
 
 
 def _uniqueness_stage(
@@ -169,7 +153,7 @@ def _uniqueness_stage(
         with clock.stage("embeddings"):
             result = extract_embeddings(
                 records.loc[active, list(KEY_COLUMNS)].reset_index(drop=True),
-                embeddings_config(config),
+                config.embeddings,
                 seed=config.seed,
                 progress=progress,
                 infos=infos,
@@ -202,7 +186,7 @@ def _check_outputs(config: BalancedDatasetConfig, paths: dict[str, Path]) -> Non
     """Check every output target before the first stage, rather than fail on it at the end."""
     targets = {OUTPUT_LABELS[name]: path for name, path in paths.items()}
     if config.mode == "embeddings" and config.embeddings.parquet_path:
-        targets[OUTPUT_LABELS["cache"]] = Path(embeddings_config(config).parquet_path or "")
+        targets[OUTPUT_LABELS["cache"]] = Path(config.embeddings.parquet_path or "")
     for what, path in targets.items():
         check_writable(path, what)
     for name in paths:
@@ -383,7 +367,7 @@ def _records_and_compute(
         from patchbalance.embeddings import check_model_available
 
         # Fail on an unavailable model before the statistics are computed.
-        check_model_available(embeddings_config(config))
+        check_model_available(config.embeddings)
     if compute is None:
         compute = _start_compute(stack, clock, config, len(source.records))
     return source, compute
@@ -457,7 +441,7 @@ def plan_text(config: BalancedDatasetConfig) -> str:
         f"  stages: {' -> '.join(stages)}",
     ]
     if config.mode == "embeddings" and config.embeddings.parquet_path:
-        cache = config.resolve(config.embeddings.parquet_path)
+        cache = Path(config.embeddings.parquet_path)
         lines.append(
             f"  embeddings cache: {cache} ({'exists, matching rows reused' if cache.exists() else 'new'})"
         )

@@ -140,7 +140,7 @@ def records_from_list(config: BalancedDatasetConfig) -> pd.DataFrame:
 
 def records_from_file(config: BalancedDatasetConfig) -> pd.DataFrame:
     """Return the records of the CSV or Parquet file named by `input.records_path`."""
-    path = config.resolve(config.input.records_path or "")
+    path = Path(config.input.records_path or "")
     if not path.is_file():
         raise InputError(f"{path}: records file not found (input.records_path)")
     records = read_table(
@@ -151,8 +151,7 @@ def records_from_file(config: BalancedDatasetConfig) -> pd.DataFrame:
 
 def _pairs_from_globs(config: BalancedDatasetConfig) -> list[tuple[str, str]]:
     source = config.input
-    image_pattern = str(config.resolve(source.image_glob or ""))
-    mask_pattern = str(config.resolve(source.mask_glob or ""))
+    image_pattern, mask_pattern = source.image_glob or "", source.mask_glob or ""
     images = {Path(path).stem: path for path in sorted(glob.glob(image_pattern, recursive=True))}
     masks = {Path(path).stem: path for path in sorted(glob.glob(mask_pattern, recursive=True))}
     if not images:
@@ -181,10 +180,7 @@ def grid_windows(
 def _raster_pairs(config: BalancedDatasetConfig) -> list[tuple[str, str]]:
     source = config.input
     if source.rasters is not None:
-        return [
-            (str(config.resolve(pair.image_path)), str(config.resolve(pair.mask_path)))
-            for pair in source.rasters
-        ]
+        return [(pair.image_path, pair.mask_path) for pair in source.rasters]
     return _pairs_from_globs(config)
 
 
