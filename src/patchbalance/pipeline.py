@@ -24,6 +24,7 @@ from patchbalance.config import (
     BalancedDatasetConfig,
     ClusteringConfig,
     ExclusionConfig,
+    WeightsConfig,
     config_from_mapping,
     load_config,
 )
@@ -236,16 +237,16 @@ def _composition_stage(
 
 
 def _weights_stage(
-    config: BalancedDatasetConfig,
+    method: str,
+    weights_config: WeightsConfig,
     stats: MaskStatistics,
     active: np.ndarray,
-    composition: Any,
+    composition: CompositionResult,
     uniqueness: np.ndarray | None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Return the sampler weight of every patch (0 for excluded ones) and the weights' notes."""
-    weights_config = config.weights
     scores, weight_notes = sampling_scores(
-        config.sampling_method,
+        method,
         composition_score=composition.composition_score,
         cluster_id=composition.labels,
         counts=stats.counts[active],
@@ -346,7 +347,12 @@ def run_build(
 
     with clock.stage("weights"):
         weights, stages.weight_notes = _weights_stage(
-            config, reading.stats, active, composition, stages.uniqueness
+            config.sampling_method,
+            config.weights,
+            reading.stats,
+            active,
+            composition,
+            stages.uniqueness,
         )
     with clock.stage("outputs"):
         return _finish(config, records, stages, weights, clock, paths, write)
