@@ -357,6 +357,8 @@ def build_config(
         "sampling_method": method["sampling_method"],
         "seed": args.seed,
         "num_workers": 1,
+        # In this process, as the published runs were built: the trainings own the cores.
+        "compute": {"scheduler": "threads"},
         "input": source,
         "clustering": {"k_min": 4, "k_max": 16, "classes": list(range(n_classes))},
         "exclusion": {"exclude_border_nodata": True, "exclude_black_border": True},
