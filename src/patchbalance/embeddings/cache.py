@@ -261,6 +261,12 @@ class ComputedVectors:
         self.bad_rows.extend(rows[~finite].tolist())
         self.done_rows.append(rows[finite])
 
+    def take(self, rows: np.ndarray, output: np.ndarray, checkpoint_after: int) -> None:
+        """Take in the vectors of `rows` and checkpoint once `checkpoint_after` are waiting."""
+        self.add(rows, output)
+        if self.pending >= checkpoint_after:
+            self.flush()
+
     def flush(self) -> None:
         """Checkpoint the vectors finished since the last checkpoint (a new part file)."""
         if self.cache is None or self.pending_start == len(self.done_rows):

@@ -259,6 +259,7 @@ def _compute_here(
     bar = tqdm(
         total=len(dataset), unit="patch", desc="embeddings", disable=not progress, leave=False
     )
+    every = config.checkpoint_every * config.batch_size
     try:
         with torch.inference_mode():
             for batch_number, (items, batch, errors) in enumerate(loader, start=1):
@@ -269,10 +270,8 @@ def _compute_here(
                 batch = batch.to(device, non_blocking=True)
                 with autocast(device, precision):
                     output = backbone.embed(batch)
-                computed.add(rows, output.float().cpu().numpy())
+                computed.take(rows, output.float().cpu().numpy(), every)
                 bar.update(len(rows))
-                if batch_number % config.checkpoint_every == 0:
-                    computed.flush()
                 if on_batch is not None:
                     on_batch(batch_number, len(rows))
     finally:

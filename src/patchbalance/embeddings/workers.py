@@ -243,13 +243,11 @@ def compute_on_workers(
             if part.errors:
                 first = min(part.errors)
                 raise unreadable_window_error(keys, int(rows[first]), part.errors[first])
-            computed.add(rows, part.vectors)
+            computed.take(rows, part.vectors, every)
             devices[part.worker] = part.device
             precisions.add(part.precision)
             model_loads += part.loaded_model
             bar.update(len(rows))
-            if computed.pending >= every:
-                computed.flush()
             if on_batch is not None:
                 on_batch(number, len(rows))
     finally:
