@@ -154,11 +154,16 @@ def count_windows(task: CountTask) -> WindowCounts:
     by the window's position in the task, so one bad file never aborts the run.
     """
     n = len(task.row_off)
+    paths = [task.mask_path]
+    if task.border_check is not None and task.image_path is not None:
+        paths.append(task.image_path)
+    datasets = []
     try:
-        datasets = [open_raster(task.mask_path)]
-        if task.border_check is not None and task.image_path is not None:
-            datasets.append(open_raster(task.image_path))
+        for path in paths:
+            datasets.append(open_raster(path))
     except (RasterioError, OSError) as exc:
+        for dataset in datasets:  # the mask, when only the image failed
+            dataset.close()
         message = gdal_message(exc)
         nothing = np.zeros(n, dtype=bool)
         return WindowCounts(
@@ -321,7 +326,6 @@ def _count_each_window(task: CountTask, datasets: list[Any]) -> WindowCounts:
                 black_border[i] = black_border_sides(image, image_mask, task.border_check)
         except (RasterioError, OSError) as exc:
             errors[i] = gdal_message(exc)
-            black_border[i] = False
             continue
         if not covered and len(values) <= COMPARE_UP_TO:
             known = np.union1d(known, values)
