@@ -337,23 +337,28 @@ def run_build(
             composition = _composition_stage(
                 config.clustering, config.kmeans_seed, reading.stats.counts[active], progress
             )
-        stages = StageResults(len(records), reading, flags, composition, {}, None)
-        stages.source_notes = source.notes
+        uniqueness, uniqueness_notes = None, {}
         if config.mode == "embeddings":
-            stages.uniqueness, stages.uniqueness_notes = _uniqueness_stage(
+            uniqueness, uniqueness_notes = _uniqueness_stage(
                 config, source, active, clock, progress, reading.infos, compute
             )
-        stages.compute = compute.describe()
+        compute_notes = compute.describe()
 
     with clock.stage("weights"):
-        weights, stages.weight_notes = _weights_stage(
-            config.sampling_method,
-            config.weights,
-            reading.stats,
-            active,
-            composition,
-            stages.uniqueness,
+        weights, weight_notes = _weights_stage(
+            config.sampling_method, config.weights, reading.stats, active, composition, uniqueness
         )
+    stages = StageResults(
+        n=len(records),
+        reading=reading,
+        exclusion=flags,
+        composition=composition,
+        weight_notes=weight_notes,
+        uniqueness=uniqueness,
+        uniqueness_notes=uniqueness_notes,
+        source_notes=source.notes,
+        compute=compute_notes,
+    )
     with clock.stage("outputs"):
         return _finish(config, records, stages, weights, clock, paths, write)
 
