@@ -78,6 +78,20 @@ METHODS: dict[str, dict[str, Any]] = {
         "weights": {"target_share": "sqrt"},
         "placement": "class_centred",
     },
+    # Stronger targets held by a floor on the effective sample size (round three).
+    "class_target_p0.25_ess0.1": {
+        "sampling_method": "class_target",
+        "weights": {"target_share": "power:0.25", "min_ess": 0.1},
+    },
+    "class_target_p0.25_ess0.1_centred": {
+        "sampling_method": "class_target",
+        "weights": {"target_share": "power:0.25", "min_ess": 0.1},
+        "placement": "class_centred",
+    },
+    "inverse_frequency_centred": {
+        "sampling_method": "inverse_frequency",
+        "placement": "class_centred",
+    },
 }
 # uniform_mix 0.33 is added to the strongest class-aware method, measured before training.
 MIX = 0.33
