@@ -187,6 +187,24 @@ def train_command(
     _run(task, quiet, verbose, debug)
 
 
+@app.command("compare")
+def compare_command(
+    config: ConfigArg,
+    set_: SetOption = None,
+    quiet: QuietOption = False,
+    verbose: VerboseOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Train every arm with paired seeds and say which ones help the rare classes."""
+
+    def task() -> str:
+        from patchbalance.compare import run_compare_command
+
+        return run_compare_command(config, overrides=set_ or [], progress=not quiet)
+
+    _run(task, quiet, verbose, debug)
+
+
 @app.command("demo")
 def demo_command(
     out: Annotated[

@@ -1,0 +1,107 @@
+"""`patchbalance compare CONFIG.yaml`: the comparison run end to end, its results written."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from patchbalance.compare.config import ComparePlan, load_compare_config
+from patchbalance.compare.engine import CompareRuns, run_compare_runs
+from patchbalance.compare.results import verdict_text, write_results
+from patchbalance.compare.statistics import learning_curves, plateau_check, summarise, verdict
+
+log = logging.getLogger(__name__)
+
+
+def _sampling(runs: CompareRuns) -> dict[str, Any]:
+    out = {}
+    for arm, table in runs.tables.items():
+        figures = table.figures.to_dict()
+        figures["n_drawable"] = _drawable(table)
+        figures["notes"] = table.notes
+        out[arm] = figures
+    return out
+
+
+def _drawable(table: Any) -> int:
+    from patchbalance.table import read_table
+
+    frame = read_table(table.path)
+    weights = frame["sampler_weight"].to_numpy(dtype=float)
+    if "excluded" in frame:
+        weights = weights * ~frame["excluded"].astype(bool).to_numpy()
+    return int((weights > 0).sum())
+
+
+def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
+    """Return the results mapping (what results.json holds) of a finished comparison."""
+    config = plan.config
+    arms = list(runs.tables)
+    budgets = {"short": config.short_budget, "long": config.steps}
+    summary = summarise(runs.runs, arms, plan.baseline, budgets, plan.first_seed)
+    curves = learning_curves(runs.runs)
+    classes = sorted(int(c) for c in runs.runs["class"].unique() if c != "miou")
+    names = {str(c): f"class {c}" for c in classes}
+    names.update({str(k): v for k, v in (config.class_names or {}).items()})
+    by_arm = {arm: curves[curves["arm"] == arm] for arm in arms}
+    return {
+        "settings": config.model_dump(mode="json"),
+        "baseline": plan.baseline,
+        "arms": arms,
+        "seeds": plan.seeds,
+        "budgets": budgets,
+        "classes": classes,
+        "class_names": names,
+        "classes_of_interest": runs.classes_of_interest,
+        "sampling": _sampling(runs),
+        "summary": summary,
+        "learning_curves": {
+            arm: [
+                {"step": int(r.step), "mean": float(r.mean), "std": float(r.std)}
+                for r in frame.itertuples()
+            ]
+            for arm, frame in by_arm.items()
+        },
+        "plateau": {
+            arm: plateau_check(frame, config.plateau_tolerance) for arm, frame in by_arm.items()
+        },
+        "verdict": verdict(summary, arms, plan.baseline, runs.classes_of_interest),
+        "run_seconds": runs.run_seconds,
+        "trained": runs.trained,
+        "reused": runs.reused,
+    }
+
+
+def run_compare(plan: ComparePlan, progress: bool = False) -> dict[str, Any]:
+    """Run the comparison of `plan`; write results.json, results.md, results.html; return them."""
+    started = time.perf_counter()
+    runs = run_compare_runs(plan, progress)
+    runs.runs.to_csv(plan.output_dir / "runs.csv", index=False)
+    results = compare_results(plan, runs)
+    results["seconds"] = time.perf_counter() - started
+    paths = write_results(results, plan.output_dir)
+    try:
+        from patchbalance.compare.html import write_compare_html
+
+        paths["html"] = write_compare_html(results, plan.output_dir / "results.html")
+    except ImportError as exc:  # matplotlib is an optional extra
+        log.warning("skipped the HTML page: %s", exc)
+    results["outputs"] = {k: str(v) for k, v in paths.items()}
+    return results
+
+
+def run_compare_command(config_path: Path, overrides: list[str], progress: bool) -> str:
+    """Run `patchbalance compare CONFIG`; return the verdict and where the results are."""
+    plan = load_compare_config(config_path, overrides)
+    results = run_compare(plan, progress=progress)
+    trained, reused = len(results["trained"]), len(results["reused"])
+    lines = [
+        f"{len(results['arms'])} arms x {len(results['seeds'])} seeds: {trained} runs trained, "
+        f"{reused} reused, {results['seconds'] / 60:.1f} min",
+        verdict_text(results),
+        "",
+        *(f"{kind}: {path}" for kind, path in results["outputs"].items()),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""Each arm's training table: its build, run once, and an optional CoreSet over it.
+
+A finished build is reused when the arm's merged configs are unchanged (a digest of them is
+kept beside the table); embeddings-mode arms share one embeddings cache, so each patch is
+embedded once whatever the number of arms and seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from patchbalance.atomic import atomic_writer
+from patchbalance.compare.config import (
+    CORESET_DEFAULTS,
+    RANDOM_SUBSET,
+    Arm,
+    ComparePlan,
+    digest,
+)
+from patchbalance.report import SamplingFigures, figures_from_table
+from patchbalance.table import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+DONE = "done.json"
+# Settings that change how vectors are computed, not what they are: left out of the cache name.
+EMBEDDING_RUNTIME_KEYS = (
+    "batch_size",
+    "num_workers",
+    "use_gpu",
+    "parquet_path",
+    "checkpoint_every",
+)
+
+
+@dataclass
+class ArmTable:
+    """An arm's training table on disk and what its weights will do (SPEC §5)."""
+
+    name: str
+    path: Path
+    figures: SamplingFigures
+    reused: bool
+    notes: dict[str, Any]
+
+
+def _build_mapping(plan: ComparePlan, arm: Arm, folder: Path) -> dict[str, Any]:
+    """Return the arm's build mapping, writing its table into `folder` and nothing else."""
+    mapping = copy.deepcopy(arm.build)
+    output = dict(mapping.get("output") or {})
+    output.update(
+        csv_path=str(folder / "table.csv"),
+        summary_path=str(folder / "table.summary.json"),
+        footprints_path=None,
+        postgres_table=None,
+    )
+    mapping["output"] = output
+    embeddings = mapping.get("embeddings") or {}
+    if mapping.get("mode") == "embeddings" and not embeddings.get("parquet_path"):
+        settings = {k: v for k, v in embeddings.items() if k not in EMBEDDING_RUNTIME_KEYS}
+        cache = plan.output_dir / "embeddings" / f"{digest(settings)}.parquet"
+        mapping["embeddings"] = {**embeddings, "parquet_path": str(cache)}
+    return mapping
+
+
+def _finished(folder: Path, key: str, name: str) -> bool:
+    marker = folder / DONE
+    if not marker.is_file() or not (folder / name).is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def _mark_done(folder: Path, payload: dict[str, Any]) -> None:
+    with atomic_writer(folder / DONE, "w") as stream:
+        json.dump(payload, stream, indent=2, default=str)
+
+
+def random_subset(table: pd.DataFrame, block: dict[str, Any], seed: int) -> pd.DataFrame:
+    """Return `table` with a seeded random share of its pool selected and weighted 1, others 0.
+
+    The pool and the budget follow `select-coreset` (SPEC §6): rows not excluded (nor
+    low-entropy with `exclude_low_entropy`, default true), `budget` a fraction or a count.
+    """
+    from patchbalance.coreset.pool import budget_count, pool_mask
+
+    pool, _ = pool_mask(table, bool(block.get("exclude_low_entropy", True)))
+    rows = np.flatnonzero(pool)
+    count = budget_count(
+        float(block.get("budget", 0.3)), str(block.get("budget_mode", "fraction")), rows.size
+    )
+    chosen = np.random.default_rng(seed).choice(rows, size=count, replace=False)
+    selected = np.zeros(len(table), dtype=bool)
+    selected[chosen] = True
+    out = table.copy()
+    out["coreset_selected"] = selected
+    out["sampler_weight"] = selected.astype(np.float64)
+    return out
+
+
+def _select(table: pd.DataFrame, block: dict[str, Any], seed: int) -> tuple[pd.DataFrame, dict]:
+    """Return the arm's CoreSet table (only the selected rows weighted) and its summary."""
+    if block.get("method") == RANDOM_SUBSET:
+        out = random_subset(table, block, seed)
+        return out, {"method": RANDOM_SUBSET, "n_selected": int(out["coreset_selected"].sum())}
+    from patchbalance.coreset import run_selection
+
+    config = {"seed": seed, **CORESET_DEFAULTS, **block}
+    config.update(input_csv_path="", output_csv_path="")
+    result = run_selection(table, config)
+    summary = {k: v for k, v in result.summary.items() if k != "timings_s"}
+    return result.table, summary
+
+
+def build_arm_table(plan: ComparePlan, name: str, progress: bool = False) -> ArmTable:
+    """Return arm `name`'s training table, built (and CoreSet-selected) once, then reused."""
+    from patchbalance.config import config_from_mapping
+    from patchbalance.pipeline import run_build
+
+    arm = plan.arms[name]
+    folder = plan.output_dir / "builds" / name
+    mapping = _build_mapping(plan, arm, folder)
+    key = digest(
+        {
+            "build": {**mapping, "num_workers": None, "compute": None},
+            "coreset": arm.coreset,
+            "seed": plan.first_seed,
+        }
+    )
+    target = "table.csv" if arm.coreset is None else "coreset.csv"
+    reused = _finished(folder, key, target)
+    if reused:
+        log.info("arm %s: reusing its finished build in %s", name, folder)
+        table = read_table(folder / target)
+        notes = json.loads((folder / DONE).read_text()).get("notes", {})
+    else:
+        log.info("arm %s: building its table", name)
+        (folder / DONE).unlink(missing_ok=True)
+        # Relative paths inside the records are relative to the build config's folder.
+        config = config_from_mapping(mapping, base_dir=arm.build_base)
+        table = run_build(config, progress=progress).table
+        notes: dict[str, Any] = {}
+        if arm.coreset is not None:
+            table, notes["coreset"] = _select(table, arm.coreset, plan.first_seed)
+            write_table(table, folder / target)
+        _mark_done(folder, {"key": key, "arm": name, "notes": notes})
+    figures = figures_from_table(table, where=str(folder / target))
+    return ArmTable(name, folder / target, figures, reused, notes)
+
+
+def rarest_classes(figures: SamplingFigures, catch_all: list[int], count: int = 2) -> list[int]:
+    """Return the `count` classes with the lowest pixel share of the pool, catch-alls left out.
+
+    Classes that never occur in the pool are left out too: no weighting can raise them.
+    """
+    shares = dict(zip(figures.class_values, figures.uniform_share, strict=True))
+    real = [c for c in sorted(shares) if c not in set(catch_all) and shares[c] > 0]
+    return sorted(real, key=lambda c: shares[c])[:count]
