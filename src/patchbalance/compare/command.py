@@ -11,6 +11,7 @@ from patchbalance.compare.config import ComparePlan, load_compare_config
 from patchbalance.compare.engine import CompareRuns, run_compare_runs
 from patchbalance.compare.results import verdict_text, write_results
 from patchbalance.compare.statistics import learning_curves, plateau_check, summarise, verdict
+from patchbalance.errors import MissingDependencyError
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def run_compare(plan: ComparePlan, progress: bool = False) -> dict[str, Any]:
         from patchbalance.compare.html import write_compare_html
 
         paths["html"] = write_compare_html(results, plan.output_dir / "results.html")
-    except ImportError as exc:  # matplotlib is an optional extra
+    except MissingDependencyError as exc:  # matplotlib is an optional extra
         log.warning("skipped the HTML page: %s", exc)
     results["outputs"] = {k: str(v) for k, v in paths.items()}
     return results

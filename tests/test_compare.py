@@ -1,0 +1,272 @@
+"""`patchbalance compare`: paired runs on the demo data, their gains, resuming, and bad input."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from patchbalance.cli import app
+from patchbalance.compare import paired_bootstrap
+from patchbalance.compare.statistics import BOOTSTRAP_RESAMPLES
+from patchbalance.demo import write_demo_dataset
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "conf" / "examples"
+runner = CliRunner()
+TINY = ["--set", "seeds=2", "--set", "steps=2", "--set", "eval_every=1", "-q"]
+# An arm that differs from the provided uniform baseline only in its name.
+SAME_AS_UNIFORM = [
+    "--set", "arms.uniform_again.build.sampling_method=composition_only",
+    "--set", "arms.uniform_again.build.weights.power=0.0",
+]  # fmt: skip
+
+
+def metrics_at(run_dir: Path, step: int) -> pd.Series:
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    return metrics.set_index("step").loc[step]
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+    """Run conf/examples/compare.yaml on fresh demo data laid out as in the repository."""
+    root = tmp_path_factory.mktemp("repo")
+    write_demo_dataset(root / "patchbalance-demo")
+    examples = root / "conf" / "examples"
+    examples.mkdir(parents=True)
+    for name in ("compare.yaml", "compare_train.yaml"):
+        shutil.copy(EXAMPLES / name, examples)
+    result = runner.invoke(
+        app, ["compare", str(examples / "compare.yaml"), *TINY, *SAME_AS_UNIFORM]
+    )
+    assert result.exit_code == 0, result.output
+    out = root / "patchbalance-demo" / "compare"
+    return out, json.loads((out / "results.json").read_text()), result.stdout
+
+
+def test_the_example_compare_writes_per_seed_iou_and_gains_equal_to_the_runs_metrics(example):
+    out, results, printed = example
+    assert results["arms"] == ["uniform", "class_target", "rank_max", "uniform_again"]
+    assert results["seeds"] == [42, 43]
+    # The two rarest classes of the demo pool: building (about 2 %) and water.
+    assert results["classes_of_interest"] == [3, 2]
+    long = results["summary"]["long_tau0"]
+    assert long["step"] == 2 and results["summary"]["short_tau0"]["step"] == 1
+    for arm in results["arms"]:
+        for c in ["0", "1", "2", "3", "miou"]:
+            entry = long["arms"][arm][c]
+            column = "miou" if c == "miou" else f"iou_{c}"
+            own = {s: metrics_at(out / "runs" / arm / f"seed{s}", 2)[column] for s in (42, 43)}
+            assert entry["per_seed_iou"] == pytest.approx({str(s): v for s, v in own.items()})
+            if arm == "uniform":
+                assert "gain_iou" not in entry
+                continue
+            base = {
+                s: metrics_at(out / "runs" / "uniform" / f"seed{s}", 2)[column] for s in (42, 43)
+            }
+            gain = entry["gain_iou"]
+            differences = [own[s] - base[s] for s in (42, 43)]
+            assert gain["per_seed"] == pytest.approx(
+                {"42": differences[0], "43": differences[1]}, nan_ok=True
+            )
+            assert gain["mean"] == pytest.approx(np.mean(differences))
+            # Two seeds: every resampled mean lies between the two differences.
+            assert min(differences) - 1e-12 <= gain["low"] <= gain["high"]
+            assert gain["high"] <= max(differences) + 1e-12
+    assert set(results["verdict"]["helps"]) | set(results["verdict"]["does_not_help"]) == {
+        "class_target", "rank_max", "uniform_again"
+    }  # fmt: skip
+    assert "arms that help:" in printed
+    for name in ("results.json", "results.md", "results.html", "runs.csv"):
+        assert (out / name).is_file()
+
+
+def test_the_sampling_figures_come_from_each_arms_table_before_training(example):
+    _, results, _ = example
+    sampling = results["sampling"]
+    assert sampling["uniform"]["effective_sample_size_share"] == pytest.approx(1.0)
+    share = {arm: sampling[arm]["class_pixel_share"]["3"]["weighted"] for arm in sampling}
+    assert share["class_target"] > 1.5 * share["uniform"]
+    assert sampling["uniform"]["n_drawable"] == sampling["class_target"]["n_drawable"] == 176
+
+
+def test_two_arms_that_differ_only_in_name_give_identical_per_seed_results(example):
+    out, results, _ = example
+    for key in ("long_tau0", "short_tau0", "long_tau1"):
+        arms = results["summary"][key]["arms"]
+        for c in ["0", "1", "2", "3", "miou"]:
+            assert arms["uniform_again"][c]["per_seed_iou"] == arms["uniform"][c]["per_seed_iou"]
+            assert arms["uniform_again"][c]["gain_iou"]["mean"] == 0.0
+    for seed in (42, 43):
+        same = pd.read_csv(out / "runs" / "uniform_again" / f"seed{seed}" / "metrics.csv")
+        base = pd.read_csv(out / "runs" / "uniform" / f"seed{seed}" / "metrics.csv")
+        columns = [c for c in base.columns if c != "train_seconds"]
+        pd.testing.assert_frame_equal(same[columns], base[columns])
+
+
+def exact_bootstrap_quantiles(differences: list[float]) -> tuple[float, float, float]:
+    """Return the exact 2.5 % and 97.5 % quantiles of the bootstrap distribution of the mean,
+    by enumerating every equally likely resample, and the CDF margin around them."""
+    n = len(differences)
+    means = np.sort([np.mean(p) for p in itertools.product(differences, repeat=n)])
+    atoms, counts = np.unique(np.round(means, 12), return_counts=True)
+    cdf = np.cumsum(counts) / counts.sum()
+    low = atoms[np.searchsorted(cdf, 0.025)]
+    high = atoms[np.searchsorted(cdf, 0.975)]
+    margin = min(
+        min(abs(cdf - 0.025)),
+        min(abs(cdf - 0.975)),
+    )
+    return float(low), float(high), float(margin)
+
+
+def test_the_bootstrap_interval_equals_the_exact_quantiles_of_every_resample():
+    differences = [0.05, 0.04, 0.07, -0.01]
+    low, high, margin = exact_bootstrap_quantiles(differences)
+    # The quantiles fall inside atoms, far from their edges compared with the Monte Carlo
+    # error of 10,000 resamples (about 0.0016), so the estimate must hit them exactly.
+    assert margin > 0.005
+    got = paired_bootstrap(np.array(differences), seed=42)
+    assert got == pytest.approx((low, high), abs=1e-12)
+    assert BOOTSTRAP_RESAMPLES == 10_000
+    # Seeded: the same seed gives the same interval.
+    assert paired_bootstrap(np.array(differences), seed=42) == got
+
+
+def tiny_configs(root: Path, demo: dict, **compare) -> Path:
+    """Write a tiny train config (small Unet, 8 validation windows) and a compare config."""
+    train = yaml.safe_load((EXAMPLES / "compare_train.yaml").read_text())
+    train["train_dataset"]["input_csv_path"] = str(demo["table"])
+    train["val_dataset"]["input_csv_path"] = str(demo["val"])
+    train["val_dataset"]["n_first_rows_to_read"] = 8
+    train["hyperparameters"]["batch_size"] = 4
+    (root / "train.yaml").write_text(yaml.safe_dump(train))
+    block = {
+        "build": str(demo["config"]),
+        "train": "train.yaml",
+        "arms": {"rank_max": {"build": {"sampling_method": "rank_max"}}},
+        "seeds": 2,
+        "steps": 2,
+        "eval_every": 1,
+        "output_dir": "out",
+        **compare,
+    }
+    (root / "compare.yaml").write_text(yaml.safe_dump({"compare": block}))
+    return root / "compare.yaml"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
+
+
+def test_an_interrupted_compare_retrains_only_the_unfinished_run(tmp_path, demo):
+    config = tiny_configs(tmp_path, demo)
+    first = runner.invoke(app, ["compare", str(config), "-q"])
+    assert first.exit_code == 0, first.output
+    runs = tmp_path / "out" / "runs"
+    finished = sorted(runs.glob("*/seed*/metrics.csv"))
+    assert len(finished) == 4
+    before = {path: path.stat().st_mtime_ns for path in finished}
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    # A run killed mid-training: one validation written, no completion marker.
+    killed = runs / "rank_max" / "seed43"
+    (killed / "done.json").unlink()
+    pd.read_csv(killed / "metrics.csv").iloc[:1].to_csv(killed / "metrics.csv", index=False)
+
+    second = runner.invoke(app, ["compare", str(config), "-q"])
+
+    assert second.exit_code == 0, second.output
+    assert "1 runs trained, 3 reused" in second.stdout
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert again["trained"] == ["rank_max/seed43"]
+    for path, mtime in before.items():
+        changed = path.stat().st_mtime_ns != mtime
+        assert changed == (path.parent == killed), path
+    assert len(pd.read_csv(killed / "metrics.csv")) == 2
+    # The retrained run gives the numbers the first try gave: the seeds fix every draw.
+    assert again["summary"] == results["summary"]
+    # The builds were reused, not redone.
+    assert "building its table" not in second.stderr
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+@pytest.mark.parametrize(
+    ("compare", "message"),
+    [
+        ({"arms": {"x": {"bild": {}}}}, "unknown key 'arms.x.bild'"),
+        (
+            {"arms": {"x": {"build": {"weights": {"powr": 0.5}}}}},
+            "arm 'x': arms.x.build: unknown key 'weights.powr'; did you mean 'power'?",
+        ),
+        (
+            {"arms": {"x": {"train": {"hyperparameters": {"bach_size": 2}}}}},
+            "arm 'x': arms.x.train: unknown key 'hyperparameters.bach_size'",
+        ),
+        ({"baseline": "nope"}, "baseline 'nope' is not an arm"),
+        ({"seeds": 1}, "'seeds': Input should be greater than or equal to 2"),
+        ({"steps": 3, "eval_every": 2}, "must be a multiple of eval_every"),
+    ],
+)
+def test_bad_compare_input_is_one_line_and_exit_2_before_anything_runs(
+    tmp_path, demo, compare, message
+):
+    config = tiny_configs(tmp_path, demo, **compare)
+    result = runner.invoke(app, ["compare", str(config)])
+    assert result.exit_code == 2, result.output
+    errors = error_lines(result)
+    assert len(errors) == 1 and message in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_train_config_without_val_dataset_is_one_line_and_exit_2(tmp_path, demo):
+    config = tiny_configs(tmp_path, demo)
+    train = yaml.safe_load((tmp_path / "train.yaml").read_text())
+    del train["val_dataset"]
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(train))
+    result = runner.invoke(app, ["compare", str(config)])
+    assert result.exit_code == 2, result.output
+    errors = error_lines(result)
+    assert len(errors) == 1 and "add a val_dataset block" in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    _chromium() is None and not os.environ.get("CI"),
+    reason="chromium is not installed (CI installs it with .ci/chromium.sh)",
+)
+def test_a_headless_browser_renders_the_comparison_page_with_its_plots(example, tmp_path):
+    out, _, _ = example
+    pytest.importorskip("matplotlib")
+    screenshot = tmp_path / "screenshot.png"
+    subprocess.run(
+        [
+            _chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+            f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1200,2600",
+            f"--screenshot={screenshot}", (out / "results.html").as_uri(),
+        ],
+        check=True, capture_output=True, timeout=120,
+    )  # fmt: skip
+    shot = np.asarray(Image.open(screenshot).convert("RGB")).astype(int)
+    assert shot.shape[:2] == (2600, 1200)
+    # tab10 blue (the baseline's curve and bars) and orange (the first arm's interval bars)
+    # come only from the embedded plots.
+    blue = np.abs(shot - [0x1F, 0x77, 0xB4]).sum(axis=2) < 30
+    orange = np.abs(shot - [0xFF, 0x7F, 0x0E]).sum(axis=2) < 30
+    assert blue.sum() > 2000 and orange.sum() > 200
