@@ -18,21 +18,27 @@ What one run does, with the same model, steps and seeds for every method:
 1. converts the pairs into tiled GeoTIFFs (class-index masks, nodata 255) with a made-up but
    valid georeference, reduced `--downsample` times (images area-averaged, masks by majority);
 2. holds out whole images (`--val-fraction`, seeded) and evaluates every grid window of them;
-3. builds each method's weights through the `rasters:` source (grid windows; class_centred ones
-   too for the methods that use them) with `patchbalance.pipeline.run_build`;
-4. trains through `patchbalance.train.train_from_config`, validating every `--eval-every`
-   steps (the learning curve), with prior correction tau = 1 beside tau = 0;
+3. writes a build config (the `rasters:` source, grid windows) and a train config into
+   `--work`, and turns each method into an arm of `patchbalance compare` (its build settings;
+   class_centred windows for the methods that use them);
+4. runs the compare engine (`patchbalance.compare`): each arm's build once, each arm x seed
+   trained through `patchbalance.train.train_from_config`, validated every `--eval-every` steps
+   (the learning curve), with prior correction tau = 1 beside tau = 0;
 5. reports per class IoU, precision and recall at the short and the long budget, and the gain
    over uniform paired by seed with a 95 % bootstrap interval over seeds.
 
-Runs already finished in `--work` are reused, so an interrupted run resumes.
+Runs already finished in `--work` are reused, so an interrupted run resumes. The round-three
+arms (`EXTRA_ARMS`: loss weighting, visual uniqueness, CoreSets) run when named in
+`--methods`, or all of them with `--methods round3`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import fnmatch
 import json
+import logging
 import os
 import platform
 import re
@@ -42,13 +48,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 from PIL import Image
 from rasterio.transform import from_origin
 
@@ -57,8 +63,6 @@ from geotiff import MASK_NODATA, REPO, write_geotiff  # noqa: E402
 
 CLASS_MAPS = Path(__file__).resolve().parent / "class_maps"
 DATA = REPO.parent / "shared" / "data"
-TAUS = (0.0, 1.0)
-BOOTSTRAP_RESAMPLES = 10_000
 GAP = 64.0  # metres between the made-up footprints of two images
 
 # name -> (build settings, uses class-centred windows). The uniform baseline draws the grid
@@ -96,6 +100,48 @@ METHODS: dict[str, dict[str, Any]] = {
 # uniform_mix 0.33 is added to the strongest class-aware method, measured before training.
 MIX = 0.33
 CLASS_AWARE = ("inverse_frequency", "repeat_factor", *(m for m in METHODS if "class_target" in m))
+
+# Round three (the questions a careful user asks next), as `patchbalance compare` arms. The loss
+# arms need `loss.class_weights` and `loss.terms` in `patchbalance train`.
+UNIFORM_BUILD = {"sampling_method": "composition_only", "weights": {"power": 0.0}}
+CENTRED_SQRT = {
+    "sampling_method": "class_target",
+    "weights": {"target_share": "sqrt"},
+    "input": {"placement": "class_centred"},
+}
+CE_DICE = {"_replace_": True, "terms": [{"name": "cross_entropy"}, {"name": "dice"}]}
+LITE0 = {
+    "mode": "embeddings",
+    "embeddings": {"backbone": "efficientnet_lite0", "num_workers": 0, "batch_size": 64},
+}
+EXTRA_ARMS: dict[str, dict[str, Any]] = {
+    # 1. Re-weighting the loss instead of the sampler, and both together.
+    "median_frequency_loss": {
+        "build": UNIFORM_BUILD,
+        "train": {"loss": {"class_weights": "median_frequency"}},
+    },
+    "ce_dice_loss": {"build": UNIFORM_BUILD, "train": {"loss": CE_DICE}},
+    "class_target_sqrt_centred+median_frequency_loss": {
+        "build": CENTRED_SQRT,
+        "train": {"loss": {"class_weights": "median_frequency"}},
+    },
+    "class_target_sqrt_centred+ce_dice_loss": {"build": CENTRED_SQRT, "train": {"loss": CE_DICE}},
+    # 2. Visual uniqueness on offline EfficientNet-Lite0 embeddings (one shared cache).
+    "uniqueness_only_lite0": {"build": {**LITE0, "sampling_method": "uniqueness_only"}},
+    "rank_max_lite0": {"build": {**LITE0, "sampling_method": "rank_max"}},
+    # 3. CoreSets of 30 % against a seeded random 30 % (and the full pool: uniform).
+    "coreset_cb30": {"build": UNIFORM_BUILD, "coreset": {"method": "cb", "budget": 0.3}},
+    "coreset_fd30": {
+        "build": {**LITE0, **UNIFORM_BUILD},
+        "coreset": {"method": "fd", "budget": 0.3},
+    },
+    "coreset_lc_fd30": {
+        "build": {**LITE0, **UNIFORM_BUILD},
+        "coreset": {"method": "lc_fd", "budget": 0.3},
+    },
+    "random30": {"build": UNIFORM_BUILD, "coreset": {"method": "random", "budget": 0.3}},
+}
+ROUND3 = "round3"
 
 
 def log(message: str) -> None:
@@ -343,42 +389,45 @@ def grid_records(pairs: pd.DataFrame, window: int) -> pd.DataFrame:
 
 
 # --------------------------------------------------------------------------------------------
-# Weights
+# The build and train configs of the comparison
 
 
 def build_config(
-    method: dict[str, Any],
-    train_pairs: pd.DataFrame,
-    n_classes: int,
-    args: argparse.Namespace,
-    rare: list[int],
-    table_path: Path,
+    train_pairs: pd.DataFrame, n_classes: int, args: argparse.Namespace, work: Path
 ) -> dict[str, Any]:
-    """Return the balanced-dataset configuration mapping of one method."""
-    source: dict[str, Any] = {
-        "rasters": train_pairs[["image_path", "mask_path"]].to_dict("records"),
-        "patch_size": args.patch,
-        "stride": args.patch,
-    }
-    if method.get("placement") == "class_centred":
-        source.update(
-            placement="class_centred",
-            rare_classes=rare,
-            class_windows_per_raster=args.class_windows,
-        )
+    """Return the balanced-dataset configuration every arm starts from (grid windows)."""
     return {
         "mode": "masks_only",
-        "sampling_method": method["sampling_method"],
+        "sampling_method": "composition_only",
         "seed": args.seed,
         "num_workers": 1,
         # In this process, as the published runs were built: the trainings own the cores.
         "compute": {"scheduler": "threads"},
-        "input": source,
+        "input": {
+            "rasters": train_pairs[["image_path", "mask_path"]].to_dict("records"),
+            "patch_size": args.patch,
+            "stride": args.patch,
+        },
         "clustering": {"k_min": 4, "k_max": 16, "classes": list(range(n_classes))},
         "exclusion": {"exclude_border_nodata": True, "exclude_black_border": True},
-        "weights": dict(method.get("weights", {})),
-        "output": {"csv_path": str(table_path)},
+        "weights": {},
+        "output": {"csv_path": str(work / "builds" / "base.csv")},
     }
+
+
+def method_arm(method: dict[str, Any], rare: list[int], args: argparse.Namespace) -> dict:
+    """Return the compare arm of one method: its build settings, centred windows if it uses them."""
+    build: dict[str, Any] = {
+        "sampling_method": method["sampling_method"],
+        "weights": dict(method.get("weights", {})),
+    }
+    if method.get("placement") == "class_centred":
+        build["input"] = {
+            "placement": "class_centred",
+            "rare_classes": rare,
+            "class_windows_per_raster": args.class_windows,
+        }
+    return {"build": build}
 
 
 def sampling_row(name: str, figures: Any, rare: list[int]) -> dict[str, Any]:
@@ -400,9 +449,6 @@ def sampling_row(name: str, figures: Any, rare: list[int]) -> dict[str, Any]:
     )
     return row
 
-
-# --------------------------------------------------------------------------------------------
-# Training
 
 AUGMENT = [
     {"_target_": "albumentations.HorizontalFlip", "p": 0.5},
@@ -432,10 +478,12 @@ def model_block(args: argparse.Namespace, n_classes: int) -> dict[str, Any]:
     }
 
 
-def train_config(
-    table: Path, val: Path, out: Path, seed: int, n_classes: int, args: argparse.Namespace
-) -> dict[str, Any]:
-    """Return the `patchbalance train` configuration of one run (validation every eval-every)."""
+def train_config(val: Path, n_classes: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Return the `patchbalance train` configuration every arm trains with.
+
+    The comparison sets each run's seed, table, length and weighted draws (an "epoch" is
+    eval-every steps of draws, so validation gives the learning curve) and prior correction.
+    """
     dataset = {
         "_target_": "patchbalance.data.CSVWindowedSegmentationDataset",
         "n_classes": n_classes,
@@ -443,25 +491,14 @@ def train_config(
         "image_dtype": "uint8",
     }
     return {
-        "hyperparameters": {
-            "batch_size": args.batch_size,
-            "epochs": args.steps // args.eval_every,
-            "lr": args.lr,
-        },
-        "seed": seed,
+        "hyperparameters": {"batch_size": args.batch_size, "lr": args.lr},
+        "seed": args.seed,
         "device": "cpu",
-        "output_dir": str(out),
-        "prior_correction": [t for t in TAUS if t],
         "train_dataset": {
             **dataset,
-            "input_csv_path": str(table),
+            "input_csv_path": str(val),  # each arm's table replaces it
             "augmentation_list": AUGMENT + NORMALISE,
-            # An "epoch" is eval-every steps of draws, so validation gives the learning curve.
-            "data_loader": {
-                "num_workers": 0,
-                "weighted_sampler": True,
-                "weighted_sampler_num_samples": args.eval_every * args.batch_size,
-            },
+            "data_loader": {"num_workers": 0, "weighted_sampler": True},
         },
         "val_dataset": {
             **dataset,
@@ -475,272 +512,31 @@ def train_config(
     }
 
 
-def train_one(job: tuple[dict[str, Any], str, int, int]) -> tuple[str, int, float]:
-    """Train one (method, seed) run unless its metrics are complete; return its time."""
-    config, method, seed, threads = job
-    metrics = Path(config["output_dir"]) / "metrics.csv"
-    epochs = config["hyperparameters"]["epochs"]
-    if metrics.is_file() and len(pd.read_csv(metrics)) == epochs:
-        return method, seed, 0.0
-    import torch
-
-    from patchbalance.train import train_from_config
-
-    torch.set_num_threads(threads)
-    started = time.perf_counter()
-    train_from_config(config)
-    return method, seed, time.perf_counter() - started
-
-
-def run_metrics(out: Path, method: str, seed: int, n_classes: int) -> pd.DataFrame:
-    """Return one row per (step, tau, class) of a run's metrics.csv: IoU, precision, recall."""
-    metrics = pd.read_csv(out / "metrics.csv")
-    rows = []
-    for tau in TAUS:
-        suffix = "" if tau == 0 else f"_tau{tau:g}"
-        for c in [*range(n_classes), "miou"]:
-            frame = pd.DataFrame(
-                {
-                    "method": method,
-                    "seed": seed,
-                    "step": metrics["step"],
-                    "tau": tau,
-                    "class": str(c),
-                    "iou": metrics[f"miou{suffix}" if c == "miou" else f"iou_{c}{suffix}"],
-                    "precision": np.nan if c == "miou" else metrics[f"precision_{c}{suffix}"],
-                    "recall": np.nan if c == "miou" else metrics[f"recall_{c}{suffix}"],
-                }
-            )
-            rows.append(frame)
-    return pd.concat(rows, ignore_index=True)
-
-
-# --------------------------------------------------------------------------------------------
-# Statistics
-
-
-def paired_gain(
-    runs: pd.DataFrame, method: str, step: int, tau: float, cls: str, metric: str, seed: int
+def compare_block(
+    args: argparse.Namespace, work: Path, arms: dict[str, Any], rare: list[int]
 ) -> dict[str, Any]:
-    """Return the mean gain of `method` over uniform, paired by seed, with a 95 % bootstrap CI."""
-
-    def values(name: str) -> pd.Series:
-        rows = runs[
-            (runs["method"] == name)
-            & (runs["step"] == step)
-            & (runs["tau"] == tau)
-            & (runs["class"] == cls)
-        ]
-        return rows.set_index("seed")[metric]
-
-    gain = (values(method) - values("uniform")).dropna().to_numpy()
-    if gain.size == 0:
-        return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0, "wins": 0}
-    rng = np.random.default_rng(seed)
-    resampled = gain[rng.integers(0, gain.size, size=(BOOTSTRAP_RESAMPLES, gain.size))].mean(axis=1)
-    low, high = np.percentile(resampled, [2.5, 97.5])
+    """Return the `compare:` block of the benchmark with these arms."""
     return {
-        "mean": float(gain.mean()),
-        "low": float(low),
-        "high": float(high),
-        "n": int(gain.size),
-        "wins": int((np.round(gain * 100, 1) > 0).sum()),
+        "build": str(work / "build.yaml"),
+        "train": str(work / "train.yaml"),
+        "arms": arms,
+        "baseline": "uniform",
+        "seeds": args.seeds,
+        "steps": args.steps,
+        "eval_every": args.eval_every,
+        "short_steps": args.short_steps,
+        "classes_of_interest": rare,
+        "catch_all": sorted(args.classes.catch_all),
+        "class_names": args.classes.names,
+        "jobs": args.jobs,
+        "threads": args.threads,
+        "output_dir": str(work),
+        "plateau_tolerance": args.plateau_tolerance,
     }
 
 
-def summarise(
-    runs: pd.DataFrame, methods: list[str], steps: dict[str, int], rare: list[int], seed: int
-) -> dict[str, Any]:
-    """Return per budget, tau, method and class: means, and the gains over uniform."""
-    out: dict[str, Any] = {}
-    classes = sorted({c for c in runs["class"].unique() if c != "miou"}, key=int) + ["miou"]
-    for budget, step in steps.items():
-        for tau in TAUS:
-            key = f"{budget}_tau{tau:g}"
-            table: dict[str, Any] = {}
-            for method in methods:
-                rows = runs[
-                    (runs["method"] == method) & (runs["step"] == step) & (runs["tau"] == tau)
-                ]
-                entry: dict[str, Any] = {}
-                for c in classes:
-                    subset = rows[rows["class"] == c]
-                    entry[c] = {
-                        metric: float(subset[metric].mean())
-                        for metric in ("iou", "precision", "recall")
-                    }
-                    if method != "uniform":
-                        entry[c]["gain_iou"] = paired_gain(runs, method, step, tau, c, "iou", seed)
-                table[method] = entry
-            out[key] = {"step": step, "methods": table}
-    return out
-
-
-def learning_curve(runs: pd.DataFrame, method: str = "uniform") -> pd.DataFrame:
-    """Return the mean and sample std of mIoU over seeds at each validation step (tau 0)."""
-    rows = runs[(runs["method"] == method) & (runs["class"] == "miou") & (runs["tau"] == 0)]
-    return rows.groupby("step")["iou"].agg(["mean", "std", "count"]).reset_index()
-
-
-def plateau_note(curve: pd.DataFrame, tolerance: float) -> tuple[bool, str]:
-    """Return whether uniform's mean mIoU has stopped rising, and a line saying why.
-
-    A straight line is fitted to the mean mIoU over the last half of the validation points
-    (at least three); the curve has plateaued when that line rises less than `tolerance` over
-    its span. A fit rather than the last two points, because single validations are noisy.
-    """
-    if len(curve) < 3:
-        return False, "too few validation points to judge a plateau"
-    tail = curve.iloc[-max(3, (len(curve) + 1) // 2) :]
-    steps, means = tail["step"].to_numpy(float), tail["mean"].to_numpy(float)
-    rise = float(np.polyfit(steps, means, 1)[0] * (steps[-1] - steps[0]))
-    flat = rise < tolerance
-    return flat, (
-        f"uniform mIoU over steps {int(steps[0])}-{int(steps[-1])}: the fitted line rises "
-        f"{rise * 100:+.2f} points ({'<' if flat else '>='} {tolerance * 100:.1f}): "
-        + ("plateaued" if flat else "still rising; this budget is not a plateau")
-    )
-
-
-def default_verdict(summary: dict[str, Any], methods: list[str], rare: list[int]) -> dict[str, Any]:
-    """Return which methods meet the SPEC §11 bar for becoming the default, and why.
-
-    A method qualifies when, at the long budget and tau 0, its IoU gain over uniform on each of
-    the two rarest real classes has a 95 % interval above 0 and its mean mIoU gain is >= 0.
-    """
-    table = summary["long_tau0"]["methods"]
-    qualified, reasons = [], {}
-    for method in methods:
-        if method == "uniform":
-            continue
-        gains = [table[method][str(c)]["gain_iou"] for c in rare]
-        miou = table[method]["miou"]["gain_iou"]
-        ok = all(g["low"] > 0 for g in gains) and miou["mean"] >= 0
-        reasons[method] = {
-            "rare_lows": [g["low"] for g in gains],
-            "miou_gain": miou["mean"],
-            "qualifies": ok,
-        }
-        if ok:
-            qualified.append(method)
-    return {"qualified": qualified, "reasons": reasons}
-
-
 # --------------------------------------------------------------------------------------------
-# Printing
-
-
-def _pct(value: float, signed: bool = False) -> str:
-    if not np.isfinite(value):
-        return "–"
-    value = round(value * 100, 1) + 0.0
-    return f"{value:+.1f}" if signed else f"{value:.1f}"
-
-
-def gain_cell(gain: dict[str, Any]) -> str:
-    """Return 'mean [low, high] (wins/n)' in IoU points."""
-    if not gain["n"]:
-        return "–"
-    return (
-        f"{_pct(gain['mean'], True)} [{_pct(gain['low'], True)}, {_pct(gain['high'], True)}]"
-        f" ({gain['wins']}/{gain['n']})"
-    )
-
-
-def markdown_tables(
-    summary: dict[str, Any],
-    methods: list[str],
-    names: dict[int, str],
-    rare: list[int],
-    sampling: list[dict[str, Any]],
-) -> str:
-    """Return the result tables in Markdown: sampling figures, IoU, gains, precision/recall."""
-    classes = sorted(names)
-    lines = [
-        "#### What the weights do before training (class pixel share per epoch, %)",
-        "",
-        "| method | "
-        + " | ".join(names[c] for c in classes)
-        + " | ESS share | max repeats | starved |",
-        "|---|" + "---:|" * (len(classes) + 3),
-    ]
-    for row in sampling:
-        lines.append(
-            f"| {row['method']} | "
-            + " | ".join(f"{row[f'share_{c}'] * 100:.2f}" for c in classes)
-            + f" | {row['ess_share']:.1%} | {row['max_expected_repeats']:.1f} | "
-            + (", ".join(names[c] for c in row["starved"]) or "–")
-            + " |"
-        )
-    for key, title in (
-        ("long_tau0", "long budget"),
-        ("short_tau0", "short budget"),
-        ("long_tau1", "long budget, prior correction τ = 1"),
-    ):
-        block = summary[key]
-        lines += [
-            "",
-            f"#### Validation IoU (%), mean over seeds: {title} (step {block['step']})",
-            "",
-            "| method | " + " | ".join(names[c] for c in classes) + " | mIoU |",
-            "|---|" + "---:|" * (len(classes) + 1),
-        ]
-        for method in methods:
-            entry = block["methods"][method]
-            lines.append(
-                f"| {method} | "
-                + " | ".join(_pct(entry[str(c)]["iou"]) for c in classes)
-                + f" | {_pct(entry['miou']['iou'])} |"
-            )
-        lines += [
-            "",
-            f"Gain over uniform (IoU points), {title}: mean [95 % bootstrap interval] "
-            "(seeds better / seeds)",
-            "",
-            "| method | " + " | ".join(f"{names[c]} (rare)" for c in rare) + " | mIoU |",
-            "|---|" + "---:|" * (len(rare) + 1),
-        ]
-        for method in methods[1:]:
-            entry = block["methods"][method]
-            cells = [gain_cell(entry[str(c)]["gain_iou"]) for c in rare]
-            lines.append(
-                f"| {method} | "
-                + " | ".join(cells)
-                + f" | {gain_cell(entry['miou']['gain_iou'])} |"
-            )
-    for key, title in (("long_tau0", "long budget"), ("long_tau1", "long budget, τ = 1")):
-        block = summary[key]
-        lines += [
-            "",
-            f"#### Gain over uniform for every class (IoU points), {title} (step {block['step']}):"
-            " mean [95 % bootstrap interval] (seeds better / seeds)",
-            "",
-            "| class | " + " | ".join(methods[1:]) + " |",
-            "|---|" + "---:|" * (len(methods) - 1),
-        ]
-        for c in [*classes, "miou"]:
-            label = "mIoU" if c == "miou" else names[c]
-            cells = [gain_cell(block["methods"][m][str(c)]["gain_iou"]) for m in methods[1:]]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    block = summary["long_tau0"]
-    lines += [
-        "",
-        f"#### Precision / recall (%) of the rare classes, long budget (step {block['step']}), τ = 0 → τ = 1",
-        "",
-        "| method | " + " | ".join(f"{names[c]} P | {names[c]} R" for c in rare) + " |",
-        "|---|" + "---:|" * (2 * len(rare)),
-    ]
-    corrected = summary["long_tau1"]["methods"]
-    for method in methods:
-        cells = []
-        for c in rare:
-            plain, adjusted = block["methods"][method][str(c)], corrected[method][str(c)]
-            cells += [
-                f"{_pct(plain['precision'])} → {_pct(adjusted['precision'])}",
-                f"{_pct(plain['recall'])} → {_pct(adjusted['recall'])}",
-            ]
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+# Versions
 
 
 def _git_commit() -> str:
@@ -815,7 +611,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--seeds", type=int, help="paired training seeds (default 5; quick 2)")
     parser.add_argument("--seed", type=int, default=42, help="split and first training seed")
-    parser.add_argument("--methods", nargs="+", help=f"subset of {[*METHODS, 'mix']}")
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        help=f"subset of {[*METHODS, 'mix', *EXTRA_ARMS]}, or {ROUND3} for every extra arm",
+    )
     parser.add_argument("--class-windows", type=int, default=16, help="class_windows_per_raster")
     parser.add_argument("--plateau-tolerance", type=float, default=0.01)
     parser.add_argument("--jobs", type=int, default=1, help="training runs at once")
@@ -854,26 +654,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     elif args.encoder_weights.lower() == "none":
         args.encoder_weights = None
     args.methods = args.methods or [*METHODS, "mix"]
-    unknown = [m for m in args.methods if m not in METHODS and m != "mix"]
+    if ROUND3 in args.methods:
+        args.methods = [m for m in args.methods if m != ROUND3] + list(EXTRA_ARMS)
+    known = [*METHODS, "mix", *EXTRA_ARMS]
+    unknown = [m for m in args.methods if m not in known]
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {[*METHODS, 'mix']}")
+        parser.error(f"unknown method(s) {unknown}; choose from {known} or {ROUND3}")
     if "uniform" not in args.methods:
         args.methods.insert(0, "uniform")
     return args
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Run the benchmark in `work`; print as it goes and return the results."""
-    from patchbalance.pipeline import run_build
-    from patchbalance.report import figures_from_table
-
+def prepare(args: argparse.Namespace, work: Path) -> tuple[pd.DataFrame, int]:
+    """Convert the pairs, hold out images, write val.csv, build.yaml and train.yaml."""
     started = time.perf_counter()
-    names = args.classes.names
-    n_classes = len(names)
-    info = versions()
-    log("command: " + args.command)
-    log("versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-
+    n_classes = len(args.classes.names)
     pairs = convert(
         pair_files(args.images, args.masks), args.classes, work / "rasters", args.downsample
     )
@@ -887,130 +682,118 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         f"{len(train_pairs)} training images, {len(val_pairs)} held out ({n_val} windows of "
         f"{args.patch} px); {time.perf_counter() - started:.0f} s"
     )
+    build = {"balanced_dataset": build_config(train_pairs, n_classes, args, work)}
+    (work / "build.yaml").write_text(yaml.safe_dump(build, sort_keys=False))
+    (work / "train.yaml").write_text(yaml.safe_dump(train_config(val_path, n_classes, args)))
+    return val_pairs, n_val
 
-    # Rarest real classes of the training grid, from the uniform pool.
-    uniform_table = work / "weights" / "uniform.csv"
-    result = run_build(
-        build_config(METHODS["uniform"], train_pairs, n_classes, args, [], uniform_table)
+
+def chosen_arms(
+    args: argparse.Namespace, work: Path, rare: list[int]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Return the arms to train (the mix measured before training) and their sampling rows."""
+    from patchbalance.compare import compare_plan_from_mapping
+    from patchbalance.compare.engine import build_all
+
+    arms = {name: method_arm(METHODS[name], rare, args) for name in args.methods if name in METHODS}
+    for name in (m for m in args.methods if m in EXTRA_ARMS):
+        arm = copy.deepcopy(EXTRA_ARMS[name])
+        source = arm["build"].get("input")
+        if source and source.get("placement") == "class_centred":
+            source.update(rare_classes=rare, class_windows_per_raster=args.class_windows)
+        arms[name] = arm
+    plan = compare_plan_from_mapping(compare_block(args, work, arms, rare))
+    tables, _ = build_all(plan)
+    sampling = [sampling_row(name, table.figures, rare) for name, table in tables.items()]
+    if "mix" in args.methods:
+        aware = [row for row in sampling if row["method"] in CLASS_AWARE]
+        strongest = max(aware, key=lambda row: row["rare_share_ratio"])["method"]
+        name = f"{strongest}+mix{MIX:g}"
+        settings = METHODS[strongest]
+        mixed = {**settings, "weights": {**settings.get("weights", {}), "uniform_mix": MIX}}
+        arms[name] = method_arm(mixed, rare, args)
+        plan = compare_plan_from_mapping(compare_block(args, work, arms, rare))
+        tables, _ = build_all(plan)
+        sampling.append(sampling_row(name, tables[name].figures, rare))
+        log(f"strongest class-aware method before training: {strongest}; mixed: {name}")
+    return arms, sampling
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Run the benchmark in `work` through the compare engine; print as it goes, return results."""
+    from patchbalance.compare import compare_plan_from_mapping, run_compare
+    from patchbalance.compare.results import markdown
+    from patchbalance.compare.tables import build_arm_table, rarest_classes
+
+    started = time.perf_counter()
+    names = args.classes.names
+    info = versions()
+    log("command: " + args.command)
+    log("versions: " + ", ".join(f"{k} {v}" for k, v in info.items()))
+    val_pairs, n_val = prepare(args, work)
+
+    # Rarest real classes of the training grid, from the uniform pool (the baseline's build).
+    baseline = {"uniform": method_arm(METHODS["uniform"], [], args)}
+    uniform = build_arm_table(
+        compare_plan_from_mapping(compare_block(args, work, baseline, [])), "uniform"
     )
-    uniform_figures = figures_from_table(result.table)
-    shares = dict(zip(uniform_figures.class_values, uniform_figures.uniform_share, strict=True))
-    real = [c for c in sorted(shares) if c not in args.classes.catch_all and shares[c] > 0]
-    rare = sorted(real, key=lambda c: shares[c])[:2]
+    rare = rarest_classes(uniform.figures, sorted(args.classes.catch_all))
+    shares = dict(zip(uniform.figures.class_values, uniform.figures.uniform_share, strict=True))
     log(
         "training class shares: "
         + ", ".join(f"{names[c]} {shares[c]:.2%}" for c in sorted(shares))
         + "; rarest real classes: "
         + ", ".join(names[c] for c in rare)
     )
-
-    tables, sampling = {"uniform": uniform_table}, [sampling_row("uniform", uniform_figures, rare)]
-    settings = {name: METHODS[name] for name in args.methods if name in METHODS}
-    for name in [m for m in settings if m != "uniform"]:
-        tables[name] = work / "weights" / f"{name}.csv"
-        built = run_build(
-            build_config(settings[name], train_pairs, n_classes, args, rare, tables[name])
-        )
-        sampling.append(sampling_row(name, figures_from_table(built.table), rare))
-    if "mix" in args.methods:
-        aware = [row for row in sampling if row["method"] in CLASS_AWARE]
-        strongest = max(aware, key=lambda row: row["rare_share_ratio"])["method"]
-        name = f"{strongest}+mix{MIX:g}"
-        mixed = {
-            **settings[strongest],
-            "weights": {**settings[strongest].get("weights", {}), "uniform_mix": MIX},
-        }
-        tables[name] = work / "weights" / f"{name}.csv"
-        built = run_build(build_config(mixed, train_pairs, n_classes, args, rare, tables[name]))
-        sampling.append(sampling_row(name, figures_from_table(built.table), rare))
-        log(f"strongest class-aware method before training: {strongest}; mixed: {name}")
-    methods = list(tables)
+    arms, sampling = chosen_arms(args, work, rare)
     for row in sampling:
         log(
             f"  {row['method']:<32} rare-class share x{row['rare_share_ratio']:.2f}, "
             f"ESS {row['ess_share']:.1%}, rows {row['n_rows']}"
             + (f", starves {[names[c] for c in row['starved']]}" if row["starved"] else "")
         )
-
-    seeds = [args.seed + i for i in range(args.seeds)]
-    jobs = [
-        (
-            train_config(tables[m], val_path, work / "runs" / f"{m}_seed{s}", s, n_classes, args),
-            m,
-            s,
-            args.threads,
-        )
-        for s in seeds
-        for m in methods
-    ]
-    log(f"training {len(jobs)} runs: {args.steps} steps of {args.batch_size}, {args.encoder}")
-    seconds: dict[str, float] = {}
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for count, (method, seed, spent) in enumerate(pool.map(train_one, jobs), start=1):
-            seconds[f"{method}_seed{seed}"] = spent
-            log(f"[{count}/{len(jobs)}] {method} seed {seed}: {spent:.0f} s")
-    runs = pd.concat(
-        [
-            run_metrics(work / "runs" / f"{m}_seed{s}", m, s, n_classes)
-            for s in seeds
-            for m in methods
-        ],
-        ignore_index=True,
+    log(
+        f"training {len(arms) * args.seeds} runs: {args.steps} steps of {args.batch_size}, "
+        f"{args.encoder}"
     )
-    runs.to_csv(work / "runs.csv", index=False)
-
-    budgets = {"short": args.short_steps, "long": args.steps}
-    summary = summarise(runs, methods, budgets, rare, args.seed)
-    curve = learning_curve(runs)
-    flat, plateau = plateau_note(curve, args.plateau_tolerance)
-    verdict = default_verdict(summary, methods, rare)
-    text = markdown_tables(summary, methods, names, rare, sampling)
-    curve_text = "uniform mIoU by step (mean ± std over seeds): " + ", ".join(
-        f"{int(r.step)}: {r.mean * 100:.1f} ± {r.std * 100:.1f}" for r in curve.itertuples()
-    )
-    elapsed = time.perf_counter() - started
+    results = run_compare(compare_plan_from_mapping(compare_block(args, work, arms, rare)))
+    text = markdown(results)
     log("")
     log(text)
-    log("")
-    log(curve_text)
-    log(plateau)
-    log(f"methods meeting the default bar: {verdict['qualified'] or 'none'}")
-    log(f"total time {elapsed / 60:.1f} min")
-    results = {
-        "command": args.command,
-        "versions": info,
-        "settings": {
+    log(f"total time {(time.perf_counter() - started) / 60:.1f} min")
+    results.update(
+        command=args.command,
+        versions=info,
+        settings={
             k: (str(v) if isinstance(v, Path) else v)
             for k, v in vars(args).items()
             if k != "classes"
         },
-        "choices": {
-            "model": model_block(args, n_classes),
+        choices={
+            "model": model_block(args, len(names)),
             "precision": "float32 (bf16 autocast trained slower on this CPU in a side test)",
             "threads_per_run": args.threads,
             "pretrained": args.encoder_weights or "none (random initial weights)",
         },
-        "class_names": names,
-        "catch_all": sorted(args.classes.catch_all),
-        "rarest_classes": rare,
-        "validation_images": val_pairs["name"].tolist(),
-        "n_validation_windows": n_val,
-        "sampling": sampling,
-        "summary": summary,
-        "learning_curve": curve.to_dict("records"),
-        "plateau": {"reached": flat, "note": plateau},
-        "default_verdict": verdict,
-        "run_seconds": seconds,
-        "seconds": elapsed,
-    }
+        catch_all=sorted(args.classes.catch_all),
+        rarest_classes=rare,
+        validation_images=val_pairs["name"].tolist(),
+        n_validation_windows=n_val,
+        sampling_figures=results["sampling"],
+        sampling=sampling,
+        seconds=time.perf_counter() - started,
+    )
+    # results.md is the engine's; results.json gains the benchmark's settings and rows.
     (work / "results.json").write_text(json.dumps(results, indent=2, default=float))
-    (work / "results.md").write_text(text + "\n\n" + curve_text + "\n\n" + plateau + "\n")
     return results
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark from the command line; return the results."""
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    for noisy in ("rasterio", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.work is not None:
         args.work.mkdir(parents=True, exist_ok=True)
         return run(args, args.work.resolve())

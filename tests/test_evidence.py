@@ -129,13 +129,12 @@ def test_downsampled_masks_take_the_majority_class_and_nodata_only_when_nothing_
 
 
 def test_paired_gain_interval_is_a_bootstrap_over_seeds():
-    rows = []
-    for seed, (base, better) in enumerate([(0.30, 0.35), (0.20, 0.24), (0.40, 0.47)]):
-        for method, value in (("uniform", base), ("m", better)):
-            rows.append(
-                {"method": method, "seed": seed, "step": 10, "tau": 0.0, "class": "1", "iou": value}
-            )
-    gain = evidence.paired_gain(pd.DataFrame(rows), "m", 10, 0.0, "1", "iou", seed=0)
+    from patchbalance.compare.statistics import paired_gain
+
+    pairs = [(0.30, 0.35), (0.20, 0.24), (0.40, 0.47)]
+    uniform = pd.Series([base for base, _ in pairs], index=range(3))
+    better = pd.Series([value for _, value in pairs], index=range(3))
+    gain = paired_gain(better, uniform, seed=0)
 
     assert gain["mean"] == pytest.approx((0.05 + 0.04 + 0.07) / 3)
     assert 0.04 - 1e-12 <= gain["low"] <= gain["mean"] <= gain["high"] <= 0.07 + 1e-12
@@ -162,8 +161,9 @@ def test_quick_path_runs_end_to_end_on_grey_png_masks(tmp_path, capsys):
     # The rarest real classes leave out the catch-all class 0.
     assert results["rarest_classes"] == [3, 2]
     methods = [row["method"] for row in results["sampling"]]
-    assert methods[:7] == list(evidence.METHODS)
-    assert methods[7].endswith("+mix0.33")
+    n_methods = len(evidence.METHODS)
+    assert methods[:n_methods] == list(evidence.METHODS)
+    assert methods[n_methods].endswith("+mix0.33")
     by_method = {row["method"]: row for row in results["sampling"]}
     assert by_method["uniform"]["ess_share"] == pytest.approx(1.0)
     assert by_method["class_target_sqrt"]["share_3"] > by_method["uniform"]["share_3"]
@@ -171,10 +171,11 @@ def test_quick_path_runs_end_to_end_on_grey_png_masks(tmp_path, capsys):
     assert by_method["class_target_sqrt_centred"]["n_rows"] > by_method["uniform"]["n_rows"]
     long = results["summary"]["long_tau0"]
     assert long["step"] == 2 and results["summary"]["short_tau0"]["step"] == 1
-    assert long["methods"]["rank_max"]["3"]["gain_iou"]["n"] == 2
+    assert long["arms"]["rank_max"]["3"]["gain_iou"]["n"] == 2
     runs = pd.read_csv(work / "runs.csv")
     assert set(runs["tau"]) == {0.0, 1.0}
-    assert len(runs) == 8 * 2 * 2 * 2 * 5  # methods x seeds x steps x taus x (4 classes + mIoU)
+    # arms (methods + mix) x seeds x steps x taus x (4 classes + mIoU)
+    assert len(runs) == (n_methods + 1) * 2 * 2 * 2 * 5
     with rasterio.open(next((work / "rasters" / "masks").glob("*.tif"))) as mask:
         assert mask.crs is not None and mask.nodata == 255
     assert (work / "results.json").is_file() and (work / "results.md").is_file()

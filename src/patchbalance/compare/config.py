@@ -45,6 +45,7 @@ CORESET_DEFAULTS: dict[str, Any] = {"sampler_weights": "uniform"}
 # measured against.
 RANDOM_SUBSET = "random"
 ARM_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+REPLACE = "_replace_"
 # Training length keys that the comparison sets for every run.
 LENGTH_KEYS = ("epochs", "num_epochs", "max_epochs", "max_steps")
 
@@ -152,10 +153,16 @@ def digest(value: Any) -> str:
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    """Return `base` with `override` merged in: mappings key by key, anything else replaced."""
+    """Return `base` with `override` merged in: mappings key by key, anything else replaced.
+
+    A mapping in `override` that holds `_replace_: true` replaces the mapping of `base` whole
+    (e.g. a `loss:` block of another shape) instead of being merged into it.
+    """
     merged = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if isinstance(value, dict) and value.get(REPLACE):
+            merged[key] = {k: copy.deepcopy(v) for k, v in value.items() if k != REPLACE}
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)

@@ -108,8 +108,13 @@ def random_subset(table: pd.DataFrame, block: dict[str, Any], seed: int) -> pd.D
     return out
 
 
-def _select(table: pd.DataFrame, block: dict[str, Any], seed: int) -> tuple[pd.DataFrame, dict]:
-    """Return the arm's CoreSet table (only the selected rows weighted) and its summary."""
+def _select(
+    table: pd.DataFrame, block: dict[str, Any], seed: int, cache: str | None
+) -> tuple[pd.DataFrame, dict]:
+    """Return the arm's CoreSet table (only the selected rows weighted) and its summary.
+
+    The embedding-based methods read the arm's embeddings cache unless the block names vectors.
+    """
     if block.get("method") == RANDOM_SUBSET:
         out = random_subset(table, block, seed)
         return out, {"method": RANDOM_SUBSET, "n_selected": int(out["coreset_selected"].sum())}
@@ -117,6 +122,8 @@ def _select(table: pd.DataFrame, block: dict[str, Any], seed: int) -> tuple[pd.D
 
     config = {"seed": seed, **CORESET_DEFAULTS, **block}
     config.update(input_csv_path="", output_csv_path="")
+    if cache and not (config.get("parquet_path") or config.get("embedding_column")):
+        config["parquet_path"] = cache
     result = run_selection(table, config)
     summary = {k: v for k, v in result.summary.items() if k != "timings_s"}
     return result.table, summary
@@ -148,10 +155,16 @@ def build_arm_table(plan: ComparePlan, name: str, progress: bool = False) -> Arm
         (folder / DONE).unlink(missing_ok=True)
         # Relative paths inside the records are relative to the build config's folder.
         config = config_from_mapping(mapping, base_dir=arm.build_base)
-        table = run_build(config, progress=progress).table
+        built = run_build(config, progress=progress)
+        table = built.table
         notes: dict[str, Any] = {}
+        if "embeddings" in built.summary:
+            notes["embeddings"] = built.summary["embeddings"]
         if arm.coreset is not None:
-            table, notes["coreset"] = _select(table, arm.coreset, plan.first_seed)
+            cache = (mapping.get("embeddings") or {}).get("parquet_path")
+            if mapping.get("mode") != "embeddings":
+                cache = None
+            table, notes["coreset"] = _select(table, arm.coreset, plan.first_seed, cache)
             write_table(table, folder / target)
         _mark_done(folder, {"key": key, "arm": name, "notes": notes})
     figures = figures_from_table(table, where=str(folder / target))
