@@ -19,8 +19,8 @@ What one run does, with the same model, steps and seeds for every method:
    valid georeference, reduced `--downsample` times (images area-averaged, masks by majority);
 2. holds out whole images (`--val-fraction`, seeded) and evaluates every grid window of them;
 3. builds each method's weights through the `rasters:` source (grid windows; class_centred ones
-   too for the methods that use them) with `patchbalance.pipeline.run_build`;
-4. trains through `patchbalance.train.train_from_config`, validating every `--eval-every`
+   too for the methods that use them) with `patchbalance.build.pipeline.run_build`;
+4. trains through `patchbalance.train.run.train_from_config`, validating every `--eval-every`
    steps (the learning curve), with prior correction tau = 1 beside tau = 0;
 5. reports per class IoU, precision and recall at the short and the long budget, and the gain
    over uniform paired by seed with a 95 % bootstrap interval over seeds.
@@ -484,7 +484,7 @@ def train_one(job: tuple[dict[str, Any], str, int, int]) -> tuple[str, int, floa
         return method, seed, 0.0
     import torch
 
-    from patchbalance.train import train_from_config
+    from patchbalance.train.run import train_from_config
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -864,8 +864,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Run the benchmark in `work`; print as it goes and return the results."""
-    from patchbalance.pipeline import run_build
-    from patchbalance.report import figures_from_table
+    from patchbalance.build.pipeline import run_build
+    from patchbalance.reporting.figures import figures_from_table
 
     started = time.perf_counter()
     names = args.classes.names
