@@ -27,9 +27,9 @@ import time
 import numpy as np
 import pandas as pd
 
+from patchbalance.build.stats import class_entropy
 from patchbalance.coreset import select_coreset
 from patchbalance.coreset.scorers import class_balance_order
-from patchbalance.stats import class_entropy
 from patchbalance.table import class_proportions
 
 CLASSES = 6

@@ -24,8 +24,7 @@ import time
 import numpy as np
 from scipy.stats import spearmanr
 
-from patchbalance.config import UniquenessConfig
-from patchbalance.uniqueness import (
+from patchbalance.build.uniqueness import (
     IVF_TRAIN_POINTS_PER_LIST,
     RECALL_TOLERANCE,
     drop_self,
@@ -35,6 +34,7 @@ from patchbalance.uniqueness import (
     nearest_neighbors,
     normalize_rows,
 )
+from patchbalance.config import UniquenessConfig
 
 
 def mixture(n: int, dim: int, centres: int, noise: float, seed: int) -> np.ndarray:

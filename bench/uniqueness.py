@@ -22,8 +22,8 @@ import time
 import numpy as np
 from scipy.stats import spearmanr
 
+from patchbalance.build.uniqueness import compute_uniqueness, normalise_rows
 from patchbalance.config import UniquenessConfig
-from patchbalance.uniqueness import compute_uniqueness, normalise_rows
 
 
 def clustered_embeddings(n: int, dim: int, centres: int, seed: int) -> np.ndarray:

@@ -74,3 +74,32 @@ def write_training_tables(folder: Path, size: int = 64, patch: int = 32) -> tupl
     image_path, mask_path, _, _ = write_scene(folder, "val", size=size, seed=99)
     val = grid_rows(image_path, mask_path, size, patch)
     return write_table(train, folder / "train.csv"), write_table(val, folder / "val.csv")
+
+
+def method_scores(
+    method: str,
+    composition_score: np.ndarray,
+    cluster_id: np.ndarray,
+    counts: np.ndarray,
+    window_pixels: np.ndarray,
+    uniqueness: np.ndarray | None = None,
+    class_values: list[int] | None = None,
+    **settings: object,
+) -> tuple[np.ndarray, dict]:
+    """Return a registered sampling method's scores for hand-made signals.
+
+    `settings` are keys of the `weights:` block, validated by the configuration's model.
+    """
+    from patchbalance.build.methods import Signals, sampling_scores
+    from patchbalance.config import WeightsConfig
+
+    counts = np.asarray(counts, dtype=np.float64)
+    signals = Signals(
+        counts=counts,
+        class_values=list(range(counts.shape[1])) if class_values is None else class_values,
+        window_pixels=np.asarray(window_pixels, dtype=np.float64),
+        composition_score=np.asarray(composition_score, dtype=np.float64),
+        cluster_id=np.asarray(cluster_id),
+        uniqueness=uniqueness,
+    )
+    return sampling_scores(method, signals, WeightsConfig(**settings))

@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from patchbalance.class_target import class_target_weights, parse_target_share
+from data_fixtures import method_scores as sampling_scores
+from patchbalance.build.class_target import class_target_weights, parse_target_share
+from patchbalance.build.weights import normalise_weights
 from patchbalance.config import WeightsConfig
 from patchbalance.errors import ConfigError
 from patchbalance.table import class_share, effective_sample_size
-from patchbalance.weights import normalise_weights, sampling_scores
 
 # Three patches of 100 pixels: all class 0, all class 1, half and half.
 HAND_POOL = np.array([[100.0, 0.0], [0.0, 100.0], [50.0, 50.0]])

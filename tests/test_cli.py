@@ -117,6 +117,70 @@ def test_upstream_synonyms_are_accepted(project):
     assert _run("build-balanced-dataset", project, "-q").exit_code == 0
 
 
+@pytest.mark.parametrize(
+    ("model", "synonym", "key", "value"),
+    [
+        ("exclusion", "exclude_mask_border_nodata", "exclude_border_nodata", False),
+        ("exclusion", "exclude_image_black_border", "exclude_black_border", False),
+        ("exclusion", "black_border_tolerance", "black_tolerance", 7.0),
+        ("exclusion", "min_entropy_threshold", "min_entropy", 0.3),
+        ("output", "geojson_path", "footprints_path", "f.geojson"),
+        ("hyperparameters", "num_epochs", "epochs", 3),
+        ("hyperparameters", "max_epochs", "epochs", 4),
+        ("hyperparameters", "learning_rate", "lr", 0.05),
+    ],
+)
+def test_each_upstream_synonym_sets_the_key_it_stands_for(model, synonym, key, value):
+    from patchbalance.config import ExclusionConfig, OutputConfig
+    from patchbalance.train.config import HyperparametersConfig
+
+    models = {
+        "exclusion": ExclusionConfig,
+        "output": OutputConfig,
+        "hyperparameters": HyperparametersConfig,
+    }
+    given = {synonym: value}
+    if model == "output":
+        given["csv_path"] = "t.csv"
+    section = models[model].model_validate(given)
+    default = models[model].model_validate({"csv_path": "t.csv"} if model == "output" else {})
+    assert getattr(default, key) != value  # the synonym's value is not the default ...
+    got = getattr(section, key)
+    assert (str(got) if model == "output" else got) == value  # ... it lands on its key
+    others = {name for name in models[model].model_fields if name != key}
+    assert {name: getattr(section, name) for name in others} == {
+        name: getattr(default, name) for name in others
+    }
+
+
+def test_the_black_border_synonym_turns_the_check_off_in_a_build(tmp_path):
+    """The upstream key, as the upstream docs write it, changes the build's exclusion."""
+    from patchbalance.build.pipeline import run_build
+    from patchbalance.config import config_from_mapping
+
+    rng = np.random.default_rng(1)
+    mask = rng.integers(0, 3, size=(64, 64)).astype(np.uint8)
+    image = np.full((3, 64, 64), 120, dtype=np.uint8)
+    image[:, :, :8] = 0  # a black left border in the first column of windows
+    image_path, mask_path = write_pair(tmp_path, "a", mask, image=image)
+    records = [record(image_path, mask_path, r, c, 32) for r in (0, 32) for c in (0, 32)]
+    built = {}
+    for flag in (True, False):
+        config = config_from_mapping(
+            {
+                "input": {"patch_records": records},
+                "clustering": {"k_min": 2, "k_max": 2},
+                "exclusion": {"exclude_image_black_border": flag},
+                "output": {"csv_path": str(tmp_path / f"t{flag}.csv")},
+            },
+            base_dir=tmp_path,
+        )
+        built[flag] = run_build(config).table
+    assert built[True]["has_image_black_border"].sum() == 2
+    assert built[True]["excluded"].sum() == 2
+    assert built[False]["excluded"].sum() == 0
+
+
 def test_uniqueness_only_in_masks_only_mode_says_to_use_embeddings(project):
     _one_line_error(
         _run("build-balanced-dataset", project, "--set", "sampling_method=uniqueness_only"),
@@ -258,12 +322,12 @@ def test_two_input_sources_are_an_error(project):
 def test_an_output_target_that_is_a_folder_exits_2_before_any_stage(
     project, monkeypatch, key, extra
 ):
-    import patchbalance.pipeline
+    import patchbalance.build.pipeline
 
     def no_stage(*args, **kwargs):
         raise AssertionError("a stage ran before the outputs were checked")
 
-    monkeypatch.setattr(patchbalance.pipeline, "load_records", no_stage)
+    monkeypatch.setattr(patchbalance.build.pipeline, "load_records", no_stage)
     # A footprints path must name its format, so the folder is named like one.
     folder = project.parent / "a_folder.geojson"
     folder.mkdir()
@@ -275,9 +339,9 @@ def test_an_output_target_that_is_a_folder_exits_2_before_any_stage(
 def test_an_output_under_proc_exits_2_before_any_stage_even_as_root(project, monkeypatch):
     # /proc refuses new files whatever its permission bits say, also to root: only a test
     # file finds that out.
-    import patchbalance.pipeline
+    import patchbalance.build.pipeline
 
-    monkeypatch.setattr(patchbalance.pipeline, "load_records", None)
+    monkeypatch.setattr(patchbalance.build.pipeline, "load_records", None)
     result = _run("build-balanced-dataset", project, "--set", "output.csv_path=/proc/table.csv")
     _one_line_error(result, "/proc/table.csv", "cannot write the balanced table", "in /proc")
 

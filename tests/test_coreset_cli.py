@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from patchbalance.build.pipeline import run_build
 from patchbalance.cli import app
 from patchbalance.config import load_config
 from patchbalance.demo import write_demo_dataset
-from patchbalance.pipeline import run_build
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "conf" / "examples"
 runner = CliRunner()

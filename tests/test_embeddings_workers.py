@@ -18,12 +18,12 @@ import pytest
 pytest.importorskip("distributed")
 
 from embedding_fixtures import save_tiny_dinov2  # noqa: E402
+from patchbalance.build.pipeline import run_build  # noqa: E402
 from patchbalance.config import EmbeddingsConfig, load_config  # noqa: E402
 from patchbalance.demo import write_demo_dataset  # noqa: E402
 from patchbalance.embeddings import extract_embeddings, resolve_model, workers  # noqa: E402
 from patchbalance.embeddings.preprocess import raster_plan  # noqa: E402
 from patchbalance.embeddings.workers import EmbeddingTask, embed_partition  # noqa: E402
-from patchbalance.pipeline import run_build  # noqa: E402
 from patchbalance.table import normalised_keys  # noqa: E402
 from patchbalance.windows import probe_rasters  # noqa: E402
 

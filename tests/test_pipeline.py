@@ -14,9 +14,9 @@ import pytest
 import rasterio
 from rasterio.warp import transform_bounds
 
+from patchbalance.build.pipeline import run_build
 from patchbalance.config import config_from_mapping
 from patchbalance.errors import InputError
-from patchbalance.pipeline import run_build
 from rasters import record, write_geotiff, write_pair
 
 

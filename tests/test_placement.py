@@ -148,7 +148,7 @@ def test_peak_memory_stays_bounded_on_a_raster_too_large_to_load_whole(tmp_path)
     script = textwrap.dedent(
         f"""
         import rasterio
-        from patchbalance.placement import PlacementSettings, class_centred_records
+        from patchbalance.build.placement import PlacementSettings, class_centred_records
         from patchbalance.windows import probe_raster
         settings = PlacementSettings(patch_size=256, stride=256)
         # GDAL's block cache (5 % of RAM by default) is capped, so the figure is the pass's own.

@@ -11,10 +11,10 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from patchbalance.build.pipeline import run_build
 from patchbalance.cli import app
 from patchbalance.config import config_from_mapping, load_config
 from patchbalance.errors import InputError
-from patchbalance.pipeline import run_build
 from patchbalance.sources.postgres import records_from_postgres, scrub
 from postgres_server import (
     DATABASE,

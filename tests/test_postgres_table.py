@@ -14,9 +14,9 @@ import shapely
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
+from patchbalance.build.pipeline import plan_text, run_build
 from patchbalance.config import config_from_mapping
 from patchbalance.errors import ConfigError, OutputError
-from patchbalance.pipeline import plan_text, run_build
 from postgres_server import (
     READER,
     postgres_server_fixture,  # noqa: F401 - registers the fixture

@@ -16,8 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from patchbalance.cli import app
-from patchbalance.report import figures_from_table
-from patchbalance.report_html import render_html_report, write_html_report
+from patchbalance.reporting.figures import figures_from_table
+from patchbalance.reporting.html import render_html_report, write_html_report
 
 pytest.importorskip("matplotlib")
 
@@ -259,7 +259,8 @@ def test_report_on_bad_weights_names_the_file_the_rows_from_1_and_the_fix(tmp_pa
     assert result.exit_code == 2, result.output
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: {path}: sampler_weight is negative, empty or not a number")
+    kind = "NaN" if np.isnan(bad) else "negative"
+    assert lines[0].startswith(f"error: {path}: sampler_weight is {kind}")
     assert "in 2 row(s) (rows 2, 4)" in lines[0]
     assert "rebuild the table with build-balanced-dataset" in lines[0]
 
@@ -275,8 +276,9 @@ def starving_pool():
 
 
 def test_the_starvation_warning_names_a_below_median_class_that_the_weights_lower():
-    from patchbalance.report import sampling_figures
-    from patchbalance.weights import normalise_weights, sampling_scores
+    from data_fixtures import method_scores as sampling_scores
+    from patchbalance.build.weights import normalise_weights
+    from patchbalance.reporting.figures import sampling_figures
 
     counts, composition = starving_pool()
     scores, _ = sampling_scores(
@@ -293,8 +295,9 @@ def test_the_starvation_warning_names_a_below_median_class_that_the_weights_lowe
 
 
 def test_no_warning_when_no_class_is_starved():
-    from patchbalance.report import sampling_figures
-    from patchbalance.weights import normalise_weights, sampling_scores
+    from data_fixtures import method_scores as sampling_scores
+    from patchbalance.build.weights import normalise_weights
+    from patchbalance.reporting.figures import sampling_figures
 
     counts, composition = starving_pool()
     for method in ("inverse_frequency", "class_target"):
@@ -323,7 +326,8 @@ def test_prior_correction_is_the_log_ratio_of_uniform_to_weighted_shares():
 
 def test_report_command_prints_the_starvation_warning(tmp_path):
     counts, composition = starving_pool()
-    from patchbalance.weights import normalise_weights, sampling_scores
+    from data_fixtures import method_scores as sampling_scores
+    from patchbalance.build.weights import normalise_weights
 
     scores, _ = sampling_scores(
         "composition_only", composition, np.zeros(10), counts, np.full(10, 100.0)

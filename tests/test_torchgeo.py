@@ -15,9 +15,9 @@ pytest.importorskip("torchgeo")
 from torch.utils.data import DataLoader  # noqa: E402
 from torchgeo.datasets import RasterDataset, stack_samples  # noqa: E402
 
+from patchbalance.build.pipeline import run_build  # noqa: E402
 from patchbalance.config import config_from_mapping  # noqa: E402
 from patchbalance.errors import InputError  # noqa: E402
-from patchbalance.pipeline import run_build  # noqa: E402
 from patchbalance.torchgeo import WeightedGeoSampler  # noqa: E402
 from rasters import write_geotiff  # noqa: E402
 
@@ -176,20 +176,35 @@ def test_a_footprint_in_another_crs_is_reprojected(scene):
     assert dataset[query]["image"].shape[0] == 3
 
 
+def test_rows_marked_excluded_are_never_drawn_whatever_their_weight(scene):
+    folder, table = scene
+    dataset = Images(paths=folder / "images")
+    marked = table.copy()
+    chosen = np.flatnonzero(marked["sampler_weight"].to_numpy() > 0)[:3]
+    marked["excluded"] = False
+    marked.loc[chosen, "excluded"] = True
+    marked.loc[chosen, "sampler_weight"] = 50.0  # heavy, so a draw that ignored them would hit
+    sampler = WeightedGeoSampler(dataset, marked, num_samples=2000, seed=3)
+    drawn = np.concatenate([sampler.rows() for sampler.epoch in range(3)])
+    assert drawn.size == 6000
+    assert not np.isin(drawn, chosen).any()
+    assert np.isin(drawn, np.flatnonzero(~marked["excluded"].to_numpy())).all()
+
+
 def test_a_footprint_outside_the_dataset_is_an_error_naming_its_row(scene, tmp_path):
     folder, table = scene
     dataset = Images(paths=folder / "images")
     moved = table.copy()
     row = int(np.flatnonzero(moved["sampler_weight"] > 0)[3])
     moved.loc[row, ["tile_minx", "tile_maxx"]] += 10_000
-    with pytest.raises(InputError, match=rf"row {row} \(counted from 0; .*\.tif at row_off"):
+    with pytest.raises(InputError, match=rf"row {row + 1} \(.*\.tif at row_off"):
         WeightedGeoSampler(dataset, moved, seed=0)
     excluded = moved.copy()
     excluded.loc[row, "sampler_weight"] = 0.0  # never drawn, so never checked
     WeightedGeoSampler(dataset, excluded, seed=0)
     unplaced = table.copy()
     unplaced.loc[row, "crs"] = ""
-    with pytest.raises(InputError, match=rf"row {row} .*no footprint"):
+    with pytest.raises(InputError, match=rf"row {row + 1} .*no footprint"):
         WeightedGeoSampler(dataset, unplaced, seed=0)
     path = tmp_path / "table.parquet"
     table.drop(columns=["crs"]).to_parquet(path)

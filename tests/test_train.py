@@ -16,7 +16,7 @@ from data_fixtures import write_table, write_training_tables
 from patchbalance.cli import app
 from patchbalance.data import CSVWindowedSegmentationDataset
 from patchbalance.errors import ConfigError
-from patchbalance.train import (
+from patchbalance.train.run import (
     build_loss,
     build_model,
     confusion_matrix,
@@ -213,9 +213,9 @@ def test_upstream_config_keys_and_dataset_path_are_accepted(tables, tmp_path):
 
 
 def test_example_config_trains_on_the_demo_data(tmp_path):
+    from patchbalance.build.pipeline import run_build
     from patchbalance.config import load_config
     from patchbalance.demo import write_demo_dataset
-    from patchbalance.pipeline import run_build
 
     paths = write_demo_dataset(tmp_path / "demo")
     run_build(load_config(paths["config"]), progress=False)
@@ -286,7 +286,7 @@ class ConstantLogits(torch.nn.Module):
 
 
 def test_prior_correction_shifts_the_logits_by_tau_times_the_log_prior_ratio():
-    from patchbalance.train import evaluate
+    from patchbalance.train.run import evaluate
 
     # Raw logits (2.0, 1.5): class 0 wins. log prior ratio (-1, +1): at tau 0.5 the logits are
     # (1.5, 2.0) and class 1 wins; at tau 0.2 they are (1.8, 1.7) and class 0 still wins.
@@ -305,7 +305,7 @@ def test_prior_correction_shifts_the_logits_by_tau_times_the_log_prior_ratio():
 
 
 def test_log_prior_ratio_for_training_comes_from_the_table_shares(tmp_path):
-    from patchbalance.train import class_log_prior_ratio
+    from patchbalance.train.run import class_log_prior_ratio
 
     # Uniform shares (class 0, class 2): (160, 40) / 200 = (0.8, 0.2). Weighted (0.5, 1.5):
     # (50 + 90, 60) / 200 = (0.7, 0.3).

@@ -8,9 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from patchbalance.config import UniquenessConfig, config_from_mapping
-from patchbalance.errors import ConfigError, InputError, MissingDependencyError
-from patchbalance.uniqueness import (
+from patchbalance.build.uniqueness import (
     _exact_numpy,
     choose_backend,
     compute_uniqueness,
@@ -20,6 +18,8 @@ from patchbalance.uniqueness import (
     nearest_neighbors,
     normalise_rows,
 )
+from patchbalance.config import UniquenessConfig, config_from_mapping
+from patchbalance.errors import ConfigError, InputError, MissingDependencyError
 
 
 def brute_force_scores(vectors: np.ndarray, k: int) -> np.ndarray:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from patchbalance.errors import InputError
-from patchbalance.weights import (
+from data_fixtures import method_scores as sampling_scores
+from patchbalance.build.weights import (
     average_rank,
     cluster_balanced_scores,
     inverse_frequency_scores,
     normalise_weights,
     repeat_factor_scores,
     sampler_weights,
-    sampling_scores,
 )
+from patchbalance.errors import InputError
 
 
 def test_average_rank_gives_ties_the_same_rank():
@@ -126,3 +126,52 @@ def test_max_weight_caps_and_keeps_mean_one():
 def test_all_zero_scores_are_an_error():
     with pytest.raises(InputError, match="score of 0"):
         normalise_weights(np.zeros(4))
+
+
+def test_a_new_sampling_method_is_one_registered_function(tmp_path):
+    """A method added through the registry is accepted by the config and builds a table."""
+    from patchbalance.build.methods import SAMPLING_METHODS, register_sampling_method
+    from patchbalance.build.pipeline import run_build
+    from patchbalance.config import config_from_mapping
+    from rasters import record, write_pair
+
+    @register_sampling_method("toy_last_class")
+    def toy(signals, settings):
+        # Weight a patch by its share of the last class, plus a floor so every patch is drawn.
+        return signals.proportions[:, -1] + 0.1, {"toy": True}
+
+    try:
+        mask = np.zeros((64, 64), dtype=np.uint8)
+        mask[:32, :32] = 2  # one window all class 2
+        mask[32:, 32:] = 1
+        image_path, mask_path = write_pair(tmp_path, "a", mask)
+        records = [record(image_path, mask_path, r, c, 32) for r in (0, 32) for c in (0, 32)]
+        config = config_from_mapping(
+            {
+                "sampling_method": "toy_last_class",
+                "input": {"patch_records": records},
+                "clustering": {"k_min": 2, "k_max": 2},
+                "output": {"csv_path": str(tmp_path / "t.csv")},
+            },
+            base_dir=tmp_path,
+        )
+        table = run_build(config).table
+    finally:
+        del SAMPLING_METHODS["toy_last_class"]
+    weights = table["sampler_weight"].to_numpy()
+    # Scores 1.1 for the class-2 window, 0.1 for the other three; mean 1 over four patches.
+    np.testing.assert_allclose(weights, np.array([1.1, 0.1, 0.1, 0.1]) * 4 / 1.4)
+
+
+def test_an_unknown_sampling_method_names_the_closest_registered_one():
+    from patchbalance.config import WeightsConfig, config_from_mapping  # noqa: F401
+    from patchbalance.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'rank_max'"):
+        config_from_mapping(
+            {
+                "sampling_method": "rank_mx",
+                "input": {"patch_records": []},
+                "output": {"csv_path": "t.csv"},
+            }
+        )

@@ -7,8 +7,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 # `patchbalance.report(table)` is the API of the spec, so the function is bound over the
-# submodule of the same name; import helpers from it with `from patchbalance.report import ...`.
-from patchbalance.report import prior_correction, report  # noqa: E402
+# submodule of the same name; import helpers from it with `from patchbalance.reporting.figures import ...`.
+from patchbalance.reporting.figures import prior_correction, report  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -23,7 +23,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Imported on first use so that `import patchbalance` stays light (no sklearn, no torch).
     if name == "build_balanced_dataset":
-        from patchbalance.pipeline import build_balanced_dataset
+        from patchbalance.build.pipeline import build_balanced_dataset
 
         return build_balanced_dataset
     if name == "load_config":

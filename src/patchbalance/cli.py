@@ -101,8 +101,8 @@ def build_balanced_dataset_command(
     """Compute a sampler_weight for every patch and write the balanced table."""
 
     def task() -> str:
+        from patchbalance.build.pipeline import plan_text, run_build
         from patchbalance.config import load_config
-        from patchbalance.pipeline import plan_text, run_build
 
         overrides = (set_ or []) + ([f"compute.scheduler={scheduler}"] if scheduler else [])
         cfg = load_config(config, overrides)
@@ -150,7 +150,7 @@ def report_command(
 def _report_text(table_path: Path, out: Path | None = None) -> str:
     """Return the report's text for the terminal; with `out`, also write the HTML page there."""
     from patchbalance.atomic import check_writable
-    from patchbalance.report import figures_from_table, figures_text
+    from patchbalance.reporting.figures import figures_from_table, figures_text
     from patchbalance.table import read_table
 
     if out is not None:
@@ -161,7 +161,7 @@ def _report_text(table_path: Path, out: Path | None = None) -> str:
     for line in figures.starvation_warnings(Path(table_path).name):
         text += f"\nwarning: {line}"
     if out is not None:
-        from patchbalance.report_html import write_html_report
+        from patchbalance.reporting.html import write_html_report
 
         write_html_report(table, figures, Path(out), title=Path(table_path).name)
         text += f"\nreport written to {out}"
@@ -180,7 +180,7 @@ def train_command(
     """Train a segmentation model with the weighted sampler."""
 
     def task() -> str:
-        from patchbalance.train import run_train_command
+        from patchbalance.train.run import run_train_command
 
         return run_train_command(config, overrides=set_ or [], dry_run=dry_run, progress=not quiet)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import typing
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -18,20 +17,6 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbalance.config_loading import StrictModel, load_model_file, model_from_mapping
 from patchbalance.paths import resolve_path
-
-SamplingMethod = Literal[
-    "rank_max",
-    "rank_multiply",
-    "rank_add",
-    "multiplicative",
-    "composition_only",
-    "uniqueness_only",
-    "cluster_balanced",
-    "repeat_factor",
-    "inverse_frequency",
-    "class_target",
-]
-SAMPLING_METHODS: tuple[str, ...] = typing.get_args(SamplingMethod)
 
 
 def secret_as_text(value: Any) -> Any:
@@ -333,7 +318,7 @@ class OutputConfig(StrictModel):
     @classmethod
     def _known_footprint_format(cls, value: str | None) -> str | None:
         if value is not None:
-            from patchbalance.outputs import footprint_format
+            from patchbalance.build.outputs import footprint_format
 
             footprint_format(value)
         return value
@@ -367,7 +352,8 @@ class BalancedDatasetConfig(StrictModel):
     """The `balanced_dataset:` block (SPEC §2)."""
 
     mode: Literal["masks_only", "embeddings"] = "masks_only"
-    sampling_method: SamplingMethod = "rank_max"
+    # Any name of the registry in patchbalance.build.methods (SPEC §3.7).
+    sampling_method: str = "rank_max"
     num_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     seed: int = 42
     input: InputConfig
@@ -397,11 +383,20 @@ class BalancedDatasetConfig(StrictModel):
             )
         return self
 
+    @field_validator("sampling_method")
+    @classmethod
+    def _registered_method(cls, value: str) -> str:
+        from patchbalance.build.methods import get_sampling_method
+
+        return get_sampling_method(value).name
+
     @model_validator(mode="after")
     def _method_fits_mode(self) -> BalancedDatasetConfig:
-        if self.mode == "masks_only" and self.sampling_method == "uniqueness_only":
+        from patchbalance.build.methods import get_sampling_method
+
+        if self.mode == "masks_only" and get_sampling_method(self.sampling_method).needs_uniqueness:
             raise ValueError(
-                "sampling_method 'uniqueness_only' needs visual uniqueness; "
+                f"sampling_method '{self.sampling_method}' needs visual uniqueness; "
                 "use mode: embeddings (or another sampling_method)"
             )
         return self

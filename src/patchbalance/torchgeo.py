@@ -23,9 +23,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from patchbalance.balanced_table import CRS as CRS_COLUMN
+from patchbalance.balanced_table import (
+    FOOTPRINT_BOUNDS,
+    SAMPLER_WEIGHT,
+    BalancedTable,
+    read_balanced_table,
+)
 from patchbalance.data.samplers import DistributedWeightedSampler, _seed_from_torch
 from patchbalance.errors import InputError, MissingDependencyError
-from patchbalance.table import read_table
 
 try:
     import shapely
@@ -35,7 +41,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError("torchgeo (WeightedGeoSampler)", "torchgeo", "torchgeo") from exc
 
-FOOTPRINT_COLUMNS = ("tile_minx", "tile_miny", "tile_maxx", "tile_maxy", "crs")
+FOOTPRINT_COLUMNS = (*FOOTPRINT_BOUNDS, CRS_COLUMN)
 
 # Points per footprint edge when a footprint is reprojected: the bounding box of the densified
 # ring, not of the four corners, contains the whole reprojected footprint.
@@ -89,7 +95,7 @@ class WeightedGeoSampler(GeoSampler):
                 is 0, or a drawable footprint has no CRS or lies outside the dataset.
         """
         super().__init__(dataset)
-        frame = _as_table(table)
+        balanced = _as_table(table)
         num_replicas, rank = _replicas(num_replicas, rank)
         if seed is None:
             if num_replicas > 1:
@@ -98,17 +104,18 @@ class WeightedGeoSampler(GeoSampler):
                     "every rank draws the same global sample"
                 )
             seed = _seed_from_torch()
+        # Drawn as every other consumer draws: an excluded row gets weight 0.
         self.draws = DistributedWeightedSampler(
-            frame["sampler_weight"].to_numpy(dtype=np.float64, na_value=np.nan),
-            num_samples=len(frame) if num_samples is None else num_samples,
+            balanced.drawn_weights(),
+            num_samples=len(balanced.frame) if num_samples is None else num_samples,
             replacement=replacement,
             seed=seed,
             num_replicas=num_replicas,
             rank=rank,
             drop_last=drop_last,
         )
-        self.footprints = _dataset_footprints(frame, self.draws.weights > 0, dataset)
-        _check_inside(self.footprints, self.draws.weights > 0, frame, dataset)
+        self.footprints = _dataset_footprints(balanced, self.draws.weights > 0, dataset)
+        _check_inside(self.footprints, self.draws.weights > 0, balanced, dataset)
         time = dataset.bounds[2]
         self.time = slice(time.start, time.stop)
         self.epoch = 0
@@ -152,18 +159,18 @@ class WeightedGeoSampler(GeoSampler):
         return len(self.draws)
 
 
-def _as_table(table: pd.DataFrame | str | os.PathLike[str]) -> pd.DataFrame:
-    if isinstance(table, pd.DataFrame):
-        frame, where = table, "the table"
-    else:
-        frame, where = read_table(Path(table)), str(table)
-    missing = [c for c in (*FOOTPRINT_COLUMNS, "sampler_weight") if c not in frame.columns]
+def _as_table(table: pd.DataFrame | str | os.PathLike[str]) -> BalancedTable:
+    balanced = read_balanced_table(
+        table if isinstance(table, pd.DataFrame) else Path(table),
+        where="the table" if isinstance(table, pd.DataFrame) else None,
+    )
+    missing = [c for c in (*FOOTPRINT_COLUMNS, SAMPLER_WEIGHT) if c not in balanced.frame.columns]
     if missing:
         raise InputError(
-            f"{where} lacks the column(s) {', '.join(missing)}; WeightedGeoSampler needs a "
-            "balanced table written by build-balanced-dataset"
+            f"{balanced.prefix}the table lacks the column(s) {', '.join(missing)}; "
+            "WeightedGeoSampler needs a balanced table written by build-balanced-dataset"
         )
-    return frame.reset_index(drop=True)
+    return balanced
 
 
 def _replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -175,28 +182,18 @@ def _replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     return int(num_replicas), int(rank)
 
 
-def _describe_row(frame: pd.DataFrame, row: int) -> str:
-    if {"image_path", "row_off", "col_off"} <= set(frame.columns):
-        return (
-            f"row {row} (counted from 0; {frame.at[row, 'image_path']} at row_off "
-            f"{frame.at[row, 'row_off']}, col_off {frame.at[row, 'col_off']})"
-        )
-    return f"row {row} (counted from 0)"
-
-
 def _dataset_footprints(
-    frame: pd.DataFrame, drawable: np.ndarray, dataset: GeoDataset
+    balanced: BalancedTable, drawable: np.ndarray, dataset: GeoDataset
 ) -> np.ndarray:
     """Return (N, 4) footprint bounds xmin, ymin, xmax, ymax in the dataset's CRS.
 
     Rows that cannot be drawn are NaN; a drawable row without bounds or CRS is an error.
     """
-    bounds = frame[list(FOOTPRINT_COLUMNS[:4])].to_numpy(dtype=np.float64, na_value=np.nan)
-    crs_text = frame["crs"].fillna("").astype(str).to_numpy()
+    bounds, crs_text = balanced.footprints()
     unplaced = drawable & (~np.isfinite(bounds).all(axis=1) | (crs_text == ""))
     if unplaced.any():
         raise InputError(
-            f"{_describe_row(frame, int(np.flatnonzero(unplaced)[0]))} has sampler_weight > 0 "
+            f"{balanced.label(int(np.flatnonzero(unplaced)[0]))} has sampler_weight > 0 "
             f"but no footprint (empty tile bounds or crs), like {int(unplaced.sum())} row(s) in "
             "all: its raster has no CRS, so it cannot be found in a GeoDataset"
         )
@@ -245,7 +242,7 @@ def _reproject_bounds(bounds: np.ndarray, source: CRS, target: CRS) -> np.ndarra
 
 
 def _check_inside(
-    footprints: np.ndarray, drawable: np.ndarray, frame: pd.DataFrame, dataset: GeoDataset
+    footprints: np.ndarray, drawable: np.ndarray, balanced: BalancedTable, dataset: GeoDataset
 ) -> None:
     """Raise `InputError` naming the first drawable footprint not covered by the dataset's files."""
     rows = np.flatnonzero(drawable)
@@ -259,7 +256,7 @@ def _check_inside(
         x, y, _ = dataset.bounds
         box = ", ".join(f"{v:.6g}" for v in footprints[row])
         raise InputError(
-            f"{_describe_row(frame, row)}: its footprint [{box}] (in the dataset's CRS "
+            f"{balanced.label(row)}: its footprint [{box}] (in the dataset's CRS "
             f"{CRS.from_user_input(dataset.crs).to_string()}) is not inside the dataset, whose "
             f"bounds are [{x.start:.6g}, {y.start:.6g}, {x.stop:.6g}, {y.stop:.6g}]; "
             f"{int(outside.sum())} drawable footprint(s) lie outside it. Build the dataset over "

@@ -28,7 +28,7 @@ from patchbalance.config_loading import (
 )
 from patchbalance.errors import ConfigError
 from patchbalance.paths import resolve_path
-from patchbalance.train_config import TrainConfig, load_train_config, resolve_config_mapping
+from patchbalance.train.config import TrainConfig, load_train_config, resolve_config_mapping
 
 # The baseline the command provides when `baseline` is `uniform` and no arm has that name: the
 # same pool and sampler with every active patch weighted 1 (power 0), so weighting is the only

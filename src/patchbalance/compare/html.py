@@ -14,7 +14,7 @@ import numpy as np
 
 from patchbalance.atomic import atomic_writer, check_writable
 from patchbalance.compare.results import class_label, gain_cell, verdict_text
-from patchbalance.report_html import (
+from patchbalance.reporting.html import (
     PAGE_STYLE,
     _class_colours,
     _html_table,

@@ -25,7 +25,7 @@ from patchbalance.compare.config import (
     ComparePlan,
     digest,
 )
-from patchbalance.report import SamplingFigures, figures_from_table
+from patchbalance.reporting.figures import SamplingFigures, figures_from_table
 from patchbalance.table import read_table, write_table
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,8 @@ def _select(
 
 def build_arm_table(plan: ComparePlan, name: str, progress: bool = False) -> ArmTable:
     """Return arm `name`'s training table, built (and CoreSet-selected) once, then reused."""
+    from patchbalance.build.pipeline import run_build
     from patchbalance.config import config_from_mapping
-    from patchbalance.pipeline import run_build
 
     arm = plan.arms[name]
     folder = plan.output_dir / "builds" / name

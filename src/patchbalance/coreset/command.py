@@ -118,7 +118,7 @@ def run_select_coreset_command(
     """
     from patchbalance import __version__
     from patchbalance.atomic import check_writable
-    from patchbalance.outputs import write_json
+    from patchbalance.build.outputs import write_json
 
     start = time.perf_counter()
     config = load_coreset_config(config_path, overrides)

@@ -12,6 +12,7 @@ import math
 import numpy as np
 import pandas as pd
 
+from patchbalance.balanced_table import FOOTPRINT_BOUNDS, SAMPLER_WEIGHT, read_balanced_table
 from patchbalance.coreset import scorers
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.table import (
@@ -19,12 +20,11 @@ from patchbalance.table import (
     boolean_column,
     class_columns,
     excluded_but_weighted,
-    excluded_column,
     key_label,
     warn_excluded_but_weighted,
 )
 
-TILE_COLUMNS = ("tile_minx", "tile_miny", "tile_maxx", "tile_maxy")
+TILE_COLUMNS = FOOTPRINT_BOUNDS
 
 
 def pool_mask(
@@ -39,8 +39,8 @@ def pool_mask(
     whose `sampler_weight` is above 0. `where` names the table in messages.
     """
     n = len(table)
-    excluded = excluded_column(table, where)
-    excluded = np.zeros(n, bool) if excluded is None else excluded
+    balanced = read_balanced_table(table, where)
+    excluded = np.zeros(n, bool) if balanced.excluded is None else balanced.excluded
     low = (
         boolean_column(table, "has_low_entropy", where)
         if "has_low_entropy" in table
@@ -51,10 +51,9 @@ def pool_mask(
         excluded = excluded & ~only_low.to_numpy()
     left_out_low = (low & ~excluded) if exclude_low_entropy else np.zeros(n, bool)
     pool = ~excluded & ~left_out_low
-    if "sampler_weight" in table:
-        weights = pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(np.float64)
+    if SAMPLER_WEIGHT in table:
         warn_excluded_but_weighted(
-            excluded_but_weighted(excluded, weights),
+            excluded_but_weighted(excluded, balanced.stored_weights()),
             where,
             "they are left out of the CoreSet pool and get weight 0",
         )
@@ -90,10 +89,9 @@ def class_matrix(table: pd.DataFrame) -> tuple[np.ndarray, list[int], bool]:
     Pixel counts come from the `px_<value>` columns; without them, proportions come from
     `class_dist_json` (the upstream table's form).
     """
-    columns, values = class_columns(table)
-    if columns:
-        counts = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-        return np.nan_to_num(counts, nan=0.0), values, True
+    if class_columns(table)[0]:
+        counts, values = read_balanced_table(table).class_counts()
+        return counts, values, True
     if "class_dist_json" not in table.columns:
         raise InputError(
             "the table has neither px_<class> pixel-count columns nor class_dist_json; build "

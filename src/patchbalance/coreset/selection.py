@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from patchbalance.build.stats import class_entropy
+from patchbalance.build.weights import sampler_weights
 from patchbalance.coreset import scorers
 from patchbalance.coreset.config import (
     CoresetConfig,
@@ -32,7 +34,6 @@ from patchbalance.coreset.pool_embeddings import pool_embeddings
 from patchbalance.coreset.weights import coreset_weights
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.progress import StageClock, progress_bar
-from patchbalance.stats import class_entropy
 from patchbalance.table import (
     class_proportions,
     class_share,
@@ -41,7 +42,6 @@ from patchbalance.table import (
     key_sorted,
     normalised_keys,
 )
-from patchbalance.weights import sampler_weights
 
 log = logging.getLogger(__name__)
 

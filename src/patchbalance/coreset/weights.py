@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from patchbalance.balanced_table import check_weights
+from patchbalance.build.weights import (
+    inverse_frequency_scores,
+    normalise_weights,
+    repeat_factor_scores,
+)
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.table import class_proportions
-from patchbalance.weights import inverse_frequency_scores, normalise_weights, repeat_factor_scores
 
 
 def coreset_weights(
@@ -36,18 +41,11 @@ def coreset_weights(
                 "sampler_weights: keep needs a sampler_weight column in the input table; "
                 "choose inverse_frequency, repeat_factor or uniform"
             )
-        scores = np.asarray(input_weights, dtype=np.float64)
-        bad = ~np.isfinite(scores) | (scores < 0)
-        if bad.any():
-            raise InputError(
-                f"sampler_weights: keep found {int(bad.sum())} selected row(s) whose "
-                "sampler_weight is empty, negative or not finite"
-            )
-        if not scores.sum() > 0:
-            raise InputError(
-                "sampler_weights: keep found sampler_weight 0 on every selected row; choose "
-                "inverse_frequency, repeat_factor or uniform"
-            )
+        scores = check_weights(
+            input_weights,
+            "sampler_weights: keep: the selected rows' sampler_weight",
+            all_zero_hint="choose inverse_frequency, repeat_factor or uniform",
+        )
     else:
         raise ConfigError(f"unknown sampler_weights {method!r}")
     return normalise_weights(scores, power=1.0, max_weight=max_weight)

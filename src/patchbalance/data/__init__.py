@@ -1,5 +1,6 @@
 """Training integration: the windowed Dataset, weighted samplers and the DataLoader builder."""
 
+from patchbalance.balanced_table import check_weights as validate_weights
 from patchbalance.data.dataset import (
     CSVWindowedSegmentationDataset,
     WindowReadError,
@@ -11,7 +12,6 @@ from patchbalance.data.samplers import (
     TORCH_MULTINOMIAL_MAX_CATEGORIES,
     DistributedWeightedSampler,
     NumpyWeightedRandomSampler,
-    validate_weights,
 )
 
 __all__ = [

@@ -24,12 +24,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
+from patchbalance.balanced_table import SAMPLER_WEIGHT, check_weights
 from patchbalance.data.samplers import (
     TORCH_MULTINOMIAL_MAX_CATEGORIES,
     DistributedWeightedSampler,
     NumpyWeightedRandomSampler,
     _check_num_samples,
-    validate_weights,
 )
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.table import drawn_weights
@@ -101,10 +101,10 @@ def dataset_weights(dataset: Dataset) -> np.ndarray:
     # An excluded row is never drawn, whatever weight the table gives it (as in `report`).
     excluded = getattr(dataset, "excluded", None)
     weights = drawn_weights(weights, excluded, str(where) if where else None)
-    return validate_weights(
+    return check_weights(
         weights,
-        what=f"{where}: sampler_weight" if where else "sampler_weight",
-        row_numbers=getattr(dataset, "row_numbers", None),
+        what=f"{where}: {SAMPLER_WEIGHT}" if where else SAMPLER_WEIGHT,
+        rows=getattr(dataset, "row_numbers", None),
     )
 
 
@@ -117,7 +117,7 @@ def build_weighted_sampler(
     drop_last: bool = False,
 ) -> Sampler[int]:
     """Return the weighted sampler that fits: torch's, the numpy one past 2^24 rows, or DDP's."""
-    weights = validate_weights(weights)
+    weights = check_weights(weights)
     positive = int(np.count_nonzero(weights))
     num_samples = _check_num_samples(
         len(weights) if num_samples is None else num_samples, replacement, positive

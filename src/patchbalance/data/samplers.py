@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from patchbalance.balanced_table import check_weights
 from patchbalance.errors import InputError
-from patchbalance.table import row_numbers as row_numbers_of
-from patchbalance.table import rows_text
 
 # torch.multinomial (behind WeightedRandomSampler) refuses more categories than this.
 TORCH_MULTINOMIAL_MAX_CATEGORIES = 2**24
@@ -37,54 +36,6 @@ TORCH_MULTINOMIAL_MAX_CATEGORIES = 2**24
 # Indices are handed to the DataLoader in chunks, so that a draw of 10^7 rows never becomes a
 # list of 10^7 Python ints at once.
 _YIELD_CHUNK = 65536
-
-
-def validate_weights(
-    weights: Sequence[float] | np.ndarray,
-    what: str = "sampler_weight",
-    row_numbers: np.ndarray | None = None,
-) -> np.ndarray:
-    """Return `weights` as a float64 array after checking it can drive a weighted sampler.
-
-    Args:
-        weights: one weight per row.
-        what: names the weights in messages.
-        row_numbers: the table's own 1-based row of each weight (e.g. those left after
-            dropping some); default: weight i is row i + 1.
-
-    Returns:
-        The weights as a float64 array. Raises `InputError` naming the first offending rows
-        when a weight is NaN, infinite or negative, or when every weight is 0.
-    """
-    array = np.asarray(weights, dtype=np.float64)
-    if array.ndim != 1:
-        raise InputError(
-            f"{what}: expected one weight per row, got an array of shape {array.shape}"
-        )
-    if array.size == 0:
-        raise InputError(f"{what}: the table has no rows to sample from")
-    for name, bad in (
-        ("NaN", np.isnan(array)),
-        ("infinite", np.isinf(array)),
-        ("negative", array < 0),
-    ):
-        if bad.any():
-            positions = np.flatnonzero(bad)
-            rows = (
-                row_numbers_of(positions)
-                if row_numbers is None
-                else np.asarray(row_numbers)[positions]
-            )
-            raise InputError(
-                f"{what} is {name} in {rows.size} row(s) ({rows_text(rows, numbered=True)}); "
-                "weights must be finite and >= 0: rebuild the table with build-balanced-dataset"
-            )
-    if not (array > 0).any():
-        raise InputError(
-            f"{what} is 0 in all {array.size} rows, so there is nothing to draw; "
-            "check the exclusion settings of the build that wrote the table"
-        )
-    return array
 
 
 def _positive_rows(weights: np.ndarray) -> np.ndarray | None:
@@ -165,7 +116,7 @@ class WeightedSampler(Sampler[int], abc.ABC):
         replacement: bool = True,
         seed: int | None = None,
     ) -> None:
-        self.weights = validate_weights(weights)
+        self.weights = check_weights(weights)
         self.positive = _positive_rows(self.weights)
         self.replacement = bool(replacement)
         self.num_samples = _check_num_samples(

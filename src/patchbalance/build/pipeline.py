@@ -18,7 +18,21 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.atomic import check_writable
-from patchbalance.composition import CompositionResult, fit_composition_clusters
+from patchbalance.build.composition import CompositionResult, fit_composition_clusters
+from patchbalance.build.exclusion import REASONS, ExclusionFlags, exclusion_flags
+from patchbalance.build.methods import Signals, sampling_scores
+from patchbalance.build.outputs import (
+    FOOTPRINT_FORMATS,
+    check_footprint_writer,
+    footprint_format,
+    write_footprints,
+    write_json,
+)
+from patchbalance.build.raster_reading import RasterReading, read_rasters
+from patchbalance.build.result_table import ResultTable
+from patchbalance.build.stats import MaskStatistics, class_entropy, nodata_ratios
+from patchbalance.build.summary import StageResults, build_summary, summary_text
+from patchbalance.build.weights import normalise_weights, sampler_weights
 from patchbalance.compute import Compute, open_compute
 from patchbalance.config import (
     BalancedDatasetConfig,
@@ -29,24 +43,11 @@ from patchbalance.config import (
     load_config,
 )
 from patchbalance.errors import InputError
-from patchbalance.exclusion import REASONS, ExclusionFlags, exclusion_flags
-from patchbalance.outputs import (
-    FOOTPRINT_FORMATS,
-    check_footprint_writer,
-    footprint_format,
-    write_footprints,
-    write_json,
-)
 from patchbalance.progress import StageClock, progress_bar
-from patchbalance.raster_reading import RasterReading, read_rasters
-from patchbalance.report import sampling_figures
-from patchbalance.result_table import ResultTable
+from patchbalance.reporting.figures import sampling_figures
 from patchbalance.sources import SourceRecords, load_records
 from patchbalance.sources.local import grid_window_count
-from patchbalance.stats import MaskStatistics, class_entropy, nodata_ratios
-from patchbalance.summary import StageResults, build_summary, summary_text
 from patchbalance.table import KEY_COLUMNS, write_table_chunks
-from patchbalance.weights import normalise_weights, sampler_weights, sampling_scores
 from patchbalance.windows import RasterInfo
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def _uniqueness_stage(
         notes["uniqueness_from_source"] = True
         notes["uniqueness_unknown_set_to_median"] = int(unknown.sum())
         return scores, notes
-    from patchbalance.uniqueness import compute_uniqueness
+    from patchbalance.build.uniqueness import compute_uniqueness
 
     if source.embeddings is not None:
         vectors = np.asarray(source.embeddings, dtype=np.float32)[active]
@@ -194,7 +195,7 @@ def _check_outputs(config: BalancedDatasetConfig, paths: dict[str, Path]) -> Non
         if name in FOOTPRINT_FORMATS.values():
             check_footprint_writer(name)
     if config.output.postgres_table is not None:
-        from patchbalance.postgres_table import check_postgres_table
+        from patchbalance.build.postgres_table import check_postgres_table
 
         # Before any work: an existing table under if_exists: fail, or the source itself.
         check_postgres_table(config)
@@ -245,20 +246,15 @@ def _weights_stage(
     uniqueness: np.ndarray | None,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """Return the sampler weight of every patch (0 for excluded ones) and the weights' notes."""
-    scores, weight_notes = sampling_scores(
-        method,
+    signals = Signals(
+        counts=stats.counts[active],
+        class_values=[int(v) for v in stats.class_values],
+        window_pixels=stats.window_pixels[active],
         composition_score=composition.composition_score,
         cluster_id=composition.labels,
-        counts=stats.counts[active],
-        window_pixels=stats.window_pixels[active],
         uniqueness=uniqueness,
-        min_pixels=weights_config.min_pixels,
-        repeat_threshold=weights_config.repeat_threshold,
-        sqrt=weights_config.sqrt,
-        target_share=weights_config.target_share,
-        min_ess=weights_config.min_ess,
-        class_values=[int(v) for v in stats.class_values],
     )
+    scores, weight_notes = sampling_scores(method, signals, weights_config)
     if "reduced" in weight_notes:
         log.info("%s", weight_notes["reduced"])
     active_weights = normalise_weights(
@@ -291,7 +287,7 @@ def _write_outputs(
             )
             summary[f"{kind}_skipped"] = "rasters have no CRS"
     if config.output.postgres_table is not None:
-        from patchbalance.postgres_table import describe, write_postgres_table
+        from patchbalance.build.postgres_table import describe, write_postgres_table
 
         summary["postgres_table"] = write_postgres_table(written, infos, config)
         outputs["postgres_table"] = describe(config)
@@ -459,7 +455,7 @@ def plan_text(config: BalancedDatasetConfig) -> str:
     for name, path in output_paths(config).items():
         lines.append(f"  output {name}: {path}")
     if config.output.postgres_table is not None:
-        from patchbalance.postgres_table import describe
+        from patchbalance.build.postgres_table import describe
 
         table = config.output.postgres_table
         lines.append(f"  output postgres_table: {describe(config)} (if_exists: {table.if_exists})")

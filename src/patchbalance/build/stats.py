@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from patchbalance.build.window_counts import BorderCheck, CountTask, WindowCounts, count_windows
 from patchbalance.compute import Compute, LazySequence
 from patchbalance.table import class_proportions, lookup_by_path
-from patchbalance.window_counts import BorderCheck, CountTask, WindowCounts, count_windows
 from patchbalance.windows import CHUNK_WINDOWS, window_partitions
 
 __all__ = [

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from patchbalance.build.outputs import footprint_rings, polygon_wkb, wkb_hex
 from patchbalance.config import BalancedDatasetConfig, PostgresTableConfig
 from patchbalance.errors import OutputError
-from patchbalance.outputs import footprint_rings, polygon_wkb, wkb_hex
 from patchbalance.sources.postgres_connection import (
     Target,
     _connect_message,

@@ -1,7 +1,8 @@
-"""Turn composition and uniqueness signals into `sampler_weight` (SPEC §3.7).
+"""The scores behind the sampling methods, and their normalisation into weights (SPEC §3.7).
 
 Every function takes arrays over the active patches only and returns an array of the same
 length; `sampler_weights` scatters the result back over all rows and gives excluded rows 0.
+The methods themselves, by name, are the registry in `patchbalance.build.methods`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,9 @@ import logging
 import numpy as np
 from scipy.stats import rankdata
 
-from patchbalance.class_target import class_target_weights, parse_target_share
-from patchbalance.errors import InputError
-from patchbalance.table import class_share
+from patchbalance.balanced_table import check_weights
 
 log = logging.getLogger(__name__)
-
-RANK_METHODS = ("rank_max", "rank_multiply", "rank_add")
 
 
 def average_rank(values: np.ndarray) -> np.ndarray:
@@ -104,74 +101,6 @@ def inverse_frequency_scores(proportions: np.ndarray, sqrt: bool = False) -> np.
     return proportions @ inverse
 
 
-def sampling_scores(
-    method: str,
-    composition_score: np.ndarray,
-    cluster_id: np.ndarray,
-    counts: np.ndarray,
-    window_pixels: np.ndarray,
-    uniqueness: np.ndarray | None = None,
-    min_pixels: float | None = None,
-    repeat_threshold: float | None = None,
-    sqrt: bool = False,
-    target_share: str | dict[int, float] = "sqrt",
-    min_ess: float | None = None,
-    class_values: list[int] | None = None,
-) -> tuple[np.ndarray, dict[str, object]]:
-    """Return the raw score s_i of `method` for each active patch, and notes for the summary.
-
-    Arrays cover the active patches only. Without `uniqueness` (masks_only), the rank methods
-    reduce to r_c and `multiplicative` to the composition score. `class_target` uses
-    `target_share`, `min_ess` and the `class_values` of the count columns (SPEC §3.8).
-    """
-    notes: dict[str, object] = {}
-    composition_rank = average_rank(composition_score)
-    if uniqueness is None and method in (*RANK_METHODS, "multiplicative"):
-        notes["reduced"] = (
-            f"{method} without embeddings uses the composition signal alone "
-            "(mode masks_only has no uniqueness)"
-        )
-    if method == "uniqueness_only" and uniqueness is None:
-        raise InputError("sampling_method 'uniqueness_only' needs mode: embeddings")
-
-    if method in RANK_METHODS and uniqueness is not None:
-        uniqueness_rank = average_rank(uniqueness)
-        if method == "rank_max":
-            return np.maximum(composition_rank, uniqueness_rank), notes
-        if method == "rank_multiply":
-            return composition_rank * uniqueness_rank, notes
-        return (composition_rank + uniqueness_rank) / 2.0, notes
-    if method in RANK_METHODS or method == "composition_only":
-        return composition_rank, notes
-    if method == "uniqueness_only":
-        return average_rank(uniqueness), notes
-    if method == "multiplicative":
-        score = np.asarray(composition_score, dtype=np.float64)
-        return (score * uniqueness if uniqueness is not None else score.copy()), notes
-    if method == "cluster_balanced":
-        return cluster_balanced_scores(composition_score, cluster_id, uniqueness), notes
-    if method == "repeat_factor":
-        factors, figures = repeat_factor_scores(counts, window_pixels, min_pixels, repeat_threshold)
-        notes.update(figures)
-        return factors, notes
-    if method == "inverse_frequency":
-        counts = np.asarray(counts, dtype=np.float64)
-        totals = counts.sum(axis=1, keepdims=True)
-        proportions = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
-        return inverse_frequency_scores(proportions, sqrt=sqrt), notes
-    if method == "class_target":
-        values = list(range(counts.shape[1])) if class_values is None else list(class_values)
-        counts = np.asarray(counts, dtype=np.float64)
-        uniform = class_share(counts, np.ones(len(counts)))
-        target = parse_target_share(target_share, uniform, values)
-        result = class_target_weights(counts, target, min_ess)
-        notes["class_target"] = {"target_share": target_share, **result.to_summary(values)}
-        for note in result.notes:
-            log.warning("class_target: %s", note)
-        return result.probabilities, notes
-    raise ValueError(f"unknown sampling_method {method!r}")
-
-
 def normalise_weights(
     scores: np.ndarray,
     power: float = 1.0,
@@ -187,16 +116,13 @@ def normalise_weights(
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
         return scores.copy()
-    if not np.all(np.isfinite(scores)) or np.any(scores < 0):
-        bad = int(np.count_nonzero(~np.isfinite(scores) | (scores < 0)))
-        raise InputError(f"{bad} patch scores are negative or not finite; cannot make weights")
-    weights = np.power(scores, power) if power != 1.0 else scores.copy()
+    weights = check_weights(
+        np.power(scores, power) if power != 1.0 else scores.copy(),
+        "the patch scores",
+        all_zero_hint="every active patch has a score of 0, so no weight can be positive; try "
+        "another sampling_method or a smaller weights.power",
+    )
     total = weights.sum()
-    if not total > 0:
-        raise InputError(
-            "every active patch has a score of 0, so no weight can be positive; "
-            "try another sampling_method or a smaller weights.power"
-        )
     weights *= weights.size / total
     if uniform_mix:
         weights = (1.0 - uniform_mix) * weights + uniform_mix

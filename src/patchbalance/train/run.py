@@ -35,16 +35,7 @@ import pandas as pd
 from patchbalance.atomic import atomic_copy, atomic_write_with
 from patchbalance.config_loading import read_yaml_mapping
 from patchbalance.errors import ConfigError, OutputError
-from patchbalance.segmentation_metrics import (  # noqa: F401 - confusion_matrix, iou_from_confusion are part of the train API
-    class_log_prior_ratio,
-    confusion_matrix,
-    iou_from_confusion,
-    mean_iou,
-    precision_recall_from_confusion,
-    tau_values,
-    validation_metrics,
-)
-from patchbalance.train_components import (  # noqa: F401 - build_loss, build_optimizer, build_schedulers are part of the train API
+from patchbalance.train.components import (  # noqa: F401 - build_loss, build_optimizer, build_schedulers are part of the train API
     DEFAULT_MODEL,
     build_dataset,
     build_loss,
@@ -55,11 +46,20 @@ from patchbalance.train_components import (  # noqa: F401 - build_loss, build_op
     seed_everything,
     step_schedulers,
 )
-from patchbalance.train_config import (  # noqa: F401 - TrainConfig is part of the train API
+from patchbalance.train.config import (  # noqa: F401 - TrainConfig is part of the train API
     TrainConfig,
     resolve_config_mapping,
 )
-from patchbalance.train_plan import TrainPlan, plan_training
+from patchbalance.train.metrics import (  # noqa: F401 - confusion_matrix, iou_from_confusion are part of the train API
+    class_log_prior_ratio,
+    confusion_matrix,
+    iou_from_confusion,
+    mean_iou,
+    precision_recall_from_confusion,
+    tau_values,
+    validation_metrics,
+)
+from patchbalance.train.plan import TrainPlan, plan_training
 
 log = logging.getLogger(__name__)
 

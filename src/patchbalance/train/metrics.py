@@ -87,7 +87,7 @@ def class_log_prior_ratio(dataset: Any, n_classes: int, weighted: bool) -> np.nd
     Class index j is the table's `px_<class_values[j]>` column when the dataset names its
     class values, else `px_<j>`. Without a weighted sampler the prior is not shifted: zeros.
     """
-    from patchbalance.report import figures_from_table
+    from patchbalance.reporting.figures import figures_from_table
     from patchbalance.table import read_table
 
     ratio = np.zeros(n_classes)

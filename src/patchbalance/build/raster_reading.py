@@ -15,17 +15,17 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbalance.compute import Compute
-from patchbalance.config import ExclusionConfig
-from patchbalance.errors import InputError
-from patchbalance.progress import StageClock, progress_bar
-from patchbalance.sources import SourceRecords
-from patchbalance.stats import (
+from patchbalance.build.stats import (
     BorderCheck,
     MaskStatistics,
     compute_mask_statistics,
     statistics_from_counts,
 )
+from patchbalance.compute import Compute
+from patchbalance.config import ExclusionConfig
+from patchbalance.errors import InputError
+from patchbalance.progress import StageClock, progress_bar
+from patchbalance.sources import SourceRecords
 from patchbalance.table import lookup_by_path
 from patchbalance.windows import RasterInfo, probe_rasters, windows_in_bounds
 

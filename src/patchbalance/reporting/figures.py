@@ -10,15 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from patchbalance.balanced_table import read_balanced_table
 from patchbalance.errors import InputError
-from patchbalance.table import (
-    class_columns,
-    class_share,
-    drawn_weights,
-    effective_sample_size,
-    excluded_column,
-    rows_text,
-)
+from patchbalance.table import class_proportions, class_share, effective_sample_size
 
 # A below-median class whose weighted share falls under this fraction of its uniform share is
 # starved (SPEC §5).
@@ -158,27 +152,10 @@ def figures_from_table(table: pd.DataFrame, where: str | None = None) -> Samplin
     not `excluded` (all rows of weight > 0 without the column); an excluded row with a weight
     above 0 is never drawn, and one warning counts such rows.
     """
-    prefix = f"{where}: " if where else ""
-    if "sampler_weight" not in table.columns:
-        raise InputError(
-            f"{prefix}the table has no sampler_weight column; build it with build-balanced-dataset"
-        )
-    columns, values = class_columns(table)
-    if not columns:
-        raise InputError(f"{prefix}the table has no px_<class> columns of class pixel counts")
-    weights = pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(weights) | (weights < 0)
-    if bad.any():
-        raise InputError(
-            f"{prefix}sampler_weight is negative, empty or not a number in "
-            f"{int(bad.sum())} row(s) ({rows_text(np.flatnonzero(bad))}); weights must be finite "
-            "and >= 0: rebuild the table with build-balanced-dataset or fix those rows"
-        )
-    excluded = excluded_column(table, where)
-    weights = drawn_weights(weights, excluded, where)
-    active = ~excluded if excluded is not None else weights > 0
-    counts = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    return sampling_figures(counts, weights, active, values)
+    balanced = read_balanced_table(table, where)
+    weights = balanced.drawn_weights()
+    counts, values = balanced.class_counts()
+    return sampling_figures(counts, weights, balanced.active(weights), values)
 
 
 def figures_text(figures: SamplingFigures, class_names: dict[int, str] | None = None) -> str:
@@ -238,20 +215,15 @@ def active_and_drawn_weights(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarra
     """Return which rows are active and the weight each is drawn with (0 for excluded rows).
 
     Args:
-        table: a balanced table with `sampler_weight` (validated by `figures_from_table`,
-            which has already warned about excluded rows with a weight).
+        table: a balanced table with `sampler_weight`.
 
     Returns:
-        `(active, weights)`: active = not `excluded` (weight > 0 without the column), and an
-        empty weight counts as 0; the same rules as `figures_from_table`, so plots and figures
-        agree.
+        `(active, weights)` by the rules of `figures_from_table` (the table's one reader), so
+        that plots and figures agree.
     """
-    weights = np.nan_to_num(
-        pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(dtype=np.float64)
-    )
-    excluded = excluded_column(table)
-    weights = drawn_weights(weights, excluded, warn=False)
-    return (~excluded if excluded is not None else weights > 0), weights
+    balanced = read_balanced_table(table)
+    weights = balanced.drawn_weights(warn=False)
+    return balanced.active(weights), weights
 
 
 def cluster_figures(
@@ -272,10 +244,8 @@ def cluster_figures(
         return None
     cluster_ids = pd.to_numeric(table["freq_cluster_id"], errors="coerce").to_numpy()
     in_cluster = active & np.isfinite(cluster_ids) & (cluster_ids >= 0)
-    columns, _ = class_columns(table)
-    counts = np.nan_to_num(table[columns].to_numpy(dtype=np.float64))[in_cluster]
-    valid = counts.sum(axis=1, keepdims=True)
-    proportions = np.divide(counts, valid, out=np.zeros_like(counts), where=valid > 0)
+    counts, _ = read_balanced_table(table).class_counts()
+    proportions = class_proportions(counts[in_cluster])
     ids, inverse = np.unique(cluster_ids[in_cluster].astype(np.int64), return_inverse=True)
     sizes = np.bincount(inverse, minlength=len(ids))
     cluster_weight = np.bincount(inverse, weights=weights[in_cluster], minlength=len(ids))

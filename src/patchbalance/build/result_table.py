@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbalance.exclusion import ExclusionFlags
-from patchbalance.stats import MaskStatistics, statistics_columns
+from patchbalance.build.exclusion import ExclusionFlags
+from patchbalance.build.stats import MaskStatistics, statistics_columns
 from patchbalance.windows import RasterInfo, tile_bound_columns
 
 log = logging.getLogger(__name__)

@@ -18,20 +18,20 @@ import numpy as np
 
 from patchbalance.atomic import check_writable_folder
 from patchbalance.errors import ConfigError
-from patchbalance.segmentation_metrics import class_log_prior_ratio
 from patchbalance.table import drawn_weights
-from patchbalance.train_components import (
+from patchbalance.train.components import (
     DEFAULT_MODEL,
     build_dataset,
     resolve_device,
 )
-from patchbalance.train_config import (
+from patchbalance.train.config import (
     DEFAULT_EPOCHS,
     UPSTREAM_ONLY_KEYS,
     TrainConfig,
     load_train_config,
     resolve_config_mapping,
 )
+from patchbalance.train.metrics import class_log_prior_ratio
 
 log = logging.getLogger(__name__)
 

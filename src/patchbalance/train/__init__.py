@@ -1,0 +1,21 @@
+"""`train`: segmentation training with the weighted sampler (SPEC §7).
+
+`run` holds the command and the loop, `config` the train YAML's models, `plan` what is checked
+before training, `components` the model, loss and optimiser, `metrics` the validation metrics,
+`encoders` the offline pretrained encoders.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["run_train_command", "train_from_config"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the package's submodules import torch.
+    if name in __all__:
+        from patchbalance.train import run
+
+        return getattr(run, name)
+    raise AttributeError(f"module 'patchbalance.train' has no attribute {name!r}")
