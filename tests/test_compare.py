@@ -199,6 +199,19 @@ def test_an_interrupted_compare_retrains_only_the_unfinished_run(tmp_path, demo)
     assert "building its table" not in second.stderr
 
 
+def test_two_trainings_at_once_give_the_runs_that_one_at_a_time_gives(tmp_path, demo):
+    results = {}
+    for jobs in (1, 2):
+        root = tmp_path / f"jobs{jobs}"
+        root.mkdir()
+        config = tiny_configs(root, demo, jobs=jobs)
+        result = runner.invoke(app, ["compare", str(config), "-q"])
+        assert result.exit_code == 0, result.output
+        results[jobs] = json.loads((root / "out" / "results.json").read_text())
+    assert results[2]["summary"] == results[1]["summary"]
+    assert len(results[2]["trained"]) == 4
+
+
 def error_lines(result) -> list[str]:
     return [line for line in result.stderr.splitlines() if line.startswith("error:")]
 
@@ -240,6 +253,16 @@ def test_a_train_config_without_val_dataset_is_one_line_and_exit_2(tmp_path, dem
     assert result.exit_code == 2, result.output
     errors = error_lines(result)
     assert len(errors) == 1 and "add a val_dataset block" in errors[0], result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_plan_and_builds_nothing(tmp_path, demo):
+    config = tiny_configs(tmp_path, demo)
+    result = runner.invoke(app, ["compare", str(config), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "2 arms x 2 seeds = 4 trainings of 2 steps" in result.stdout
+    assert "seeds: 42, 43; baseline: uniform" in result.stdout
+    assert "rank_max: build: {'sampling_method': 'rank_max'}" in result.stdout
     assert not (tmp_path / "out").exists()
 
 

@@ -191,6 +191,7 @@ def train_command(
 def compare_command(
     config: ConfigArg,
     set_: SetOption = None,
+    dry_run: DryRunOption = False,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
@@ -200,7 +201,9 @@ def compare_command(
     def task() -> str:
         from patchbalance.compare import run_compare_command
 
-        return run_compare_command(config, overrides=set_ or [], progress=not quiet)
+        return run_compare_command(
+            config, overrides=set_ or [], progress=not quiet, dry_run=dry_run
+        )
 
     _run(task, quiet, verbose, debug)
 

@@ -7,7 +7,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from patchbalance.compare.config import ComparePlan, load_compare_config
+from patchbalance.compare.config import (
+    UNIFORM,
+    UNIFORM_BUILD,
+    ArmConfig,
+    ComparePlan,
+    load_compare_config,
+)
 from patchbalance.compare.engine import CompareRuns, run_compare_runs
 from patchbalance.compare.results import verdict_text, write_results
 from patchbalance.compare.statistics import learning_curves, plateau_check, summarise, verdict
@@ -93,9 +99,32 @@ def run_compare(plan: ComparePlan, progress: bool = False) -> dict[str, Any]:
     return results
 
 
-def run_compare_command(config_path: Path, overrides: list[str], progress: bool) -> str:
+def plan_text(plan: ComparePlan) -> str:
+    """Return what a comparison will do (what `--dry-run` prints)."""
+    config = plan.config
+    runs = len(plan.arms) * config.seeds
+    lines = [
+        f"{len(plan.arms)} arms x {config.seeds} seeds = {runs} trainings of {config.steps} "
+        f"steps, validation every {config.eval_every} (short budget {config.short_budget})",
+        f"seeds: {', '.join(str(s) for s in plan.seeds)}; baseline: {plan.baseline}; "
+        f"{config.jobs} at a time, {config.threads} thread(s) each",
+    ]
+    specs = {UNIFORM: ArmConfig(build=UNIFORM_BUILD), **config.arms}
+    for name in plan.arms:
+        spec = specs[name]
+        parts = [f"{key}: {value}" for key, value in spec.model_dump(exclude_defaults=True).items()]
+        lines.append(f"  {name}: {'; '.join(parts) or 'the configs as they are'}")
+    lines.append(f"outputs: {plan.output_dir}")
+    return "\n".join(lines)
+
+
+def run_compare_command(
+    config_path: Path, overrides: list[str], progress: bool, dry_run: bool = False
+) -> str:
     """Run `patchbalance compare CONFIG`; return the verdict and where the results are."""
     plan = load_compare_config(config_path, overrides)
+    if dry_run:
+        return "dry run: nothing built or trained\n" + plan_text(plan)
     results = run_compare(plan, progress=progress)
     trained, reused = len(results["trained"]), len(results["reused"])
     lines = [

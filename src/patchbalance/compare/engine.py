@@ -28,6 +28,7 @@ from patchbalance.atomic import atomic_writer
 from patchbalance.compare.config import LENGTH_KEYS, ComparePlan, digest
 from patchbalance.compare.statistics import TAUS
 from patchbalance.compare.tables import DONE, ArmTable, build_arm_table, rarest_classes
+from patchbalance.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +146,11 @@ def _on_gpu(plan: ComparePlan) -> bool:
 
 def train_all(plan: ComparePlan, jobs: list[RunJob]) -> tuple[dict[str, float], list[str]]:
     """Train every unfinished run (`jobs` at once on the CPU); return seconds and names trained."""
-    pending = [job for job in jobs if not job.finished()]
+    finished = [job.finished() for job in jobs]
+    pending = [job for job, done in zip(jobs, finished, strict=True) if not done]
     seconds: dict[str, float] = {}
-    for job in jobs:
-        if job not in pending:
+    for job, done in zip(jobs, finished, strict=True):
+        if done:
             marker = json.loads((job.run_dir / DONE).read_text())
             seconds[f"{job.arm}/seed{job.seed}"] = float(marker.get("seconds", 0.0))
     log.info(
@@ -205,11 +207,21 @@ def run_metrics(run_dir: Path, arm: str, seed: int) -> pd.DataFrame:
 
 
 def build_all(plan: ComparePlan, progress: bool = False) -> tuple[dict[str, ArmTable], list[int]]:
-    """Return every arm's table (the baseline's first) and the classes of interest."""
+    """Return every arm's table (the baseline's first) and the classes of interest.
+
+    Raises `ConfigError` before any training when a class of interest is not a class of the
+    baseline's table.
+    """
     baseline = build_arm_table(plan, plan.baseline, progress)
     interest = plan.config.classes_of_interest or rarest_classes(
         baseline.figures, plan.config.catch_all
     )
+    unknown = sorted(set(interest) - set(baseline.figures.class_values))
+    if unknown:
+        raise ConfigError(
+            f"{plan.where}: classes_of_interest {unknown} are not classes of the baseline's "
+            f"table (its classes: {baseline.figures.class_values})"
+        )
     tables = {plan.baseline: baseline}
     for name in plan.arms:
         if name != plan.baseline:
