@@ -115,11 +115,6 @@ class Arm:
     coreset: dict[str, Any] | None
     build_base: Path  # the build config's folder (relative override paths resolve there)
 
-    @property
-    def build_key(self) -> str:
-        """Return a digest of what makes this arm's training table."""
-        return digest({"build": self.build, "coreset": self.coreset})
-
 
 @dataclass
 class ComparePlan:

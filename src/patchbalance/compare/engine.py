@@ -124,7 +124,7 @@ def _jobs(plan: ComparePlan, tables: dict[str, ArmTable]) -> list[RunJob]:
     for seed in plan.seeds:
         for arm, table in tables.items():
             config = run_config(plan, arm, seed, table.path)
-            key = digest({"train": config, "table": plan.arms[arm].build_key})
+            key = digest({"train": config, "table": table.key})
             jobs.append(
                 RunJob(
                     arm=arm,

@@ -50,6 +50,7 @@ class ArmTable:
     figures: SamplingFigures
     reused: bool
     notes: dict[str, Any]
+    key: str  # a digest of what made the table: a run trained on another table is not reused
 
 
 def _build_mapping(plan: ComparePlan, arm: Arm, folder: Path) -> dict[str, Any]:
@@ -141,7 +142,7 @@ def build_arm_table(plan: ComparePlan, name: str, progress: bool = False) -> Arm
         {
             "build": {**mapping, "num_workers": None, "compute": None},
             "coreset": arm.coreset,
-            "seed": plan.first_seed,
+            "seed": plan.first_seed if arm.coreset is not None else None,
         }
     )
     target = "table.csv" if arm.coreset is None else "coreset.csv"
@@ -168,7 +169,7 @@ def build_arm_table(plan: ComparePlan, name: str, progress: bool = False) -> Arm
             write_table(table, folder / target)
         _mark_done(folder, {"key": key, "arm": name, "notes": notes})
     figures = figures_from_table(table, where=str(folder / target))
-    return ArmTable(name, folder / target, figures, reused, notes)
+    return ArmTable(name, folder / target, figures, reused, notes, key)
 
 
 def rarest_classes(figures: SamplingFigures, catch_all: list[int], count: int = 2) -> list[int]:
