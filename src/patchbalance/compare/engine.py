@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import multiprocessing
 import re
 import shutil
 import time
@@ -168,7 +169,10 @@ def train_all(plan: ComparePlan, jobs: list[RunJob]) -> tuple[dict[str, float], 
             seconds[name] = spent
             log.info("[%d/%d] %s: %.0f s", count, len(pending), name, spent)
         return seconds, names
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # Spawned, not forked: the builds may have run torch in this process, and a forked child
+    # of a process that used OpenMP threads can hang.
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         for count, (name, spent) in enumerate(
             zip(names, pool.map(train_run, pending), strict=True), start=1
         ):
