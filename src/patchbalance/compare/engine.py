@@ -141,7 +141,12 @@ def _jobs(plan: ComparePlan, tables: dict[str, ArmTable]) -> list[RunJob]:
 
 
 def _on_gpu(plan: ComparePlan) -> bool:
-    device = str(plan.arms[plan.baseline].train.get("device") or "")
+    """Return True when the runs train on a GPU (they then run one at a time)."""
+    device = str(plan.arms[plan.baseline].train.get("device") or "auto")
+    if device == "auto":
+        import torch
+
+        return bool(torch.cuda.is_available())
     return device.startswith("cuda")
 
 

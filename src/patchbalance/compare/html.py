@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from patchbalance.atomic import atomic_writer, check_writable
-from patchbalance.compare.results import class_label, gain_cell, verdict_text
+from patchbalance.compare.results import class_label, gain_cell, percent, verdict_text
 from patchbalance.reporting.html import (
     PAGE_STYLE,
     _class_colours,
@@ -145,7 +145,7 @@ def _iou_section(results: dict[str, Any]) -> str:
                        ("long_tau1", "long budget, prior correction τ = 1")):  # fmt: skip
         block = results["summary"][key]
         rows = [
-            [html.escape(arm)] + [f"{block['arms'][arm][c]['iou'] * 100:.1f}" for c in columns]
+            [html.escape(arm)] + [percent(block["arms"][arm][c]["iou"]) for c in columns]
             for arm in results["arms"]
         ]
         parts.append(

@@ -11,7 +11,8 @@ import numpy as np
 from patchbalance.atomic import atomic_writer
 
 
-def _pct(value: float | None, signed: bool = False) -> str:
+def percent(value: float | None, signed: bool = False) -> str:
+    """Return a share as percentage points with one decimal ("–" when not a number)."""
     if value is None or not np.isfinite(value):
         return "–"
     value = round(value * 100, 1) + 0.0
@@ -23,7 +24,7 @@ def gain_cell(gain: dict[str, Any]) -> str:
     if not gain["n"]:
         return "–"
     return (
-        f"{_pct(gain['mean'], True)} [{_pct(gain['low'], True)}, {_pct(gain['high'], True)}]"
+        f"{percent(gain['mean'], True)} [{percent(gain['low'], True)}, {percent(gain['high'], True)}]"
         f" ({gain['wins']}/{gain['n']})"
     )
 
@@ -76,7 +77,9 @@ def _iou_tables(results: dict[str, Any], classes: list[str]) -> list[str]:
         for arm in arms:
             entry = block["arms"][arm]
             lines.append(
-                f"| {arm} | " + " | ".join(_pct(entry[c]["iou"]) for c in [*classes, "miou"]) + " |"
+                f"| {arm} | "
+                + " | ".join(percent(entry[c]["iou"]) for c in [*classes, "miou"])
+                + " |"
             )
         lines += [
             "",
@@ -132,8 +135,8 @@ def _precision_recall(results: dict[str, Any]) -> list[str]:
         for c in interest:
             plain, adjusted = block["arms"][arm][c], corrected[arm][c]
             cells += [
-                f"{_pct(plain['precision'])} → {_pct(adjusted['precision'])}",
-                f"{_pct(plain['recall'])} → {_pct(adjusted['recall'])}",
+                f"{percent(plain['precision'])} → {percent(adjusted['precision'])}",
+                f"{percent(plain['recall'])} → {percent(adjusted['recall'])}",
             ]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return lines
@@ -144,7 +147,7 @@ def _curves(results: dict[str, Any]) -> list[str]:
     for arm, points in results["learning_curves"].items():
         lines.append(
             f"- {arm}: "
-            + ", ".join(f"{p['step']}: {_pct(p['mean'])} ± {_pct(p['std'])}" for p in points)
+            + ", ".join(f"{p['step']}: {percent(p['mean'])} ± {percent(p['std'])}" for p in points)
             + f". {results['plateau'][arm]['note']}"
         )
     return lines
