@@ -219,7 +219,10 @@ def error_lines(result) -> list[str]:
 @pytest.mark.parametrize(
     ("compare", "message"),
     [
-        ({"arms": {"x": {"bild": {}}}}, "unknown key 'arms.x.bild'"),
+        (
+            {"arms": {"x": {"bild": {}}}},
+            "unknown key 'arms.x.bild'; an arm takes build, train and coreset",
+        ),
         (
             {"arms": {"x": {"build": {"weights": {"powr": 0.5}}}}},
             "arm 'x': arms.x.build: unknown key 'weights.powr'; did you mean 'power'?",

@@ -265,6 +265,17 @@ def plan_compare(config: CompareConfig, base_dir: Path, where: str) -> ComparePl
     return ComparePlan(config=config, arms=arms, output_dir=output_dir, where=where)
 
 
+ARM_KEY = re.compile(r"unknown key 'arms\.[^.']+\.[^.']+'")
+
+
+def _with_arm_hint(error: ConfigError) -> ConfigError:
+    """Return `error`, saying what an arm takes when it is about an unknown key of an arm."""
+    message = str(error)
+    if ARM_KEY.search(message):
+        return ConfigError(f"{message}; an arm takes build, train and coreset")
+    return error
+
+
 def load_compare_config(
     path: str | os.PathLike[str], overrides: list[str] | None = None
 ) -> ComparePlan:
@@ -273,7 +284,10 @@ def load_compare_config(
     Relative paths (`build`, `train`, `output_dir`) are taken against the file's folder.
     """
     path = Path(path)
-    config = load_model_file(CompareConfig, "compare", path, overrides or [])
+    try:
+        config = load_model_file(CompareConfig, "compare", path, overrides or [])
+    except ConfigError as exc:
+        raise _with_arm_hint(exc) from exc
     return plan_compare(config, path.resolve().parent, str(path))
 
 
@@ -281,10 +295,10 @@ def compare_plan_from_mapping(
     data: dict[str, Any], base_dir: str | os.PathLike[str] | None = None
 ) -> ComparePlan:
     """Return the plan of a comparison given as a mapping (the Python API's entry point)."""
-    block = data.get("compare", data)
     try:
-        config = CompareConfig.model_validate(block)
+        config = CompareConfig.model_validate(data.get("compare", data))
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, CompareConfig, "<compare>")) from exc
+        message = describe_validation_error(exc, CompareConfig, "<compare>")
+        raise _with_arm_hint(ConfigError(message)) from exc
     base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
     return plan_compare(config, base, "<compare>")
