@@ -271,3 +271,16 @@ def test_single_cross_entropy_block_takes_the_class_weights(tables, tmp_path):
     assert isinstance(loss, torch.nn.CrossEntropyLoss)
     assert loss.ignore_index == 255 and loss.label_smoothing == 0.1
     np.testing.assert_array_equal(loss.weight.numpy(), [1, 2, 3, 4])
+
+
+def test_raw_values_that_map_to_one_class_pool_their_pixels(tmp_path):
+    frame = pd.DataFrame({"px_0": [30], "px_1": [5], "px_5": [5], "px_255": [9]})
+    frame["image_path"], frame["mask_path"] = "image.tif", "mask.tif"
+    frame["row_off"], frame["col_off"], frame["patch_size"] = 0, 0, 4
+    frame.to_csv(tmp_path / "mapped.csv", index=False)
+    dataset = CSVWindowedSegmentationDataset(tmp_path / "mapped.csv", 2, mask_class_mapping={5: 1})
+    spec = parse_class_weights({"class_weights": "inverse_frequency"}, 2)
+    result = training_class_weights(spec, dataset, 2, weighted=False)
+    # Class 1 holds raw values 1 and 5: shares (30, 10) / 40; nodata (255) is no class.
+    np.testing.assert_allclose(result.class_share, [0.75, 0.25])
+    np.testing.assert_allclose(result.weights, [2 / 3, 2.0])

@@ -72,7 +72,7 @@ def _inverse_frequency(share: np.ndarray, pixels: np.ndarray, beta: float | None
 
 
 def _median_frequency(share: np.ndarray, pixels: np.ndarray, beta: float | None) -> np.ndarray:
-    return float(np.median(share[share > 0])) / share
+    return float(np.median(share)) / share  # the shares of the present classes only
 
 
 def _inverse_sqrt(share: np.ndarray, pixels: np.ndarray, beta: float | None) -> np.ndarray:
@@ -101,6 +101,11 @@ class ClassWeightsSpec:
     beta: float | None = None
     given: tuple[float, ...] | None = None
     max_class_weight: float = DEFAULT_MAX_CLASS_WEIGHT
+
+    @property
+    def label(self) -> str:
+        """Return the scheme as the configuration writes it (`effective_number:0.9999`)."""
+        return self.scheme if self.beta is None else f"{self.scheme}:{self.beta!r}"
 
 
 @dataclass
@@ -138,16 +143,16 @@ class ClassWeights:
             draws = "the weighted sampler's draws" if self.weighted else "uniform draws"
             source = f"pixel shares under {draws}"
         weights = ", ".join(f"{w:.4g}" for w in self.weights)
-        return f"loss.class_weights {self.spec.scheme} ({source}): [{weights}]"
+        return f"loss.class_weights {self.spec.label} ({source}): [{weights}]"
 
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
-        raise ConfigError(f"{what} must be a number, got {value!r}; {SCHEME_HELP}")
+        raise ConfigError(f"{what} must be a number, got {value!r}")
     try:
         number = float(value)
     except ValueError as exc:
-        raise ConfigError(f"{what} must be a number, got {value!r}; {SCHEME_HELP}") from exc
+        raise ConfigError(f"{what} must be a number, got {value!r}") from exc
     if not math.isfinite(number) or number < 0:
         raise ConfigError(f"{what} must be a finite number >= 0, got {value!r}")
     return number
@@ -306,13 +311,12 @@ def dataset_class_counts(dataset: Any, n_classes: int) -> np.ndarray:
     numbers = getattr(dataset, "row_numbers", None)
     if numbers is not None:  # the rows the dataset kept (n_first_rows_to_read, drop_excluded)
         table = table.iloc[np.asarray(numbers) - 1]
-    raw = table.apply(lambda column: np.asarray(column, dtype=np.float64)).to_numpy()
+    raw = table.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     index = _class_index_of_values(dataset, values, n_classes)
-    counts = np.zeros((len(table), n_classes))
-    for column, j in enumerate(index):
-        if j >= 0:
-            counts[:, j] += np.nan_to_num(raw[:, column])
-    return counts
+    # Several raw values may map to one class (mask_class_mapping): sum their columns.
+    to_class = np.zeros((len(values), n_classes))
+    to_class[np.flatnonzero(index >= 0), index[index >= 0]] = 1.0
+    return np.nan_to_num(raw) @ to_class
 
 
 def training_class_weights(
