@@ -230,6 +230,9 @@ def test_example_config_trains_on_the_demo_data(tmp_path):
     plan_text = run_train_command(EXAMPLE, overrides, dry_run=True, progress=False)
     assert "sampler: WeightedRandomSampler, 192 draws per epoch" in plan_text
     assert not (tmp_path / "train").exists()
+    weighted_loss = [*overrides, "loss.class_weights=median_frequency"]
+    plan_text = run_train_command(EXAMPLE, weighted_loss, dry_run=True, progress=False)
+    assert "loss.class_weights median_frequency (pixel shares under the weighted" in plan_text
     text = run_train_command(EXAMPLE, overrides, dry_run=False, progress=False)
     metrics = pd.read_csv(tmp_path / "train" / "metrics.csv")
     assert list(metrics["step"]) == [2]

@@ -3,7 +3,7 @@
 `load_config(path)` returns a validated `BalancedDatasetConfig`. Every user mistake becomes a
 `ConfigError` whose one-line message names the file and the key (and, for a typo, the closest
 valid key); the reading and the messages are in `config_loading`, shared with the `coreset:`
-(`coreset.config`) and `train` (`train_config`) files.
+(`coreset.config`) and `train` (`train.config`) files.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the weights will do in training, computed from the table alone (SPEC §5).
 
-The figures live here (`SamplingFigures`, `ClusterFigures`); `report_html` only renders them.
+The figures live here (`SamplingFigures`, `ClusterFigures`); `reporting.html` only renders them.
 """
 
 from __future__ import annotations

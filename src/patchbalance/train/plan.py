@@ -1,6 +1,6 @@
 """The plan of a `patchbalance train` run: datasets, loaders, device and length, built not run.
 
-`plan_training` validates the configuration (paths resolved once, in `train_config`), builds
+`plan_training` validates the configuration (paths resolved once, in `train.config`), builds
 both datasets and their loaders, and checks what can be checked before the first step; the
 plan's `describe` is what `--dry-run` prints.
 """
@@ -30,6 +30,12 @@ from patchbalance.train.config import (
     TrainConfig,
     load_train_config,
     resolve_config_mapping,
+)
+from patchbalance.train.loss import (
+    ClassWeights,
+    loss_terms,
+    parse_class_weights,
+    training_class_weights,
 )
 from patchbalance.train.metrics import class_log_prior_ratio
 
@@ -66,6 +72,7 @@ class TrainPlan:
     epochs: int | None
     max_steps: int | None
     log_prior_ratio: np.ndarray
+    class_weights: ClassWeights | None = None
 
     def describe(self) -> str:
         """Return the plan as text (what `--dry-run` prints)."""
@@ -86,6 +93,7 @@ class TrainPlan:
             f"classes: {self.n_classes} (ignore index {self.ignore_index}), "
             f"input bands: {self.in_channels}",
             f"model: {self.resolved.get('model', {}).get('_target_', DEFAULT_MODEL['_target_'])}",
+            *([self.class_weights.describe()] if self.class_weights is not None else []),
             f"device: {self.device}",
             "length: "
             + ", ".join(
@@ -167,10 +175,19 @@ def plan_training(
         if hasattr(train_dataset, "image_band_count")
         else int(cfg.model.get("in_channels", 3))
     )
+    # build_dataloader has checked that the flag is a bool.
+    weighted = bool((train_loader_block or {}).get("weighted_sampler", False))
     ratio = np.zeros(n_classes)
     if cfg.prior_correction is not None:
-        weighted = bool((train_loader_block or {}).get("weighted_sampler", False))
         ratio = class_log_prior_ratio(train_dataset, n_classes, weighted)
+    # The loss block is checked here, before the first step, though built with the model.
+    loss_terms(cfg.loss, ignore_index)
+    class_weights_spec = parse_class_weights(cfg.loss, n_classes)
+    class_weights = (
+        None
+        if class_weights_spec is None
+        else training_class_weights(class_weights_spec, train_dataset, n_classes, weighted)
+    )
     return TrainPlan(
         config=cfg,
         resolved=resolved,
@@ -187,4 +204,5 @@ def plan_training(
         epochs=epochs,
         max_steps=hyper.max_steps,
         log_prior_ratio=ratio,
+        class_weights=class_weights,
     )

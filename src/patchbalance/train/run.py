@@ -15,7 +15,7 @@ checkpoint (by validation mIoU) and the last one are saved atomically too.
 
 `train_from_config(mapping, base_dir)` is the Python entry point; `run_train_command` serves
 the command line. The configuration's keys are in `train_config`, the parts a run is built from
-in `train_components`, and the plan (datasets, loaders, device) in `train_plan`.
+in `components`, and the plan (datasets, loaders, device) in `plan`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from patchbalance.train.config import (  # noqa: F401 - TrainConfig is part of t
     TrainConfig,
     resolve_config_mapping,
 )
+from patchbalance.train.loss import CLASS_WEIGHTS_FILE, write_class_weights
 from patchbalance.train.metrics import (  # noqa: F401 - confusion_matrix, iou_from_confusion are part of the train API
     class_log_prior_ratio,
     confusion_matrix,
@@ -237,7 +238,8 @@ def _build_parts(plan: TrainPlan) -> tuple[Any, Any, Any, list[Any]]:
     cfg = plan.config
     model = build_model(cfg.model, plan.in_channels, plan.n_classes, plan.base_dir)
     model = model.to(plan.device)
-    loss_fn = build_loss(cfg.loss, plan.ignore_index)
+    class_weights = None if plan.class_weights is None else plan.class_weights.weights
+    loss_fn = build_loss(cfg.loss, plan.ignore_index, class_weights)
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn = loss_fn.to(plan.device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.hyperparameters.lr)
@@ -280,6 +282,8 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     last_path = plan.output_dir / "last.pt"
 
     model, loss_fn, optimizer, schedulers = _build_parts(plan)
+    if plan.class_weights is not None:
+        write_class_weights(plan.class_weights, plan.output_dir / CLASS_WEIGHTS_FILE)
     taus = tau_values(cfg.prior_correction)
     offsets = np.outer(taus, plan.log_prior_ratio)
 
