@@ -210,6 +210,20 @@ def class_columns(table: pd.DataFrame) -> tuple[list[str], list[int]]:
     return [name for _, name in found], [value for value, _ in found]
 
 
+def class_presence_threshold(min_pixels: float | None, window_pixels: np.ndarray) -> np.ndarray:
+    """Return the pixel count from which a class counts as present in each window.
+
+    `None` means 1 % of the window; a value below 1 is a fraction of the window; otherwise it
+    is a pixel count.
+    """
+    window_pixels = np.asarray(window_pixels, dtype=np.float64)
+    if min_pixels is None:
+        return 0.01 * window_pixels
+    if min_pixels < 1:
+        return min_pixels * window_pixels
+    return np.full_like(window_pixels, float(min_pixels))
+
+
 def class_proportions(counts: np.ndarray) -> np.ndarray:
     """Return each row's counts divided by its total (rows with no valid pixel stay 0)."""
     counts = np.asarray(counts, dtype=np.float64)

@@ -55,6 +55,20 @@ class RasterInfo:
         return self.crs is not None
 
 
+def nodata_pixels(
+    values: np.ndarray, nodata: float | None, classes: np.ndarray | None = None
+) -> np.ndarray:
+    """Return which mask pixels are not valid: the nodata value, or a value outside `classes`.
+
+    The one rule of SPEC §3.2 for a valid pixel, shared by the statistics, the border check
+    and the class-centred window search.
+    """
+    flags = np.zeros(values.shape, dtype=bool) if nodata is None else values == nodata
+    if classes is not None:
+        flags |= ~np.isin(values, classes)
+    return flags
+
+
 def gdal_message(exc: BaseException) -> str:
     """Return GDAL's error text on one line.
 

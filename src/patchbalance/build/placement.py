@@ -25,7 +25,8 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from patchbalance.compute import Compute
-from patchbalance.windows import RasterInfo, open_raster
+from patchbalance.table import class_presence_threshold
+from patchbalance.windows import RasterInfo, nodata_pixels, open_raster
 
 # Random pixels kept per region: the first centres a region offers, in order.
 PIXELS_PER_REGION = 4
@@ -53,10 +54,8 @@ class PlacementSettings:
     @property
     def min_class_pixels(self) -> float:
         """Return the pixel count a class-centred window must hold of its class."""
-        area = self.patch_size * self.patch_size
-        if self.min_pixels is None:
-            return 0.01 * area
-        return self.min_pixels * area if self.min_pixels < 1 else float(self.min_pixels)
+        area = np.array([float(self.patch_size * self.patch_size)])
+        return float(class_presence_threshold(self.min_pixels, area)[0])
 
 
 @dataclass
@@ -171,12 +170,8 @@ def _scan_mask(info: RasterInfo, settings: PlacementSettings, keep: int, seed: i
         for top in range(0, info.height, height):
             rows = min(height, info.height - top)
             strip = dataset.read(settings.mask_band, window=Window(0, top, info.width, rows))
-            valid = np.ones(strip.shape, dtype=bool)
-            if nodata is not None:
-                valid &= strip != nodata
+            valid = ~nodata_pixels(strip, nodata, settings.classes)
             values = _values_present(strip[valid])
-            if settings.classes is not None:
-                values = values[np.isin(values, settings.classes)]
             grid_rows = max(0, min(rows, covered_rows - top))
             under_grid = strip[:grid_rows, :covered_cols]
             for value in values:

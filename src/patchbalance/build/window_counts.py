@@ -17,7 +17,13 @@ import numpy as np
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from patchbalance.windows import gdal_message, open_raster, read_window, read_window_mask
+from patchbalance.windows import (
+    gdal_message,
+    nodata_pixels,
+    open_raster,
+    read_window,
+    read_window_mask,
+)
 
 # Windows counted from one box: their box stays small enough for the CPU caches.
 BOX_WINDOWS = 512
@@ -138,13 +144,6 @@ class WindowCounts:
     black_border: np.ndarray
     read: np.ndarray
     errors: dict[int, str] = field(default_factory=dict)
-
-
-def _is_nodata(values: np.ndarray, nodata: float | None, classes: np.ndarray | None) -> np.ndarray:
-    flags = np.zeros(values.shape, dtype=bool) if nodata is None else values == nodata
-    if classes is not None:
-        flags |= ~np.isin(values, classes)
-    return flags
 
 
 def count_windows(task: CountTask) -> WindowCounts:
@@ -283,7 +282,7 @@ def _count_from_box(task: CountTask, dataset: Any) -> WindowCounts | None:
     counts = np.zeros((len(size), len(values)), dtype=np.int64)
     for j, value in enumerate(values.tolist()):
         counts[:, j] = _window_sums(strip == value, r0, r1, spans)
-    nodata = _is_nodata(strip, task.nodata, task.classes)
+    nodata = nodata_pixels(strip, task.nodata, task.classes)
     invalid = _window_sums(nodata, r0, r1, spans)
     inner = size > 2  # windows of 1 or 2 pixels are all ring
     interior = np.zeros(len(size), dtype=np.int64)
@@ -317,7 +316,7 @@ def _count_each_window(task: CountTask, datasets: list[Any]) -> WindowCounts:
         try:
             mask = read_window(datasets[0], row, col, size, task.mask_band)
             values, counts, covered = _value_counts(mask, known)
-            ring = _is_nodata(_outer_ring(mask), task.nodata, task.classes)
+            ring = nodata_pixels(_outer_ring(mask), task.nodata, task.classes)
             if task.border_check is not None:
                 image = read_window(datasets[1], row, col, size)
                 image_mask = None
