@@ -63,8 +63,20 @@ GAP = 64.0  # metres between the made-up footprints of two images
 
 # name -> (build settings, uses class-centred windows). The uniform baseline draws the grid
 # pool with every weight 1 (power 0), so the weighting is the only difference.
+UNIFORM: dict[str, Any] = {"sampling_method": "composition_only", "weights": {"power": 0.0}}
+MEDIAN_FREQUENCY_LOSS = {
+    "_target_": "torch.nn.CrossEntropyLoss",
+    "ignore_index": MASK_NODATA,
+    "class_weights": "median_frequency",
+}
+CE_DICE_LOSS = {
+    "terms": [
+        {"name": "cross_entropy", "factor": 1.0, "ignore_index": MASK_NODATA},
+        {"name": "dice", "factor": 1.0, "mode": "multiclass", "ignore_index": MASK_NODATA},
+    ]
+}
 METHODS: dict[str, dict[str, Any]] = {
-    "uniform": {"sampling_method": "composition_only", "weights": {"power": 0.0}},
+    "uniform": UNIFORM,
     "rank_max": {"sampling_method": "rank_max"},
     "inverse_frequency": {"sampling_method": "inverse_frequency"},
     "repeat_factor": {"sampling_method": "repeat_factor"},
@@ -92,6 +104,28 @@ METHODS: dict[str, dict[str, Any]] = {
         "sampling_method": "inverse_frequency",
         "placement": "class_centred",
     },
+    # The loss side, with uniform draws (`train` replaces keys of the train configuration).
+    "uniform_loss_median_frequency": {**UNIFORM, "train": {"loss": MEDIAN_FREQUENCY_LOSS}},
+    "uniform_loss_ce_dice": {**UNIFORM, "train": {"loss": CE_DICE_LOSS}},
+    # Both together: class-centred class_target sqrt with the class-weighted loss.
+    "class_target_sqrt_centred_loss_median_frequency": {
+        "sampling_method": "class_target",
+        "weights": {"target_share": "sqrt"},
+        "placement": "class_centred",
+        "train": {"loss": MEDIAN_FREQUENCY_LOSS},
+    },
+    # Visual uniqueness on the offline EfficientNet-Lite0 features (one cache for every arm).
+    "uniqueness_only": {"sampling_method": "uniqueness_only", "embeddings": True},
+    "rank_max_embeddings": {"sampling_method": "rank_max", "embeddings": True},
+    # CoreSets of 30 % of the pool, trained with equal weights, and a seeded random 30 %.
+    "coreset_cb30": {**UNIFORM, "coreset": {"method": "cb", "budget": 0.3}},
+    "coreset_fd30": {**UNIFORM, "embeddings": True, "coreset": {"method": "fd", "budget": 0.3}},
+    "coreset_lc_fd30": {
+        **UNIFORM,
+        "embeddings": True,
+        "coreset": {"method": "lc_fd", "budget": 0.3},
+    },
+    "random30": {**UNIFORM, "coreset": {"method": "random", "budget": 0.3}},
 }
 # uniform_mix 0.33 is added to the strongest class-aware method, measured before training.
 MIX = 0.33
@@ -366,8 +400,17 @@ def build_config(
             rare_classes=rare,
             class_windows_per_raster=args.class_windows,
         )
+    embeddings = {
+        "mode": "embeddings",
+        "embeddings": {
+            "backbone": "efficientnet_lite0",
+            "parquet_path": str(table_path.parent / "embeddings.parquet"),
+            "num_workers": 0,
+        },
+    }
     return {
         "mode": "masks_only",
+        **(embeddings if method.get("embeddings") else {}),
         "sampling_method": method["sampling_method"],
         "seed": args.seed,
         "num_workers": 1,
@@ -379,6 +422,40 @@ def build_config(
         "weights": dict(method.get("weights", {})),
         "output": {"csv_path": str(table_path)},
     }
+
+
+def subset_table(
+    table: pd.DataFrame, method: dict[str, Any], path: Path, seed: int
+) -> pd.DataFrame:
+    """Return `table` with equal weights on a CoreSet (or a seeded random subset), 0 elsewhere.
+
+    The CoreSet is `select-coreset`'s, with `sampler_weights: uniform`; `method: random` takes
+    a seeded random share of the active patches instead. The table is written to `path`.
+    """
+    from patchbalance.coreset import select_coreset
+    from patchbalance.table import write_table
+
+    settings = method["coreset"]
+    if settings["method"] == "random":
+        active = np.flatnonzero(~table["excluded"].to_numpy(dtype=bool))
+        rng = np.random.default_rng(seed)
+        chosen = rng.choice(active, size=round(settings["budget"] * active.size), replace=False)
+        subset = table.copy()
+        subset["sampler_weight"] = 0.0
+        subset.loc[chosen, "sampler_weight"] = 1.0
+    else:
+        config = {
+            **settings,
+            "input_csv_path": str(path.with_suffix(".pool.csv")),  # the table is passed in
+            "output_csv_path": str(path),
+            "sampler_weights": "uniform",
+            "seed": seed,
+        }
+        if method.get("embeddings"):
+            config["parquet_path"] = str(path.parent / "embeddings.parquet")
+        subset = select_coreset(table, config)
+    write_table(subset, path)
+    return subset
 
 
 def sampling_row(name: str, figures: Any, rare: list[int]) -> dict[str, Any]:
@@ -908,10 +985,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     settings = {name: METHODS[name] for name in args.methods if name in METHODS}
     for name in [m for m in settings if m != "uniform"]:
         tables[name] = work / "weights" / f"{name}.csv"
-        built = run_build(
+        table = run_build(
             build_config(settings[name], train_pairs, n_classes, args, rare, tables[name])
-        )
-        sampling.append(sampling_row(name, figures_from_table(built.table), rare))
+        ).table
+        if "coreset" in settings[name]:
+            table = subset_table(table, settings[name], tables[name], args.seed)
+        sampling.append(sampling_row(name, figures_from_table(table), rare))
     if "mix" in args.methods:
         aware = [row for row in sampling if row["method"] in CLASS_AWARE]
         strongest = max(aware, key=lambda row: row["rare_share_ratio"])["method"]
@@ -935,7 +1014,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     seeds = [args.seed + i for i in range(args.seeds)]
     jobs = [
         (
-            train_config(tables[m], val_path, work / "runs" / f"{m}_seed{s}", s, n_classes, args),
+            {
+                **train_config(
+                    tables[m], val_path, work / "runs" / f"{m}_seed{s}", s, n_classes, args
+                ),
+                **METHODS.get(m, {}).get("train", {}),
+            },
             m,
             s,
             args.threads,
