@@ -226,3 +226,20 @@ def test_postgres_table_without_connection_keys_needs_a_postgres_input(tmp_path)
         _config(tmp_path, {"records_path": "r.csv"}, name="balanced")
     with pytest.raises(ConfigError, match="if_exists"):
         _config(tmp_path, {"records_path": "r.csv"}, dsn="host=x", name="b", if_exists="append")
+
+
+def test_a_missing_schema_is_an_error_before_any_stage_runs(postgres_server, tmp_path):
+    # The rasters do not exist: had any stage run, the error would be about them.
+    records = [record(tmp_path / "gone.tif", tmp_path / "gone_mask.tif", 0, 0, PATCH)]
+    config = _config(
+        tmp_path,
+        {"patch_records": records},
+        dsn=postgres_server.conninfo(),
+        schema="nowhere",
+        name="balanced",
+    )
+    with pytest.raises(
+        OutputError, match=r'schema "nowhere" does not exist.*postgres_table\.schema'
+    ):
+        run_build(config)
+    assert not (tmp_path / "out" / "table.csv").exists()

@@ -8,6 +8,8 @@ from typing import Any
 import numpy as np
 import rasterio
 
+from patchbalance.atomic import atomic_write_with
+
 
 def write_geotiff(
     path: str | Path,
@@ -17,7 +19,7 @@ def write_geotiff(
     nodata: float | None = None,
     block: int | None = None,
 ) -> Path:
-    """Return `path` after writing `data` there as a deflate-compressed GeoTIFF.
+    """Return `path` after writing `data` there as a deflate-compressed GeoTIFF, atomically.
 
     Args:
         path: the file to write; its folder is created when missing.
@@ -31,7 +33,6 @@ def write_geotiff(
         `path`, as a `Path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     bands = data if data.ndim == 3 else data[None]
     profile: dict[str, Any] = {
         "driver": "GTiff",
@@ -49,6 +50,10 @@ def write_geotiff(
         profile.update(tiled=True, blockxsize=block, blockysize=block)
     if nodata is not None:
         profile["nodata"] = nodata
-    with rasterio.open(path, "w", **profile) as dataset:
-        dataset.write(bands)
+
+    def write(temporary: Path) -> None:
+        with rasterio.open(temporary, "w", **profile) as dataset:
+            dataset.write(bands)
+
+    atomic_write_with(path, write)
     return path
