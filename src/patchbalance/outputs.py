@@ -110,6 +110,9 @@ FOOTPRINT_PROPERTIES = (
     "patch_size",
 )
 
+# The GeoPackage's gpkg_contents.last_change: fixed, so that reruns give the same bytes.
+GEOPACKAGE_DATE = "2000-01-01T00:00:00.000Z"
+
 # The footprint formats by file extension: what `output.footprints_path` may end in.
 FOOTPRINT_FORMATS = {".gpkg": "geopackage", ".parquet": "geoparquet", ".geojson": "geojson"}
 
@@ -281,23 +284,31 @@ def _write_geopackage(
     path: Path, geometry: np.ndarray, properties: pd.DataFrame, crs_text: str | None
 ) -> None:
     check_footprint_writer("geopackage")
+    from pyogrio import get_gdal_config_option, set_gdal_config_options
     from pyogrio.raw import write as ogr_write
 
     fields = [_ogr_column(properties[name]) for name in properties.columns]
 
     def write(temporary: Path) -> None:
-        ogr_write(
-            temporary,
-            geometry,
-            fields,
-            list(properties.columns),
-            layer=path.stem,
-            driver="GPKG",
-            geometry_type="Polygon",
-            crs=crs_text,
-            encoding="UTF-8",
-            layer_options={"SPATIAL_INDEX": "YES"},
-        )
+        # gpkg_contents.last_change would hold the time of writing: a fixed date keeps reruns
+        # byte-identical, as the other outputs are (SPEC §4).
+        before = get_gdal_config_option("OGR_CURRENT_DATE")
+        set_gdal_config_options({"OGR_CURRENT_DATE": GEOPACKAGE_DATE})
+        try:
+            ogr_write(
+                temporary,
+                geometry,
+                fields,
+                list(properties.columns),
+                layer=path.stem,
+                driver="GPKG",
+                geometry_type="Polygon",
+                crs=crs_text,
+                encoding="UTF-8",
+                layer_options={"SPATIAL_INDEX": "YES"},
+            )
+        finally:
+            set_gdal_config_options({"OGR_CURRENT_DATE": before})
 
     atomic_write_with(path, write)
 
