@@ -162,15 +162,21 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
         return removed
     for entry in entries:
         match = pattern.fullmatch(entry.name)
-        if match is None or entry.path in _OURS:
+        if match is None or os.path.abspath(entry.path) in _OURS:
             continue
         pid = match.group(1)
         if pid is not None and int(pid) != os.getpid() and _running(int(pid)):
             continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            Path(entry.path).unlink(missing_ok=True)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except FileNotFoundError:
+            continue  # removed meanwhile by another run
+        except OSError as exc:
+            log.warning("cannot remove %s, left by an interrupted run: %s", entry.path, exc)
+            continue
         log.info("removed %s, left by an interrupted run", entry.path)
         removed.append(Path(entry.path))
     return removed
@@ -231,7 +237,7 @@ class _Staged:
             shutil.rmtree(self.holder, ignore_errors=True)
         elif os.path.lexists(self.temporary):
             os.unlink(self.temporary)
-        _OURS.discard(str(made))
+        _OURS.discard(os.path.abspath(made))
 
 
 @dataclass
@@ -320,7 +326,7 @@ def atomic_writer(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
     handle, temporary = tempfile.mkstemp(
         prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent
     )
-    _OURS.add(temporary)
+    _OURS.add(os.path.abspath(temporary))
     staged = _Staged(path, Path(temporary), None)
     try:
         encoding = None if "b" in mode else "utf-8"
@@ -342,7 +348,7 @@ def atomic_write_with(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     folder = tempfile.mkdtemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
-    _OURS.add(folder)
+    _OURS.add(os.path.abspath(folder))
     staged = _Staged(path, Path(folder) / path.name, Path(folder))
     try:
         write(staged.temporary)
