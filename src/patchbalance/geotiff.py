@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
+from rasterio.io import MemoryFile
 
-from patchbalance.atomic import atomic_write_with
+from patchbalance.atomic import atomic_writer
 
 
 def write_geotiff(
@@ -50,10 +50,12 @@ def write_geotiff(
         profile.update(tiled=True, blockxsize=block, blockysize=block)
     if nodata is not None:
         profile["nodata"] = nodata
-
-    def write(temporary: Path) -> None:
-        with rasterio.open(temporary, "w", **profile) as dataset:
+    # Encoded in memory, then written by Python: a full disk is then an OSError with its errno
+    # (GDAL would print libtiff's own lines and keep none), and no half a file is ever left.
+    with MemoryFile() as memory:
+        with memory.open(**profile) as dataset:
             dataset.write(bands)
-
-    atomic_write_with(path, write)
+        encoded = memory.read()
+    with atomic_writer(path, "wb") as stream:
+        stream.write(encoded)
     return path
