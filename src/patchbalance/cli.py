@@ -150,6 +150,7 @@ def report_command(
 def _report_text(table_path: Path, out: Path | None = None) -> str:
     """Return the report's text for the terminal; with `out`, also write the HTML page there."""
     from patchbalance.atomic import check_writable
+    from patchbalance.build.outputs import summary_disagreement
     from patchbalance.reporting.figures import figures_from_table, figures_text
     from patchbalance.table import read_table
 
@@ -160,6 +161,9 @@ def _report_text(table_path: Path, out: Path | None = None) -> str:
     text = figures_text(figures)
     for line in figures.starvation_warnings(Path(table_path).name):
         text += f"\nwarning: {line}"
+    disagreement = summary_disagreement(table_path)
+    if disagreement:
+        text += f"\nwarning: {disagreement}"
     if out is not None:
         from patchbalance.reporting.html import write_html_report
 

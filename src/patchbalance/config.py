@@ -467,6 +467,9 @@ class BalancedDatasetConfig(StrictModel):
             }
         )
         resolved._base_dir, resolved._source_path = self._base_dir, self._source_path
+        from patchbalance.build.outputs import check_build_files
+
+        check_build_files(resolved)  # before any stage: no output may replace another or an input
         return resolved
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:

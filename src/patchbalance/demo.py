@@ -16,6 +16,7 @@ import yaml
 from rasterio.transform import from_origin
 from scipy import ndimage
 
+from patchbalance.atomic import atomic_writer, check_writable_folder
 from patchbalance.errors import MissingDependencyError
 from patchbalance.geotiff import write_geotiff
 from patchbalance.table import write_table
@@ -125,7 +126,8 @@ def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
         }
     }
     config_path = out_dir / "balanced_train.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    with atomic_writer(config_path) as stream:
+        stream.write(yaml.safe_dump(config, sort_keys=False))
     return {
         "config": config_path,
         "records": records_path,
@@ -142,6 +144,7 @@ def run_demo_command(out_dir: Path, progress: bool = True, scheduler: str | None
     from patchbalance.reporting.figures import figures_from_table
     from patchbalance.reporting.html import write_html_report
 
+    check_writable_folder(Path(out_dir), "the demo folder (--out)")
     paths = write_demo_dataset(out_dir)
     overrides = [f"compute.scheduler={scheduler}"] if scheduler else []
     result = run_build(load_config(paths["config"], overrides), progress=progress)

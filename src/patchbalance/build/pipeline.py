@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbalance.atomic import check_writable
+from patchbalance.atomic import check_writable, output_set, remove_stale_temporaries
 from patchbalance.build.composition import CompositionResult, fit_composition_clusters
 from patchbalance.build.exclusion import REASONS, ExclusionFlags, exclusion_flags
 from patchbalance.build.methods import Signals, sampling_scores
@@ -43,6 +43,7 @@ from patchbalance.config import (
     load_config,
 )
 from patchbalance.errors import InputError
+from patchbalance.paths import default_summary_path
 from patchbalance.progress import StageClock, progress_bar
 from patchbalance.reporting.figures import sampling_figures
 from patchbalance.sources import SourceRecords, load_records
@@ -99,11 +100,7 @@ def output_paths(config: BalancedDatasetConfig) -> dict[str, Path]:
     The footprints' key is their format (`geojson`, `geopackage` or `geoparquet`).
     """
     table_path = Path(config.output.csv_path)
-    summary_path = (
-        Path(config.output.summary_path)
-        if config.output.summary_path
-        else table_path.with_name(f"{table_path.stem}.summary.json")
-    )
+    summary_path = Path(config.output.summary_path or default_summary_path(table_path))
     paths = {"table": table_path, "summary": summary_path}
     if config.output.footprints_path:
         footprints = Path(config.output.footprints_path)
@@ -191,6 +188,7 @@ def _check_outputs(config: BalancedDatasetConfig, paths: dict[str, Path]) -> Non
         targets[OUTPUT_LABELS["cache"]] = Path(config.embeddings.parquet_path or "")
     for what, path in targets.items():
         check_writable(path, what)
+        remove_stale_temporaries(path)
     for name in paths:
         if name in FOOTPRINT_FORMATS.values():
             check_footprint_writer(name)
@@ -410,11 +408,18 @@ def _finish(
     for line in warnings:
         log.warning("%s", line)
     summary["warnings"] = warnings
-    outputs = _write_outputs(config, table, paths, summary) if write else {}
-    summary["timings_s"] = clock.seconds
-    summary["outputs"] = outputs
-    if write:
+    if not write:
+        summary["timings_s"] = clock.seconds
+        summary["outputs"] = {}
+        return BuildResult(table, summary, summary_text(summary, figures), {})
+    # One set: every file is complete before the first replaces its old version, and the
+    # summary, which holds the others' SHA-256, is moved into place last (SPEC §4).
+    with output_set() as written:
+        outputs = _write_outputs(config, table, paths, summary)
+        summary["timings_s"] = clock.seconds
+        summary["outputs"] = outputs
         outputs["summary"] = str(paths["summary"])
+        summary["output_sha256"] = written.hashes(outputs)
         write_json(summary, paths["summary"])
     return BuildResult(table, summary, summary_text(summary, figures), outputs)
 
