@@ -1024,8 +1024,9 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             s,
             args.threads,
         )
-        for s in seeds
+        # Method by method, in the order given, so that an interrupted run leaves whole methods.
         for m in methods
+        for s in seeds
     ]
     log(f"training {len(jobs)} runs: {args.steps} steps of {args.batch_size}, {args.encoder}")
     seconds: dict[str, float] = {}
