@@ -6,17 +6,22 @@ The figures live here (`SamplingFigures`, `ClusterFigures`); `report_html` only 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from patchbalance.errors import InputError
 from patchbalance.table import (
+    check_table_file,
     class_columns,
+    class_counts,
     class_share,
     drawn_weights,
     effective_sample_size,
     excluded_column,
+    is_parquet,
+    read_table,
     rows_text,
 )
 
@@ -129,6 +134,11 @@ def sampling_figures(
     n_rows, n_active = len(weights), int(active.sum())
     active_counts = counts[active]
     active_weights = weights[active]
+    # Every figure depends on the weights' ratios only: scaled to a largest of 1, no sum of
+    # weights times pixel counts can overflow.
+    largest = float(active_weights.max(initial=0.0))
+    if largest > 0:
+        active_weights = active_weights / largest
     uniform_share = class_share(active_counts)
     weighted_share = class_share(active_counts, active_weights)
     total_weight = active_weights.sum()
@@ -166,6 +176,8 @@ def figures_from_table(table: pd.DataFrame, where: str | None = None) -> Samplin
     columns, values = class_columns(table)
     if not columns:
         raise InputError(f"{prefix}the table has no px_<class> columns of class pixel counts")
+    if table.empty:
+        raise InputError(f"{prefix}the table has no rows (only its header); nothing to report")
     weights = pd.to_numeric(table["sampler_weight"], errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(weights) | (weights < 0)
     if bad.any():
@@ -177,8 +189,36 @@ def figures_from_table(table: pd.DataFrame, where: str | None = None) -> Samplin
     excluded = excluded_column(table, where)
     weights = drawn_weights(weights, excluded, where)
     active = ~excluded if excluded is not None else weights > 0
-    counts = table[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    check_weight_total(weights[active], where)
+    counts = class_counts(table, columns, active, where)
     return sampling_figures(counts, weights, active, values)
+
+
+def check_weight_total(weights: np.ndarray, where: str | None = None) -> None:
+    """Raise `InputError` when the weights' sum overflows a float (the shares would be NaN)."""
+    with np.errstate(over="ignore"):
+        total = weights.sum()
+    if not np.isfinite(total):
+        prefix = f"{where}: " if where else ""
+        raise InputError(
+            f"{prefix}the sampler_weight values are too large to add up (largest "
+            f"{weights.max():.3g}; their sum overflows); scale them down, e.g. divide every "
+            "weight by their mean"
+        )
+
+
+def read_report_table(path: Path) -> pd.DataFrame:
+    """Return the balanced table at `path` for `report`: a CSV (maybe compressed) or Parquet."""
+    path = Path(path)
+    check_table_file(path, "balanced table")
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if not is_parquet(path) and ".csv" not in suffixes[-2:]:
+        raise InputError(
+            f"{path}: report reads the balanced table that build-balanced-dataset writes "
+            f"(output.csv_path, a .csv or .parquet file), not a '{path.suffix or 'suffix-less'}' "
+            "file"
+        )
+    return read_table(path, what="balanced table")
 
 
 def figures_text(figures: SamplingFigures, class_names: dict[int, str] | None = None) -> str:
@@ -273,7 +313,7 @@ def cluster_figures(
     cluster_ids = pd.to_numeric(table["freq_cluster_id"], errors="coerce").to_numpy()
     in_cluster = active & np.isfinite(cluster_ids) & (cluster_ids >= 0)
     columns, _ = class_columns(table)
-    counts = np.nan_to_num(table[columns].to_numpy(dtype=np.float64))[in_cluster]
+    counts = class_counts(table, columns, active)[in_cluster]
     valid = counts.sum(axis=1, keepdims=True)
     proportions = np.divide(counts, valid, out=np.zeros_like(counts), where=valid > 0)
     ids, inverse = np.unique(cluster_ids[in_cluster].astype(np.int64), return_inverse=True)

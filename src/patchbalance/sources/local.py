@@ -15,7 +15,7 @@ from patchbalance.compute import Compute
 from patchbalance.config import BalancedDatasetConfig, InputConfig
 from patchbalance.errors import InputError
 from patchbalance.paths import resolve_path
-from patchbalance.table import KEY_COLUMNS, read_table
+from patchbalance.table import KEY_COLUMNS, check_table_file, read_table, separator_hint
 from patchbalance.windows import gdal_message, probe_raster
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
     if missing:
         raise InputError(
             f"{source}: missing record column(s) {', '.join(missing)}; every record needs "
-            f"{', '.join(RECORD_COLUMNS)}"
+            f"{', '.join(RECORD_COLUMNS)}{separator_hint(list(records.columns))}"
         )
     if records.empty:
         raise InputError(f"{source}: no records; the source holds no patches")
@@ -57,6 +57,8 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
         if bad.any():
             position = int(np.flatnonzero(bad)[0])
             value = records[column].iloc[position]
+            # A plain number in the message: 12.5, not np.float64(12.5).
+            value = value.item() if isinstance(value, np.generic) else value
             if pd.isna(value) or not str(value).strip():
                 raise InputError(
                     f"{_row_label(source, position)}: {column} is empty; every record needs a "
@@ -141,8 +143,7 @@ def records_from_list(config: BalancedDatasetConfig) -> pd.DataFrame:
 def records_from_file(config: BalancedDatasetConfig) -> pd.DataFrame:
     """Return the records of the CSV or Parquet file named by `input.records_path`."""
     path = Path(config.input.records_path or "")
-    if not path.is_file():
-        raise InputError(f"{path}: records file not found (input.records_path)")
+    check_table_file(path, "records file (input.records_path)")
     records = read_table(
         path, text_columns=("image_path", "mask_path"), what="records table", categorical=True
     )
