@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from typer.testing import CliRunner
 
 from patchbalance.cli import app
 from patchbalance.report import figures_from_table
-from rasters import record, write_pair
+from rasters import record, write_geotiff, write_pair
 
 runner = CliRunner()
 
@@ -213,3 +214,187 @@ def test_huge_weights_that_add_up_give_the_same_figures_as_small_ones(tmp_path):
     np.testing.assert_allclose(figures.weighted_share, small.weighted_share)
     assert figures.ess == pytest.approx(small.ess)
     assert "nan" not in str(figures.to_dict())
+
+
+# --------------------------------------------------------------------------------------------
+# Masks
+
+
+def _records_config(folder: Path, pairs: list[tuple[Path, Path]], size: int = 32, **block) -> Path:
+    """Write the grid of `size` windows over each 64 px pair as records, and a config."""
+    offsets = range(0, 64, size)
+    rows = [record(*pair, r, c, size) for pair in pairs for r in offsets for c in offsets]
+    pd.DataFrame(rows).to_csv(folder / "records.csv", index=False)
+    return _write_config(
+        folder,
+        {
+            "input": {"records_path": "records.csv"},
+            "clustering": {"k_min": 2, "k_max": 2},
+            "output": {"csv_path": "out/table.csv"},
+            **block,
+        },
+    )
+
+
+def _two_class_mask(size: int = 64) -> np.ndarray:
+    mask = np.zeros((size, size), dtype=np.uint8)
+    mask[:, size // 2 :] = 1
+    mask[: size // 4, : size // 4] = 2
+    return mask
+
+
+def test_a_mask_band_the_mask_lacks_names_the_key_and_the_file(project):
+    _one_line_error(
+        _run("build-balanced-dataset", project, "--set", "exclusion.mask_band=2"),
+        "exclusion.mask_band is 2",
+        "masks/a.tif has 1 band(s)",
+    )
+
+
+def test_a_mask_band_the_mask_lacks_is_an_error_before_class_centred_placement(tmp_path):
+    image, mask = write_pair(tmp_path, "a", _two_class_mask())
+    config = _write_config(
+        tmp_path,
+        {
+            "input": {
+                "rasters": [{"image_path": str(image), "mask_path": str(mask)}],
+                "patch_size": 32,
+                "placement": "class_centred",
+            },
+            "exclusion": {"mask_band": 3},
+            "output": {"csv_path": "out/table.csv"},
+        },
+    )
+    _one_line_error(_run("build-balanced-dataset", config), "exclusion.mask_band is 3", str(mask))
+
+
+def test_rare_classes_naming_a_class_no_mask_holds_is_an_error(tmp_path):
+    image, mask = write_pair(tmp_path, "a", _two_class_mask())
+    config = _write_config(
+        tmp_path,
+        {
+            "input": {
+                "rasters": [{"image_path": str(image), "mask_path": str(mask)}],
+                "patch_size": 32,
+                "placement": "class_centred",
+                "rare_classes": [9],
+            },
+            "output": {"csv_path": "out/table.csv"},
+        },
+    )
+    _one_line_error(
+        _run("build-balanced-dataset", config),
+        "input.rare_classes names class 9",
+        "[0, 1, 2]",
+    )
+
+
+def test_a_float_mask_with_a_fractional_value_is_an_error_naming_the_file(tmp_path):
+    mask = _two_class_mask().astype(np.float32)
+    mask[40, 40] = 1.5
+    pair = write_pair(tmp_path, "a", mask, mask_nodata=None)
+    config = _records_config(tmp_path, [pair])
+    _one_line_error(
+        _run("build-balanced-dataset", config),
+        str(pair[1]),
+        "holds the value 1.5",
+        "row_off 32, col_off 32",
+    )
+
+
+def test_a_float_mask_of_whole_numbers_and_nan_is_counted(tmp_path):
+    mask = _two_class_mask().astype(np.float32)
+    mask[0, 0] = np.nan
+    pair = write_pair(tmp_path, "a", mask, mask_nodata=None)
+    result = _run("build-balanced-dataset", _records_config(tmp_path, [pair]), "-q")
+    assert result.exit_code == 0, result.output
+    table = pd.read_csv(tmp_path / "out" / "table.csv")
+    assert [c for c in table.columns if c.startswith("px_")] == ["px_0", "px_1", "px_2"]
+    # The NaN pixel (in the first window's class-2 corner) is nodata, not a class.
+    assert table["px_2"].sum() == 16 * 16 - 1
+    assert table.loc[0, "nodata_ratio"] == pytest.approx(1 / 32**2)
+
+
+def test_a_masks_own_nodata_counted_as_a_class_is_warned_once(tmp_path, caplog):
+    from patchbalance.pipeline import run_build
+
+    mask = _two_class_mask()
+    mask[:8] = 255
+    pair = write_pair(tmp_path, "a", mask, mask_nodata=255)
+    config = _records_config(
+        tmp_path, [pair], exclusion={"nodata_class": 7, "exclude_border_nodata": False}
+    )
+    with caplog.at_level(logging.WARNING):
+        table = run_build(config, write=False).table
+    assert "px_255" in table.columns
+    warned = [r.getMessage() for r in caplog.records if "own nodata value" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert str(pair[1]) in warned[0]
+    assert "exclusion.nodata_class is 7" in warned[0] and "class 255" in warned[0]
+
+
+def test_no_nodata_warning_when_nodata_class_is_the_masks_own(tmp_path, caplog):
+    from patchbalance.pipeline import run_build
+
+    mask = _two_class_mask()
+    mask[:8] = 255
+    pair = write_pair(tmp_path, "a", mask, mask_nodata=255)
+    config = _records_config(
+        tmp_path, [pair], exclusion={"nodata_class": 255, "exclude_border_nodata": False}
+    )
+    with caplog.at_level(logging.WARNING):
+        run_build(config, write=False)
+    assert not [r for r in caplog.records if "own nodata value" in r.getMessage()]
+
+
+def test_a_mask_smaller_than_its_image_is_named_as_the_smaller_one(tmp_path, caplog):
+    from patchbalance.pipeline import run_build
+
+    image = write_geotiff(tmp_path / "images" / "a.tif", np.full((3, 64, 64), 90, np.uint8))
+    mask = write_geotiff(tmp_path / "masks" / "a.tif", _two_class_mask(32), nodata=255)
+    config = _records_config(tmp_path, [(image, mask)], size=16)
+    with caplog.at_level(logging.WARNING):
+        table = run_build(config, write=False).table
+    assert table["exclusion_reason"].eq("window_out_of_bounds").sum() == 12
+    messages = " | ".join(r.getMessage() for r in caplog.records)
+    assert "the mask is the smaller one" in messages
+    assert "12 window(s) lie outside their raster" in messages
+    result = _run("build-balanced-dataset", config, "--strict")
+    _one_line_error(result, "--strict: 12 window(s)", "is 32x32", "the mask is the smaller one")
+
+
+def test_a_mask_in_another_crs_is_warned_with_the_records_source(tmp_path, caplog):
+    from patchbalance.pipeline import run_build
+
+    mask = _two_class_mask()
+    image = write_geotiff(tmp_path / "images" / "a.tif", np.full((3, 64, 64), 90, np.uint8))
+    # The same transform numbers, read in another CRS.
+    other = write_geotiff(tmp_path / "masks" / "a.tif", mask, crs="EPSG:32641", nodata=255)
+    config = _records_config(tmp_path, [(image, other)])
+    with caplog.at_level(logging.WARNING):
+        run_build(config, write=False)
+    messages = [r.getMessage() for r in caplog.records if "do not match" in r.getMessage()]
+    assert len(messages) == 1
+    assert "EPSG:32640" in messages[0] and "EPSG:32641" in messages[0]
+    assert str(other) in messages[0]
+
+
+def test_a_mask_in_another_crs_is_an_error_with_the_rasters_source(tmp_path):
+    image = write_geotiff(tmp_path / "images" / "a.tif", np.full((3, 64, 64), 90, np.uint8))
+    mask = write_geotiff(tmp_path / "masks" / "a.tif", _two_class_mask(), crs="EPSG:32641")
+    config = _write_config(
+        tmp_path,
+        {
+            "input": {
+                "rasters": [{"image_path": str(image), "mask_path": str(mask)}],
+                "patch_size": 32,
+            },
+            "output": {"csv_path": "out/table.csv"},
+        },
+    )
+    _one_line_error(
+        _run("build-balanced-dataset", config),
+        "input.rasters",
+        "is in EPSG:32640 but mask",
+        "EPSG:32641",
+    )

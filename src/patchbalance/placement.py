@@ -25,6 +25,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from patchbalance.compute import Compute
+from patchbalance.errors import ConfigError
 from patchbalance.windows import RasterInfo, open_raster
 
 # Random pixels kept per region: the first centres a region offers, in order.
@@ -97,6 +98,7 @@ def class_centred_records(
     for scanned in passes:
         for value, count in scanned.counts.items():
             totals[value] = totals.get(value, 0) + count
+    _check_rare_classes(settings.rare_classes, sorted(totals))
     grand = sum(totals.values())
     shares = {value: count / grand for value, count in sorted(totals.items())} if grand else {}
     rare = sorted(
@@ -132,6 +134,16 @@ def class_centred_records(
         "class_windows": {str(v): n for v, n in added.items()},
     }
     return records, summary
+
+
+def _check_rare_classes(rare_classes: tuple[int, ...], found: list[int]) -> None:
+    """Raise `ConfigError` when `input.rare_classes` names a class no mask holds."""
+    unknown = [value for value in rare_classes if value not in found]
+    if unknown:
+        raise ConfigError(
+            f"input.rare_classes names class {unknown[0]}, which is not among the classes "
+            f"{found} that the masks hold; list class values that occur"
+        )
 
 
 def _scan_task(task: tuple[RasterInfo, PlacementSettings, int, int]) -> _Candidates:

@@ -17,7 +17,13 @@ import pandas as pd
 
 from patchbalance.compute import Compute, LazySequence
 from patchbalance.table import class_proportions, lookup_by_path
-from patchbalance.window_counts import BorderCheck, CountTask, WindowCounts, count_windows
+from patchbalance.window_counts import (
+    MISSING_VALUE,
+    BorderCheck,
+    CountTask,
+    WindowCounts,
+    count_windows,
+)
 from patchbalance.windows import CHUNK_WINDOWS, window_partitions
 
 __all__ = [
@@ -111,7 +117,7 @@ class CountMerge:
         valid: dict[int, np.ndarray] = {}
         for value in sorted(self.columns):
             column = self.columns.pop(value)
-            is_nodata = row_nodata == value
+            is_nodata = (row_nodata == value) | (value == MISSING_VALUE)
             if classes is not None and value not in classes:
                 nodata_pixels += column
                 outside += int(column[~is_nodata].sum())

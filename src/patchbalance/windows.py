@@ -129,6 +129,52 @@ def probe_rasters(
     return infos, errors
 
 
+def check_mask_band(masks: Iterable[RasterInfo], band: int) -> None:
+    """Raise `InputError` naming `exclusion.mask_band` and the first mask that lacks `band`."""
+    from patchbalance.errors import InputError
+
+    short = sorted((info for info in masks if info.count < band), key=lambda info: info.path)
+    if short:
+        more = f" (and {len(short) - 1} more mask(s))" if len(short) > 1 else ""
+        raise InputError(
+            f"exclusion.mask_band is {band}, but the mask {short[0].path} has "
+            f"{short[0].count} band(s){more}; set exclusion.mask_band to the band that holds "
+            "the classes"
+        )
+
+
+def pair_difference(image: RasterInfo, mask: RasterInfo) -> str:
+    """Return how an image and its mask differ in size, transform or CRS ("" when they agree).
+
+    Differing CRS count only when both rasters have one (a mask saved without a CRS is common).
+    """
+    if (image.width, image.height) != (mask.width, mask.height):
+        smaller = (
+            "the mask is the smaller one"
+            if mask.width * mask.height < image.width * image.height
+            else "the image is the smaller one"
+        )
+        return (
+            f"image {image.path} is {image.width}x{image.height} but mask {mask.path} is "
+            f"{mask.width}x{mask.height} ({smaller})"
+        )
+    if not image.transform.almost_equals(mask.transform):
+        return f"image {image.path} and mask {mask.path} have different geotransforms"
+    if image.crs is not None and mask.crs is not None and not _same_crs(image.crs, mask.crs):
+        return f"image {image.path} is in {image.crs} but mask {mask.path} is in {mask.crs}"
+    return ""
+
+
+def _same_crs(first: str, second: str) -> bool:
+    """Return whether two CRS strings name the same CRS (spelled alike, or equal to GDAL)."""
+    if first == second:
+        return True
+    try:
+        return rasterio.crs.CRS.from_string(first) == rasterio.crs.CRS.from_string(second)
+    except RasterioError:
+        return False
+
+
 def windows_in_bounds(
     row_off: np.ndarray,
     col_off: np.ndarray,

@@ -16,7 +16,7 @@ from patchbalance.config import BalancedDatasetConfig, InputConfig
 from patchbalance.errors import InputError
 from patchbalance.paths import resolve_path
 from patchbalance.table import KEY_COLUMNS, check_table_file, read_table, separator_hint
-from patchbalance.windows import gdal_message, probe_raster
+from patchbalance.windows import check_mask_band, gdal_message, pair_difference, probe_raster
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +231,11 @@ def records_from_rasters(
             except Exception as exc:  # noqa: BLE001 - any GDAL failure is reported the same way
                 raise InputError(f"{path}: cannot open raster: {gdal_message(exc)}") from exc
         image, mask = infos
-        if (image.width, image.height) != (mask.width, mask.height):
+        difference = pair_difference(image, mask)
+        if difference:
             raise InputError(
-                f"input.rasters: image {image_path} is {image.width}x{image.height} but mask "
-                f"{mask_path} is {mask.width}x{mask.height}; a pair must have the same size"
-            )
-        if not image.transform.almost_equals(mask.transform):
-            raise InputError(
-                f"input.rasters: image {image_path} and mask {mask_path} have different "
-                "geotransforms; a pair must be aligned pixel for pixel"
+                f"input.rasters: {difference}; a pair must have the same size, geotransform and "
+                "CRS, aligned pixel for pixel"
             )
         mask_infos.append(mask)
         rows, cols = grid_windows(image.height, image.width, patch_size, stride)
@@ -260,6 +256,7 @@ def records_from_rasters(
             f"input.rasters: no full {patch_size}x{patch_size} window fits in any raster; "
             "use a smaller patch_size"
         )
+    check_mask_band(mask_infos, config.exclusion.mask_band)
     if source.placement == "class_centred":
         records, figures = _with_class_windows(config, records, pairs, mask_infos, compute)
         if notes is not None:
