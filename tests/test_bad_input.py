@@ -398,3 +398,52 @@ def test_a_mask_in_another_crs_is_an_error_with_the_rasters_source(tmp_path):
         "is in EPSG:32640 but mask",
         "EPSG:32641",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# --dry-run checks what the run checks first
+
+
+def test_a_dry_run_with_every_raster_missing_is_an_error(project):
+    # Paths written relative to a records file kept in another folder: they are taken
+    # relative to the configuration's folder, where no such files exist.
+    folder = project.parent
+    records = pd.read_csv(folder / "records.csv")
+    for column in ("image_path", "mask_path"):
+        records[column] = [str(Path(p).relative_to(folder)) for p in records[column]]
+    (folder / "lists").mkdir()
+    records.to_csv(folder / "lists" / "records.csv", index=False)
+    for name in ("images", "masks"):
+        (folder / name).rename(folder / "lists" / name)
+    _edit_block(project, lambda block: block["input"].update(records_path="lists/records.csv"))
+    line = _one_line_error(
+        _run("build-balanced-dataset", project, "--dry-run"),
+        "every one of the 8 patches names a raster that does not exist",
+        "images/a.tif",
+        f"relative to the configuration's folder {folder}",
+    )
+    assert "4 file(s) missing" in line
+    # The run fails too, after reading.
+    _one_line_error(_run("build-balanced-dataset", project), "read_error: 8")
+
+
+def test_a_dry_run_with_some_rasters_missing_names_them_and_succeeds(project):
+    (project.parent / "images" / "b.tif").unlink()
+    result = _run("build-balanced-dataset", project, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "(1 missing, e.g. " in result.stdout and "b.tif" in result.stdout
+
+
+@pytest.mark.parametrize("target", ["blocker/table.csv", "/proc/patchbalance/table.csv"])
+def test_a_dry_run_with_an_unwritable_output_folder_is_an_error(project, target):
+    (project.parent / "blocker").write_text("a file where a folder should be")
+    _one_line_error(
+        _run("build-balanced-dataset", project, "--dry-run", "--set", f"output.csv_path={target}"),
+        "output.csv_path",
+    )
+
+
+def _edit_block(path: Path, change) -> None:
+    data = yaml.safe_load(path.read_text())
+    change(data["balanced_dataset"])
+    path.write_text(yaml.safe_dump(data))
