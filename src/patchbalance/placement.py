@@ -205,6 +205,8 @@ def _values_present(pixels: np.ndarray) -> np.ndarray:
     """Return the sorted distinct values of `pixels` (a bincount for small unsigned integers)."""
     if pixels.dtype.kind == "u" and pixels.dtype.itemsize <= 2:
         return np.flatnonzero(np.bincount(pixels.ravel()))
+    if pixels.dtype.kind == "f":  # NaN marks missing labels in a float mask
+        pixels = pixels[np.isfinite(pixels)]
     return np.unique(pixels)
 
 

@@ -23,6 +23,7 @@ from patchbalance.table import (
     is_parquet,
     read_table,
     rows_text,
+    separator_hint,
 )
 
 # A below-median class whose weighted share falls under this fraction of its uniform share is
@@ -172,6 +173,7 @@ def figures_from_table(table: pd.DataFrame, where: str | None = None) -> Samplin
     if "sampler_weight" not in table.columns:
         raise InputError(
             f"{prefix}the table has no sampler_weight column; build it with build-balanced-dataset"
+            f"{separator_hint(list(table.columns))}"
         )
     columns, values = class_columns(table)
     if not columns:
