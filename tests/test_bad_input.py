@@ -331,6 +331,8 @@ def test_a_masks_own_nodata_counted_as_a_class_is_warned_once(tmp_path, caplog):
     assert len(warned) == 1, warned
     assert str(pair[1]) in warned[0]
     assert "exclusion.nodata_class is 7" in warned[0] and "class 255" in warned[0]
+    # 8 rows of 64 px out of 64 x 64, in the 2 windows of the top row.
+    assert "(12.5 % of the valid pixels)" in warned[0] and "in 2 window(s)" in warned[0]
 
 
 def test_no_nodata_warning_when_nodata_class_is_the_masks_own(tmp_path, caplog):

@@ -258,29 +258,24 @@ def _warn_unnamed_nodata(
         if info.nodata is not None and info.nodata != exclusion.nodata_class
     }
     row_nodata = lookup_by_path(records["mask_path"], own).astype(np.float64)
-    found: list[tuple[str, float, int]] = []
     for c, value in enumerate(stats.class_values.tolist()):
         rows = (row_nodata == value) & (stats.counts[:, c] > 0)
-        if rows.any():
-            first = int(np.flatnonzero(rows)[0])
-            found.append((str(records.at[first, "mask_path"]), value, int(rows.sum())))
-    if found:
-        path, value, windows = found[0]
-        share = stats.counts[:, list(stats.class_values).index(value)].sum() / max(
-            int(stats.counts.sum()), 1
-        )
+        if not rows.any():
+            continue
+        share = stats.counts[:, c].sum() / max(int(stats.counts.sum()), 1)
         log.warning(
             "exclusion.nodata_class is %s, but mask %s has its own nodata value %g, present in "
             "%d window(s): it is counted as class %g (%.1f %% of the valid pixels); set "
             "exclusion.nodata_class: %g, or list the classes under clustering.classes",
             exclusion.nodata_class,
-            path,
+            records.at[int(np.flatnonzero(rows)[0]), "mask_path"],
             value,
-            windows,
+            int(rows.sum()),
             value,
             100 * share,
             value,
         )
+        return
 
 
 def _window_label(records: pd.DataFrame, row: int) -> str:
