@@ -346,3 +346,57 @@ def test_metrics_have_iou_precision_and_recall_for_tau_0_and_each_tau(tables, tm
     config["train_dataset"]["input_csv_path"] = str(train_table)  # no px_ columns
     with pytest.raises(ConfigError, match="prior_correction needs the class pixel counts"):
         plan_training(config)
+
+
+def _train_yaml(tmp_path: Path, train_table: Path, val_table: Path, **dataset) -> Path:
+    config = small_config(train_table, val_table, tmp_path / "out")
+    config["train_dataset"].update(dataset)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_a_window_past_its_raster_is_an_error_naming_the_row_before_training(
+    tables, tmp_path, which
+):
+    train_table, val_table = tables
+    frame = pd.read_csv(train_table if which == "train" else val_table)
+    frame.loc[2, "col_off"] = 48  # 48 + 32 runs past the 64 px scene
+    edited = write_table(frame, tmp_path / f"{which}.csv")
+    paths = (edited, val_table) if which == "train" else (train_table, edited)
+    result = runner.invoke(app, ["train", str(_train_yaml(tmp_path, *paths))])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert f"{which}.csv: row 3: the window (row_off 32, col_off 48, patch_size 32)" in errors[0]
+    assert "which is 64x64 pixels" in errors[0]
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_class_the_table_counts_beyond_n_classes_is_an_error_before_training(tables, tmp_path):
+    train_table, val_table = tables
+    frame = pd.read_csv(train_table)
+    for value in range(4):
+        frame[f"px_{value}"] = 100
+    frame.loc[:, "px_3"] = 0
+    frame.loc[5, "px_3"] = 7
+    edited = write_table(frame, tmp_path / "counted.csv")
+    result = runner.invoke(
+        app, ["train", str(_train_yaml(tmp_path, edited, val_table)), "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app, ["train", str(_train_yaml(tmp_path, edited, val_table, n_classes=2)), "--dry-run"]
+    )
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "counted.csv: column 'px_2' counts pixels of class 2 in rows 1, 2" in errors[0]
+    assert "n_classes is 2" in errors[0]
+    # A class mapped to the ignore index on purpose is fine.
+    mapped = _train_yaml(
+        tmp_path, edited, val_table, n_classes=2, mask_class_mapping={2: 255, 3: 255}
+    )
+    result = runner.invoke(app, ["train", str(mapped), "--dry-run"])
+    assert result.exit_code == 0, result.output

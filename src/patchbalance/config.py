@@ -17,6 +17,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbalance.config_loading import StrictModel, load_model_file, model_from_mapping
 from patchbalance.paths import resolve_path
+from patchbalance.table import table_suffix
 
 
 def secret_as_text(value: Any) -> Any:
@@ -313,6 +314,11 @@ class OutputConfig(StrictModel):
     footprints_path: str | None = None
     postgres_table: PostgresTableConfig | None = None
     summary_path: str | None = None
+
+    @field_validator("csv_path")
+    @classmethod
+    def _table_format(cls, value: str) -> str:
+        return table_suffix(value)
 
     @field_validator("footprints_path")
     @classmethod

@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbalance.atomic import check_writable, output_set, remove_stale_temporaries
+from patchbalance.atomic import (
+    check_writable,
+    check_writable_folder,
+    output_set,
+    remove_stale_temporaries,
+)
 from patchbalance.build.composition import CompositionResult, fit_composition_clusters
 from patchbalance.build.exclusion import REASONS, ExclusionFlags, exclusion_flags
 from patchbalance.build.methods import Signals, sampling_scores
@@ -181,14 +186,23 @@ def _uniqueness_stage(
     return np.asarray(result.scores, dtype=np.float64), notes
 
 
-def _check_outputs(config: BalancedDatasetConfig, paths: dict[str, Path]) -> None:
-    """Check every output target before the first stage, rather than fail on it at the end."""
+def _check_outputs(
+    config: BalancedDatasetConfig, paths: dict[str, Path], dry_run: bool = False
+) -> None:
+    """Check every output target before the first stage, rather than fail on it at the end.
+
+    With `dry_run`, a missing output folder is not made: its nearest existing parent must
+    take files.
+    """
     targets = {OUTPUT_LABELS[name]: path for name, path in paths.items()}
     if config.mode == "embeddings" and config.embeddings.parquet_path:
         targets[OUTPUT_LABELS["cache"]] = Path(config.embeddings.parquet_path or "")
     for what, path in targets.items():
-        check_writable(path, what)
-        remove_stale_temporaries(path)
+        if dry_run and not path.is_dir():
+            check_writable_folder(path.parent, f"the folder of {what}")
+        else:
+            check_writable(path, what)
+            remove_stale_temporaries(path)
     for name in paths:
         if name in FOOTPRINT_FORMATS.values():
             check_footprint_writer(name)
@@ -433,44 +447,9 @@ def build_balanced_dataset(
     return run_build(config, strict=strict, progress=progress).table
 
 
-def plan_text(config: BalancedDatasetConfig) -> str:
-    """Return the dry-run plan: patches, files, stages to run, caches to reuse, outputs."""
-    source = load_records(config)
-    records = source.records
-    paths = pd.concat([records["image_path"], records["mask_path"]]).unique()
-    missing = [path for path in paths if not os.path.exists(path)]
-    stages = ["records", "mask statistics", "exclusion", "composition clusters"]
-    if config.mode == "embeddings" and source.uniqueness is None:
-        if source.embeddings is None:
-            stages.append("embeddings")
-        stages.append("uniqueness")
-    stages += ["weights", "outputs"]
-    lines = [
-        f"plan for {config.source_path or 'the configuration'}:",
-        f"  patches: {len(records):,} from {len(paths):,} raster files"
-        + (f" ({len(missing)} missing, e.g. {missing[0]})" if missing else ""),
-        f"  mode: {config.mode}; sampling_method: {config.sampling_method}",
-        f"  stages: {' -> '.join(stages)}",
-    ]
-    if config.mode == "embeddings" and config.embeddings.parquet_path:
-        cache = Path(config.embeddings.parquet_path)
-        lines.append(
-            f"  embeddings cache: {cache} ({'exists, matching rows reused' if cache.exists() else 'new'})"
-        )
-    for name, path in output_paths(config).items():
-        lines.append(f"  output {name}: {path}")
-    if config.output.postgres_table is not None:
-        from patchbalance.build.postgres_table import describe
-
-        table = config.output.postgres_table
-        lines.append(f"  output postgres_table: {describe(config)} (if_exists: {table.if_exists})")
-    return "\n".join(lines)
-
-
 __all__ = [
     "BuildResult",
     "build_balanced_dataset",
-    "plan_text",
     "run_build",
     "summary_text",
     "REASONS",

@@ -25,6 +25,7 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from patchbalance.compute import Compute
+from patchbalance.errors import ConfigError
 from patchbalance.table import class_presence_threshold
 from patchbalance.windows import RasterInfo, nodata_pixels, open_raster
 
@@ -96,6 +97,7 @@ def class_centred_records(
     for scanned in passes:
         for value, count in scanned.counts.items():
             totals[value] = totals.get(value, 0) + count
+    _check_rare_classes(settings.rare_classes, sorted(totals))
     grand = sum(totals.values())
     shares = {value: count / grand for value, count in sorted(totals.items())} if grand else {}
     rare = sorted(
@@ -131,6 +133,16 @@ def class_centred_records(
         "class_windows": {str(v): n for v, n in added.items()},
     }
     return records, summary
+
+
+def _check_rare_classes(rare_classes: tuple[int, ...], found: list[int]) -> None:
+    """Raise `ConfigError` when `input.rare_classes` names a class no mask holds."""
+    unknown = [value for value in rare_classes if value not in found]
+    if unknown:
+        raise ConfigError(
+            f"input.rare_classes names class {unknown[0]}, which is not among the classes "
+            f"{found} that the masks hold; list class values that occur"
+        )
 
 
 def _scan_task(task: tuple[RasterInfo, PlacementSettings, int, int]) -> _Candidates:
@@ -188,6 +200,8 @@ def _values_present(pixels: np.ndarray) -> np.ndarray:
     """Return the sorted distinct values of `pixels` (a bincount for small unsigned integers)."""
     if pixels.dtype.kind == "u" and pixels.dtype.itemsize <= 2:
         return np.flatnonzero(np.bincount(pixels.ravel()))
+    if pixels.dtype.kind == "f":  # NaN marks missing labels in a float mask
+        pixels = pixels[np.isfinite(pixels)]
     return np.unique(pixels)
 
 

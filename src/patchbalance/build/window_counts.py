@@ -17,7 +17,9 @@ import numpy as np
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
+from patchbalance.errors import InputError
 from patchbalance.windows import (
+    MISSING_VALUE,
     gdal_message,
     nodata_pixels,
     open_raster,
@@ -41,6 +43,14 @@ class BorderCheck:
 
 # Up to this many known values, counting by comparison beats np.bincount on a window.
 COMPARE_UP_TO = 16
+
+
+class FractionalMaskValue(ValueError):
+    """A float mask holds a value that is not a whole number, so it names no class."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(value)
+        self.value = value
 
 
 def _value_counts(
@@ -67,8 +77,19 @@ def _value_counts(
             return known[present], counts[present], True
     if flat.dtype.kind == "f":
         finite = np.isfinite(flat)
-        # NaN marks missing labels in float masks; give it a value no integer class can take.
-        flat = np.where(finite, flat, np.iinfo(np.int64).min + 1).astype(np.int64)
+        fractional = finite & (flat != np.round(flat))
+        if fractional.any():
+            raise FractionalMaskValue(float(flat[fractional][0]))
+        missing = flat.size - int(np.count_nonzero(finite))
+        if missing:
+            # NaN marks missing labels in float masks: counted under a value no class takes.
+            values, counts, _ = (
+                _value_counts(flat[finite].astype(np.int64))
+                if missing < flat.size
+                else (np.zeros(0, np.int64), np.zeros(0, np.int64), False)
+            )
+            return np.append(values, MISSING_VALUE), np.append(counts, missing), False
+        flat = flat.astype(np.int64)
     if flat.dtype.kind == "u" and flat.dtype.itemsize <= 2:
         counts = np.bincount(flat)
         values = np.flatnonzero(counts)
@@ -326,6 +347,12 @@ def _count_each_window(task: CountTask, datasets: list[Any]) -> WindowCounts:
         except (RasterioError, OSError) as exc:
             errors[i] = gdal_message(exc)
             continue
+        except FractionalMaskValue as exc:
+            raise InputError(
+                f"{task.mask_path}: the mask holds the value {exc.value:g}, which is no class "
+                f"(window row_off {row}, col_off {col}); class values are whole numbers: "
+                "resample masks with nearest neighbour, or round them"
+            ) from None
         if not covered and len(values) <= COMPARE_UP_TO:
             known = np.union1d(known, values)
         values_seen.append(values)

@@ -10,11 +10,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbalance.config_loading import StrictModel, load_model_file, model_from_mapping
 from patchbalance.errors import ConfigError
 from patchbalance.paths import check_distinct_files, default_summary_path, resolve_path
+from patchbalance.table import table_suffix
 
 # The keys that hold file paths; an empty one (the Python API's default) stays empty.
 PATH_KEYS = ("input_csv_path", "output_csv_path", "parquet_path", "summary_path")
@@ -50,6 +51,11 @@ class CoresetConfig(StrictModel):
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_path: Path | None = PrivateAttr(default=None)
+
+    @field_validator("output_csv_path")
+    @classmethod
+    def _table_format(cls, value: str) -> str:
+        return table_suffix(value)
 
     @model_validator(mode="after")
     def _check_k_range(self) -> CoresetConfig:

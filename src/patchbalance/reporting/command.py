@@ -6,15 +6,14 @@ from pathlib import Path
 
 from patchbalance.atomic import check_writable
 from patchbalance.build.outputs import summary_disagreement
-from patchbalance.reporting.figures import figures_from_table, figures_text
-from patchbalance.table import read_table
+from patchbalance.reporting.figures import figures_from_table, figures_text, read_report_table
 
 
 def run_report_command(table_path: Path, out: Path | None = None) -> str:
     """Return the report's text for the terminal; with `out`, also write the HTML page there."""
     if out is not None:
         check_writable(Path(out), "the HTML report (--out)")
-    table = read_table(table_path)
+    table = read_report_table(table_path)
     figures = figures_from_table(table, where=str(table_path))
     text = figures_text(figures)
     for line in figures.starvation_warnings(Path(table_path).name):

@@ -15,8 +15,8 @@ from patchbalance.compute import Compute
 from patchbalance.config import BalancedDatasetConfig, InputConfig
 from patchbalance.errors import InputError
 from patchbalance.paths import resolve_path
-from patchbalance.table import KEY_COLUMNS, read_table
-from patchbalance.windows import gdal_message, probe_raster
+from patchbalance.table import KEY_COLUMNS, check_table_file, read_table, separator_hint
+from patchbalance.windows import check_mask_band, gdal_message, pair_difference, probe_raster
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
     if missing:
         raise InputError(
             f"{source}: missing record column(s) {', '.join(missing)}; every record needs "
-            f"{', '.join(RECORD_COLUMNS)}"
+            f"{', '.join(RECORD_COLUMNS)}{separator_hint(list(records.columns))}"
         )
     if records.empty:
         raise InputError(f"{source}: no records; the source holds no patches")
@@ -57,6 +57,8 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
         if bad.any():
             position = int(np.flatnonzero(bad)[0])
             value = records[column].iloc[position]
+            # A plain number in the message: 12.5, not np.float64(12.5).
+            value = value.item() if isinstance(value, np.generic) else value
             if pd.isna(value) or not str(value).strip():
                 raise InputError(
                     f"{_row_label(source, position)}: {column} is empty; every record needs a "
@@ -141,8 +143,7 @@ def records_from_list(config: BalancedDatasetConfig) -> pd.DataFrame:
 def records_from_file(config: BalancedDatasetConfig) -> pd.DataFrame:
     """Return the records of the CSV or Parquet file named by `input.records_path`."""
     path = Path(config.input.records_path or "")
-    if not path.is_file():
-        raise InputError(f"{path}: records file not found (input.records_path)")
+    check_table_file(path, "records file (input.records_path)")
     records = read_table(
         path, text_columns=("image_path", "mask_path"), what="records table", categorical=True
     )
@@ -230,15 +231,11 @@ def records_from_rasters(
             except Exception as exc:  # noqa: BLE001 - any GDAL failure is reported the same way
                 raise InputError(f"{path}: cannot open raster: {gdal_message(exc)}") from exc
         image, mask = infos
-        if (image.width, image.height) != (mask.width, mask.height):
+        difference = pair_difference(image, mask)
+        if difference:
             raise InputError(
-                f"input.rasters: image {image_path} is {image.width}x{image.height} but mask "
-                f"{mask_path} is {mask.width}x{mask.height}; a pair must have the same size"
-            )
-        if not image.transform.almost_equals(mask.transform):
-            raise InputError(
-                f"input.rasters: image {image_path} and mask {mask_path} have different "
-                "geotransforms; a pair must be aligned pixel for pixel"
+                f"input.rasters: {difference}; a pair must have the same size, geotransform and "
+                "CRS, aligned pixel for pixel"
             )
         mask_infos.append(mask)
         rows, cols = grid_windows(image.height, image.width, patch_size, stride)
@@ -259,6 +256,7 @@ def records_from_rasters(
             f"input.rasters: no full {patch_size}x{patch_size} window fits in any raster; "
             "use a smaller patch_size"
         )
+    check_mask_band(mask_infos, config.exclusion.mask_band)
     if source.placement == "class_centred":
         records, figures = _with_class_windows(config, records, pairs, mask_infos, compute)
         if notes is not None:

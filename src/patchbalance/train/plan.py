@@ -124,6 +124,15 @@ def _check_datasets(train_dataset: Any, val_dataset: Any) -> int:
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ConfigError(f"raster not found: {missing[0]}{more}; check the tables' paths")
+    from patchbalance.data.table_checks import (
+        check_classes_have_labels,
+        check_windows_inside_rasters,
+    )
+
+    for dataset in (train_dataset, val_dataset):
+        # Found now, not when the row is drawn (or, for a class, never).
+        check_windows_inside_rasters(dataset)
+        check_classes_have_labels(dataset)
     return n_classes
 
 
