@@ -86,7 +86,8 @@ class TrainPlan:
             f"classes: {self.n_classes} (ignore index {self.ignore_index}), "
             f"input bands: {self.in_channels}",
             f"model: {self.resolved.get('model', {}).get('_target_', DEFAULT_MODEL['_target_'])}",
-            f"device: {self.device}",
+            f"device: {self.device}"
+            + (", bf16 autocast" if self.config.precision == "bf16" else ""),
             "length: "
             + ", ".join(
                 part
