@@ -28,10 +28,13 @@ wanted=(
   "hydra-core==1.3.8"               # train: instantiates model, loss and optimizer
   "segmentation-models-pytorch==0.6.0"  # train: the Unet
   "faiss-cpu==1.15.1"               # the kNN baseline (IndexFlatIP on the CPU cores)
+  # Installed only where the machine's copy is older than a wheel above requires.
+  "typing-extensions==4.16.0"       # pydantic needs >= 4.16
+  "click==8.5.1"                    # rasterio rejects click 8.2.*
 )
 skipped=(
   "albumentations, albucore, simsimd, stringzilla: the check's training config uses no augmentations, so the dataset never imports them"
-  "faiss-gpu-cu12: several hundred MB and built for CUDA 12 (the GPU image has CUDA 13); the check measures the product's own CUDA kNN (uniqueness exact) against faiss-cpu"
+  "faiss-gpu-cu12: 48.4 MB itself (1.14.1.post1) and built for CUDA 12, so it also needs nvidia-cublas-cu12 (581.2 MB) and nvidia-cuda-runtime-cu12 beside the GPU image's CUDA 13; far over the 60 MB for all wheels. The check measures the product's own CUDA kNN (uniqueness exact) against faiss-cpu"
   "hnswlib, dask, psycopg, matplotlib: not used by the check"
 )
 
@@ -52,8 +55,8 @@ total=0
 for wheel in "$dest"/*.whl; do
   size=$(stat -c %s "$wheel")
   total=$((total + size))
-  printf '  %8.1f MB  %s\n' "$(echo "$size / 1000000" | bc -l)" "$(basename "$wheel")"
+  printf '  %8.2f MB  %s\n' "$(echo "$size / 1000000" | bc -l)" "$(basename "$wheel")"
 done
-printf '  %8.1f MB  in all\n' "$(echo "$total / 1000000" | bc -l)"
+printf '  %8.2f MB  in all\n' "$(echo "$total / 1000000" | bc -l)"
 echo "not fetched:"
 for line in "${skipped[@]}"; do echo "  $line"; done

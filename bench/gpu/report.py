@@ -40,8 +40,8 @@ def _embeddings_rows(name: str, r: dict[str, Any]) -> list[str]:
 def _knn_rows(r: dict[str, Any]) -> list[str]:
     return [
         f"| exact kNN {r['n']:,} × {r['dim']}, k = {r['k']} | {_number(r['exact_seconds'], 2)} s "
-        f"| {_number(r['faiss_seconds'], 2)} s ({r['faiss']}) | {_number(r['speedup'], 2)}× "
-        f"faster; neighbours identical: {_number(r['neighbours_identical'])} "
+        f"| {_number(r['faiss_seconds'], 2)} s ({r['faiss']}) | faiss / exact "
+        f"{_number(r['speedup'], 2)}×; neighbours identical: {_number(r['neighbours_identical'])} "
         f"({r['rows_differing']} rows differ, {r['rows_differing_beyond_ties']} beyond ties) "
         f"| {_checks(r)} |"
     ]
@@ -58,7 +58,7 @@ def _coreset_rows(r: dict[str, Any]) -> list[str]:
         rows.append(
             f"| CoreSet {method}, {r['n']:,} patches, budget {m['budget']} ({m['picks']:,} picks) "
             f"| {_number(m['device_seconds'], 2)} s (device) | {_number(m['cpu_seconds'], 2)} s "
-            f"(cpu) | {_number(m['speedup'], 2)}×; same picks: {_number(m['same_picks'])} "
+            f"(cpu) | cpu / device {_number(m['speedup'], 2)}×; same picks: {_number(m['same_picks'])} "
             f"| {check} |"
         )
     return rows
@@ -69,7 +69,7 @@ def _train_rows(r: dict[str, Any]) -> list[str]:
         f"| `patchbalance train` ({r['model']}, batch {r['batch_size']}, {r['patch']} px) "
         f"| {_number(r['bf16']['steps_per_second'], 2)} steps/s bf16 autocast "
         f"| {_number(r['fp32']['steps_per_second'], 2)} steps/s fp32 "
-        f"| {_number(r['speedup'], 2)}×; metrics written: {_number(r['metrics_written'])} "
+        f"| bf16 / fp32 {_number(r['speedup'], 2)}×; metrics written: {_number(r['metrics_written'])} "
         f"| {_checks(r)} |"
     ]
 

@@ -18,6 +18,8 @@ import json
 import subprocess
 import sys
 import time
+import zipfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -72,6 +74,78 @@ def _pip(arguments: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, capture_output=True, text=True, check=False)
 
 
+def _installed_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def wheel_folder(folder: Path = WHEELS) -> dict[str, Path]:
+    """Return the wheels in `folder` by canonical distribution name."""
+    from packaging.utils import parse_wheel_filename
+
+    wheels = {}
+    for path in sorted(folder.glob("*.whl")) if folder.is_dir() else []:
+        name, _, _, _ = parse_wheel_filename(path.name)
+        wheels[str(name)] = path
+    return wheels
+
+
+def _wheel_requirements(wheel: Path) -> list:
+    """Return the requirements of `wheel` that apply here (no extras)."""
+    from packaging.requirements import Requirement
+
+    with zipfile.ZipFile(wheel) as archive:
+        name = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = archive.read(name).decode("utf-8").splitlines()
+    requirements = []
+    for line in lines:
+        if line.startswith("Requires-Dist:"):
+            requirement = Requirement(line.split(":", 1)[1].strip())
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                requirements.append(requirement)
+    return requirements
+
+
+def plan_install(
+    missing: list[str],
+    wheels: dict[str, Path],
+    installed: Callable[[str], str | None] = _installed_version,
+) -> tuple[list[str], list[str]]:
+    """Return `(wheels to install, unmet requirements)` for the `missing` distributions.
+
+    A requirement of a wheel to install is met by the machine's copy when its version fits;
+    otherwise the folder's wheel of it joins the install (e.g. a newer typing-extensions).
+    """
+    from packaging.utils import canonicalize_name, parse_wheel_filename
+
+    chosen = [str(canonicalize_name(name)) for name in missing]
+    unmet = [f"{name}: no wheel in {WHEELS}" for name in chosen if name not in wheels]
+    queue = [name for name in chosen if name in wheels]
+    while queue:
+        name = queue.pop(0)
+        for requirement in _wheel_requirements(wheels[name]):
+            dependency = str(canonicalize_name(requirement.name))
+            if dependency in chosen:
+                version = parse_wheel_filename(wheels[dependency].name)[1]
+                if not requirement.specifier.contains(version, prereleases=True):
+                    unmet.append(f"{name} needs {requirement}, the wheel is {version}")
+                continue
+            have = installed(dependency)
+            if have is not None and requirement.specifier.contains(have, prereleases=True):
+                continue
+            if dependency in wheels:
+                print(
+                    f"setup: {name} needs {requirement}, the machine has {have or 'none'}: adding it"
+                )
+                chosen.append(dependency)
+                queue.append(dependency)
+            else:
+                unmet.append(f"{name} needs {requirement}, the machine has {have or 'none'}")
+    return [wheels[name].name for name in chosen if name in wheels], unmet
+
+
 def _install_missing(site: Path, report: dict) -> bool:
     """Install the missing distributions from the wheel folder; return True when all went in."""
     missing = [(m, d, why) for m, d, why in NEEDED if importlib.util.find_spec(m) is None]
@@ -81,14 +155,17 @@ def _install_missing(site: Path, report: dict) -> bool:
         return True
     for module, distribution, why in missing:
         print(f"setup: missing {module} ({why}): installing {distribution} from {WHEELS}")
-    wheels = sorted(p.name for p in WHEELS.glob("*.whl")) if WHEELS.is_dir() else []
-    report["wheels"] = wheels
+    wheels = wheel_folder()
     if not wheels:
         print(
             f"setup: no wheels in {WHEELS}; run bash bench/gpu/fetch_wheels.sh where there is "
             "network and bring the folder along"
         )
         return False
+    files, unmet = plan_install([d for _, d, _ in missing], wheels)
+    report["wheels_installed"], report["unmet"] = files, unmet
+    for line in unmet:
+        print(f"setup: unmet requirement: {line}")
     started = time.perf_counter()
     result = _pip(
         [
@@ -102,7 +179,7 @@ def _install_missing(site: Path, report: dict) -> bool:
             "--upgrade",
             "--target",
             str(site),
-            *[d for _, d, _ in missing],
+            *[str(WHEELS / name) for name in files],
         ]
     )
     report["install_seconds"] = round(time.perf_counter() - started, 1)
@@ -110,6 +187,7 @@ def _install_missing(site: Path, report: dict) -> bool:
         print("setup: pip could not install the wheels:\n" + result.stderr.strip())
         report["install_error"] = result.stderr.strip()[-2000:]
         return False
+    print(f"setup: installed {len(files)} wheel(s) into {site}: {', '.join(files)}")
     sys.path.insert(0, str(site))
     importlib.invalidate_caches()
     still = [m for m, _, _ in missing if importlib.util.find_spec(m) is None]
@@ -117,7 +195,7 @@ def _install_missing(site: Path, report: dict) -> bool:
         print(f"setup: still missing after the install: {', '.join(still)}")
         report["still_missing"] = still
         return False
-    return True
+    return not unmet
 
 
 def _install_patchbalance(site: Path, report: dict) -> None:
