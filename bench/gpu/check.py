@@ -49,6 +49,8 @@ from steps import Context, coreset_step, embeddings_step, knn_step, train_step  
 DEFAULT_BUDGET_S = 440
 # A step is not started with less time than this left.
 MIN_STEP_S = 5
+# Steps that make their own data; the others read the rasters of step `data`.
+SYNTHETIC_STEPS = ("data", "knn", "coreset")
 
 
 class StepTimeout(Exception):
@@ -208,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             left = args.budget - (time.perf_counter() - started)
             if device == "cuda" and not report["environment"]["cuda_available"]:
                 report["steps"][name] = {"status": "skipped", "error": "no CUDA"}
-            elif ctx.records is None and name != "data" and name not in ("knn", "coreset"):
+            elif ctx.records is None and name not in SYNTHETIC_STEPS:
                 report["steps"][name] = {"status": "skipped", "error": "no data (step data)"}
             elif left < MIN_STEP_S:
                 report["steps"][name] = {"status": "skipped", "error": "the time budget ran out"}

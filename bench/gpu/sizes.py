@@ -102,8 +102,8 @@ FULL = Sizes(
         "data": 60,
         "embeddings_vit_s14": 100,
         "embeddings_vit_b14": 110,
-        "knn": 110,
-        "coreset": 120,
+        "knn": 150,
+        "coreset": 150,
         "train": 120,
     },
 )
