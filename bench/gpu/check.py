@@ -46,7 +46,7 @@ from report import write_report  # noqa: E402
 from sizes import FULL, SMALL, Sizes  # noqa: E402
 from steps import Context, coreset_step, embeddings_step, knn_step, train_step  # noqa: E402
 
-DEFAULT_BUDGET_S = 440
+DEFAULT_BUDGET_S = 420
 # A step is not started with less time than this left.
 MIN_STEP_S = 5
 # Steps that make their own data; the others read the rasters of step `data`.
