@@ -64,7 +64,7 @@ def _image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
 def demo_scene(
     rng: np.random.Generator, size: int = SCENE_SIZE, water_bias: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return `(mask, image)` of one synthetic scene: a (size, size) class mask, (3, size, size) RGB."""
+    """Return `(mask, image)` of one scene: a (size, size) class mask, its (3, size, size) RGB."""
     mask = _scene(rng, size, water_bias)
     return mask, _image(rng, mask)
 
