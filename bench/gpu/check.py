@@ -12,7 +12,8 @@ Steps, in order, each under its own time limit and the whole under `--budget` se
 Each CUDA path is checked from inside the product: the device of the tensors it used, as the
 product records it (embeddings `computed_on`, uniqueness `device`, cb `cb_backend` plus the
 CUDA memory the step allocated, train `trained_on`). The exit status is 1 when a step failed or
-timed out, or a CUDA path ran elsewhere. `--cpu --small` runs every step tiny on the CPU.
+timed out, a CUDA path ran elsewhere, or a result disagreed with its baseline (neighbours,
+picks) or wrote no metrics. `--cpu --small` runs every step tiny on the CPU.
 
     bash bench/gpu/run.sh OUT_DIR [--cpu] [--small]
 """
@@ -49,6 +50,12 @@ from steps import Context, coreset_step, embeddings_step, knn_step, train_step  
 DEFAULT_BUDGET_S = 420
 # A step is not started with less time than this left.
 MIN_STEP_S = 5
+# Results that must agree with their baseline, or the path is wrong however fast it is.
+AGREEMENTS = {
+    "knn": [("neighbours_identical",)],
+    "coreset": [("cb", "same_picks"), ("fd", "same_picks")],
+    "train": [("metrics_written",)],
+}
 # Steps that make their own data; the others read the rasters of step `data`.
 SYNTHETIC_STEPS = ("data", "knn", "coreset")
 
@@ -158,6 +165,12 @@ def verdict(report: dict[str, Any]) -> list[str]:
                 problems.append(
                     f"{name}: {check} ran on {seen['seen']!r}, expected {seen['expected']!r}"
                 )
+        for path in AGREEMENTS.get(name, ()):
+            value = result
+            for key in path:
+                value = value.get(key, {}) if isinstance(value, dict) else {}
+            if result.get("status") == "ok" and value is not True:
+                problems.append(f"{name}: {'.'.join(path)} is {value!r}, not true")
     if report["device_under_test"] == "cuda" and not report["environment"]["cuda_available"]:
         problems.insert(0, "CUDA is not available on this machine")
     return problems
