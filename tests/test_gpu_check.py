@@ -122,3 +122,51 @@ def test_gpu_md_shows_each_figure_and_the_verdict(check):
     for phrase in ("forward-only", "IndexFlatIP", "CoreSet cb", "CoreSet fd", "steps/s fp32"):
         assert phrase in text
     assert "Verdict" in text and "problems" not in text.split("Verdict", 1)[1].lower()
+
+
+def _fake_wheel(folder: Path, name: str, version: str, requires: list[str]) -> Path:
+    """Write a wheel file holding only its METADATA (all that the install plan reads)."""
+    import zipfile
+
+    path = folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+    metadata = [f"Name: {name}", f"Version: {version}"] + [f"Requires-Dist: {r}" for r in requires]
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr(
+            f"{name.replace('-', '_')}-{version}.dist-info/METADATA", "\n".join(metadata)
+        )
+    return path
+
+
+def test_install_plan_adds_a_newer_dependency_only_where_the_machine_has_an_older_one(tmp_path):
+    sys.path.insert(0, str(REPO / "bench" / "gpu"))
+    try:
+        import setup_env
+    finally:
+        sys.path.remove(str(REPO / "bench" / "gpu"))
+    _fake_wheel(
+        tmp_path, "pydantic", "2.14.4", ["pydantic-core==2.50.5", "typing-extensions>=4.16"]
+    )
+    _fake_wheel(tmp_path, "pydantic-core", "2.50.5", ["typing-extensions>=4.16"])
+    _fake_wheel(tmp_path, "typing-extensions", "4.16.0", [])
+    _fake_wheel(
+        tmp_path, "omegaconf", "2.3.1", ["PyYAML>=5.1.0", 'dataclasses; python_version == "3.6"']
+    )
+    wheels = setup_env.wheel_folder(tmp_path)
+    old_machine = {"typing-extensions": "4.12.2", "pyyaml": "6.0.2"}
+    files, unmet = setup_env.plan_install(["pydantic", "pydantic-core"], wheels, old_machine.get)
+    assert files == [
+        "pydantic-2.14.4-py3-none-any.whl",
+        "pydantic_core-2.50.5-py3-none-any.whl",
+        "typing_extensions-4.16.0-py3-none-any.whl",
+    ]
+    assert unmet == []
+    new_machine = {"typing-extensions": "4.16.0", "pyyaml": "6.0.2"}
+    files, _ = setup_env.plan_install(["pydantic", "pydantic-core"], wheels, new_machine.get)
+    assert "typing_extensions-4.16.0-py3-none-any.whl" not in files
+    # A requirement neither on the machine nor among the wheels is reported, not ignored.
+    files, unmet = setup_env.plan_install(["omegaconf", "hydra-core"], wheels, {}.get)
+    assert files == ["omegaconf-2.3.1-py3-none-any.whl"]
+    assert unmet == [
+        f"hydra-core: no wheel in {setup_env.WHEELS}",
+        "omegaconf needs PyYAML>=5.1.0, the machine has none",
+    ]
