@@ -139,6 +139,24 @@ def test_max_steps_stops_inside_an_epoch_and_epochs_bound_the_run(tables, tmp_pa
     assert best["miou"] == pytest.approx(result.metrics["miou"].max())
 
 
+def test_training_records_the_device_and_dtype_its_steps_ran_in(tables, tmp_path):
+    train_table, val_table = tables
+    fp32 = train_from_config(small_config(train_table, val_table, tmp_path / "fp32"))
+    assert fp32.trained_on == {"device": "cpu", "logits_dtype": "float32", "autocast_dtype": None}
+    assert "trained on cpu\n" in fp32.summary_text
+    config = small_config(train_table, val_table, tmp_path / "bf16")
+    config["precision"] = "bf16"
+    bf16 = train_from_config(config)
+    expected = {"device": "cpu", "logits_dtype": "bfloat16", "autocast_dtype": "bfloat16"}
+    assert bf16.trained_on == expected
+    assert "trained on cpu, bfloat16 autocast" in bf16.summary_text
+    assert torch.load(bf16.last_checkpoint_path, weights_only=False)["trained_on"] == expected
+    assert np.isfinite(bf16.metrics[["train_loss", "val_loss"]].to_numpy()).all()
+    config["precision"] = "fp16"
+    with pytest.raises(ConfigError, match="precision"):
+        plan_training(config)
+
+
 def test_cli_weighted_sampler_on_a_table_without_sampler_weight_exits_2_with_one_line(
     tables, tmp_path
 ):

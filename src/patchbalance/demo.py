@@ -62,6 +62,14 @@ def _image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     return np.clip(colour + texture + noise, 1, 255).astype(np.uint8)
 
 
+def demo_scene(
+    rng: np.random.Generator, size: int = SCENE_SIZE, water_bias: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return `(mask, image)` of one scene: a (size, size) class mask, its (3, size, size) RGB."""
+    mask = _scene(rng, size, water_bias)
+    return mask, _image(rng, mask)
+
+
 def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
     """Write the sample rasters, records and configurations under `out_dir`; return their paths.
 
@@ -71,8 +79,7 @@ def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
     rng = np.random.default_rng(seed)
     records = []
     for scene in range(1, 5):
-        mask = _scene(rng, SCENE_SIZE, water_bias=0.4 if scene == 2 else 0.0)
-        image = _image(rng, mask)
+        mask, image = demo_scene(rng, SCENE_SIZE, water_bias=0.4 if scene == 2 else 0.0)
         if scene == 2:
             mask[:, -40:] = MASK_NODATA  # an unlabelled margin along the east edge
         if scene == 3:

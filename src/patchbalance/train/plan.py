@@ -94,7 +94,8 @@ class TrainPlan:
             f"input bands: {self.in_channels}",
             f"model: {self.resolved.get('model', {}).get('_target_', DEFAULT_MODEL['_target_'])}",
             *([self.class_weights.describe()] if self.class_weights is not None else []),
-            f"device: {self.device}",
+            f"device: {self.device}"
+            + (", bf16 autocast" if self.config.precision == "bf16" else ""),
             "length: "
             + ", ".join(
                 part

@@ -95,6 +95,9 @@ class TrainResult:
     model: Any
     class_labels: list[str] = field(default_factory=list)
     summary_text: str = ""
+    # Where the training steps ran, read from the first step's logits: device, logits dtype
+    # and the autocast dtype in force (None without autocast).
+    trained_on: dict[str, Any] = field(default_factory=dict)
 
 
 def _forward(model: Any, images: Any) -> Any:
@@ -116,14 +119,18 @@ def evaluate(
     device: Any,
     progress: bool = False,
     logit_offsets: np.ndarray | None = None,
+    precision: str = "fp32",
 ) -> tuple[float, np.ndarray]:
     """Return `(mean loss, confusion matrix)` of `model` over every batch of `loader`.
 
     With `logit_offsets` (T, C), the confusion matrices are (T, C, C): one per row of offsets
     added to the class logits before the argmax (the loss is always that of the raw logits).
+    `precision` bf16 runs the forward pass and the loss under bf16 autocast.
     """
     import torch
     from tqdm.auto import tqdm
+
+    from patchbalance.embeddings.models import autocast
 
     model.eval()
     offsets = (
@@ -140,8 +147,9 @@ def evaluate(
         for batch in tqdm(loader, desc="validation", leave=False, disable=not progress):
             images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
-            logits = _forward(model, images)
-            loss = loss_fn(logits, masks)
+            with autocast(str(device), precision):
+                logits = _forward(model, images)
+                loss = loss_fn(logits, masks)
             if torch.isfinite(loss):
                 loss_sum += float(loss) * images.shape[0]
                 loss_count += images.shape[0]
@@ -181,11 +189,18 @@ def _train_epoch(
     epoch: int,
     step: int,
     progress: bool,
+    trained_on: dict[str, Any],
 ) -> tuple[float, int, int]:
-    """Return `(loss sum, patches seen, step)` after one epoch, or when `max_steps` is reached."""
+    """Return `(loss sum, patches seen, step)` after one epoch, or when `max_steps` is reached.
+
+    `trained_on` is filled in at the first step with where that step ran (see `TrainResult`).
+    """
     from tqdm.auto import tqdm
 
+    from patchbalance.embeddings.models import autocast, autocast_dtype
+
     device = plan.device
+    precision = plan.config.precision
     model.train()
     loss_sum, seen = 0.0, 0
     bar = tqdm(
@@ -198,7 +213,15 @@ def _train_epoch(
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(_forward(model, images), masks)
+        with autocast(str(device), precision):
+            logits = _forward(model, images)
+            loss = loss_fn(logits, masks)
+            if not trained_on:
+                trained_on.update(
+                    device=str(logits.device),
+                    logits_dtype=str(logits.dtype).removeprefix("torch."),
+                    autocast_dtype=autocast_dtype(logits.device.type),
+                )
         loss.backward()
         optimizer.step()
         step += 1
@@ -213,7 +236,13 @@ def _train_epoch(
 
 
 def _checkpoint(
-    plan: TrainPlan, model: Any, optimizer: Any, epoch: int, step: int, iou: np.ndarray
+    plan: TrainPlan,
+    model: Any,
+    optimizer: Any,
+    epoch: int,
+    step: int,
+    iou: np.ndarray,
+    trained_on: dict[str, Any],
 ) -> dict[str, Any]:
     """Return what a checkpoint holds after `epoch` (1-based): states, metrics and config."""
     return {
@@ -228,6 +257,7 @@ def _checkpoint(
         "in_channels": plan.in_channels,
         "class_values": getattr(plan.train_dataset, "class_values", None),
         "config": plan.resolved,
+        "trained_on": trained_on,
     }
 
 
@@ -253,6 +283,7 @@ def _result(
     best_confusion: np.ndarray,
     steps: int,
     model: Any,
+    trained_on: dict[str, Any],
 ) -> TrainResult:
     """Return the run's result from its metric rows and best epoch, with the summary text."""
     result = TrainResult(
@@ -267,6 +298,7 @@ def _result(
         metrics_path=plan.output_dir / "metrics.csv",
         model=model,
         class_labels=_class_labels(plan.val_dataset, plan.n_classes),
+        trained_on=trained_on,
     )
     result.summary_text = summary_text(result)
     return result
@@ -292,6 +324,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     best_confusion = np.zeros((plan.n_classes, plan.n_classes), dtype=np.int64)
     step = 0
     epoch = 0
+    trained_on: dict[str, Any] = {}
     sampler = plan.train_loader.sampler
     while (plan.epochs is None or epoch < plan.epochs) and (
         plan.max_steps is None or step < plan.max_steps
@@ -300,7 +333,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
             sampler.set_epoch(epoch)
         started = time.perf_counter()
         loss_sum, seen, step = _train_epoch(
-            plan, model, loss_fn, optimizer, schedulers, epoch, step, progress
+            plan, model, loss_fn, optimizer, schedulers, epoch, step, progress, trained_on
         )
         train_seconds = time.perf_counter() - started
         val_loss, confusions = evaluate(
@@ -312,6 +345,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
             plan.device,
             progress,
             logit_offsets=offsets,
+            precision=cfg.precision,
         )
         confusion = confusions[0]
         iou = iou_from_confusion(confusion)
@@ -328,7 +362,9 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
         }
         rows.append(row)
         _write_metrics(rows, metrics_path)
-        _save_checkpoint(_checkpoint(plan, model, optimizer, epoch + 1, step, iou), last_path)
+        _save_checkpoint(
+            _checkpoint(plan, model, optimizer, epoch + 1, step, iou, trained_on), last_path
+        )
         score = miou if math.isfinite(miou) else -math.inf
         if best["epoch"] < 0 or score > best["miou"]:
             best = {"epoch": epoch + 1, "miou": score, "iou": iou}
@@ -347,7 +383,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
         step_schedulers(schedulers, "epoch", epoch_metrics)
         epoch += 1
 
-    return _result(plan, rows, best, best_confusion, step, model)
+    return _result(plan, rows, best, best_confusion, step, model, trained_on)
 
 
 def _format(value: float) -> str:
@@ -365,6 +401,10 @@ def summary_text(result: TrainResult) -> str:
     lines += ["", f"best epoch {result.best_epoch}: mIoU {_format(result.best_miou)}", "class  IoU"]
     for label, value in zip(result.class_labels, result.best_iou, strict=False):
         lines.append(f"  {label:<12} {_format(float(value))}")
+    where = result.trained_on
+    if where:
+        mixed = where.get("autocast_dtype")
+        lines += ["", f"trained on {where['device']}" + (f", {mixed} autocast" if mixed else "")]
     lines += [
         "",
         f"best checkpoint: {result.checkpoint_path}",
