@@ -376,11 +376,12 @@ def _records_and_compute(
 ) -> tuple[SourceRecords, Compute]:
     """Return the records and the run's `Compute`, started on `stack` (its cluster stops with it)."""
     compute = None
+    infos: dict[str, RasterInfo] = {}  # raster headers, each read once in the build
     if config.input.placement == "class_centred":
         # The class-centred window search runs on the workers too: start them first.
-        compute = _start_compute(stack, clock, config, grid_window_count(config))
+        compute = _start_compute(stack, clock, config, grid_window_count(config, infos))
     with clock.stage("records"):
-        source = load_records(config, compute)
+        source = load_records(config, compute, infos)
     log.info("records: %d patches", len(source.records))
     if config.mode == "embeddings" and source.uniqueness is None and source.embeddings is None:
         from patchbalance.embeddings import check_model_available

@@ -95,7 +95,9 @@ def read_rasters(
     with clock.stage("rasters"):
         probed = [records["image_path"]] + ([] if skip_masks else [records["mask_path"]])
         files = {str(path) for column in probed for path in column.unique()}
-        infos, open_errors = probe_rasters(files, compute.workers)
+        # Headers the source read already are not read again.
+        infos, open_errors = probe_rasters(files - set(source.infos), compute.workers)
+        infos.update({path: info for path, info in source.infos.items() if path in files})
     differences: dict[tuple[str, str], str] = {}
     if not skip_masks:
         masks = {str(path) for path in records["mask_path"].unique()}

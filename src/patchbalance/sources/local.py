@@ -16,7 +16,13 @@ from patchbalance.config import BalancedDatasetConfig, InputConfig
 from patchbalance.errors import InputError
 from patchbalance.paths import resolve_path
 from patchbalance.table import KEY_COLUMNS, check_table_file, read_table, separator_hint
-from patchbalance.windows import check_mask_band, gdal_message, pair_difference, probe_raster
+from patchbalance.windows import (
+    RasterInfo,
+    check_mask_band,
+    gdal_message,
+    pair_difference,
+    probe_raster,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,18 +191,20 @@ def _raster_pairs(config: BalancedDatasetConfig) -> list[tuple[str, str]]:
     return _pairs_from_globs(config)
 
 
-def grid_window_count(config: BalancedDatasetConfig) -> int:
+def grid_window_count(
+    config: BalancedDatasetConfig, infos: dict[str, RasterInfo] | None = None
+) -> int:
     """Return how many grid windows the rasters source has (0 for a raster it cannot open).
 
     Only the files' headers are read: the scheduler is chosen by this count before the
-    class-centred window search, which runs on it.
+    class-centred window search, which runs on it. The headers read go into `infos`.
     """
     size = int(config.input.patch_size or 0)
     stride = int(config.input.stride or size)
     total = 0
     for image_path, _ in _raster_pairs(config):
         try:
-            info = probe_raster(image_path)
+            info = _probed(image_path, infos)
         except (RasterioError, OSError):
             continue
         rows, cols = grid_windows(info.height, info.width, size, stride)
@@ -204,16 +212,28 @@ def grid_window_count(config: BalancedDatasetConfig) -> int:
     return total
 
 
+def _probed(path: str, infos: dict[str, RasterInfo] | None) -> RasterInfo:
+    """Return the header of raster `path`, read once per build: `infos` keeps those read."""
+    if infos is not None and path in infos:
+        return infos[path]
+    info = probe_raster(path)
+    if infos is not None:
+        infos[path] = info
+    return info
+
+
 def records_from_rasters(
     config: BalancedDatasetConfig,
     notes: dict[str, object] | None = None,
     compute: Compute | None = None,
+    infos: dict[str, RasterInfo] | None = None,
 ) -> pd.DataFrame:
     """Return the full grid windows over each image/mask pair of `input.rasters` or the globs.
 
     With `placement: class_centred`, the class-centred windows follow the grid ones (their
     search runs a raster per task on `compute`), and the placement figures go into
-    `notes["placement"]` when `notes` is given.
+    `notes["placement"]` when `notes` is given. The raster headers read go into `infos`, so
+    that later stages need not read them again.
     """
     source: InputConfig = config.input
     pairs = _raster_pairs(config)
@@ -222,15 +242,15 @@ def records_from_rasters(
     frames = []
     mask_infos = []
     for image_path, mask_path in pairs:
-        infos = []
+        headers = []
         for path in (image_path, mask_path):
             if not os.path.exists(path):
                 raise InputError(f"{path}: raster not found (input.rasters)")
             try:
-                infos.append(probe_raster(path))
+                headers.append(_probed(path, infos))
             except Exception as exc:  # noqa: BLE001 - any GDAL failure is reported the same way
                 raise InputError(f"{path}: cannot open raster: {gdal_message(exc)}") from exc
-        image, mask = infos
+        image, mask = headers
         difference = pair_difference(image, mask)
         if difference:
             raise InputError(
