@@ -27,15 +27,12 @@ What one run does, with the same model, steps and seeds for every method:
 5. reports per class IoU, precision and recall at the short and the long budget, and the gain
    over uniform paired by seed with a 95 % bootstrap interval over seeds.
 
-Runs already finished in `--work` are reused, so an interrupted run resumes. The round-three
-arms (`EXTRA_ARMS`: loss weighting, visual uniqueness, CoreSets) run when named in
-`--methods`, or all of them with `--methods round3`.
+Runs already finished in `--work` are reused, so an interrupted run resumes.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import fnmatch
 import json
 import logging
@@ -65,10 +62,25 @@ CLASS_MAPS = Path(__file__).resolve().parent / "class_maps"
 DATA = REPO.parent / "shared" / "data"
 GAP = 64.0  # metres between the made-up footprints of two images
 
-# name -> (build settings, uses class-centred windows). The uniform baseline draws the grid
-# pool with every weight 1 (power 0), so the weighting is the only difference.
+# name -> build settings (`placement: class_centred` adds class-centred windows, `embeddings:
+# true` builds on EfficientNet-Lite0 features), and optionally `train` (keys of the train
+# configuration it replaces) and `coreset` (a selection over the table, trained with equal
+# weights). The uniform baseline draws the grid pool with every weight 1 (power 0), so the
+# weighting is the only difference.
+UNIFORM: dict[str, Any] = {"sampling_method": "composition_only", "weights": {"power": 0.0}}
+MEDIAN_FREQUENCY_LOSS = {
+    "_target_": "torch.nn.CrossEntropyLoss",
+    "ignore_index": MASK_NODATA,
+    "class_weights": "median_frequency",
+}
+CE_DICE_LOSS = {
+    "terms": [
+        {"name": "cross_entropy", "factor": 1.0, "ignore_index": MASK_NODATA},
+        {"name": "dice", "factor": 1.0, "mode": "multiclass", "ignore_index": MASK_NODATA},
+    ]
+}
 METHODS: dict[str, dict[str, Any]] = {
-    "uniform": {"sampling_method": "composition_only", "weights": {"power": 0.0}},
+    "uniform": UNIFORM,
     "rank_max": {"sampling_method": "rank_max"},
     "inverse_frequency": {"sampling_method": "inverse_frequency"},
     "repeat_factor": {"sampling_method": "repeat_factor"},
@@ -96,52 +108,32 @@ METHODS: dict[str, dict[str, Any]] = {
         "sampling_method": "inverse_frequency",
         "placement": "class_centred",
     },
+    # The loss side, with uniform draws (`train` replaces keys of the train configuration).
+    "uniform_loss_median_frequency": {**UNIFORM, "train": {"loss": MEDIAN_FREQUENCY_LOSS}},
+    "uniform_loss_ce_dice": {**UNIFORM, "train": {"loss": CE_DICE_LOSS}},
+    # Both together: class-centred class_target sqrt with the class-weighted loss.
+    "class_target_sqrt_centred_loss_median_frequency": {
+        "sampling_method": "class_target",
+        "weights": {"target_share": "sqrt"},
+        "placement": "class_centred",
+        "train": {"loss": MEDIAN_FREQUENCY_LOSS},
+    },
+    # Visual uniqueness on the offline EfficientNet-Lite0 features (one cache for every arm).
+    "uniqueness_only": {"sampling_method": "uniqueness_only", "embeddings": True},
+    "rank_max_embeddings": {"sampling_method": "rank_max", "embeddings": True},
+    # CoreSets of 30 % of the pool, trained with equal weights, and a seeded random 30 %.
+    "coreset_cb30": {**UNIFORM, "coreset": {"method": "cb", "budget": 0.3}},
+    "coreset_fd30": {**UNIFORM, "embeddings": True, "coreset": {"method": "fd", "budget": 0.3}},
+    "coreset_lc_fd30": {
+        **UNIFORM,
+        "embeddings": True,
+        "coreset": {"method": "lc_fd", "budget": 0.3},
+    },
+    "random30": {**UNIFORM, "coreset": {"method": "random", "budget": 0.3}},
 }
 # uniform_mix 0.33 is added to the strongest class-aware method, measured before training.
 MIX = 0.33
 CLASS_AWARE = ("inverse_frequency", "repeat_factor", *(m for m in METHODS if "class_target" in m))
-
-# Round three (the questions a careful user asks next), as `patchbalance compare` arms. The loss
-# arms need `loss.class_weights` and `loss.terms` in `patchbalance train`.
-UNIFORM_BUILD = {"sampling_method": "composition_only", "weights": {"power": 0.0}}
-CENTRED_SQRT = {
-    "sampling_method": "class_target",
-    "weights": {"target_share": "sqrt"},
-    "input": {"placement": "class_centred"},
-}
-CE_DICE = {"_replace_": True, "terms": [{"name": "cross_entropy"}, {"name": "dice"}]}
-LITE0 = {
-    "mode": "embeddings",
-    "embeddings": {"backbone": "efficientnet_lite0", "num_workers": 0, "batch_size": 64},
-}
-EXTRA_ARMS: dict[str, dict[str, Any]] = {
-    # 1. Re-weighting the loss instead of the sampler, and both together.
-    "median_frequency_loss": {
-        "build": UNIFORM_BUILD,
-        "train": {"loss": {"class_weights": "median_frequency"}},
-    },
-    "ce_dice_loss": {"build": UNIFORM_BUILD, "train": {"loss": CE_DICE}},
-    "class_target_sqrt_centred+median_frequency_loss": {
-        "build": CENTRED_SQRT,
-        "train": {"loss": {"class_weights": "median_frequency"}},
-    },
-    "class_target_sqrt_centred+ce_dice_loss": {"build": CENTRED_SQRT, "train": {"loss": CE_DICE}},
-    # 2. Visual uniqueness on offline EfficientNet-Lite0 embeddings (one shared cache).
-    "uniqueness_only_lite0": {"build": {**LITE0, "sampling_method": "uniqueness_only"}},
-    "rank_max_lite0": {"build": {**LITE0, "sampling_method": "rank_max"}},
-    # 3. CoreSets of 30 % against a seeded random 30 % (and the full pool: uniform).
-    "coreset_cb30": {"build": UNIFORM_BUILD, "coreset": {"method": "cb", "budget": 0.3}},
-    "coreset_fd30": {
-        "build": {**LITE0, **UNIFORM_BUILD},
-        "coreset": {"method": "fd", "budget": 0.3},
-    },
-    "coreset_lc_fd30": {
-        "build": {**LITE0, **UNIFORM_BUILD},
-        "coreset": {"method": "lc_fd", "budget": 0.3},
-    },
-    "random30": {"build": UNIFORM_BUILD, "coreset": {"method": "random", "budget": 0.3}},
-}
-ROUND3 = "round3"
 
 
 def log(message: str) -> None:
@@ -416,7 +408,8 @@ def build_config(
 
 
 def method_arm(method: dict[str, Any], rare: list[int], args: argparse.Namespace) -> dict:
-    """Return the compare arm of one method: its build settings, centred windows if it uses them."""
+    """Return the compare arm of one method: its build settings (class-centred windows and
+    embeddings if it uses them), the train keys it replaces, and its CoreSet."""
     build: dict[str, Any] = {
         "sampling_method": method["sampling_method"],
         "weights": dict(method.get("weights", {})),
@@ -427,7 +420,20 @@ def method_arm(method: dict[str, Any], rare: list[int], args: argparse.Namespace
             "rare_classes": rare,
             "class_windows_per_raster": args.class_windows,
         }
-    return {"build": build}
+    if method.get("embeddings"):
+        # Every embeddings arm shares the comparison's one cache of these vectors.
+        build["mode"] = "embeddings"
+        build["embeddings"] = {"backbone": "efficientnet_lite0", "num_workers": 0}
+    arm: dict[str, Any] = {"build": build}
+    if method.get("train"):
+        # A train key of a method replaces the base's whole value (a loss of another shape).
+        arm["train"] = {
+            key: {"_replace_": True, **value} if isinstance(value, dict) else value
+            for key, value in method["train"].items()
+        }
+    if method.get("coreset"):
+        arm["coreset"] = dict(method["coreset"])
+    return arm
 
 
 def sampling_row(name: str, figures: Any, rare: list[int]) -> dict[str, Any]:
@@ -614,7 +620,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--methods",
         nargs="+",
-        help=f"subset of {[*METHODS, 'mix', *EXTRA_ARMS]}, or {ROUND3} for every extra arm",
+        help=f"subset of {[*METHODS, 'mix']}",
     )
     parser.add_argument("--class-windows", type=int, default=16, help="class_windows_per_raster")
     parser.add_argument("--plateau-tolerance", type=float, default=0.01)
@@ -654,12 +660,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     elif args.encoder_weights.lower() == "none":
         args.encoder_weights = None
     args.methods = args.methods or [*METHODS, "mix"]
-    if ROUND3 in args.methods:
-        args.methods = [m for m in args.methods if m != ROUND3] + list(EXTRA_ARMS)
-    known = [*METHODS, "mix", *EXTRA_ARMS]
-    unknown = [m for m in args.methods if m not in known]
+    unknown = [m for m in args.methods if m not in METHODS and m != "mix"]
     if unknown:
-        parser.error(f"unknown method(s) {unknown}; choose from {known} or {ROUND3}")
+        parser.error(f"unknown method(s) {unknown}; choose from {[*METHODS, 'mix']}")
     if "uniform" not in args.methods:
         args.methods.insert(0, "uniform")
     return args
@@ -696,12 +699,6 @@ def chosen_arms(
     from patchbalance.compare.engine import build_all
 
     arms = {name: method_arm(METHODS[name], rare, args) for name in args.methods if name in METHODS}
-    for name in (m for m in args.methods if m in EXTRA_ARMS):
-        arm = copy.deepcopy(EXTRA_ARMS[name])
-        source = arm["build"].get("input")
-        if source and source.get("placement") == "class_centred":
-            source.update(rare_classes=rare, class_windows_per_raster=args.class_windows)
-        arms[name] = arm
     plan = compare_plan_from_mapping(compare_block(args, work, arms, rare))
     tables, _ = build_all(plan)
     sampling = [sampling_row(name, table.figures, rare) for name, table in tables.items()]

@@ -328,8 +328,9 @@ def test_an_output_target_that_is_a_folder_exits_2_before_any_stage(
         raise AssertionError("a stage ran before the outputs were checked")
 
     monkeypatch.setattr(patchbalance.build.pipeline, "load_records", no_stage)
-    # A footprints path must name its format, so the folder is named like one.
-    folder = project.parent / "a_folder.geojson"
+    # A footprints path must name its format, and a table path CSV or Parquet: the folder is
+    # named like one.
+    folder = project.parent / ("a_folder.csv" if key == "output.csv_path" else "a_folder.geojson")
     folder.mkdir()
     result = _run("build-balanced-dataset", project, "--set", f"{key}={folder}", *extra)
     _one_line_error(result, str(folder), "names a folder, not a file", key)

@@ -240,3 +240,41 @@ def test_the_class_centred_search_on_a_local_cluster_finds_the_same_windows(tmp_
     assert (there.table["placement"] != "grid").sum() > 0
     assert there.summary["source"]["placement"] == here.summary["source"]["placement"]
     assert there.table.to_csv(index=False) == here.table.to_csv(index=False)
+
+
+def test_a_refused_scheduler_port_fails_within_seconds(tmp_path):
+    # The default wait of 30 s is kept: the refusal itself must end the wait.
+    config = demo_config(tmp_path, [f"compute.scheduler=tcp://127.0.0.1:{free_port()}"])
+    start = time.monotonic()
+    with pytest.raises(InputError, match=r"cannot reach the Dask scheduler at tcp://127\.0\.0\.1"):
+        run_build(config, write=False)
+    assert time.monotonic() - start < compute.PROBE_TIMEOUT_S
+
+
+@pytest.mark.parametrize("dashboard", [False, True])
+def test_a_dashboard_link_is_given_only_when_the_scheduler_has_one(dashboard):
+    from distributed import LocalCluster
+
+    pytest.importorskip("bokeh")
+    # Without a dashboard the scheduler still serves HTTP on its port (as `dask scheduler
+    # --no-dashboard` does), and distributed still makes a link to it.
+    started = LocalCluster(
+        n_workers=1,
+        processes=False,
+        dashboard_address=":0",
+        scheduler_kwargs={"dashboard": dashboard},
+    )
+    with started as cluster:
+        settings = config_from_mapping(
+            {
+                "input": {"records_path": "r.csv"},
+                "compute": {"scheduler": cluster.scheduler_address},
+                "output": {"csv_path": "t.csv"},
+            }
+        ).compute
+        with compute.open_compute(settings, 10, 1) as running:
+            notes = running.describe()
+    if dashboard:
+        assert notes["dashboard"].startswith("http://")
+    else:
+        assert "dashboard" not in notes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -63,6 +64,9 @@ def test_the_coreset_example_config_runs_unchanged_on_the_demo_data(demo_project
     summary = json.loads((demo / "coreset_train.summary.json").read_text())
     assert summary["method"] == "cb"
     assert summary["n_selected"] == int(chosen.sum())
+    # The table and its summary are one set: the summary holds the table's SHA-256.
+    table_bytes = (demo / "coreset_train.csv").read_bytes()
+    assert summary["output_sha256"] == {"table": hashlib.sha256(table_bytes).hexdigest()}
     # cb evens the class mix: the rare class 3 has a larger pixel share in the CoreSet.
     rare = summary["class_pixel_share"]["3"]
     assert rare["coreset"] > rare["pool"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -79,17 +80,24 @@ def test_class_target_example_raises_the_rare_class_with_class_centred_windows(t
 
 EXPECTED = Path(__file__).resolve().parent / "demo_expected"
 PINNED_FILES = ("balanced_train.csv", "balanced_train.geojson", "balanced_train.summary.json")
-# Fields of the summary that change from run to run or machine to machine.
-UNPINNED_SUMMARY_KEYS = ("timings_s", "versions", "compute")
+# Fields of the summary that change from run to run or machine to machine; `output_sha256`
+# depends on the output folder (the table holds absolute paths) and is checked on its own.
+UNPINNED_SUMMARY_KEYS = ("timings_s", "versions", "compute", "output_sha256")
 
 
 def pinned_demo_outputs(out_dir: Path) -> dict[str, str]:
     """Return the demo's table, GeoJSON and summary as text, with `out_dir` written as <OUT>.
 
-    The summary drops its timings and versions; everything else is kept as written.
+    The summary drops its timings and versions; everything else is kept as written. The
+    hashes the summary records are those of the files written beside it.
     """
     result = CliRunner().invoke(app, ["demo", "--out", str(out_dir), "-q"])
     assert result.exit_code == 0, result.output
+    hashes = json.loads((out_dir / "balanced_train.summary.json").read_text())["output_sha256"]
+    assert hashes == {
+        "table": hashlib.sha256((out_dir / "balanced_train.csv").read_bytes()).hexdigest(),
+        "geojson": hashlib.sha256((out_dir / "balanced_train.geojson").read_bytes()).hexdigest(),
+    }
     texts = {}
     for name in PINNED_FILES:
         text = (out_dir / name).read_text(encoding="utf-8")

@@ -297,6 +297,8 @@ def test_identical_windows_get_identical_embeddings_and_match_a_direct_forward(
     assert summary["computed"] == 4 and summary["cache_hits"] == 0
     assert summary["dim"] == TINY_HIDDEN and summary["pooling"] == "cls"
     assert summary["device"] == "cpu" and summary["precision"] == "fp32"
+    # Read from the output tensor: where the vectors were really computed, and no autocast.
+    assert summary["computed_on"] == "cpu" and summary["autocast_dtype"] is None
     assert summary["patches_per_second"] > 0
 
 
@@ -353,6 +355,16 @@ def test_nan_embeddings_are_an_error_naming_the_count_and_a_patch(tmp_path, scen
     assert message.startswith("5 embedding(s) came out NaN or infinite (first: ")
     assert "scene.tif (row_off " in message
     assert not Path(config.parquet_path).exists()  # nothing non-finite is cached
+
+
+def test_the_summary_records_the_autocast_dtype_the_model_ran_under(scene, tiny_model):
+    _, records = scene
+    result = extract_embeddings(
+        records.iloc[:2], make_config(tiny_model, precision="bf16"), 0, progress=False
+    )
+    summary = result.summary
+    assert summary["precision"] == "bf16" and summary["autocast_dtype"] == "bfloat16"
+    assert summary["computed_on"] == "cpu" and summary["model_load_seconds"] >= 0
 
 
 def test_use_gpu_without_cuda_says_so(caplog, scene, tiny_model, monkeypatch):

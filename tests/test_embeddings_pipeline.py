@@ -172,3 +172,31 @@ def test_corrupt_model_weights_exit_2_with_one_line_before_any_raster_is_read(tm
     assert str(weights) in lines[0] and "corrupt or incomplete" in lines[0]
     assert "replace the file with an intact copy" in lines[0]
     assert not (tmp_path / "out" / "table.csv").exists()
+
+
+def test_a_dry_run_reports_a_garbage_embeddings_cache_as_such(scene, tiny_model):
+    import yaml
+    from typer.testing import CliRunner
+
+    from patchbalance.cli import app
+
+    folder, records = scene
+    config = folder / "config.yaml"
+    config.write_text(yaml.safe_dump({"balanced_dataset": _block(folder, records, tiny_model)}))
+    runner = CliRunner()
+    plan = runner.invoke(app, ["build-balanced-dataset", str(config), "--dry-run"])
+    assert plan.exit_code == 0, plan.output
+    assert "embeddings.parquet (new)" in plan.stdout
+    run_build(_config(folder, records, tiny_model))
+    plan = runner.invoke(app, ["build-balanced-dataset", str(config), "--dry-run"])
+    assert plan.exit_code == 0, plan.output
+    assert "embeddings.parquet (exists: 15 rows;" in plan.stdout
+    cache = folder / "cache" / "embeddings.parquet"
+    cache.write_bytes(b"garbage")
+    plan = runner.invoke(app, ["build-balanced-dataset", str(config), "--dry-run"])
+    assert plan.exit_code == 2, plan.output
+    assert "embeddings.parquet: not a readable Parquet embeddings cache" in plan.stderr
+    assert "reused" not in plan.output
+    # The run says the same.
+    run = runner.invoke(app, ["build-balanced-dataset", str(config), "-q"])
+    assert run.exit_code == 2 and "not a readable Parquet embeddings cache" in run.stderr

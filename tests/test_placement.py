@@ -171,3 +171,26 @@ def test_peak_memory_stays_bounded_on_a_raster_too_large_to_load_whole(tmp_path)
     assert count == 7 and output[1] == "[9]"
     # A strip of one block row is 31 MB; the whole mask would be 3,650 MB.
     assert peak_mb < 600, f"peak RSS {peak_mb} MB"
+
+
+def test_a_class_centred_build_reads_each_raster_header_once(tmp_path, masks, monkeypatch):
+    """The rasters source probes each file once; the raster stage reuses those headers."""
+    import patchbalance.sources.local as local
+    import patchbalance.windows as windows
+    from patchbalance.build.pipeline import run_build
+
+    probed: list[str] = []
+    real_probe = windows.probe_raster
+
+    def counting_probe(path):
+        probed.append(os.path.basename(str(path)))
+        return real_probe(path)
+
+    monkeypatch.setattr(windows, "probe_raster", counting_probe)
+    monkeypatch.setattr(local, "probe_raster", counting_probe)
+    config = config_for(tmp_path, placement="class_centred")
+    config.compute.scheduler = "threads"
+    config.clustering.k_min, config.clustering.k_max = 2, 3
+    table = run_build(config).table
+    assert (table["placement"] != "grid").any()
+    assert sorted(probed) == ["img0.tif", "img1.tif", "mask0.tif", "mask1.tif"]

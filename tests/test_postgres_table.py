@@ -14,11 +14,13 @@ import shapely
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
-from patchbalance.build.pipeline import plan_text, run_build
+from patchbalance.build.pipeline import run_build
+from patchbalance.build.plan import plan_text
 from patchbalance.config import config_from_mapping
 from patchbalance.errors import ConfigError, OutputError
 from postgres_server import (
     READER,
+    READER_PASSWORD,
     postgres_server_fixture,  # noqa: F401 - registers the fixture
 )
 from rasters import record, write_pair
@@ -226,3 +228,37 @@ def test_postgres_table_without_connection_keys_needs_a_postgres_input(tmp_path)
         _config(tmp_path, {"records_path": "r.csv"}, name="balanced")
     with pytest.raises(ConfigError, match="if_exists"):
         _config(tmp_path, {"records_path": "r.csv"}, dsn="host=x", name="b", if_exists="append")
+
+
+def test_a_missing_schema_is_an_error_before_any_stage_runs(postgres_server, tmp_path):
+    # The rasters do not exist: had any stage run, the error would be about them.
+    records = [record(tmp_path / "gone.tif", tmp_path / "gone_mask.tif", 0, 0, PATCH)]
+    config = _config(
+        tmp_path,
+        {"patch_records": records},
+        dsn=postgres_server.conninfo(),
+        schema="nowhere",
+        name="balanced",
+    )
+    with pytest.raises(
+        OutputError, match=r'schema "nowhere" does not exist.*postgres_table\.schema'
+    ):
+        run_build(config)
+    assert not (tmp_path / "out" / "table.csv").exists()
+
+
+def test_a_schema_the_user_may_not_create_in_is_an_error_before_any_stage(
+    postgres_server, tmp_path
+):
+    with postgres_server.connect() as conn:
+        conn.execute("CREATE SCHEMA IF NOT EXISTS locked")  # the reader has no CREATE there
+    records = [record(tmp_path / "gone.tif", tmp_path / "gone_mask.tif", 0, 0, PATCH)]
+    config = _config(
+        tmp_path,
+        {"patch_records": records},
+        dsn=postgres_server.conninfo(user=READER, password=READER_PASSWORD),
+        schema="locked",
+        name="balanced",
+    )
+    with pytest.raises(OutputError, match=r'may not create tables in the schema "locked"'):
+        run_build(config)

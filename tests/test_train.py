@@ -139,6 +139,24 @@ def test_max_steps_stops_inside_an_epoch_and_epochs_bound_the_run(tables, tmp_pa
     assert best["miou"] == pytest.approx(result.metrics["miou"].max())
 
 
+def test_training_records_the_device_and_dtype_its_steps_ran_in(tables, tmp_path):
+    train_table, val_table = tables
+    fp32 = train_from_config(small_config(train_table, val_table, tmp_path / "fp32"))
+    assert fp32.trained_on == {"device": "cpu", "logits_dtype": "float32", "autocast_dtype": None}
+    assert "trained on cpu\n" in fp32.summary_text
+    config = small_config(train_table, val_table, tmp_path / "bf16")
+    config["precision"] = "bf16"
+    bf16 = train_from_config(config)
+    expected = {"device": "cpu", "logits_dtype": "bfloat16", "autocast_dtype": "bfloat16"}
+    assert bf16.trained_on == expected
+    assert "trained on cpu, bfloat16 autocast" in bf16.summary_text
+    assert torch.load(bf16.last_checkpoint_path, weights_only=False)["trained_on"] == expected
+    assert np.isfinite(bf16.metrics[["train_loss", "val_loss"]].to_numpy()).all()
+    config["precision"] = "fp16"
+    with pytest.raises(ConfigError, match="precision"):
+        plan_training(config)
+
+
 def test_cli_weighted_sampler_on_a_table_without_sampler_weight_exits_2_with_one_line(
     tables, tmp_path
 ):
@@ -230,6 +248,9 @@ def test_example_config_trains_on_the_demo_data(tmp_path):
     plan_text = run_train_command(EXAMPLE, overrides, dry_run=True, progress=False)
     assert "sampler: WeightedRandomSampler, 192 draws per epoch" in plan_text
     assert not (tmp_path / "train").exists()
+    weighted_loss = [*overrides, "loss.class_weights=median_frequency"]
+    plan_text = run_train_command(EXAMPLE, weighted_loss, dry_run=True, progress=False)
+    assert "loss.class_weights median_frequency (pixel shares under the weighted" in plan_text
     text = run_train_command(EXAMPLE, overrides, dry_run=False, progress=False)
     metrics = pd.read_csv(tmp_path / "train" / "metrics.csv")
     assert list(metrics["step"]) == [2]
@@ -343,3 +364,57 @@ def test_metrics_have_iou_precision_and_recall_for_tau_0_and_each_tau(tables, tm
     config["train_dataset"]["input_csv_path"] = str(train_table)  # no px_ columns
     with pytest.raises(ConfigError, match="prior_correction needs the class pixel counts"):
         plan_training(config)
+
+
+def _train_yaml(tmp_path: Path, train_table: Path, val_table: Path, **dataset) -> Path:
+    config = small_config(train_table, val_table, tmp_path / "out")
+    config["train_dataset"].update(dataset)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("which", ["train", "val"])
+def test_a_window_past_its_raster_is_an_error_naming_the_row_before_training(
+    tables, tmp_path, which
+):
+    train_table, val_table = tables
+    frame = pd.read_csv(train_table if which == "train" else val_table)
+    frame.loc[2, "col_off"] = 48  # 48 + 32 runs past the 64 px scene
+    edited = write_table(frame, tmp_path / f"{which}.csv")
+    paths = (edited, val_table) if which == "train" else (train_table, edited)
+    result = runner.invoke(app, ["train", str(_train_yaml(tmp_path, *paths))])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert f"{which}.csv: row 3: the window (row_off 32, col_off 48, patch_size 32)" in errors[0]
+    assert "which is 64x64 pixels" in errors[0]
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_a_class_the_table_counts_beyond_n_classes_is_an_error_before_training(tables, tmp_path):
+    train_table, val_table = tables
+    frame = pd.read_csv(train_table)
+    for value in range(4):
+        frame[f"px_{value}"] = 100
+    frame.loc[:, "px_3"] = 0
+    frame.loc[5, "px_3"] = 7
+    edited = write_table(frame, tmp_path / "counted.csv")
+    result = runner.invoke(
+        app, ["train", str(_train_yaml(tmp_path, edited, val_table)), "--dry-run"]
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app, ["train", str(_train_yaml(tmp_path, edited, val_table, n_classes=2)), "--dry-run"]
+    )
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    assert "counted.csv: column 'px_2' counts pixels of class 2 in rows 1, 2" in errors[0]
+    assert "n_classes is 2" in errors[0]
+    # A class mapped to the ignore index on purpose is fine.
+    mapped = _train_yaml(
+        tmp_path, edited, val_table, n_classes=2, mask_class_mapping={2: 255, 3: 255}
+    )
+    result = runner.invoke(app, ["train", str(mapped), "--dry-run"])
+    assert result.exit_code == 0, result.output

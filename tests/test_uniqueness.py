@@ -49,6 +49,9 @@ def test_exact_scores_match_a_brute_force_mean_of_the_k_smallest_distances(rando
     assert result.scores.dtype == np.float64
     assert result.summary["backend"] == "exact"
     assert result.summary["k"] == 5
+    # The device of the tensors the search used, not the one it asked for.
+    torch = pytest.importorskip("torch")
+    assert result.summary["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("backend", ["faiss", "sklearn"])

@@ -24,11 +24,13 @@ import pandas as pd
 from patchbalance.errors import InputError
 from patchbalance.table import (
     class_columns,
+    class_counts,
     drawn_weights,
     excluded_column,
     read_table,
     row_numbers,
     rows_text,
+    separator_hint,
 )
 
 SAMPLER_WEIGHT = "sampler_weight"
@@ -119,7 +121,7 @@ class BalancedTable:
         if SAMPLER_WEIGHT not in self.frame.columns:
             raise InputError(
                 f"{self.prefix}the table has no {SAMPLER_WEIGHT} column; build it with "
-                "build-balanced-dataset"
+                f"build-balanced-dataset{separator_hint(list(self.frame.columns))}"
             )
         return pd.to_numeric(self.frame[SAMPLER_WEIGHT], errors="coerce").to_numpy(dtype=np.float64)
 
@@ -143,7 +145,8 @@ class BalancedTable:
         """Return the (N, C) pixel counts of the `px_<value>` columns and the class values.
 
         Raises `InputError` when the table has no such column, or when an active row holds
-        a count that is not a whole number >= 0 (text, empty, negative, fractional).
+        a count that is not a whole number >= 0 (text, empty, negative, fractional:
+        `table.class_counts`).
         """
         columns, values = class_columns(self.frame)
         if not columns:
@@ -151,20 +154,8 @@ class BalancedTable:
                 f"{self.prefix}the table has no px_<class> columns of class pixel counts; "
                 "build it with build-balanced-dataset"
             )
-        counts = (
-            self.frame[columns].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-        )
-        active = ~self.excluded if self.excluded is not None else np.ones(len(counts), bool)
-        bad = active[:, None] & (~np.isfinite(counts) | (counts < 0) | (np.round(counts) != counts))
-        if bad.any():
-            row, column = (int(i) for i in np.argwhere(bad)[0])
-            raise InputError(
-                f"{self.prefix}column '{columns[column]}' holds "
-                f"{self.frame[columns[column]].iloc[row]!r} in row {self.labels[row]} "
-                f"({int(bad.any(axis=1).sum())} active row(s) in all); a pixel count is a "
-                "whole number >= 0: rebuild the table with build-balanced-dataset"
-            )
-        return np.nan_to_num(counts, nan=0.0), values
+        rows = ~self.excluded if self.excluded is not None else np.ones(len(self.frame), bool)
+        return class_counts(self.frame, columns, rows, self.where), values
 
     def footprints(self) -> tuple[np.ndarray, np.ndarray]:
         """Return (N, 4) window bounds xmin, ymin, xmax, ymax and (N,) CRS texts ("" for none)."""
@@ -209,7 +200,10 @@ def read_balanced_table(
         where = where or str(source)
         frame = read_table(Path(source), columns=columns, what="balanced table")
     if len(frame) == 0:
-        raise InputError(f"{where + ': ' if where else ''}the table has no rows")
+        raise InputError(
+            f"{where + ': ' if where else ''}the table has no rows (only its header); nothing "
+            "to read"
+        )
     return BalancedTable(
         frame=frame,
         where=where,

@@ -101,15 +101,12 @@ def build_balanced_dataset_command(
     """Compute a sampler_weight for every patch and write the balanced table."""
 
     def task() -> str:
-        from patchbalance.build.pipeline import plan_text, run_build
-        from patchbalance.config import load_config
+        from patchbalance.build.command import run_build_command
 
         overrides = (set_ or []) + ([f"compute.scheduler={scheduler}"] if scheduler else [])
-        cfg = load_config(config, overrides)
-        if dry_run:
-            return plan_text(cfg)
-        result = run_build(cfg, strict=strict, progress=not quiet)
-        return result.summary_text
+        return run_build_command(
+            config, overrides, dry_run=dry_run, strict=strict, progress=not quiet
+        )
 
     _run(task, quiet, verbose, debug)
 
@@ -144,28 +141,13 @@ def report_command(
     debug: DebugOption = False,
 ) -> None:
     """Show what the weights will do in training: class shares, ESS, repeats."""
-    _run(lambda: _report_text(table, out), quiet, verbose, debug)
 
+    def task() -> str:
+        from patchbalance.reporting.command import run_report_command
 
-def _report_text(table_path: Path, out: Path | None = None) -> str:
-    """Return the report's text for the terminal; with `out`, also write the HTML page there."""
-    from patchbalance.atomic import check_writable
-    from patchbalance.reporting.figures import figures_from_table, figures_text
-    from patchbalance.table import read_table
+        return run_report_command(table, out)
 
-    if out is not None:
-        check_writable(Path(out), "the HTML report (--out)")
-    table = read_table(table_path)
-    figures = figures_from_table(table, where=str(table_path))
-    text = figures_text(figures)
-    for line in figures.starvation_warnings(Path(table_path).name):
-        text += f"\nwarning: {line}"
-    if out is not None:
-        from patchbalance.reporting.html import write_html_report
-
-        write_html_report(table, figures, Path(out), title=Path(table_path).name)
-        text += f"\nreport written to {out}"
-    return text
+    _run(task, quiet, verbose, debug)
 
 
 @app.command("train")

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import urlopen
 
 from patchbalance.config import ComputeConfig
 from patchbalance.errors import InputError, MissingDependencyError
@@ -29,6 +32,10 @@ log = logging.getLogger(__name__)
 IN_FLIGHT_PER_WORKER = 4
 # Seconds to wait for a running scheduler to answer and to have at least one worker.
 CONNECT_TIMEOUT_S = 30
+# Seconds a first plain TCP connection to a scheduler address may take: a refused port fails
+# at once, without the wait above.
+PROBE_TIMEOUT_S = 5
+DEFAULT_SCHEDULER_PORT = 8786
 
 
 class LazySequence(Sequence[Any]):
@@ -207,6 +214,8 @@ def open_compute(config: ComputeConfig, n_patches: int, num_workers: int) -> Ite
     if scheduler == "threads":
         yield Compute("threads", max(1, num_workers))
         return
+    if scheduler != "local":
+        _probe_scheduler(scheduler)
     distributed = _import_distributed(scheduler)
     if scheduler == "local":
         workers = config.workers or os.cpu_count() or 1
@@ -230,6 +239,33 @@ def open_compute(config: ComputeConfig, n_patches: int, num_workers: int) -> Ite
             ) from exc
         workers = len(client.scheduler_info()["workers"])
         yield _cluster_compute(scheduler, client, workers)
+
+
+def _probe_scheduler(address: str) -> None:
+    """Raise `InputError` at once when nothing accepts a TCP connection at `address`.
+
+    A refused or unroutable connection fails within `PROBE_TIMEOUT_S`; a scheduler that
+    answers (or a connection that neither opens nor fails in time) gets the longer wait of
+    `distributed.Client`.
+    """
+    parts = urlsplit(address)
+    if parts.scheme not in ("tcp", "tls") or not parts.hostname:
+        return
+    try:
+        port = parts.port or DEFAULT_SCHEDULER_PORT
+    except ValueError:
+        raise InputError(f"compute.scheduler: {address} has no valid port number") from None
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=PROBE_TIMEOUT_S):
+            return
+    except TimeoutError:
+        return
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    raise InputError(
+        f"compute.scheduler: cannot reach the Dask scheduler at {address} ({reason}); start "
+        "one with `dask scheduler` and `dask worker`, or use scheduler: local"
+    )
 
 
 @contextmanager
@@ -271,9 +307,24 @@ def _has_bokeh() -> bool:
     return True
 
 
+def _dashboard_served(link: str) -> bool:
+    """Return whether the dashboard page at `link` answers.
+
+    A scheduler started with `--no-dashboard` (or without bokeh) still serves HTTP on its
+    dashboard port, and distributed still makes a link to it, but the page is not there.
+    """
+    try:
+        with urlopen(link, timeout=PROBE_TIMEOUT_S) as response:  # noqa: S310 - the user's scheduler
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
 def _cluster_compute(scheduler: str, client: Any, workers: int) -> Compute:
     compute = Compute(scheduler, workers, client)
     link = client.dashboard_link if _has_bokeh() else None
+    if link and scheduler != "local" and not _dashboard_served(link):
+        link = None
     if link:
         compute.notes["dashboard"] = link
         log.info("Dask dashboard: %s", link)

@@ -3,7 +3,7 @@
 `load_config(path)` returns a validated `BalancedDatasetConfig`. Every user mistake becomes a
 `ConfigError` whose one-line message names the file and the key (and, for a typo, the closest
 valid key); the reading and the messages are in `config_loading`, shared with the `coreset:`
-(`coreset.config`) and `train` (`train_config`) files.
+(`coreset.config`) and `train` (`train.config`) files.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbalance.config_loading import StrictModel, load_model_file, model_from_mapping
 from patchbalance.paths import resolve_path
+from patchbalance.table import table_suffix
 
 
 def secret_as_text(value: Any) -> Any:
@@ -314,6 +315,11 @@ class OutputConfig(StrictModel):
     postgres_table: PostgresTableConfig | None = None
     summary_path: str | None = None
 
+    @field_validator("csv_path")
+    @classmethod
+    def _table_format(cls, value: str) -> str:
+        return table_suffix(value)
+
     @field_validator("footprints_path")
     @classmethod
     def _known_footprint_format(cls, value: str | None) -> str | None:
@@ -467,6 +473,9 @@ class BalancedDatasetConfig(StrictModel):
             }
         )
         resolved._base_dir, resolved._source_path = self._base_dir, self._source_path
+        from patchbalance.build.outputs import check_build_files
+
+        check_build_files(resolved)  # before any stage: no output may replace another or an input
         return resolved
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:

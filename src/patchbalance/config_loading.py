@@ -49,6 +49,8 @@ def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
     non-mapping document. Interpolations are resolved later, after `--set` overrides.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder; give the YAML configuration file in it")
     if not path.is_file():
         raise ConfigError(f"{path}: configuration file not found")
     try:
@@ -72,19 +74,45 @@ def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _apply_overrides(
     block: dict[str, Any], overrides: list[str], block_name: str, path: Path
 ) -> dict[str, Any]:
-    cleaned = []
+    conf = OmegaConf.create(block)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. clustering.k_max=8")
-        key = item.split("=", 1)[0].strip()
+        key, text = (part.strip() for part in item.split("=", 1))
         if key.startswith(block_name + "."):
-            item = item[len(block_name) + 1 :]
-        cleaned.append(item)
-    try:
-        merged = OmegaConf.merge(OmegaConf.create(block), OmegaConf.from_dotlist(cleaned))
-    except OmegaConfBaseException as exc:
-        raise ConfigError(f"{path}: --set could not be applied: {exc}".splitlines()[0]) from exc
-    return _resolve(merged, path)
+            key = key[len(block_name) + 1 :]
+        _check_override_key(OmegaConf.to_container(conf), key, item, path)
+        try:
+            # Parsed as OmegaConf parses a dotlist value (numbers, lists, `${...}` kept).
+            value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
+            # Key by key, so that a number in the path indexes a list: input.rasters.0.image_path.
+            OmegaConf.update(conf, key, value, merge=True)
+        except OmegaConfBaseException as exc:
+            message = str(exc).splitlines()[0]
+            raise ConfigError(f"{path}: --set {item!r} could not be applied: {message}") from exc
+    return _resolve(conf, path)
+
+
+def _check_override_key(block: Any, key: str, item: str, path: Path) -> None:
+    """Raise `ConfigError` unless every part of `key` names a key, or a list item by index."""
+    node = block
+    for depth, part in enumerate(key.split(".")):
+        if not part:
+            raise ConfigError(
+                f"{path}: --set {item!r}: the key has an empty part; write key.path=value"
+            )
+        if isinstance(node, list):
+            where = ".".join(key.split(".")[:depth])
+            if not part.isdigit() or int(part) >= len(node):
+                fix = f"index it with 0 to {len(node) - 1}" if node else "it has no item to set"
+                raise ConfigError(
+                    f"{path}: --set {item!r}: '{where}' is a list of {len(node)} item(s); {fix}"
+                )
+            node = node[int(part)]
+        elif isinstance(node, dict) and part in node:
+            node = node[part]
+        else:
+            return
 
 
 def _resolve(conf: Any, path: Path) -> dict[str, Any]:

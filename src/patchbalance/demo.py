@@ -16,6 +16,7 @@ import yaml
 from rasterio.transform import from_origin
 from scipy import ndimage
 
+from patchbalance.atomic import atomic_writer, check_writable_folder
 from patchbalance.errors import MissingDependencyError
 from patchbalance.geotiff import write_geotiff
 from patchbalance.table import write_table
@@ -61,6 +62,14 @@ def _image(rng: np.random.Generator, mask: np.ndarray) -> np.ndarray:
     return np.clip(colour + texture + noise, 1, 255).astype(np.uint8)
 
 
+def demo_scene(
+    rng: np.random.Generator, size: int = SCENE_SIZE, water_bias: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return `(mask, image)` of one scene: a (size, size) class mask, its (3, size, size) RGB."""
+    mask = _scene(rng, size, water_bias)
+    return mask, _image(rng, mask)
+
+
 def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
     """Write the sample rasters, records and configurations under `out_dir`; return their paths.
 
@@ -70,8 +79,7 @@ def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
     rng = np.random.default_rng(seed)
     records = []
     for scene in range(1, 5):
-        mask = _scene(rng, SCENE_SIZE, water_bias=0.4 if scene == 2 else 0.0)
-        image = _image(rng, mask)
+        mask, image = demo_scene(rng, SCENE_SIZE, water_bias=0.4 if scene == 2 else 0.0)
         if scene == 2:
             mask[:, -40:] = MASK_NODATA  # an unlabelled margin along the east edge
         if scene == 3:
@@ -125,7 +133,8 @@ def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
         }
     }
     config_path = out_dir / "balanced_train.yaml"
-    config_path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    with atomic_writer(config_path) as stream:
+        stream.write(yaml.safe_dump(config, sort_keys=False))
     return {
         "config": config_path,
         "records": records_path,
@@ -142,6 +151,7 @@ def run_demo_command(out_dir: Path, progress: bool = True, scheduler: str | None
     from patchbalance.reporting.figures import figures_from_table
     from patchbalance.reporting.html import write_html_report
 
+    check_writable_folder(Path(out_dir), "the demo folder (--out)")
     paths = write_demo_dataset(out_dir)
     overrides = [f"compute.scheduler={scheduler}"] if scheduler else []
     result = run_build(load_config(paths["config"], overrides), progress=progress)

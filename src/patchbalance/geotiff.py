@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import rasterio
+from rasterio.io import MemoryFile
+
+from patchbalance.atomic import atomic_writer
 
 
 def write_geotiff(
@@ -17,7 +19,7 @@ def write_geotiff(
     nodata: float | None = None,
     block: int | None = None,
 ) -> Path:
-    """Return `path` after writing `data` there as a deflate-compressed GeoTIFF.
+    """Return `path` after writing `data` there as a deflate-compressed GeoTIFF, atomically.
 
     Args:
         path: the file to write; its folder is created when missing.
@@ -31,7 +33,6 @@ def write_geotiff(
         `path`, as a `Path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     bands = data if data.ndim == 3 else data[None]
     profile: dict[str, Any] = {
         "driver": "GTiff",
@@ -49,6 +50,12 @@ def write_geotiff(
         profile.update(tiled=True, blockxsize=block, blockysize=block)
     if nodata is not None:
         profile["nodata"] = nodata
-    with rasterio.open(path, "w", **profile) as dataset:
-        dataset.write(bands)
+    # Encoded in memory, then written by Python: a full disk is then an OSError with its errno
+    # (GDAL would print libtiff's own lines and keep none), and no half a file is ever left.
+    with MemoryFile() as memory:
+        with memory.open(**profile) as dataset:
+            dataset.write(bands)
+        encoded = memory.read()
+    with atomic_writer(path, "wb") as stream:
+        stream.write(encoded)
     return path

@@ -210,6 +210,52 @@ def class_columns(table: pd.DataFrame) -> tuple[list[str], list[int]]:
     return [name for _, name in found], [value for value, _ in found]
 
 
+def class_presence_threshold(min_pixels: float | None, window_pixels: np.ndarray) -> np.ndarray:
+    """Return the pixel count from which a class counts as present in each window.
+
+    `None` means 1 % of the window; a value below 1 is a fraction of the window; otherwise it
+    is a pixel count.
+    """
+    window_pixels = np.asarray(window_pixels, dtype=np.float64)
+    if min_pixels is None:
+        return 0.01 * window_pixels
+    if min_pixels < 1:
+        return min_pixels * window_pixels
+    return np.full_like(window_pixels, float(min_pixels))
+
+
+def class_counts(
+    table: pd.DataFrame, columns: Sequence[str], rows: np.ndarray, where: str | None = None
+) -> np.ndarray:
+    """Return the `px_` class columns as an (N, C) float array, checked in the `rows` given.
+
+    In those rows (a bool mask: the active ones) every count must be a whole number >= 0;
+    text, an empty cell, a negative or a fractional count raises `InputError` naming `where`,
+    the column and the first such row. Other rows (excluded ones) may be empty: they read 0.
+    """
+    counts = np.zeros((len(table), len(columns)), dtype=np.float64)
+    for c, name in enumerate(columns):
+        values = pd.to_numeric(table[name], errors="coerce").to_numpy(
+            dtype=np.float64, na_value=np.nan
+        )
+        bad = rows & ~(np.isfinite(values) & (values >= 0) & (values == np.round(values)))
+        if bad.any():
+            _raise_bad_count(table[name], name, np.flatnonzero(bad), where)
+        counts[:, c] = np.nan_to_num(values)
+    return counts
+
+
+def _raise_bad_count(column: pd.Series, name: str, bad: np.ndarray, where: str | None) -> None:
+    first = column.iloc[int(bad[0])]
+    first = first.item() if isinstance(first, np.generic) else first
+    problem = "is empty" if pd.isna(first) or not str(first).strip() else f"holds {first!r}"
+    count = f" ({bad.size} rows in all)" if bad.size > 1 else ""
+    raise InputError(
+        f"{_prefix(where)}column '{name}' {problem} in {rows_text(bad[:1])}{count}; a class "
+        "pixel count must be a whole number >= 0 in every row that is not excluded"
+    )
+
+
 def class_proportions(counts: np.ndarray) -> np.ndarray:
     """Return each row's counts divided by its total (rows with no valid pixel stay 0)."""
     counts = np.asarray(counts, dtype=np.float64)
@@ -229,7 +275,10 @@ def class_share(amounts: np.ndarray, weights: np.ndarray | None = None) -> np.nd
 
 def effective_sample_size(weights: np.ndarray) -> float:
     """Return (sum w)^2 / sum w^2 of the weights."""
-    return float(weights.sum() ** 2 / np.square(weights).sum())
+    # Taken on weights scaled to a largest of 1 (the same ratio): huge weights never overflow.
+    largest = float(np.max(weights, initial=0.0))
+    scaled = weights / largest if largest > 0 else weights
+    return float(scaled.sum() ** 2 / np.square(scaled).sum())
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,6 +288,46 @@ def effective_sample_size(weights: np.ndarray) -> float:
 def is_parquet(path: Path) -> bool:
     """Return whether `path` names a Parquet file (by its suffix); else it is CSV."""
     return Path(path).suffix.lower() in PARQUET_SUFFIXES
+
+
+def table_suffix(path: str) -> str:
+    """Return `path` when its suffix says CSV or Parquet; raise `ValueError` otherwise.
+
+    For the validators of the keys that name a table to write: the format follows the suffix,
+    so any other suffix would get a CSV file under a misleading name.
+    """
+    suffix = Path(path).suffix.lower()
+    if path and suffix not in (".csv", *PARQUET_SUFFIXES):
+        named = f"'{suffix}'" if suffix else "no suffix"
+        raise ValueError(
+            f"the table is written as CSV or Parquet by its suffix: end the name in .csv, "
+            f".parquet or .pq (got {named})"
+        )
+    return path
+
+
+def check_table_file(path: Path, what: str = "table") -> None:
+    """Raise `InputError` unless `path` is an existing file (a folder is named as one)."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder, not the {what}; give the file itself")
+    if not path.is_file():
+        raise InputError(f"{path}: {what} not found")
+
+
+def separator_hint(columns: Sequence[object]) -> str:
+    """Return advice when a CSV header read as one column holds ';' or a tab, else ""."""
+    if len(columns) != 1:
+        return ""
+    header = str(columns[0])
+    for separator, name in ((";", "';'"), ("\t", "tabs")):
+        if separator in header:
+            return (
+                f"; the header reads as one column {header[:60]!r}: the file looks separated by "
+                f"{name}, but CSV tables must be comma-separated (save it with commas, or as "
+                "Parquet)"
+            )
+    return ""
 
 
 def _read_error(path: Path, what: str, exc: Exception) -> InputError:
@@ -279,8 +368,7 @@ def read_table(
         The table. Raises `InputError` when the file is missing or cannot be read.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: {what} not found")
+    check_table_file(path, what)
     usecols = list(columns) if columns is not None else None
     try:
         if is_parquet(path):
@@ -306,6 +394,15 @@ def _read_parquet_categorical(
         for name in text_columns
         if name in source.schema_arrow.names and (columns is None or name in columns)
     ]
+    for name in present:
+        kind = source.schema_arrow.field(name).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise InputError(
+                f"{path}: column '{name}' holds {kind} values, but it names files: write it as "
+                "text (strings)"
+            )
     source = pq.ParquetFile(path, read_dictionary=present)
     groups = [
         source.read_row_group(i, columns=columns).to_pandas() for i in range(source.num_row_groups)

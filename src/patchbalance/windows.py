@@ -55,6 +55,26 @@ class RasterInfo:
         return self.crs is not None
 
 
+# The value under which the NaN (or infinite) pixels of a float mask are counted: always nodata.
+MISSING_VALUE = np.iinfo(np.int64).min + 1
+
+
+def nodata_pixels(
+    values: np.ndarray, nodata: float | None, classes: np.ndarray | None = None
+) -> np.ndarray:
+    """Return which mask pixels are not valid: the nodata value, or a value outside `classes`.
+
+    The one rule of SPEC §3.2 for a valid pixel, shared by the statistics, the border check
+    and the class-centred window search. NaN and infinite pixels of a float mask (and
+    `MISSING_VALUE`, which stands for them in integer counts) are never valid.
+    """
+    flags = np.zeros(values.shape, dtype=bool) if nodata is None else values == nodata
+    flags |= ~np.isfinite(values) if values.dtype.kind == "f" else values == MISSING_VALUE
+    if classes is not None:
+        flags |= ~np.isin(values, classes)
+    return flags
+
+
 def gdal_message(exc: BaseException) -> str:
     """Return GDAL's error text on one line.
 
@@ -127,6 +147,52 @@ def probe_rasters(
             else:
                 errors[path] = error or "unreadable"
     return infos, errors
+
+
+def check_mask_band(masks: Iterable[RasterInfo], band: int) -> None:
+    """Raise `InputError` naming `exclusion.mask_band` and the first mask that lacks `band`."""
+    from patchbalance.errors import InputError
+
+    short = sorted((info for info in masks if info.count < band), key=lambda info: info.path)
+    if short:
+        more = f" (and {len(short) - 1} more mask(s))" if len(short) > 1 else ""
+        raise InputError(
+            f"exclusion.mask_band is {band}, but the mask {short[0].path} has "
+            f"{short[0].count} band(s){more}; set exclusion.mask_band to the band that holds "
+            "the classes"
+        )
+
+
+def pair_difference(image: RasterInfo, mask: RasterInfo) -> str:
+    """Return how an image and its mask differ in size, transform or CRS ("" when they agree).
+
+    Differing CRS count only when both rasters have one (a mask saved without a CRS is common).
+    """
+    if (image.width, image.height) != (mask.width, mask.height):
+        smaller = (
+            "the mask is the smaller one"
+            if mask.width * mask.height < image.width * image.height
+            else "the image is the smaller one"
+        )
+        return (
+            f"image {image.path} is {image.width}x{image.height} but mask {mask.path} is "
+            f"{mask.width}x{mask.height} ({smaller})"
+        )
+    if not image.transform.almost_equals(mask.transform):
+        return f"image {image.path} and mask {mask.path} have different geotransforms"
+    if image.crs is not None and mask.crs is not None and not _same_crs(image.crs, mask.crs):
+        return f"image {image.path} is in {image.crs} but mask {mask.path} is in {mask.crs}"
+    return ""
+
+
+def _same_crs(first: str, second: str) -> bool:
+    """Return whether two CRS strings name the same CRS (spelled alike, or equal to GDAL)."""
+    if first == second:
+        return True
+    try:
+        return rasterio.crs.CRS.from_string(first) == rasterio.crs.CRS.from_string(second)
+    except RasterioError:
+        return False
 
 
 def windows_in_bounds(

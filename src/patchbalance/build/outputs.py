@@ -7,7 +7,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -16,10 +16,40 @@ from rasterio.errors import CRSError
 from rasterio.warp import transform as transform_coordinates
 
 from patchbalance.atomic import atomic_write_with, atomic_writer
-from patchbalance.errors import MissingDependencyError, OutputError
+from patchbalance.errors import ConfigError, MissingDependencyError, OutputError
+from patchbalance.paths import check_distinct_files, default_summary_path, same_file
 from patchbalance.windows import RasterInfo, window_corners
 
 log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from patchbalance.config import BalancedDatasetConfig
+
+
+def check_build_files(config: BalancedDatasetConfig) -> None:
+    """Raise `ConfigError` when two of the build's outputs, or an output and an input, are one file.
+
+    The outputs are the table, the summary (by default `<csv_path stem>.summary.json`), the
+    footprints and, in mode embeddings, the embeddings cache; the inputs are the records file
+    and the rasters of `input.rasters`. `config`'s paths must be absolute (as loaded).
+    """
+    output = config.output
+    outputs = {
+        "output.csv_path": output.csv_path,
+        "output.summary_path": output.summary_path or default_summary_path(output.csv_path),
+        "output.footprints_path": output.footprints_path,
+    }
+    if config.mode == "embeddings":
+        outputs["embeddings.parquet_path"] = config.embeddings.parquet_path
+    inputs: dict[str, str | None] = {"input.records_path": config.input.records_path}
+    for position, pair in enumerate(config.input.rasters or []):
+        inputs[f"input.rasters.{position}.image_path"] = pair.image_path
+        inputs[f"input.rasters.{position}.mask_path"] = pair.mask_path
+    try:
+        check_distinct_files(outputs, inputs)
+    except ConfigError as exc:
+        where = f"{config.source_path}: " if config.source_path else ""
+        raise ConfigError(f"{where}{exc}") from None
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
@@ -27,6 +57,33 @@ def write_json(data: dict[str, Any], path: Path) -> None:
     with atomic_writer(Path(path), "w") as stream:
         json.dump(data, stream, indent=2, default=_json_default)
         stream.write("\n")
+
+
+def summary_disagreement(table_path: str | os.PathLike[str]) -> str | None:
+    """Return a warning when the summary beside a table records another SHA-256 for it.
+
+    The summary is `<stem>.summary.json` next to the table; it names the table's SHA-256
+    (`output_sha256.table`) when the table was written with it, as one set. A table that does
+    not match was written by another run, or a build was killed while moving its outputs into
+    place. No summary, or one without the hash, says nothing.
+    """
+    from patchbalance.atomic import file_sha256
+
+    table_path = Path(table_path)
+    summary_path = default_summary_path(table_path)
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        recorded = summary["output_sha256"]["table"]
+        written = Path(summary["outputs"]["table"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not same_file(written, table_path) or file_sha256(table_path) == recorded:
+        return None
+    return (
+        f"{table_path.name} is not the table its summary {summary_path.name} describes (their "
+        "SHA-256 differ): another run wrote one of them, or a build was interrupted; rerun the "
+        "build for a matching set"
+    )
 
 
 def _json_default(value: Any) -> Any:
@@ -52,6 +109,9 @@ FOOTPRINT_PROPERTIES = (
     "col_off",
     "patch_size",
 )
+
+# The GeoPackage's gpkg_contents.last_change: fixed, so that reruns give the same bytes.
+GEOPACKAGE_DATE = "2000-01-01T00:00:00.000Z"
 
 # The footprint formats by file extension: what `output.footprints_path` may end in.
 FOOTPRINT_FORMATS = {".gpkg": "geopackage", ".parquet": "geoparquet", ".geojson": "geojson"}
@@ -224,23 +284,31 @@ def _write_geopackage(
     path: Path, geometry: np.ndarray, properties: pd.DataFrame, crs_text: str | None
 ) -> None:
     check_footprint_writer("geopackage")
+    from pyogrio import get_gdal_config_option, set_gdal_config_options
     from pyogrio.raw import write as ogr_write
 
     fields = [_ogr_column(properties[name]) for name in properties.columns]
 
     def write(temporary: Path) -> None:
-        ogr_write(
-            temporary,
-            geometry,
-            fields,
-            list(properties.columns),
-            layer=path.stem,
-            driver="GPKG",
-            geometry_type="Polygon",
-            crs=crs_text,
-            encoding="UTF-8",
-            layer_options={"SPATIAL_INDEX": "YES"},
-        )
+        # gpkg_contents.last_change would hold the time of writing: a fixed date keeps reruns
+        # byte-identical, as the other outputs are (SPEC §4).
+        before = get_gdal_config_option("OGR_CURRENT_DATE")
+        set_gdal_config_options({"OGR_CURRENT_DATE": GEOPACKAGE_DATE})
+        try:
+            ogr_write(
+                temporary,
+                geometry,
+                fields,
+                list(properties.columns),
+                layer=path.stem,
+                driver="GPKG",
+                geometry_type="Polygon",
+                crs=crs_text,
+                encoding="UTF-8",
+                layer_options={"SPATIAL_INDEX": "YES"},
+            )
+        finally:
+            set_gdal_config_options({"OGR_CURRENT_DATE": before})
 
     atomic_write_with(path, write)
 

@@ -17,7 +17,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbalance.atomic import check_writable
+from patchbalance.atomic import (
+    check_writable,
+    check_writable_folder,
+    output_set,
+    remove_stale_temporaries,
+)
 from patchbalance.build.composition import CompositionResult, fit_composition_clusters
 from patchbalance.build.exclusion import REASONS, ExclusionFlags, exclusion_flags
 from patchbalance.build.methods import Signals, sampling_scores
@@ -43,6 +48,7 @@ from patchbalance.config import (
     load_config,
 )
 from patchbalance.errors import InputError
+from patchbalance.paths import default_summary_path
 from patchbalance.progress import StageClock, progress_bar
 from patchbalance.reporting.figures import sampling_figures
 from patchbalance.sources import SourceRecords, load_records
@@ -99,11 +105,7 @@ def output_paths(config: BalancedDatasetConfig) -> dict[str, Path]:
     The footprints' key is their format (`geojson`, `geopackage` or `geoparquet`).
     """
     table_path = Path(config.output.csv_path)
-    summary_path = (
-        Path(config.output.summary_path)
-        if config.output.summary_path
-        else table_path.with_name(f"{table_path.stem}.summary.json")
-    )
+    summary_path = Path(config.output.summary_path or default_summary_path(table_path))
     paths = {"table": table_path, "summary": summary_path}
     if config.output.footprints_path:
         footprints = Path(config.output.footprints_path)
@@ -184,13 +186,23 @@ def _uniqueness_stage(
     return np.asarray(result.scores, dtype=np.float64), notes
 
 
-def _check_outputs(config: BalancedDatasetConfig, paths: dict[str, Path]) -> None:
-    """Check every output target before the first stage, rather than fail on it at the end."""
+def _check_outputs(
+    config: BalancedDatasetConfig, paths: dict[str, Path], dry_run: bool = False
+) -> None:
+    """Check every output target before the first stage, rather than fail on it at the end.
+
+    With `dry_run`, a missing output folder is not made: its nearest existing parent must
+    take files.
+    """
     targets = {OUTPUT_LABELS[name]: path for name, path in paths.items()}
     if config.mode == "embeddings" and config.embeddings.parquet_path:
         targets[OUTPUT_LABELS["cache"]] = Path(config.embeddings.parquet_path or "")
     for what, path in targets.items():
-        check_writable(path, what)
+        if dry_run and not path.is_dir():
+            check_writable_folder(path.parent, f"the folder of {what}")
+        else:
+            check_writable(path, what)
+            remove_stale_temporaries(path)
     for name in paths:
         if name in FOOTPRINT_FORMATS.values():
             check_footprint_writer(name)
@@ -364,11 +376,12 @@ def _records_and_compute(
 ) -> tuple[SourceRecords, Compute]:
     """Return the records and the run's `Compute`, started on `stack` (its cluster stops with it)."""
     compute = None
+    infos: dict[str, RasterInfo] = {}  # raster headers, each read once in the build
     if config.input.placement == "class_centred":
         # The class-centred window search runs on the workers too: start them first.
-        compute = _start_compute(stack, clock, config, grid_window_count(config))
+        compute = _start_compute(stack, clock, config, grid_window_count(config, infos))
     with clock.stage("records"):
-        source = load_records(config, compute)
+        source = load_records(config, compute, infos)
     log.info("records: %d patches", len(source.records))
     if config.mode == "embeddings" and source.uniqueness is None and source.embeddings is None:
         from patchbalance.embeddings import check_model_available
@@ -410,11 +423,18 @@ def _finish(
     for line in warnings:
         log.warning("%s", line)
     summary["warnings"] = warnings
-    outputs = _write_outputs(config, table, paths, summary) if write else {}
-    summary["timings_s"] = clock.seconds
-    summary["outputs"] = outputs
-    if write:
+    if not write:
+        summary["timings_s"] = clock.seconds
+        summary["outputs"] = {}
+        return BuildResult(table, summary, summary_text(summary, figures), {})
+    # One set: every file is complete before the first replaces its old version, and the
+    # summary, which holds the others' SHA-256, is moved into place last (SPEC §4).
+    with output_set() as written:
+        outputs = _write_outputs(config, table, paths, summary)
+        summary["timings_s"] = clock.seconds
+        summary["outputs"] = outputs
         outputs["summary"] = str(paths["summary"])
+        summary["output_sha256"] = written.hashes(outputs)
         write_json(summary, paths["summary"])
     return BuildResult(table, summary, summary_text(summary, figures), outputs)
 
@@ -428,44 +448,9 @@ def build_balanced_dataset(
     return run_build(config, strict=strict, progress=progress).table
 
 
-def plan_text(config: BalancedDatasetConfig) -> str:
-    """Return the dry-run plan: patches, files, stages to run, caches to reuse, outputs."""
-    source = load_records(config)
-    records = source.records
-    paths = pd.concat([records["image_path"], records["mask_path"]]).unique()
-    missing = [path for path in paths if not os.path.exists(path)]
-    stages = ["records", "mask statistics", "exclusion", "composition clusters"]
-    if config.mode == "embeddings" and source.uniqueness is None:
-        if source.embeddings is None:
-            stages.append("embeddings")
-        stages.append("uniqueness")
-    stages += ["weights", "outputs"]
-    lines = [
-        f"plan for {config.source_path or 'the configuration'}:",
-        f"  patches: {len(records):,} from {len(paths):,} raster files"
-        + (f" ({len(missing)} missing, e.g. {missing[0]})" if missing else ""),
-        f"  mode: {config.mode}; sampling_method: {config.sampling_method}",
-        f"  stages: {' -> '.join(stages)}",
-    ]
-    if config.mode == "embeddings" and config.embeddings.parquet_path:
-        cache = Path(config.embeddings.parquet_path)
-        lines.append(
-            f"  embeddings cache: {cache} ({'exists, matching rows reused' if cache.exists() else 'new'})"
-        )
-    for name, path in output_paths(config).items():
-        lines.append(f"  output {name}: {path}")
-    if config.output.postgres_table is not None:
-        from patchbalance.build.postgres_table import describe
-
-        table = config.output.postgres_table
-        lines.append(f"  output postgres_table: {describe(config)} (if_exists: {table.if_exists})")
-    return "\n".join(lines)
-
-
 __all__ = [
     "BuildResult",
     "build_balanced_dataset",
-    "plan_text",
     "run_build",
     "summary_text",
     "REASONS",

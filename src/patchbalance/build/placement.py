@@ -25,7 +25,9 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from patchbalance.compute import Compute
-from patchbalance.windows import RasterInfo, open_raster
+from patchbalance.errors import ConfigError
+from patchbalance.table import class_presence_threshold
+from patchbalance.windows import RasterInfo, nodata_pixels, open_raster
 
 # Random pixels kept per region: the first centres a region offers, in order.
 PIXELS_PER_REGION = 4
@@ -53,10 +55,8 @@ class PlacementSettings:
     @property
     def min_class_pixels(self) -> float:
         """Return the pixel count a class-centred window must hold of its class."""
-        area = self.patch_size * self.patch_size
-        if self.min_pixels is None:
-            return 0.01 * area
-        return self.min_pixels * area if self.min_pixels < 1 else float(self.min_pixels)
+        area = np.array([float(self.patch_size * self.patch_size)])
+        return float(class_presence_threshold(self.min_pixels, area)[0])
 
 
 @dataclass
@@ -97,6 +97,7 @@ def class_centred_records(
     for scanned in passes:
         for value, count in scanned.counts.items():
             totals[value] = totals.get(value, 0) + count
+    _check_rare_classes(settings.rare_classes, sorted(totals))
     grand = sum(totals.values())
     shares = {value: count / grand for value, count in sorted(totals.items())} if grand else {}
     rare = sorted(
@@ -132,6 +133,16 @@ def class_centred_records(
         "class_windows": {str(v): n for v, n in added.items()},
     }
     return records, summary
+
+
+def _check_rare_classes(rare_classes: tuple[int, ...], found: list[int]) -> None:
+    """Raise `ConfigError` when `input.rare_classes` names a class no mask holds."""
+    unknown = [value for value in rare_classes if value not in found]
+    if unknown:
+        raise ConfigError(
+            f"input.rare_classes names class {unknown[0]}, which is not among the classes "
+            f"{found} that the masks hold; list class values that occur"
+        )
 
 
 def _scan_task(task: tuple[RasterInfo, PlacementSettings, int, int]) -> _Candidates:
@@ -171,12 +182,8 @@ def _scan_mask(info: RasterInfo, settings: PlacementSettings, keep: int, seed: i
         for top in range(0, info.height, height):
             rows = min(height, info.height - top)
             strip = dataset.read(settings.mask_band, window=Window(0, top, info.width, rows))
-            valid = np.ones(strip.shape, dtype=bool)
-            if nodata is not None:
-                valid &= strip != nodata
+            valid = ~nodata_pixels(strip, nodata, settings.classes)
             values = _values_present(strip[valid])
-            if settings.classes is not None:
-                values = values[np.isin(values, settings.classes)]
             grid_rows = max(0, min(rows, covered_rows - top))
             under_grid = strip[:grid_rows, :covered_cols]
             for value in values:
@@ -193,6 +200,8 @@ def _values_present(pixels: np.ndarray) -> np.ndarray:
     """Return the sorted distinct values of `pixels` (a bincount for small unsigned integers)."""
     if pixels.dtype.kind == "u" and pixels.dtype.itemsize <= 2:
         return np.flatnonzero(np.bincount(pixels.ravel()))
+    if pixels.dtype.kind == "f":  # NaN marks missing labels in a float mask
+        pixels = pixels[np.isfinite(pixels)]
     return np.unique(pixels)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -102,7 +102,20 @@ def _regclass(conn, schema: str | None, name: str) -> int | None:
 
 
 def _check_target(conn, where: Destination, config: BalancedDatasetConfig) -> bool:
-    """Raise `OutputError` when the target is the source or exists under `fail`; return exists."""
+    """Raise `OutputError` when the target is the source or exists under `fail`, or its schema
+    is missing or not writable; return whether the table exists."""
+    schema = conn.execute(
+        "SELECT has_schema_privilege(oid, 'USAGE'), has_schema_privilege(oid, 'CREATE') "
+        "FROM pg_namespace WHERE nspname = %s",
+        (where.schema,),
+    ).fetchone()
+    if schema is None:
+        raise OutputError(
+            f'{where.label}: the schema "{where.schema}" does not exist; create it (CREATE '
+            "SCHEMA) or set output.postgres_table.schema to an existing one"
+        )
+    if not schema[0]:
+        _no_create(where, "USAGE")
     existing = _regclass(conn, where.schema, where.name)
     source = config.input
     if existing is not None and source.source_kind == "postgres":
@@ -121,14 +134,23 @@ def _check_target(conn, where: Destination, config: BalancedDatasetConfig) -> bo
             f"{where.label} already exists; set output.postgres_table.if_exists: replace to "
             "replace it, or choose another name"
         )
+    if not schema[1]:
+        _no_create(where, "CREATE")
     return existing is not None
+
+
+def _no_create(where: Destination, privilege: str) -> NoReturn:
+    raise OutputError(
+        f'{where.label}: the user may not create tables in the schema "{where.schema}" '
+        f"(no {privilege} privilege); grant it or choose another output.postgres_table.schema"
+    )
 
 
 def check_postgres_table(config: BalancedDatasetConfig) -> None:
     """Fail before any work when `output.postgres_table` cannot be written.
 
-    Raises `OutputError` for an unreachable server, a target that is the source table, or one
-    that exists while `if_exists` is `fail`.
+    Raises `OutputError` for an unreachable server, a schema that does not exist or takes no new
+    table, a target that is the source table, or one that exists while `if_exists` is `fail`.
     """
     where = destination(config)
     psycopg = _psycopg()

@@ -27,7 +27,13 @@ from patchbalance.errors import InputError
 from patchbalance.progress import StageClock, progress_bar
 from patchbalance.sources import SourceRecords
 from patchbalance.table import lookup_by_path
-from patchbalance.windows import RasterInfo, probe_rasters, windows_in_bounds
+from patchbalance.windows import (
+    RasterInfo,
+    check_mask_band,
+    pair_difference,
+    probe_rasters,
+    windows_in_bounds,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +95,16 @@ def read_rasters(
     with clock.stage("rasters"):
         probed = [records["image_path"]] + ([] if skip_masks else [records["mask_path"]])
         files = {str(path) for column in probed for path in column.unique()}
-        infos, open_errors = probe_rasters(files, compute.workers)
+        # Headers the source read already are not read again.
+        infos, open_errors = probe_rasters(files - set(source.infos), compute.workers)
+        infos.update({path: info for path, info in source.infos.items() if path in files})
+    differences: dict[tuple[str, str], str] = {}
+    if not skip_masks:
+        masks = {str(path) for path in records["mask_path"].unique()}
+        check_mask_band(
+            [infos[path] for path in sorted(masks) if path in infos], exclusion.mask_band
+        )
+        differences = _pair_differences(records, infos)
     read_error = (
         records["image_path"].isin(list(open_errors)).to_numpy()
         | mask_paths.isin(list(open_errors)).to_numpy()
@@ -102,9 +117,13 @@ def read_rasters(
     if stats.errors:
         read_error[list(stats.errors)] = True
     notes.update(_error_notes(records, stats, open_errors, read_error, out_of_bounds))
+    if out_of_bounds.any():
+        notes["first_out_of_bounds"] = _out_of_bounds_label(records, out_of_bounds, differences)
     if strict:
         _raise_if_strict(records, stats, open_errors, read_error, out_of_bounds, notes)
     _log_problems(stats, open_errors, out_of_bounds, notes)
+    if source.class_counts is None:
+        _warn_unnamed_nodata(records, stats, infos, exclusion, classes)
     return RasterReading(infos, stats, out_of_bounds, read_error, notes)
 
 
@@ -182,6 +201,85 @@ def _statistics(
     return stats, notes
 
 
+def _pair_differences(
+    records: pd.DataFrame, infos: dict[str, RasterInfo]
+) -> dict[tuple[str, str], str]:
+    """Return how each image/mask pair of the records differs (pairs that agree are left out).
+
+    Logs one warning counting the pairs that differ and describing the first.
+    """
+    pairs = records[["image_path", "mask_path"]].drop_duplicates()
+    differences = {}
+    for image, mask in zip(pairs["image_path"], pairs["mask_path"], strict=True):
+        if str(image) in infos and str(mask) in infos:
+            difference = pair_difference(infos[str(image)], infos[str(mask)])
+            if difference:
+                differences[(str(image), str(mask))] = difference
+    if differences:
+        first = differences[min(differences)]
+        log.warning(
+            "%d image/mask pair(s) do not match, first: %s; windows are read at the same pixel "
+            "offsets in both, so a window outside the smaller raster is excluded "
+            "(window_out_of_bounds), and a mask in another CRS or geotransform may not line "
+            "up with its image",
+            len(differences),
+            first,
+        )
+    return differences
+
+
+def _out_of_bounds_label(
+    records: pd.DataFrame,
+    out_of_bounds: np.ndarray,
+    differences: dict[tuple[str, str], str],
+) -> str:
+    """Return the first out-of-bounds window, and why when its image and mask differ."""
+    row = int(np.flatnonzero(out_of_bounds)[0])
+    label = _window_label(records, row)
+    pair = (str(records.at[row, "image_path"]), str(records.at[row, "mask_path"]))
+    return f"{label} ({differences[pair]})" if pair in differences else label
+
+
+def _warn_unnamed_nodata(
+    records: pd.DataFrame,
+    stats: MaskStatistics,
+    infos: dict[str, RasterInfo],
+    exclusion: ExclusionConfig,
+    classes: list[int] | None,
+) -> None:
+    """Warn once when a mask's own nodata value is counted as a class (SPEC §3.2).
+
+    That happens when `exclusion.nodata_class` names another value and `clustering.classes`
+    does not fix the class set: the mask's nodata pixels then become a class of their own.
+    """
+    if exclusion.nodata_class is None or classes is not None:
+        return
+    own = {
+        path: float(info.nodata)
+        for path, info in infos.items()
+        if info.nodata is not None and info.nodata != exclusion.nodata_class
+    }
+    row_nodata = lookup_by_path(records["mask_path"], own).astype(np.float64)
+    for c, value in enumerate(stats.class_values.tolist()):
+        rows = (row_nodata == value) & (stats.counts[:, c] > 0)
+        if not rows.any():
+            continue
+        share = stats.counts[:, c].sum() / max(int(stats.counts.sum()), 1)
+        log.warning(
+            "exclusion.nodata_class is %s, but mask %s has its own nodata value %g, present in "
+            "%d window(s): it is counted as class %g (%.1f %% of the valid pixels); set "
+            "exclusion.nodata_class: %g, or list the classes under clustering.classes",
+            exclusion.nodata_class,
+            records.at[int(np.flatnonzero(rows)[0]), "mask_path"],
+            value,
+            int(rows.sum()),
+            value,
+            100 * share,
+            value,
+        )
+        return
+
+
 def _window_label(records: pd.DataFrame, row: int) -> str:
     return (
         f"row {row + 1}: window ({records.at[row, 'row_off']}, {records.at[row, 'col_off']}) "
@@ -233,7 +331,7 @@ def _raise_if_strict(
             f"--strict: {int(read_error.sum())} patch(es) could not be read, first: {problem}"
         )
     if out_of_bounds.any():
-        problem = _window_label(records, int(np.flatnonzero(out_of_bounds)[0]))
+        problem = notes["first_out_of_bounds"]
         raise InputError(
             f"--strict: {int(out_of_bounds.sum())} window(s) lie outside their raster, first: "
             f"{problem}"
@@ -256,6 +354,7 @@ def _log_problems(
         )
     if out_of_bounds.any():
         log.warning(
-            "%d window(s) lie outside their raster (excluded: window_out_of_bounds)",
+            "%d window(s) lie outside their raster (excluded: window_out_of_bounds), first: %s",
             out_of_bounds.sum(),
+            notes["first_out_of_bounds"],
         )

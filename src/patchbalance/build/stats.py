@@ -18,7 +18,7 @@ import pandas as pd
 from patchbalance.build.window_counts import BorderCheck, CountTask, WindowCounts, count_windows
 from patchbalance.compute import Compute, LazySequence
 from patchbalance.table import class_proportions, lookup_by_path
-from patchbalance.windows import CHUNK_WINDOWS, window_partitions
+from patchbalance.windows import CHUNK_WINDOWS, MISSING_VALUE, window_partitions
 
 __all__ = [
     "BorderCheck",
@@ -111,7 +111,7 @@ class CountMerge:
         valid: dict[int, np.ndarray] = {}
         for value in sorted(self.columns):
             column = self.columns.pop(value)
-            is_nodata = row_nodata == value
+            is_nodata = (row_nodata == value) | (value == MISSING_VALUE)
             if classes is not None and value not in classes:
                 nodata_pixels += column
                 outside += int(column[~is_nodata].sum())

@@ -323,6 +323,8 @@ def _exact_torch(
                     tile = queries @ base[j : j + block_size].T
                     sim, idx = torch.topk(tile, min(m, tile.shape[1]), dim=1)
                     merge(q, q + len(queries), sim, idx + j)
+        # Where the search really ran: the device of the tensors that hold its results.
+        searched_on = str(best_sim.device)
         sim_np = best_sim.float().cpu().numpy()
         idx_np = best_idx.cpu().numpy()
     # Nearest first; ties broken by index so the order never depends on the tiling.
@@ -330,7 +332,7 @@ def _exact_torch(
     return (
         np.take_along_axis(idx_np, order, axis=1),
         np.take_along_axis(sim_np, order, axis=1),
-        str(device),
+        searched_on,
     )
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from patchbalance.balanced_table import check_weights
+from patchbalance.table import class_presence_threshold
 
 log = logging.getLogger(__name__)
 
@@ -46,20 +47,6 @@ def cluster_balanced_scores(
         uniqueness, mean_of_patch, out=np.ones_like(uniqueness), where=mean_of_patch > 0
     )
     return composition_score * ratio
-
-
-def class_presence_threshold(min_pixels: float | None, window_pixels: np.ndarray) -> np.ndarray:
-    """Return the pixel count from which a class counts as present in each window.
-
-    `None` means 1 % of the window; a value below 1 is a fraction of the window; otherwise it
-    is a pixel count.
-    """
-    window_pixels = np.asarray(window_pixels, dtype=np.float64)
-    if min_pixels is None:
-        return 0.01 * window_pixels
-    if min_pixels < 1:
-        return min_pixels * window_pixels
-    return np.full_like(window_pixels, float(min_pixels))
 
 
 def repeat_factor_scores(

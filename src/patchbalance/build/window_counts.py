@@ -17,7 +17,15 @@ import numpy as np
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
 
-from patchbalance.windows import gdal_message, open_raster, read_window, read_window_mask
+from patchbalance.errors import InputError
+from patchbalance.windows import (
+    MISSING_VALUE,
+    gdal_message,
+    nodata_pixels,
+    open_raster,
+    read_window,
+    read_window_mask,
+)
 
 # Windows counted from one box: their box stays small enough for the CPU caches.
 BOX_WINDOWS = 512
@@ -35,6 +43,14 @@ class BorderCheck:
 
 # Up to this many known values, counting by comparison beats np.bincount on a window.
 COMPARE_UP_TO = 16
+
+
+class FractionalMaskValue(ValueError):
+    """A float mask holds a value that is not a whole number, so it names no class."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(value)
+        self.value = value
 
 
 def _value_counts(
@@ -61,8 +77,19 @@ def _value_counts(
             return known[present], counts[present], True
     if flat.dtype.kind == "f":
         finite = np.isfinite(flat)
-        # NaN marks missing labels in float masks; give it a value no integer class can take.
-        flat = np.where(finite, flat, np.iinfo(np.int64).min + 1).astype(np.int64)
+        fractional = finite & (flat != np.round(flat))
+        if fractional.any():
+            raise FractionalMaskValue(float(flat[fractional][0]))
+        missing = flat.size - int(np.count_nonzero(finite))
+        if missing:
+            # NaN marks missing labels in float masks: counted under a value no class takes.
+            values, counts, _ = (
+                _value_counts(flat[finite].astype(np.int64))
+                if missing < flat.size
+                else (np.zeros(0, np.int64), np.zeros(0, np.int64), False)
+            )
+            return np.append(values, MISSING_VALUE), np.append(counts, missing), False
+        flat = flat.astype(np.int64)
     if flat.dtype.kind == "u" and flat.dtype.itemsize <= 2:
         counts = np.bincount(flat)
         values = np.flatnonzero(counts)
@@ -138,13 +165,6 @@ class WindowCounts:
     black_border: np.ndarray
     read: np.ndarray
     errors: dict[int, str] = field(default_factory=dict)
-
-
-def _is_nodata(values: np.ndarray, nodata: float | None, classes: np.ndarray | None) -> np.ndarray:
-    flags = np.zeros(values.shape, dtype=bool) if nodata is None else values == nodata
-    if classes is not None:
-        flags |= ~np.isin(values, classes)
-    return flags
 
 
 def count_windows(task: CountTask) -> WindowCounts:
@@ -283,7 +303,7 @@ def _count_from_box(task: CountTask, dataset: Any) -> WindowCounts | None:
     counts = np.zeros((len(size), len(values)), dtype=np.int64)
     for j, value in enumerate(values.tolist()):
         counts[:, j] = _window_sums(strip == value, r0, r1, spans)
-    nodata = _is_nodata(strip, task.nodata, task.classes)
+    nodata = nodata_pixels(strip, task.nodata, task.classes)
     invalid = _window_sums(nodata, r0, r1, spans)
     inner = size > 2  # windows of 1 or 2 pixels are all ring
     interior = np.zeros(len(size), dtype=np.int64)
@@ -317,7 +337,7 @@ def _count_each_window(task: CountTask, datasets: list[Any]) -> WindowCounts:
         try:
             mask = read_window(datasets[0], row, col, size, task.mask_band)
             values, counts, covered = _value_counts(mask, known)
-            ring = _is_nodata(_outer_ring(mask), task.nodata, task.classes)
+            ring = nodata_pixels(_outer_ring(mask), task.nodata, task.classes)
             if task.border_check is not None:
                 image = read_window(datasets[1], row, col, size)
                 image_mask = None
@@ -327,6 +347,12 @@ def _count_each_window(task: CountTask, datasets: list[Any]) -> WindowCounts:
         except (RasterioError, OSError) as exc:
             errors[i] = gdal_message(exc)
             continue
+        except FractionalMaskValue as exc:
+            raise InputError(
+                f"{task.mask_path}: the mask holds the value {exc.value:g}, which is no class "
+                f"(window row_off {row}, col_off {col}); class values are whole numbers: "
+                "resample masks with nearest neighbour, or round them"
+            ) from None
         if not covered and len(values) <= COMPARE_UP_TO:
             known = np.union1d(known, values)
         values_seen.append(values)

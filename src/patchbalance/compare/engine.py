@@ -122,8 +122,9 @@ def train_run(job: RunJob) -> float:
 
 def _jobs(plan: ComparePlan, tables: dict[str, ArmTable]) -> list[RunJob]:
     jobs = []
-    for seed in plan.seeds:
-        for arm, table in tables.items():
+    # Arm by arm, so that an interrupted comparison leaves whole arms.
+    for arm, table in tables.items():
+        for seed in plan.seeds:
             config = run_config(plan, arm, seed, table.path)
             key = digest({"train": config, "table": table.key})
             jobs.append(

@@ -16,6 +16,7 @@ from patchbalance.coreset.config import CoresetConfig, load_coreset_config
 from patchbalance.coreset.pool import budget_count, check_key_columns, pool_mask
 from patchbalance.coreset.selection import EMBEDDING_METHODS, run_selection
 from patchbalance.errors import ConfigError, InputError
+from patchbalance.paths import default_summary_path
 from patchbalance.progress import StageClock
 from patchbalance.table import read_table, write_table
 
@@ -64,9 +65,7 @@ def summary_text(summary: dict[str, Any], output: Path | None, summary_path: Pat
 
 
 def _summary_path(config: CoresetConfig, output: Path) -> Path:
-    if config.summary_path:
-        return Path(config.summary_path)
-    return output.with_name(f"{output.stem}.summary.json")
+    return Path(config.summary_path or default_summary_path(output))
 
 
 def _plan_text(
@@ -117,7 +116,7 @@ def run_select_coreset_command(
     configuration and inputs and returns the plan without selecting or writing.
     """
     from patchbalance import __version__
-    from patchbalance.atomic import check_writable
+    from patchbalance.atomic import check_writable, output_set
     from patchbalance.build.outputs import write_json
 
     start = time.perf_counter()
@@ -140,7 +139,8 @@ def run_select_coreset_command(
     check_writable(output_path, "the CoreSet table (output_csv_path)")
     check_writable(summary_path, "the CoreSet summary")
     result = run_selection(table, config, progress=progress, where=str(input_path))
-    with StageClock(3, result.summary["timings_s"]).stage("write"):
+    # One set, as the build's: the summary (with the table's SHA-256) is moved into place last.
+    with StageClock(3, result.summary["timings_s"]).stage("write"), output_set() as written:
         write_table(result.table, output_path)
         result.summary.update(
             {
@@ -148,6 +148,7 @@ def run_select_coreset_command(
                 "output": str(output_path),
                 "version": __version__,
                 "total_s": round(time.perf_counter() - start, 3),
+                "output_sha256": written.hashes({"table": str(output_path)}),
             }
         )
         write_json(result.summary, summary_path)

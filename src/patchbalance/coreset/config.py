@@ -10,10 +10,12 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbalance.config_loading import StrictModel, load_model_file, model_from_mapping
-from patchbalance.paths import resolve_path
+from patchbalance.errors import ConfigError
+from patchbalance.paths import check_distinct_files, default_summary_path, resolve_path
+from patchbalance.table import table_suffix
 
 # The keys that hold file paths; an empty one (the Python API's default) stays empty.
 PATH_KEYS = ("input_csv_path", "output_csv_path", "parquet_path", "summary_path")
@@ -50,6 +52,11 @@ class CoresetConfig(StrictModel):
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_path: Path | None = PrivateAttr(default=None)
 
+    @field_validator("output_csv_path")
+    @classmethod
+    def _table_format(cls, value: str) -> str:
+        return table_suffix(value)
+
     @model_validator(mode="after")
     def _check_k_range(self) -> CoresetConfig:
         if self.fd_k_min > self.fd_k_max:
@@ -82,7 +89,29 @@ def with_resolved_paths(config: CoresetConfig) -> CoresetConfig:
     update = {
         key: str(config.resolve(getattr(config, key))) for key in PATH_KEYS if getattr(config, key)
     }
-    return config.model_copy(update=update)
+    resolved = config.model_copy(update=update)
+    check_coreset_files(resolved)
+    return resolved
+
+
+def check_coreset_files(config: CoresetConfig) -> None:
+    """Raise `ConfigError` when the outputs name one file, or an output names an input.
+
+    Writing the CoreSet onto `input_csv_path` would replace the build's `sampler_weight` with
+    the CoreSet's (0 outside it) and could not be undone or rerun, so it is refused: the CoreSet
+    goes to a file of its own.
+    """
+    output = config.output_csv_path
+    outputs = {
+        "output_csv_path": output,
+        "summary_path": config.summary_path or (default_summary_path(output) if output else None),
+    }
+    inputs = {"input_csv_path": config.input_csv_path, "parquet_path": config.parquet_path}
+    try:
+        check_distinct_files(outputs, inputs)
+    except ConfigError as exc:
+        where = f"{config._source_path}: " if config._source_path else ""
+        raise ConfigError(f"{where}{exc}") from None
 
 
 def load_coreset_config(

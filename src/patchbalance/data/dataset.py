@@ -39,10 +39,12 @@ from patchbalance.errors import ConfigError, InputError
 from patchbalance.paths import resolve_path
 from patchbalance.table import (
     boolean_column,
+    check_table_file,
     excluded_column,
     read_table,
     row_numbers,
     rows_text,
+    separator_hint,
     table_columns,
 )
 from patchbalance.windows import RasterHandleCache, gdal_message, read_window
@@ -124,8 +126,7 @@ def read_patch_table(
     path: Path, columns: Sequence[str], optional: Sequence[str] = ()
 ) -> pd.DataFrame:
     """Return the `columns` (and those of `optional` that exist) of the CSV or Parquet table."""
-    if not path.is_file():
-        raise InputError(f"{path}: table not found")
+    check_table_file(path)
     present = table_columns(path)
     missing = [c for c in columns if c not in present]
     if missing:
@@ -133,7 +134,7 @@ def read_patch_table(
         raise InputError(
             f"{path}: the table lacks the column(s) {names}; a patch table needs "
             f"{', '.join(columns)} (set image_key/mask_key/row_off_key/col_off_key/"
-            "patch_size_key if yours are named differently)"
+            f"patch_size_key if yours are named differently){separator_hint(present)}"
         )
     wanted = list(columns) + [c for c in optional if c in present and c not in columns]
     return read_table(path, columns=wanted)

@@ -92,18 +92,8 @@ class EmbeddingCache:
         try:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as exc:
-            raise InputError(
-                f"{path}: not a readable Parquet embeddings cache ({exc}); delete it or point "
-                "embeddings.parquet_path elsewhere"
-            ) from exc
-        raw = (table.schema.metadata or {}).get(CACHE_METADATA_KEY)
-        names = set(table.column_names)
-        if raw is None or not {*KEY_COLUMNS, "embedding"} <= names:
-            raise InputError(
-                f"{path}: not a patchbalance embeddings cache (no embedding metadata or key "
-                "columns); delete it or point embeddings.parquet_path elsewhere"
-            )
-        metadata = json.loads(raw)
+            raise _unreadable(path, exc) from exc
+        metadata = json.loads(_cache_metadata_entry(path, table.schema))
         embedding = table.column("embedding").combine_chunks()
         dim = embedding.type.list_size if pa.types.is_fixed_size_list(embedding.type) else None
         if dim is None or dim != self.metadata.get("dim"):
@@ -193,6 +183,40 @@ class EmbeddingCache:
             part.unlink(missing_ok=True)
         if self.parts_dir.is_dir() and not any(self.parts_dir.iterdir()):
             self.parts_dir.rmdir()
+
+
+def _unreadable(path: Path, exc: Exception) -> InputError:
+    return InputError(
+        f"{path}: not a readable Parquet embeddings cache ({exc}); delete it or point "
+        "embeddings.parquet_path elsewhere"
+    )
+
+
+def _cache_metadata_entry(path: Path, schema: Any) -> bytes:
+    """Return the cache's metadata entry; raise `InputError` when `schema` is not a cache's."""
+    raw = (schema.metadata or {}).get(CACHE_METADATA_KEY)
+    if raw is None or not {*KEY_COLUMNS, "embedding"} <= set(schema.names):
+        raise InputError(
+            f"{path}: not a patchbalance embeddings cache (no embedding metadata or key "
+            "columns); delete it or point embeddings.parquet_path elsewhere"
+        )
+    return raw
+
+
+def cache_file_rows(path: Path) -> int:
+    """Return how many rows the embeddings cache at `path` holds, reading only its footer.
+
+    Raises `InputError` as a run would for a file that is no readable cache.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        footer = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise _unreadable(path, exc) from exc
+    _cache_metadata_entry(path, footer.schema_arrow)
+    return int(footer.metadata.num_rows)
 
 
 def cache_metadata(

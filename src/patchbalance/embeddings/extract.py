@@ -34,6 +34,7 @@ from patchbalance.embeddings.cache import ComputedVectors, EmbeddingCache, cache
 from patchbalance.embeddings.models import (
     ModelSource,
     autocast,
+    autocast_dtype,
     check_image_size,
     choose_device,
     load_backbone,
@@ -190,6 +191,7 @@ def _summary(
         "bands": metadata["bands"],
         "device": None,
         "precision": None,
+        "computed_on": None,
         "batch_size": config.batch_size,
         "patches": patches,
         "computed": 0,
@@ -233,8 +235,10 @@ def _compute_here(
     keys = computed.todo_keys
     device, precision = summary["device"], summary["precision"]
     order = np.concatenate(plan.read_order(keys, len(keys)))
+    loading = time.perf_counter()
     backbone = load_backbone(config, source)
     backbone.module.to(device)
+    summary["model_load_seconds"] = round(time.perf_counter() - loading, 3)
     dataset = WindowDataset(
         plan.paths,
         plan.codes[order],
@@ -270,6 +274,8 @@ def _compute_here(
                 batch = batch.to(device, non_blocking=True)
                 with autocast(device, precision):
                     output = backbone.embed(batch)
+                    if batch_number == 1:
+                        _record_where_computed(summary, output)
                 computed.take(rows, output.float().cpu().numpy(), every)
                 bar.update(len(rows))
                 if on_batch is not None:
@@ -279,3 +285,13 @@ def _compute_here(
         computed.flush()
         bar.close()
     return workers
+
+
+def _record_where_computed(summary: dict[str, Any], output: Any) -> None:
+    """Record the device the model's output tensor is on and the autocast dtype in force.
+
+    Read from the tensors themselves, inside the autocast context, so the summary shows where
+    the vectors were computed, not only where they were meant to be.
+    """
+    summary["computed_on"] = str(output.device)
+    summary["autocast_dtype"] = autocast_dtype(output.device.type)

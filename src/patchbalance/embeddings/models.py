@@ -415,3 +415,18 @@ def autocast(device: str, precision: str) -> Any:
         return torch.autocast(device_type=device_type, enabled=False)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+def autocast_dtype(device_type: str) -> str | None:
+    """Return the dtype autocast runs in on `device_type` right now (e.g. "bfloat16"), or None."""
+    import torch
+
+    try:
+        enabled = torch.is_autocast_enabled(device_type)
+        dtype = torch.get_autocast_dtype(device_type)
+    except (TypeError, AttributeError):  # torch < 2.4 has only the per-device functions
+        if device_type == "cuda":
+            enabled, dtype = torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+        else:
+            enabled, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return str(dtype).removeprefix("torch.") if enabled else None

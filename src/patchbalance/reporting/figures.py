@@ -1,18 +1,26 @@
 """What the weights will do in training, computed from the table alone (SPEC §5).
 
-The figures live here (`SamplingFigures`, `ClusterFigures`); `report_html` only renders them.
+The figures live here (`SamplingFigures`, `ClusterFigures`); `reporting.html` only renders them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from patchbalance.balanced_table import read_balanced_table
 from patchbalance.errors import InputError
-from patchbalance.table import class_proportions, class_share, effective_sample_size
+from patchbalance.table import (
+    check_table_file,
+    class_proportions,
+    class_share,
+    effective_sample_size,
+    is_parquet,
+    read_table,
+)
 
 # A below-median class whose weighted share falls under this fraction of its uniform share is
 # starved (SPEC §5).
@@ -123,6 +131,11 @@ def sampling_figures(
     n_rows, n_active = len(weights), int(active.sum())
     active_counts = counts[active]
     active_weights = weights[active]
+    # Every figure depends on the weights' ratios only: scaled to a largest of 1, no sum of
+    # weights times pixel counts can overflow.
+    largest = float(active_weights.max(initial=0.0))
+    if largest > 0:
+        active_weights = active_weights / largest
     uniform_share = class_share(active_counts)
     weighted_share = class_share(active_counts, active_weights)
     total_weight = active_weights.sum()
@@ -154,8 +167,37 @@ def figures_from_table(table: pd.DataFrame, where: str | None = None) -> Samplin
     """
     balanced = read_balanced_table(table, where)
     weights = balanced.drawn_weights()
+    active = balanced.active(weights)
+    check_weight_total(weights[active], where)
     counts, values = balanced.class_counts()
-    return sampling_figures(counts, weights, balanced.active(weights), values)
+    return sampling_figures(counts, weights, active, values)
+
+
+def check_weight_total(weights: np.ndarray, where: str | None = None) -> None:
+    """Raise `InputError` when the weights' sum overflows a float (the shares would be NaN)."""
+    with np.errstate(over="ignore"):
+        total = weights.sum()
+    if not np.isfinite(total):
+        prefix = f"{where}: " if where else ""
+        raise InputError(
+            f"{prefix}the sampler_weight values are too large to add up (largest "
+            f"{weights.max():.3g}; their sum overflows); scale them down, e.g. divide every "
+            "weight by their mean"
+        )
+
+
+def read_report_table(path: Path) -> pd.DataFrame:
+    """Return the balanced table at `path` for `report`: a CSV (maybe compressed) or Parquet."""
+    path = Path(path)
+    check_table_file(path, "balanced table")
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if not is_parquet(path) and ".csv" not in suffixes[-2:]:
+        raise InputError(
+            f"{path}: report reads the balanced table that build-balanced-dataset writes "
+            f"(output.csv_path, a .csv or .parquet file), not a '{path.suffix or 'suffix-less'}' "
+            "file"
+        )
+    return read_table(path, what="balanced table")
 
 
 def figures_text(figures: SamplingFigures, class_names: dict[int, str] | None = None) -> str:

@@ -1,7 +1,7 @@
 """The HTML page of `patchbalance report`: what the weights will do, with plots (SPEC §5).
 
 This module only renders: the figures are computed in `report` (and the map drawn in
-`report_map`). The page is one self-contained file: inline CSS, and every plot a matplotlib figure embedded as
+`reporting.map`). The page is one self-contained file: inline CSS, and every plot a matplotlib figure embedded as
 a base64 PNG, so it opens offline and can be mailed or attached to a ticket. Figures are drawn
 through `matplotlib.figure.Figure` (the Agg canvas) rather than pyplot, so writing a report
 never touches the caller's global matplotlib backend or state.

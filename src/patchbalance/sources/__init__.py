@@ -17,6 +17,7 @@ from patchbalance.sources.local import (
     records_from_rasters,
     validate_records,
 )
+from patchbalance.windows import RasterInfo
 
 __all__ = [
     "KEY_COLUMNS",
@@ -42,12 +43,19 @@ class SourceRecords:
     uniqueness: np.ndarray | None = None
     embeddings: np.ndarray | None = None
     notes: dict[str, object] = field(default_factory=dict)
+    # Raster headers the source has read already (path -> RasterInfo), so none is read twice.
+    infos: dict[str, RasterInfo] = field(default_factory=dict)
 
 
-def load_records(config: BalancedDatasetConfig, compute: Compute | None = None) -> SourceRecords:
+def load_records(
+    config: BalancedDatasetConfig,
+    compute: Compute | None = None,
+    infos: dict[str, RasterInfo] | None = None,
+) -> SourceRecords:
     """Return the validated records of the configured source.
 
-    `compute` runs the class-centred window search of the rasters source (SPEC §2.1, §10).
+    `compute` runs the class-centred window search of the rasters source (SPEC §2.1, §10);
+    `infos` holds raster headers read already (and takes those the source reads).
     """
     kind = config.input.source_kind
     if kind == "patch_records":
@@ -56,7 +64,9 @@ def load_records(config: BalancedDatasetConfig, compute: Compute | None = None) 
         return SourceRecords(records_from_file(config))
     if kind == "rasters":
         notes: dict[str, object] = {}
-        return SourceRecords(records_from_rasters(config, notes, compute), notes=notes)
+        infos = {} if infos is None else infos
+        records = records_from_rasters(config, notes, compute, infos)
+        return SourceRecords(records, notes=notes, infos=infos)
     if kind == "postgres":
         from patchbalance.sources.postgres import records_from_postgres
 

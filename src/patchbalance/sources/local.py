@@ -15,8 +15,14 @@ from patchbalance.compute import Compute
 from patchbalance.config import BalancedDatasetConfig, InputConfig
 from patchbalance.errors import InputError
 from patchbalance.paths import resolve_path
-from patchbalance.table import KEY_COLUMNS, read_table
-from patchbalance.windows import gdal_message, probe_raster
+from patchbalance.table import KEY_COLUMNS, check_table_file, read_table, separator_hint
+from patchbalance.windows import (
+    RasterInfo,
+    check_mask_band,
+    gdal_message,
+    pair_difference,
+    probe_raster,
+)
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +47,7 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
     if missing:
         raise InputError(
             f"{source}: missing record column(s) {', '.join(missing)}; every record needs "
-            f"{', '.join(RECORD_COLUMNS)}"
+            f"{', '.join(RECORD_COLUMNS)}{separator_hint(list(records.columns))}"
         )
     if records.empty:
         raise InputError(f"{source}: no records; the source holds no patches")
@@ -57,6 +63,8 @@ def validate_records(records: pd.DataFrame, source: str, base_dir: Path) -> pd.D
         if bad.any():
             position = int(np.flatnonzero(bad)[0])
             value = records[column].iloc[position]
+            # A plain number in the message: 12.5, not np.float64(12.5).
+            value = value.item() if isinstance(value, np.generic) else value
             if pd.isna(value) or not str(value).strip():
                 raise InputError(
                     f"{_row_label(source, position)}: {column} is empty; every record needs a "
@@ -141,8 +149,7 @@ def records_from_list(config: BalancedDatasetConfig) -> pd.DataFrame:
 def records_from_file(config: BalancedDatasetConfig) -> pd.DataFrame:
     """Return the records of the CSV or Parquet file named by `input.records_path`."""
     path = Path(config.input.records_path or "")
-    if not path.is_file():
-        raise InputError(f"{path}: records file not found (input.records_path)")
+    check_table_file(path, "records file (input.records_path)")
     records = read_table(
         path, text_columns=("image_path", "mask_path"), what="records table", categorical=True
     )
@@ -184,18 +191,20 @@ def _raster_pairs(config: BalancedDatasetConfig) -> list[tuple[str, str]]:
     return _pairs_from_globs(config)
 
 
-def grid_window_count(config: BalancedDatasetConfig) -> int:
+def grid_window_count(
+    config: BalancedDatasetConfig, infos: dict[str, RasterInfo] | None = None
+) -> int:
     """Return how many grid windows the rasters source has (0 for a raster it cannot open).
 
     Only the files' headers are read: the scheduler is chosen by this count before the
-    class-centred window search, which runs on it.
+    class-centred window search, which runs on it. The headers read go into `infos`.
     """
     size = int(config.input.patch_size or 0)
     stride = int(config.input.stride or size)
     total = 0
     for image_path, _ in _raster_pairs(config):
         try:
-            info = probe_raster(image_path)
+            info = _probed(image_path, infos)
         except (RasterioError, OSError):
             continue
         rows, cols = grid_windows(info.height, info.width, size, stride)
@@ -203,16 +212,28 @@ def grid_window_count(config: BalancedDatasetConfig) -> int:
     return total
 
 
+def _probed(path: str, infos: dict[str, RasterInfo] | None) -> RasterInfo:
+    """Return the header of raster `path`, read once per build: `infos` keeps those read."""
+    if infos is not None and path in infos:
+        return infos[path]
+    info = probe_raster(path)
+    if infos is not None:
+        infos[path] = info
+    return info
+
+
 def records_from_rasters(
     config: BalancedDatasetConfig,
     notes: dict[str, object] | None = None,
     compute: Compute | None = None,
+    infos: dict[str, RasterInfo] | None = None,
 ) -> pd.DataFrame:
     """Return the full grid windows over each image/mask pair of `input.rasters` or the globs.
 
     With `placement: class_centred`, the class-centred windows follow the grid ones (their
     search runs a raster per task on `compute`), and the placement figures go into
-    `notes["placement"]` when `notes` is given.
+    `notes["placement"]` when `notes` is given. The raster headers read go into `infos`, so
+    that later stages need not read them again.
     """
     source: InputConfig = config.input
     pairs = _raster_pairs(config)
@@ -221,24 +242,20 @@ def records_from_rasters(
     frames = []
     mask_infos = []
     for image_path, mask_path in pairs:
-        infos = []
+        headers = []
         for path in (image_path, mask_path):
             if not os.path.exists(path):
                 raise InputError(f"{path}: raster not found (input.rasters)")
             try:
-                infos.append(probe_raster(path))
+                headers.append(_probed(path, infos))
             except Exception as exc:  # noqa: BLE001 - any GDAL failure is reported the same way
                 raise InputError(f"{path}: cannot open raster: {gdal_message(exc)}") from exc
-        image, mask = infos
-        if (image.width, image.height) != (mask.width, mask.height):
+        image, mask = headers
+        difference = pair_difference(image, mask)
+        if difference:
             raise InputError(
-                f"input.rasters: image {image_path} is {image.width}x{image.height} but mask "
-                f"{mask_path} is {mask.width}x{mask.height}; a pair must have the same size"
-            )
-        if not image.transform.almost_equals(mask.transform):
-            raise InputError(
-                f"input.rasters: image {image_path} and mask {mask_path} have different "
-                "geotransforms; a pair must be aligned pixel for pixel"
+                f"input.rasters: {difference}; a pair must have the same size, geotransform and "
+                "CRS, aligned pixel for pixel"
             )
         mask_infos.append(mask)
         rows, cols = grid_windows(image.height, image.width, patch_size, stride)
@@ -259,6 +276,7 @@ def records_from_rasters(
             f"input.rasters: no full {patch_size}x{patch_size} window fits in any raster; "
             "use a smaller patch_size"
         )
+    check_mask_band(mask_infos, config.exclusion.mask_band)
     if source.placement == "class_centred":
         records, figures = _with_class_windows(config, records, pairs, mask_infos, compute)
         if notes is not None:

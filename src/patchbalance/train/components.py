@@ -32,7 +32,6 @@ DEFAULT_MODEL = {
     "encoder_name": "resnet18",
     "encoder_weights": None,
 }
-DEFAULT_LOSS_TARGET = "torch.nn.CrossEntropyLoss"
 DEFAULT_OPTIMIZER_TARGET = "torch.optim.AdamW"
 
 
@@ -73,7 +72,7 @@ def build_dataset(
     """Return `(dataset, data_loader_block)` built from a `train_dataset`-style block.
 
     Args:
-        block: the dataset block, its paths resolved already (`train_config`).
+        block: the dataset block, its paths resolved already (`train.config`).
         where: the block's key, for messages.
         inherited: arguments taken from another block unless this one gives them.
 
@@ -149,15 +148,39 @@ def build_model(
     return _instantiate(spec, "model")
 
 
-def build_loss(block: Mapping[str, Any] | None, ignore_index: int) -> Any:
-    """Return the loss of the `loss:` block (default: CrossEntropyLoss skipping `ignore_index`)."""
-    spec = dict(block or {})
-    spec.setdefault("_target_", DEFAULT_LOSS_TARGET)
-    if spec["_target_"] in (DEFAULT_LOSS_TARGET, "torch.nn.modules.loss.CrossEntropyLoss"):
-        # Masks carry ignore_index for nodata; CrossEntropyLoss would fail on it otherwise.
-        spec.setdefault("ignore_index", ignore_index)
-    spec.pop("name", None)  # upstream losses carry a display name
-    return _instantiate(spec, "loss")
+def build_loss(
+    block: Mapping[str, Any] | None,
+    ignore_index: int,
+    class_weights: np.ndarray | None = None,
+) -> Any:
+    """Return the loss of the `loss:` block (default: CrossEntropyLoss skipping `ignore_index`).
+
+    Args:
+        block: the `loss:` block: one loss (`_target_` and its arguments), or `terms`, a list
+            of losses each times its `factor` (`train.loss`).
+        ignore_index: the mask label of no class, skipped by cross-entropy and Dice.
+        class_weights: (C,) the cross-entropy's class weights (`loss.class_weights`), or None.
+
+    Returns:
+        The loss module: the one loss, or a `LossSum` of the terms.
+    """
+    import torch
+
+    from patchbalance.train.loss import LossSum, loss_terms
+
+    losses, factors = [], []
+    for term in loss_terms(block, ignore_index):
+        if class_weights is not None and term.is_cross_entropy:
+            # A tensor cannot travel through hydra's config: bind it after instantiation.
+            factory = _instantiate(term.spec, term.where, _partial_=True)
+            weight = torch.as_tensor(np.asarray(class_weights, dtype=np.float32))
+            losses.append(factory(weight=weight))
+        else:
+            losses.append(_instantiate(term.spec, term.where))
+        factors.append(term.factor)
+    if len(losses) == 1 and "terms" not in (block or {}):
+        return losses[0]
+    return LossSum(losses, factors)
 
 
 def build_optimizer(block: Mapping[str, Any] | None, parameters: Any, lr: float) -> Any:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -56,6 +56,8 @@ class TrainConfig(StrictModel):
     scheduler_list: list[dict[str, Any]] | None = None
     hyperparameters: HyperparametersConfig = Field(default_factory=HyperparametersConfig)
     device: str | None = None
+    # Mixed precision: bf16 runs the forward passes and the loss under bf16 autocast.
+    precision: Literal["fp32", "bf16"] = "fp32"
     seed: int = 42
     output_dir: str = "train_output"
     # Logit adjustment at validation (SPEC §7): tau, or a list of tau; tau = 0 is always added.

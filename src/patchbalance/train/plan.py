@@ -1,6 +1,6 @@
 """The plan of a `patchbalance train` run: datasets, loaders, device and length, built not run.
 
-`plan_training` validates the configuration (paths resolved once, in `train_config`), builds
+`plan_training` validates the configuration (paths resolved once, in `train.config`), builds
 both datasets and their loaders, and checks what can be checked before the first step; the
 plan's `describe` is what `--dry-run` prints.
 """
@@ -30,6 +30,12 @@ from patchbalance.train.config import (
     TrainConfig,
     load_train_config,
     resolve_config_mapping,
+)
+from patchbalance.train.loss import (
+    ClassWeights,
+    loss_terms,
+    parse_class_weights,
+    training_class_weights,
 )
 from patchbalance.train.metrics import class_log_prior_ratio
 
@@ -66,6 +72,7 @@ class TrainPlan:
     epochs: int | None
     max_steps: int | None
     log_prior_ratio: np.ndarray
+    class_weights: ClassWeights | None = None
 
     def describe(self) -> str:
         """Return the plan as text (what `--dry-run` prints)."""
@@ -86,7 +93,9 @@ class TrainPlan:
             f"classes: {self.n_classes} (ignore index {self.ignore_index}), "
             f"input bands: {self.in_channels}",
             f"model: {self.resolved.get('model', {}).get('_target_', DEFAULT_MODEL['_target_'])}",
-            f"device: {self.device}",
+            *([self.class_weights.describe()] if self.class_weights is not None else []),
+            f"device: {self.device}"
+            + (", bf16 autocast" if self.config.precision == "bf16" else ""),
             "length: "
             + ", ".join(
                 part
@@ -116,6 +125,15 @@ def _check_datasets(train_dataset: Any, val_dataset: Any) -> int:
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise ConfigError(f"raster not found: {missing[0]}{more}; check the tables' paths")
+    from patchbalance.data.table_checks import (
+        check_classes_have_labels,
+        check_windows_inside_rasters,
+    )
+
+    for dataset in (train_dataset, val_dataset):
+        # Found now, not when the row is drawn (or, for a class, never).
+        check_windows_inside_rasters(dataset)
+        check_classes_have_labels(dataset)
     return n_classes
 
 
@@ -167,10 +185,19 @@ def plan_training(
         if hasattr(train_dataset, "image_band_count")
         else int(cfg.model.get("in_channels", 3))
     )
+    # build_dataloader has checked that the flag is a bool.
+    weighted = bool((train_loader_block or {}).get("weighted_sampler", False))
     ratio = np.zeros(n_classes)
     if cfg.prior_correction is not None:
-        weighted = bool((train_loader_block or {}).get("weighted_sampler", False))
         ratio = class_log_prior_ratio(train_dataset, n_classes, weighted)
+    # The loss block is checked here, before the first step, though built with the model.
+    loss_terms(cfg.loss, ignore_index)
+    class_weights_spec = parse_class_weights(cfg.loss, n_classes)
+    class_weights = (
+        None
+        if class_weights_spec is None
+        else training_class_weights(class_weights_spec, train_dataset, n_classes, weighted)
+    )
     return TrainPlan(
         config=cfg,
         resolved=resolved,
@@ -187,4 +214,5 @@ def plan_training(
         epochs=epochs,
         max_steps=hyper.max_steps,
         log_prior_ratio=ratio,
+        class_weights=class_weights,
     )

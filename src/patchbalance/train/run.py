@@ -15,7 +15,7 @@ checkpoint (by validation mIoU) and the last one are saved atomically too.
 
 `train_from_config(mapping, base_dir)` is the Python entry point; `run_train_command` serves
 the command line. The configuration's keys are in `train_config`, the parts a run is built from
-in `train_components`, and the plan (datasets, loaders, device) in `train_plan`.
+in `components`, and the plan (datasets, loaders, device) in `plan`.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from patchbalance.train.config import (  # noqa: F401 - TrainConfig is part of t
     TrainConfig,
     resolve_config_mapping,
 )
+from patchbalance.train.loss import CLASS_WEIGHTS_FILE, write_class_weights
 from patchbalance.train.metrics import (  # noqa: F401 - confusion_matrix, iou_from_confusion are part of the train API
     class_log_prior_ratio,
     confusion_matrix,
@@ -94,6 +95,9 @@ class TrainResult:
     model: Any
     class_labels: list[str] = field(default_factory=list)
     summary_text: str = ""
+    # Where the training steps ran, read from the first step's logits: device, logits dtype
+    # and the autocast dtype in force (None without autocast).
+    trained_on: dict[str, Any] = field(default_factory=dict)
 
 
 def _forward(model: Any, images: Any) -> Any:
@@ -115,14 +119,18 @@ def evaluate(
     device: Any,
     progress: bool = False,
     logit_offsets: np.ndarray | None = None,
+    precision: str = "fp32",
 ) -> tuple[float, np.ndarray]:
     """Return `(mean loss, confusion matrix)` of `model` over every batch of `loader`.
 
     With `logit_offsets` (T, C), the confusion matrices are (T, C, C): one per row of offsets
     added to the class logits before the argmax (the loss is always that of the raw logits).
+    `precision` bf16 runs the forward pass and the loss under bf16 autocast.
     """
     import torch
     from tqdm.auto import tqdm
+
+    from patchbalance.embeddings.models import autocast
 
     model.eval()
     offsets = (
@@ -139,8 +147,9 @@ def evaluate(
         for batch in tqdm(loader, desc="validation", leave=False, disable=not progress):
             images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
-            logits = _forward(model, images)
-            loss = loss_fn(logits, masks)
+            with autocast(str(device), precision):
+                logits = _forward(model, images)
+                loss = loss_fn(logits, masks)
             if torch.isfinite(loss):
                 loss_sum += float(loss) * images.shape[0]
                 loss_count += images.shape[0]
@@ -180,11 +189,18 @@ def _train_epoch(
     epoch: int,
     step: int,
     progress: bool,
+    trained_on: dict[str, Any],
 ) -> tuple[float, int, int]:
-    """Return `(loss sum, patches seen, step)` after one epoch, or when `max_steps` is reached."""
+    """Return `(loss sum, patches seen, step)` after one epoch, or when `max_steps` is reached.
+
+    `trained_on` is filled in at the first step with where that step ran (see `TrainResult`).
+    """
     from tqdm.auto import tqdm
 
+    from patchbalance.embeddings.models import autocast, autocast_dtype
+
     device = plan.device
+    precision = plan.config.precision
     model.train()
     loss_sum, seen = 0.0, 0
     bar = tqdm(
@@ -197,7 +213,15 @@ def _train_epoch(
         images = batch["image"].to(device, non_blocking=True)
         masks = batch["mask"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(_forward(model, images), masks)
+        with autocast(str(device), precision):
+            logits = _forward(model, images)
+            loss = loss_fn(logits, masks)
+            if not trained_on:
+                trained_on.update(
+                    device=str(logits.device),
+                    logits_dtype=str(logits.dtype).removeprefix("torch."),
+                    autocast_dtype=autocast_dtype(logits.device.type),
+                )
         loss.backward()
         optimizer.step()
         step += 1
@@ -212,7 +236,13 @@ def _train_epoch(
 
 
 def _checkpoint(
-    plan: TrainPlan, model: Any, optimizer: Any, epoch: int, step: int, iou: np.ndarray
+    plan: TrainPlan,
+    model: Any,
+    optimizer: Any,
+    epoch: int,
+    step: int,
+    iou: np.ndarray,
+    trained_on: dict[str, Any],
 ) -> dict[str, Any]:
     """Return what a checkpoint holds after `epoch` (1-based): states, metrics and config."""
     return {
@@ -227,6 +257,7 @@ def _checkpoint(
         "in_channels": plan.in_channels,
         "class_values": getattr(plan.train_dataset, "class_values", None),
         "config": plan.resolved,
+        "trained_on": trained_on,
     }
 
 
@@ -237,7 +268,8 @@ def _build_parts(plan: TrainPlan) -> tuple[Any, Any, Any, list[Any]]:
     cfg = plan.config
     model = build_model(cfg.model, plan.in_channels, plan.n_classes, plan.base_dir)
     model = model.to(plan.device)
-    loss_fn = build_loss(cfg.loss, plan.ignore_index)
+    class_weights = None if plan.class_weights is None else plan.class_weights.weights
+    loss_fn = build_loss(cfg.loss, plan.ignore_index, class_weights)
     if isinstance(loss_fn, torch.nn.Module):
         loss_fn = loss_fn.to(plan.device)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.hyperparameters.lr)
@@ -251,6 +283,7 @@ def _result(
     best_confusion: np.ndarray,
     steps: int,
     model: Any,
+    trained_on: dict[str, Any],
 ) -> TrainResult:
     """Return the run's result from its metric rows and best epoch, with the summary text."""
     result = TrainResult(
@@ -265,6 +298,7 @@ def _result(
         metrics_path=plan.output_dir / "metrics.csv",
         model=model,
         class_labels=_class_labels(plan.val_dataset, plan.n_classes),
+        trained_on=trained_on,
     )
     result.summary_text = summary_text(result)
     return result
@@ -280,6 +314,8 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     last_path = plan.output_dir / "last.pt"
 
     model, loss_fn, optimizer, schedulers = _build_parts(plan)
+    if plan.class_weights is not None:
+        write_class_weights(plan.class_weights, plan.output_dir / CLASS_WEIGHTS_FILE)
     taus = tau_values(cfg.prior_correction)
     offsets = np.outer(taus, plan.log_prior_ratio)
 
@@ -288,6 +324,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     best_confusion = np.zeros((plan.n_classes, plan.n_classes), dtype=np.int64)
     step = 0
     epoch = 0
+    trained_on: dict[str, Any] = {}
     sampler = plan.train_loader.sampler
     while (plan.epochs is None or epoch < plan.epochs) and (
         plan.max_steps is None or step < plan.max_steps
@@ -296,7 +333,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
             sampler.set_epoch(epoch)
         started = time.perf_counter()
         loss_sum, seen, step = _train_epoch(
-            plan, model, loss_fn, optimizer, schedulers, epoch, step, progress
+            plan, model, loss_fn, optimizer, schedulers, epoch, step, progress, trained_on
         )
         train_seconds = time.perf_counter() - started
         val_loss, confusions = evaluate(
@@ -308,6 +345,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
             plan.device,
             progress,
             logit_offsets=offsets,
+            precision=cfg.precision,
         )
         confusion = confusions[0]
         iou = iou_from_confusion(confusion)
@@ -324,7 +362,9 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
         }
         rows.append(row)
         _write_metrics(rows, metrics_path)
-        _save_checkpoint(_checkpoint(plan, model, optimizer, epoch + 1, step, iou), last_path)
+        _save_checkpoint(
+            _checkpoint(plan, model, optimizer, epoch + 1, step, iou, trained_on), last_path
+        )
         score = miou if math.isfinite(miou) else -math.inf
         if best["epoch"] < 0 or score > best["miou"]:
             best = {"epoch": epoch + 1, "miou": score, "iou": iou}
@@ -343,7 +383,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
         step_schedulers(schedulers, "epoch", epoch_metrics)
         epoch += 1
 
-    return _result(plan, rows, best, best_confusion, step, model)
+    return _result(plan, rows, best, best_confusion, step, model, trained_on)
 
 
 def _format(value: float) -> str:
@@ -361,6 +401,10 @@ def summary_text(result: TrainResult) -> str:
     lines += ["", f"best epoch {result.best_epoch}: mIoU {_format(result.best_miou)}", "class  IoU"]
     for label, value in zip(result.class_labels, result.best_iou, strict=False):
         lines.append(f"  {label:<12} {_format(float(value))}")
+    where = result.trained_on
+    if where:
+        mixed = where.get("autocast_dtype")
+        lines += ["", f"trained on {where['device']}" + (f", {mixed} autocast" if mixed else "")]
     lines += [
         "",
         f"best checkpoint: {result.checkpoint_path}",
