@@ -118,3 +118,40 @@ def test_a_random_subset_with_an_unknown_key_is_an_error_naming_the_arm(tmp_path
     arms = {"r": {"coreset": {"method": "random", "budget": 0.3, "sed": 1}}}
     with pytest.raises(ConfigError, match=r"arm 'r': unknown key 'arms.r.coreset.sed'"):
         load_compare_config(tiny_configs(tmp_path, demo, arms=arms))
+
+
+def test_loss_arms_train_with_class_weights_and_with_cross_entropy_plus_dice(tmp_path, demo):
+    uniform = {"sampling_method": "composition_only", "weights": {"power": 0.0}}
+    arms = {
+        "median_frequency": {
+            "build": uniform,
+            "train": {"loss": {"class_weights": "median_frequency"}},
+        },
+        "ce_dice": {
+            "build": uniform,
+            "train": {"loss": {"_replace_": True, "terms": [{"name": "cross_entropy"},
+                                                            {"name": "dice", "factor": 0.5}]}},
+        },
+    }  # fmt: skip
+    plan = load_compare_config(tiny_configs(tmp_path, demo, arms=arms))
+    assert plan.arms["ce_dice"].train["loss"] == {
+        "terms": [{"name": "cross_entropy"}, {"name": "dice", "factor": 0.5}]
+    }
+    from typer.testing import CliRunner
+
+    from patchbalance.cli import app
+
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "compare.yaml"), "-q"])
+
+    assert result.exit_code == 0, result.output
+    runs = tmp_path / "out" / "runs"
+    weights = json.loads((runs / "median_frequency" / "seed42" / "class_weights.json").read_text())
+    assert weights["scheme"] == "median_frequency"
+    # Drawn with equal weights: the rarest class (building, 3) gets the largest weight.
+    assert int(np.argmax(weights["weights"])) == 3
+    assert not (runs / "uniform" / "seed42" / "class_weights.json").exists()
+    # The same draws (same seed, same table) and another loss give another model.
+    base = pd.read_csv(runs / "uniform" / "seed42" / "metrics.csv")
+    for arm in ("median_frequency", "ce_dice"):
+        other = pd.read_csv(runs / arm / "seed42" / "metrics.csv")
+        assert not np.allclose(other["train_loss"], base["train_loss"])
