@@ -86,6 +86,9 @@ def test_the_example_compare_writes_per_seed_iou_and_gains_equal_to_the_runs_met
         "class_target", "rank_max", "uniform_again"
     }  # fmt: skip
     assert "arms that help:" in printed
+    # Where every run trained, as the training loop recorded it (the train config says cpu).
+    assert {run["device"] for run in results["trained_on"].values()} == {"cpu"}
+    assert len(results["trained_on"]) == 8
     for name in ("results.json", "results.md", "results.html", "runs.csv"):
         assert (out / name).is_file()
 

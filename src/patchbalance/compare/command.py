@@ -76,6 +76,7 @@ def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
         },
         "verdict": verdict(summary, arms, plan.baseline, runs.classes_of_interest),
         "run_seconds": runs.run_seconds,
+        "trained_on": runs.trained_on,
         "trained": runs.trained,
         "reused": runs.reused,
     }

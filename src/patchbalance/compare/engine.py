@@ -68,6 +68,7 @@ class CompareRuns:
     run_seconds: dict[str, float]
     trained: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    trained_on: dict[str, Any] = field(default_factory=dict)  # per run: device and precision
 
 
 def run_config(plan: ComparePlan, arm: str, seed: int, table: Path) -> dict[str, Any]:
@@ -111,12 +112,19 @@ def train_run(job: RunJob) -> float:
     torch.set_num_threads(job.threads)
     try:
         started = time.perf_counter()
-        train_from_config(job.config)
+        result = train_from_config(job.config)
         seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
+    marker = {
+        "key": job.key,
+        "arm": job.arm,
+        "seed": job.seed,
+        "seconds": seconds,
+        "trained_on": getattr(result, "trained_on", {}),
+    }
     with atomic_writer(job.run_dir / DONE, "w") as stream:
-        json.dump({"key": job.key, "arm": job.arm, "seed": job.seed, "seconds": seconds}, stream)
+        json.dump(marker, stream, default=str)
     return seconds
 
 
@@ -250,4 +258,10 @@ def run_compare_runs(plan: ComparePlan, progress: bool = False) -> CompareRuns:
     reused = [
         f"{job.arm}/seed{job.seed}" for job in jobs if f"{job.arm}/seed{job.seed}" not in trained
     ]
-    return CompareRuns(tables, interest, runs, seconds, trained, reused)
+    trained_on = {
+        f"{job.arm}/seed{job.seed}": json.loads((job.run_dir / DONE).read_text()).get(
+            "trained_on", {}
+        )
+        for job in jobs
+    }
+    return CompareRuns(tables, interest, runs, seconds, trained, reused, trained_on)
