@@ -299,3 +299,26 @@ def test_a_headless_browser_renders_the_comparison_page_with_its_plots(example, 
     blue = np.abs(shot - [0x1F, 0x77, 0xB4]).sum(axis=2) < 30
     orange = np.abs(shot - [0xFF, 0x7F, 0x0E]).sum(axis=2) < 30
     assert blue.sum() > 2000 and orange.sum() > 200
+
+
+def test_the_verdict_reads_intervals_at_the_printed_precision():
+    from patchbalance.compare.statistics import verdict
+
+    def gain(low, high):
+        return {"mean": (low + high) / 2, "low": low, "high": high, "n": 2, "wins": 2}
+
+    summary = {
+        "long_tau0": {
+            "arms": {
+                # A rare class moved from 0 to 0.001 % IoU: an interval of [+0.0, +0.0] points.
+                "tiny": {"3": {"gain_iou": gain(1e-5, 2e-5)}, "miou": {"gain_iou": gain(0, 0.01)}},
+                "helps": {"3": {"gain_iou": gain(0.02, 0.05)}, "miou": {"gain_iou": gain(-0.01, 0.01)}},
+                "lowers": {"3": {"gain_iou": gain(0.02, 0.05)}, "miou": {"gain_iou": gain(-0.03, -0.002)}},
+                "at_zero": {"3": {"gain_iou": gain(0.02, 0.05)}, "miou": {"gain_iou": gain(-0.03, -0.0004)}},
+            }
+        }
+    }  # fmt: skip
+    judged = verdict(summary, ["base", "tiny", "helps", "lowers", "at_zero"], "base", [3])
+    assert judged["helps"] == ["helps", "at_zero"]
+    assert judged["does_not_help"] == ["tiny", "lowers"]
+    assert judged["arms"]["lowers"]["lowers_miou"] and not judged["arms"]["at_zero"]["lowers_miou"]

@@ -123,13 +123,20 @@ def plateau_check(curve: pd.DataFrame, tolerance: float) -> dict[str, Any]:
     }
 
 
+def _points(value: float) -> float:
+    """Return an IoU difference in points, rounded as the tables print it (0.1 point)."""
+    return round(value * 100, 1) + 0.0
+
+
 def verdict(
     summary: dict[str, Any], arms: list[str], baseline: str, classes: list[int]
 ) -> dict[str, Any]:
     """Return, per arm, whether it raises the classes of interest without lowering mIoU.
 
     At the long budget and tau 0, an arm helps when the IoU gain of every class of interest has
-    a 95 % interval above 0 and its mIoU gain's interval is not wholly below 0.
+    a 95 % interval above 0 and its mIoU gain's interval is not wholly below 0. Bounds are read
+    at the precision the tables print (0.1 IoU points): a class whose IoU moves from 0 to 0.001 %
+    has not been raised.
     """
     table = summary["long_tau0"]["arms"]
     result: dict[str, Any] = {"helps": [], "does_not_help": [], "arms": {}}
@@ -138,9 +145,9 @@ def verdict(
             continue
         gains = {str(c): table[arm][str(c)]["gain_iou"] for c in classes}
         miou = table[arm]["miou"]["gain_iou"]
-        raised = [c for c, g in gains.items() if g["n"] and g["low"] > 0]
+        raised = [c for c, g in gains.items() if g["n"] and _points(g["low"]) > 0]
         raises = bool(gains) and len(raised) == len(gains)
-        lowers = bool(miou["n"]) and miou["high"] < 0
+        lowers = bool(miou["n"]) and _points(miou["high"]) < 0
         helps = raises and not lowers
         result["arms"][arm] = {
             "raises_classes_of_interest": raises,
