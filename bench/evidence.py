@@ -5,7 +5,7 @@ Any dataset of image and mask files with a class map (SPEC §11):
     python bench/evidence.py --images 'DIR/images/*.png' --masks 'DIR/labels/*.png' \\
         --class-map classes.json --work /tmp/evidence
     python bench/evidence.py --preset dubai-aerial          # ../shared/data/dubai-aerial
-    python bench/evidence.py --preset harvey-suav --quick   # < 10 min on 2 CPU cores
+    python bench/evidence.py --preset harvey-suav --quick   # 2 seeds, 120 steps
 
 The class map (JSON) lists the classes, each with an `index`, a `name` and the mask `values`
 that mean it: integers (grey or palette values; an RGB mask whose three channels are equal is
