@@ -158,8 +158,10 @@ def _report_text(table_path: Path, out: Path | None = None) -> str:
     table = read_table(table_path)
     figures = figures_from_table(table, where=str(table_path))
     text = figures_text(figures)
-    for line in figures.starvation_warnings(Path(table_path).name):
-        text += f"\nwarning: {line}"
+    concentrated = figures.concentration_warning()
+    for line in [*figures.starvation_warnings(Path(table_path).name), concentrated]:
+        if line:
+            text += f"\nwarning: {line}"
     if out is not None:
         from patchbalance.report_html import write_html_report
 

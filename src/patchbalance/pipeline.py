@@ -44,7 +44,7 @@ from patchbalance.result_table import ResultTable
 from patchbalance.sources import SourceRecords, load_records
 from patchbalance.sources.local import grid_window_count
 from patchbalance.stats import MaskStatistics, class_entropy, nodata_ratios
-from patchbalance.summary import StageResults, build_summary, summary_text
+from patchbalance.summary import StageResults, build_summary, build_warnings, summary_text
 from patchbalance.table import KEY_COLUMNS, write_table_chunks
 from patchbalance.weights import normalise_weights, sampler_weights, sampling_scores
 from patchbalance.windows import RasterInfo
@@ -262,7 +262,11 @@ def _weights_stage(
     if "reduced" in weight_notes:
         log.info("%s", weight_notes["reduced"])
     active_weights = normalise_weights(
-        scores, weights_config.power, weights_config.max_weight, weights_config.uniform_mix
+        scores,
+        weights_config.power,
+        weights_config.max_weight,
+        weights_config.uniform_mix,
+        notes=weight_notes,
     )
     return sampler_weights(active, active_weights), weight_notes
 
@@ -410,10 +414,7 @@ def _finish(
     class_values = [int(v) for v in reading.stats.class_values]
     figures = sampling_figures(reading.stats.counts, weights, active, class_values)
     summary = build_summary(config, stages, figures)
-    warnings = figures.starvation_warnings(config.sampling_method)
-    for line in warnings:
-        log.warning("%s", line)
-    summary["warnings"] = warnings
+    summary["warnings"] = build_warnings(config, stages, figures)
     outputs = _write_outputs(config, table, paths, summary) if write else {}
     summary["timings_s"] = clock.seconds
     summary["outputs"] = outputs

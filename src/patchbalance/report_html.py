@@ -119,7 +119,12 @@ def _summary_section(figures: SamplingFigures) -> str:
         ],
         [
             "largest expected repeats of one patch per epoch",
-            f"{figures.max_expected_repeats:.2f}",
+            f"{figures.max_expected_repeats:.2f}"
+            + (
+                f" ({figures.max_repeats_patches:,} patches tie)"
+                if figures.max_repeats_patches > 1
+                else ""
+            ),
             f"{uniform_repeats:.2f}",
         ],
     ]
