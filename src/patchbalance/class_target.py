@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.optimize import linprog, minimize
-from scipy.special import logsumexp
 
 from patchbalance.errors import ConfigError
 from patchbalance.table import class_share, effective_sample_size
@@ -348,6 +347,11 @@ class DualSolution:
     converged: bool
     share_error: float  # the largest |reached share - target| over the classes
 
+    @property
+    def ess(self) -> float:
+        """Return the effective sample size of the probabilities."""
+        return effective_sample_size(self.probabilities)
+
 
 def _solve_dual(
     counts: np.ndarray,
@@ -358,41 +362,25 @@ def _solve_dual(
 ) -> DualSolution:
     """Return lambda minimising log sum_i exp(a_i . lambda), a_ic = n_ic - t_c n_i.
 
-    Newton steps on the exact Hessian (the covariance of a under pi) after a gradient-based
-    start; the objective is invariant to adding a constant to every lambda_c, so the Hessian is
+    Damped Newton steps on the exact Hessian (the covariance of a under pi); from a cold start
+    (lambda = 0), or when Newton from a warm start does not converge, after a gradient-based
+    start. The objective is invariant to adding a constant to every lambda_c, so the Hessian is
     singular along that direction and the steps use its pseudo-inverse. Converged means the
     gradient (the reached shares less the targets, per scaled pixel) is below 1e-9.
     """
 
     def objective(lambdas: np.ndarray) -> tuple[float, np.ndarray]:
-        logits = _logits(counts, totals, target, lambdas)
-        value = float(logsumexp(logits))
-        probabilities = np.exp(logits - value, out=logits)
-        gradient = probabilities @ counts - target * (probabilities @ totals)
+        value, gradient, _ = _evaluate(counts, totals, target, lambdas)
         return value, gradient
 
-    result = minimize(objective, start, jac=True, method="L-BFGS-B", options={"maxiter": 500})
-    lambdas = result.x
-    converged = False
-    for step_count in range(newton_steps + 1):
-        value, gradient = objective(lambdas)
-        if np.max(np.abs(gradient)) < SHARE_TOLERANCE:
-            converged = True
-            break
-        if step_count == newton_steps:
-            break
-        logits = _logits(counts, totals, target, lambdas)
-        probabilities = np.exp(logits - value, out=logits)
-        hessian = _covariance(counts, totals, target, probabilities) - np.outer(gradient, gradient)
-        step = -np.linalg.lstsq(hessian, gradient, rcond=None)[0]
-        # Backtrack until the objective decreases (it is convex, so a small enough step does).
-        size = 1.0
-        while size > 1e-8 and objective(lambdas + size * step)[0] > value + 1e-4 * size * (
-            gradient @ step
-        ):
-            size /= 2.0
-        lambdas = lambdas + size * step
-    probabilities = _probabilities(counts, totals, target, lambdas)
+    lambdas = np.asarray(start, dtype=np.float64)
+    warm = bool(np.any(lambdas))
+    if warm:
+        lambdas, converged = _newton(counts, totals, target, lambdas, newton_steps)
+    if not warm or not converged:
+        result = minimize(objective, start, jac=True, method="L-BFGS-B", options={"maxiter": 500})
+        lambdas, converged = _newton(counts, totals, target, result.x, newton_steps)
+    _, _, probabilities = _evaluate(counts, totals, target, lambdas)
     reached = class_share(counts, probabilities)
     return DualSolution(
         lambdas=lambdas,
@@ -402,19 +390,46 @@ def _solve_dual(
     )
 
 
-def _logits(
-    counts: np.ndarray, totals: np.ndarray, target: np.ndarray, lambdas: np.ndarray
-) -> np.ndarray:
-    logits = counts @ lambdas
-    logits -= totals * (target @ lambdas)
-    return logits
+def _newton(
+    counts: np.ndarray,
+    totals: np.ndarray,
+    target: np.ndarray,
+    lambdas: np.ndarray,
+    steps: int,
+) -> tuple[np.ndarray, bool]:
+    """Return lambda after at most `steps` damped Newton steps, and whether it converged."""
+    for step_count in range(steps + 1):
+        value, gradient, probabilities = _evaluate(counts, totals, target, lambdas)
+        if np.max(np.abs(gradient)) < SHARE_TOLERANCE:
+            return lambdas, True
+        if step_count == steps:
+            break
+        hessian = _covariance(counts, totals, target, probabilities) - np.outer(gradient, gradient)
+        del probabilities
+        step = -np.linalg.lstsq(hessian, gradient, rcond=None)[0]
+        # Backtrack until the objective decreases (it is convex, so a small enough step does).
+        size = 1.0
+        while size > 1e-8 and _evaluate(counts, totals, target, lambdas + size * step)[
+            0
+        ] > value + 1e-4 * size * (gradient @ step):
+            size /= 2.0
+        lambdas = lambdas + size * step
+    return lambdas, False
 
 
-def _probabilities(
+def _evaluate(
     counts: np.ndarray, totals: np.ndarray, target: np.ndarray, lambdas: np.ndarray
-) -> np.ndarray:
-    logits = _logits(counts, totals, target, lambdas)
-    return np.exp(logits - logsumexp(logits), out=logits)
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Return the dual objective, its gradient and the probabilities pi at lambda."""
+    probabilities = counts @ lambdas
+    probabilities -= totals * (target @ lambdas)
+    top = float(probabilities.max())
+    probabilities -= top
+    np.exp(probabilities, out=probabilities)
+    total = float(probabilities.sum())
+    probabilities /= total
+    gradient = probabilities @ counts - target * (probabilities @ totals)
+    return top + float(np.log(total)), gradient, probabilities
 
 
 def _covariance(
@@ -439,33 +454,36 @@ def _step_for_ess(
 ) -> tuple[float, DualSolution]:
     """Return the step (at most `alpha`) whose ESS is just at or above the floor, and its solve.
 
-    The ESS falls as the step grows; the bracket [low: ESS >= floor, high: ESS < floor] shrinks
-    by interpolating log ESS (Illinois false position), each solve starting from the lambda of
-    the low end, until the ends are within 0.1 % of `alpha` or the ESS is within 0.1 % of the floor.
+    The ESS falls as the step grows, from N at step 0 (uniform); the bracket [low: ESS >= floor,
+    high: ESS < floor] shrinks by interpolating log ESS (Illinois false position), each solve
+    starting from lambda interpolated between the ends, until the ends are within 0.1 % of
+    `alpha` or the ESS is within 0.1 % of the floor.
     """
-    low, high = 0.0, alpha
     log_floor = np.log(ess_floor)
-    best = solve(0.0, np.zeros_like(at_alpha.lambdas))
-    low_gap = np.log(effective_sample_size(best.probabilities)) - log_floor
-    high_gap = np.log(effective_sample_size(at_alpha.probabilities)) - log_floor
+    low, low_gap, best = 0.0, np.log(len(at_alpha.probabilities)) - log_floor, None
+    high, high_gap, high_lambdas = alpha, np.log(at_alpha.ess) - log_floor, at_alpha.lambdas
+    low_lambdas = np.zeros_like(high_lambdas)
     side = 0
     for _ in range(60):
         if high - low < 1e-3 * alpha:
             break
         middle = high - high_gap * (high - low) / (high_gap - low_gap)
         middle = min(max(middle, low + 0.01 * (high - low)), high - 0.01 * (high - low))
-        solution = solve(middle, best.lambdas)
-        gap = np.log(effective_sample_size(solution.probabilities)) - log_floor
+        share = (middle - low) / (high - low)
+        solution = solve(middle, low_lambdas + share * (high_lambdas - low_lambdas))
+        gap = np.log(solution.ess) - log_floor
         if gap >= 0:
-            low, low_gap, best = middle, gap, solution
+            low, low_gap, low_lambdas, best = middle, gap, solution.lambdas, solution
             if gap < 1e-3:
                 break
             if side == 1:
                 high_gap /= 2.0
             side = 1
         else:
-            high, high_gap = middle, gap
+            high, high_gap, high_lambdas = middle, gap, solution.lambdas
             if side == -1:
                 low_gap /= 2.0
             side = -1
+    if best is None:
+        return 0.0, solve(0.0, np.zeros_like(high_lambdas))
     return low, best

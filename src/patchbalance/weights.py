@@ -161,7 +161,7 @@ def sampling_scores(
         return inverse_frequency_scores(proportions, sqrt=sqrt), notes
     if method == "class_target":
         values = list(range(counts.shape[1])) if class_values is None else list(class_values)
-        counts = np.asarray(counts, dtype=np.float64)
+        counts = np.asarray(counts)  # class_target_weights makes the one float64 copy
         uniform = class_share(counts)
         if not uniform.any():
             note = "no active patch has pixels of the classes: the weights are equal"
