@@ -33,7 +33,7 @@ BLOCK_ROWS = 1 << 16
 # Column generation of the reachable-shares linear program.
 MAX_LP_ROUNDS = 200
 LP_COLUMNS_PER_ROUND = 64
-LP_TOLERANCE = 1e-9
+LP_TOLERANCE = 1e-7  # HiGHS's own dual feasibility tolerance
 
 
 @dataclass
@@ -271,9 +271,9 @@ def _largest_feasible_step(
     # restricted problem feasible (alpha = 0) without changing the hull.
     columns = [uniform]
     for j in range(c):
-        columns += [_composition(counts, totals, j, largest=True)]
+        columns += [_richest_composition(counts, totals, j)]
+    points = np.unique(np.round(np.array(columns), 12), axis=0)
     for _ in range(MAX_LP_ROUNDS):
-        points = np.unique(np.round(np.array(columns), 12), axis=0)
         m = len(points)
         objective = np.zeros(m + 1)
         objective[-1] = -1.0
@@ -290,18 +290,25 @@ def _largest_feasible_step(
                 f"({solution.message.strip()}); the targets were not moved from the uniform "
                 "shares, so the weights are uniform"
             )
-        duals = solution.eqlin.marginals
-        entering = _entering_compositions(counts, totals, duals)
-        if not len(entering):
+        entering = _entering_compositions(counts, totals, solution.eqlin.marginals)
+        points = np.unique(np.round(np.vstack([points, entering]), 12), axis=0)
+        if len(points) == m:  # no composition improves on the restricted problem: optimal
             break
-        columns += list(entering)
+    else:
+        # The restricted problem's step is reachable, but may be shorter than the largest.
+        alpha = min(float(solution.x[-1]), 1.0) * (1.0 - FEASIBLE_MARGIN)
+        return alpha, (
+            f"the search for the reachable shares stopped after {MAX_LP_ROUNDS} rounds of its "
+            f"linear program; targets moved {1 - alpha:.1%} of the way back toward the uniform "
+            "shares, which may be more than the patches need"
+        )
     alpha = float(solution.x[-1])
     if alpha >= 1.0 - 1e-9:
         return 1.0, None
     return alpha * (1.0 - FEASIBLE_MARGIN), None
 
 
-def _composition(counts: np.ndarray, totals: np.ndarray, j: int, largest: bool) -> np.ndarray:
+def _richest_composition(counts: np.ndarray, totals: np.ndarray, j: int) -> np.ndarray:
     """Return the composition of the patch with the largest share of class j."""
     best, best_share = 0, -1.0
     for rows in _row_blocks(counts.shape[0]):
