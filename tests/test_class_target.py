@@ -251,3 +251,20 @@ def test_a_failed_feasibility_solve_blames_the_solver_not_the_target(monkeypatch
         "uniform"
     ]
     assert not any("outside what any weighting" in note for note in result.notes)
+
+
+def test_min_ess_defaults_to_the_floor_whether_class_target_is_named_or_the_default():
+    from patchbalance.config import config_from_mapping
+
+    def config(**block):
+        block = {"input": {"records_path": "r.csv"}, "output": {"csv_path": "o.csv"}, **block}
+        return config_from_mapping({"balanced_dataset": block})
+
+    default, named = config(), config(sampling_method="class_target")
+    assert (default.sampling_method, default.sampling_method_is_default) == ("class_target", True)
+    assert (named.sampling_method, named.sampling_method_is_default) == ("class_target", False)
+    assert default.weights.min_ess == named.weights.min_ess == 0.1
+    assert default.weights.target_share == "sqrt"
+    assert config(weights={"min_ess": 0}).weights.min_ess == 0  # 0 turns the floor off
+    with pytest.raises(ConfigError, match="min_ess"):
+        config(weights={"min_ess": -0.1})
