@@ -298,7 +298,7 @@ def test_the_starvation_warning_names_a_below_median_class_that_the_weights_lowe
     assert "in our evidence" not in figures.starvation_warnings("class_target")[0]
 
 
-def test_concentrated_weights_warn_with_the_ess_and_the_tied_largest_repeats():
+def test_concentrated_weights_warn_with_the_ess_and_the_tied_largest_repeats(tmp_path):
     from patchbalance.report import figures_text, sampling_figures
 
     counts = np.tile([50.0, 50.0], (100, 1))
@@ -314,6 +314,12 @@ def test_concentrated_weights_warn_with_the_ess_and_the_tied_largest_repeats():
         "weights.uniform_mix or weights.max_weight spreads them"
     )
     assert "largest expected repeats/epoch   33.33 (3 patches tie)" in figures_text(figures)
+    table = pd.DataFrame(counts, columns=["px_0", "px_1"]).assign(
+        sampler_weight=weights, excluded=False
+    )
+    write_html_report(table, figures_from_table(table), tmp_path / "r.html", title="t")
+    page = (tmp_path / "r.html").read_text()
+    assert "the weights are very concentrated" in page and "33.33 (3 patches tie)" in page
     spread = sampling_figures(counts, np.ones(100), np.ones(100, bool), [0, 1])
     assert spread.concentration_warning() is None
 
