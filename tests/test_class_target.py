@@ -29,6 +29,8 @@ def test_hand_worked_pool_equals_the_closed_form():
     assert result.alpha == 1.0 and not result.notes
     # lambda is fixed up to a constant; the difference is what the closed form gives.
     assert result.lambdas[0] - result.lambdas[1] == pytest.approx(np.log(y) / 50, rel=1e-9)
+    # The constant is the one with t . lambda = 0, whatever path the solver took.
+    assert result.target @ result.lambdas == pytest.approx(0.0, abs=1e-15)
 
 
 def random_pool(seed: int = 0, n: int = 3000) -> np.ndarray:

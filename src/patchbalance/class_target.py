@@ -220,6 +220,9 @@ def class_target_weights(
             f"reached shares miss the targets by up to {solution.share_error:.2g}"
         )
     moved = uniform + alpha * (requested - uniform)
+    # lambda is fixed up to a constant added to every class; report the one with t . lambda = 0,
+    # so that a patch's log weight is lambda . n_i up to a constant, whatever the solver's path.
+    lambdas = solution.lambdas - float(moved @ solution.lambdas)
     return ClassTargetResult(
         probabilities=solution.probabilities,
         requested=requested,
@@ -227,7 +230,7 @@ def class_target_weights(
         reached=class_share(scaled, solution.probabilities),
         uniform=uniform,
         reachable_max=reachable_max,
-        lambdas=solution.lambdas / scale,
+        lambdas=lambdas / scale,
         alpha=alpha,
         ess=ess,
         converged=solution.converged,
