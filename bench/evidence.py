@@ -85,9 +85,10 @@ METHODS: dict[str, dict[str, Any]] = {
     "inverse_frequency": {"sampling_method": "inverse_frequency"},
     "repeat_factor": {"sampling_method": "repeat_factor"},
     "class_target_sqrt": {"sampling_method": "class_target", "weights": {"target_share": "sqrt"}},
+    # Without a floor on the ESS (min_ess 0), as in the published runs.
     "class_target_p0.25": {
         "sampling_method": "class_target",
-        "weights": {"target_share": "power:0.25"},
+        "weights": {"target_share": "power:0.25", "min_ess": 0},
     },
     "class_target_sqrt_centred": {
         "sampling_method": "class_target",

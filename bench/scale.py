@@ -15,6 +15,12 @@ library's `run_build`, writing a Parquet table, and the script prints, side by s
 
     python bench/scale.py                                   # 1M, 2M, 10M
     python bench/scale.py --sizes 200000 --compare-at 200000  # a quick look
+
+`--methods rank_max default` builds each size with each sampling method side by side (`default`:
+the configuration names none), and `--runs "threads, 1 thread"` keeps only the named runs.
+`--masks rare` writes synthetic blob masks with a seventh class of scattered single pixels
+(0.17 % of the pixels, never much of any window), where the default's sqrt target cannot be
+reached.
 """
 
 from __future__ import annotations
@@ -50,6 +56,9 @@ CHILD = textwrap.dedent(
     print(json.dumps({"peak_bytes": peak_kb * 1024, "seconds": seconds,
                       "n": result.summary["n_patches"], "active": result.summary["n_active"],
                       "timings": result.summary["timings_s"],
+                      "method": result.summary["sampling_method"],
+                      "ess_share": result.summary["sampling"]["effective_sample_size_share"],
+                      "warnings": result.summary["warnings"],
                       "compute": result.summary["compute"]}))
     """
 )
@@ -64,12 +73,25 @@ COMPARED = (
 SCALED = ("LocalCluster, 2 workers", {"scheduler": "local", "workers": 2}, 2)
 
 
-def write_rasters(work: Path, count: int, side: int) -> list[Path]:
-    """Write (or reuse) `count` side x side mosaics of the Dubai masks; return their paths."""
-    paths = [work / f"mask_{i}.tif" for i in range(count)]
+def rare_masks(seed: int) -> list[np.ndarray]:
+    """Return the synthetic blob masks with class 6 as scattered single pixels (0.17 %)."""
+    rng = np.random.default_rng(seed)
+    masks = synthetic_masks(seed)
+    for mask in masks:
+        mask[rng.random(mask.shape) < 0.0017] = 6
+    return masks
+
+
+def write_rasters(work: Path, count: int, side: int, masks: str = "dubai") -> list[Path]:
+    """Write (or reuse) `count` side x side mosaics of the chosen masks; return their paths."""
+    prefix = "mask" if masks == "dubai" else f"{masks}mask"
+    paths = [work / f"{prefix}_{i}.tif" for i in range(count)]
     missing = [path for path in paths if not path.exists()]
     if missing:
-        sources = dubai_class_masks(DUBAI_DATA) if DUBAI_DATA.is_dir() else synthetic_masks(0)
+        if masks == "rare":
+            sources = rare_masks(0)
+        else:
+            sources = dubai_class_masks(DUBAI_DATA) if DUBAI_DATA.is_dir() else synthetic_masks(0)
         for path in missing:
             write_mask(path, side, sources, seed=int(path.stem.split("_")[1]))
     return paths
@@ -104,7 +126,9 @@ def write_records(path: Path, rasters: list[Path], n: int, side: int, size: int,
     return len(records)
 
 
-def build(work: Path, records: Path, compute: dict, num_workers: int) -> dict:
+def build(
+    work: Path, records: Path, compute: dict, num_workers: int, method: str = "default"
+) -> dict:
     """Run one build in a fresh process; return its measurements."""
     block = {
         "mode": "masks_only",
@@ -116,6 +140,8 @@ def build(work: Path, records: Path, compute: dict, num_workers: int) -> dict:
         "compute": compute,
         "output": {"csv_path": str(work / "balanced.parquet"), "include_excluded": True},
     }
+    if method != "default":
+        block["sampling_method"] = method
     done = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(block), str(work)],
         check=True,
@@ -131,12 +157,15 @@ def show(label: str, result: dict, baseline: float | None, compared: bool) -> fl
     rate = n / stage
     ratio = "-" if not compared else (f"{rate / baseline:.2f}x" if baseline else "1.00x")
     print(
-        f"{label:<26}{n:>12,}{rate:>14,.0f}{ratio:>8}{n / result['seconds']:>14,.0f}"
+        f"{label:<36}{n:>12,}{rate:>14,.0f}{ratio:>8}{n / result['seconds']:>14,.0f}"
         f"{result['seconds']:>10.1f}{result['peak_bytes'] / n:>12.0f}"
         f"{result['peak_bytes'] / 2**20:>10.0f}"
     )
     stages = ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items())
-    print(f"{'':<26}stages (s): {stages}")
+    print(f"{'':<36}stages (s): {stages}")
+    print(f"{'':<36}{result['method']}: ESS {result['ess_share']:.1%} of the active patches")
+    for line in result["warnings"]:
+        print(f"{'':<36}warning: {line}")
     return rate
 
 
@@ -148,6 +177,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="window size (px)")
     parser.add_argument("--stride", type=int, default=16, help="window stride (px)")
     parser.add_argument("--work", type=Path, default=None, help="folder for the data")
+    parser.add_argument("--methods", nargs="+", default=["default"], help="sampling methods")
+    parser.add_argument("--runs", nargs="+", default=None, help="only these runs (labels)")
+    parser.add_argument("--masks", choices=["dubai", "rare"], default="dubai")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as temporary:
@@ -156,8 +188,10 @@ def main() -> None:
         per_raster = ((args.side - args.size) // args.stride + 1) ** 2
         count = math.ceil(max(args.sizes + args.compare_at) / per_raster)
         start = time.perf_counter()
-        rasters = write_rasters(work, count, args.side)
+        rasters = write_rasters(work, count, args.side, args.masks)
         origin = "mosaics of the real Dubai masks" if DUBAI_DATA.is_dir() else "synthetic masks"
+        if args.masks == "rare":
+            origin = "synthetic masks with a 0.17 % class of single pixels"
         size_mb = sum(p.stat().st_size for p in rasters) / 1e6
         print(
             f"masks: {count} x {args.side}^2 px {origin}, tiled 256, deflate ({size_mb:.0f} MB, "
@@ -165,21 +199,24 @@ def main() -> None:
             f"{args.stride} px ({per_raster:,} per raster); cores: {os.cpu_count()}"
         )
         header = (
-            f"{'run':<26}{'patches':>12}{'stats p/s':>14}{'ratio':>8}{'end-to-end p/s':>14}"
+            f"{'run':<36}{'patches':>12}{'stats p/s':>14}{'ratio':>8}{'end-to-end p/s':>14}"
             f"{'wall s':>10}{'peak B/p':>12}{'peak MB':>10}"
         )
         for n in sorted(set(args.sizes) | set(args.compare_at)):
-            records = work / f"records_{n}.parquet"
+            records = work / f"records_{args.masks}_{n}.parquet"
             if not records.exists():
                 write_records(records, rasters, n, args.side, args.size, args.stride)
             runs = COMPARED if n in args.compare_at else (SCALED,)
+            runs = [run for run in runs if args.runs is None or run[0] in args.runs]
             print(f"\n{n:,} patches")
             print(header)
             baseline = None
             for label, compute, workers in runs:
-                result = build(work, records, compute, workers)
-                rate = show(label, result, baseline, n in args.compare_at)
-                baseline = baseline or rate
+                for method in args.methods:
+                    result = build(work, records, compute, workers, method)
+                    run_label = label if len(args.methods) == 1 else f"{label}, {method}"
+                    rate = show(run_label, result, baseline, n in args.compare_at)
+                    baseline = baseline or rate
 
 
 if __name__ == "__main__":

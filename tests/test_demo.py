@@ -125,3 +125,46 @@ def test_demo_without_matplotlib_skips_the_html_page_with_a_note(tmp_path, monke
     assert "note: skipped the HTML report" in result.stdout
     assert not (tmp_path / "demo" / "report.html").exists()
     assert (tmp_path / "demo" / "balanced_train.csv").exists()
+
+
+def test_the_demo_runs_the_default_and_its_summary_says_so(tmp_path):
+    texts = pinned_demo_outputs(tmp_path / "demo")
+    summary = json.loads(texts["balanced_train.summary.json"])
+
+    assert summary["sampling_method"] == "class_target"
+    assert summary["sampling_method_is_default"] is True
+    assert summary["weights"]["min_ess"] == 0.1
+    assert summary["weights"]["class_target"]["target_share"] == "sqrt"
+    # The default meets the sqrt target here, and its floor does not bind.
+    target = summary["weights"]["class_target"]
+    assert target["step_toward_target"] == 1.0 and target["notes"] == []
+    assert summary["sampling"]["effective_sample_size_share"] > 0.1
+    # Only the weights changed with the default: the grid and the statistics are those of the
+    # table pinned when rank_max was the default.
+    table = pd.read_csv(EXPECTED / "balanced_train.csv")
+    before = pd.read_csv(EXPECTED / "balanced_train_rank_max.csv")
+    pd.testing.assert_frame_equal(
+        table.drop(columns="sampler_weight"), before.drop(columns="sampler_weight")
+    )
+
+
+def test_a_config_that_names_rank_max_gives_the_table_it_gave_before_the_default_changed(tmp_path):
+    paths = write_demo_dataset(tmp_path / "demo")
+    result = CliRunner().invoke(
+        app, ["build-balanced-dataset", str(paths["config"]), "--set", "sampling_method=rank_max"]
+    )
+
+    assert result.exit_code == 0, result.output
+    text = paths["table"].read_text(encoding="utf-8").replace(str(paths["table"].parent), "<OUT>")
+    assert text == (EXPECTED / "balanced_train_rank_max.csv").read_text(encoding="utf-8")
+    summary = json.loads((tmp_path / "demo" / "balanced_train.summary.json").read_text())
+    assert summary["sampling_method"] == "rank_max"
+    assert summary["sampling_method_is_default"] is False
+    assert "weights: rank_max (power 1.0)" in result.output
+    # Six patches share the largest weight: the label counts them.
+    table = pd.read_csv(paths["table"])
+    weights = table.loc[~table["excluded"], "sampler_weight"]
+    tied = int((weights >= weights.max() * (1 - 1e-9)).sum())
+    assert tied == 6
+    assert summary["sampling"]["max_expected_repeats_patches"] == 6
+    assert "largest expected repeats/epoch   2.14 (6 patches tie)" in result.output

@@ -292,6 +292,38 @@ def test_the_starvation_warning_names_a_below_median_class_that_the_weights_lowe
     # Uniform: 80 / 1000 = 8.00 %; weighted share falls below 0.9 of that.
     assert warnings[0].startswith("composition_only lowers class 2 from 8.00% to ")
     assert figures.to_dict()["starved_classes"] == [2]
+    # It names the setting that raised the rare classes in the evidence.
+    assert warnings[0].endswith(
+        "; in our evidence (docs/benchmarks.md), class_target with target_share: sqrt and "
+        "class-centred windows (input.placement: class_centred) raised the rare classes)"
+    )
+    assert "in our evidence" not in figures.starvation_warnings("class_target")[0]
+
+
+def test_concentrated_weights_warn_with_the_ess_and_the_tied_largest_repeats(tmp_path):
+    from patchbalance.reporting.figures import figures_text, sampling_figures
+
+    counts = np.tile([50.0, 50.0], (100, 1))
+    weights = np.zeros(100)
+    weights[:3] = 1.0  # three patches share every draw: ESS 3 of 100
+    figures = sampling_figures(counts, weights, np.ones(100, bool), [0, 1])
+
+    assert figures.max_repeats_patches == 3
+    assert figures.concentration_warning() == (
+        "the weights are very concentrated: an effective sample size of 3.0 of 100 active "
+        "patches (3.00%), and 33.33 expected draws of each of 3 tied patches per epoch; a floor "
+        "on the effective sample size (weights.min_ess), a smaller weights.power, "
+        "weights.uniform_mix or weights.max_weight spreads them"
+    )
+    assert "largest expected repeats/epoch   33.33 (3 patches tie)" in figures_text(figures)
+    table = pd.DataFrame(counts, columns=["px_0", "px_1"]).assign(
+        sampler_weight=weights, excluded=False
+    )
+    write_html_report(table, figures_from_table(table), tmp_path / "r.html", title="t")
+    page = (tmp_path / "r.html").read_text()
+    assert "the weights are very concentrated" in page and "33.33 (3 patches tie)" in page
+    spread = sampling_figures(counts, np.ones(100), np.ones(100, bool), [0, 1])
+    assert spread.concentration_warning() is None
 
 
 def test_no_warning_when_no_class_is_starved():

@@ -123,6 +123,28 @@ def test_max_weight_caps_and_keeps_mean_one():
     np.testing.assert_allclose(weights[1:], (10 - 3) / 9)
 
 
+def test_max_weight_on_a_long_tail_is_exact_where_rounds_of_clamping_gave_up():
+    # A geometric tail: clamping and renormalising in turn needs many rounds; the cap is exact.
+    scores = 0.5 ** np.arange(60.0)
+    notes: dict = {}
+    weights = normalise_weights(scores, max_weight=1.5, notes=notes)
+    assert weights.max() == pytest.approx(1.5)
+    assert weights.mean() == pytest.approx(1.0, rel=1e-12)
+    assert notes == {}
+
+
+def test_a_cap_that_cannot_keep_the_mean_at_one_says_so():
+    # One patch of four has a weight above 0: capped at 2, the mean can only be 0.5.
+    notes: dict = {}
+    weights = normalise_weights(np.array([5.0, 0.0, 0.0, 0.0]), max_weight=2.0, notes=notes)
+    np.testing.assert_allclose(weights, [2.0, 0.0, 0.0, 0.0])
+    assert notes["max_weight"] == (
+        "max_weight 2 cannot hold with a mean weight of 1: only 1 of 4 active patches have a "
+        "weight above 0; they were capped at 2, so the mean weight is 0.5 (raise max_weight to "
+        "at least 4 for a mean of 1)"
+    )
+
+
 def test_all_zero_scores_are_an_error():
     with pytest.raises(InputError, match="score of 0"):
         normalise_weights(np.zeros(4))

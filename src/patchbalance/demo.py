@@ -122,7 +122,6 @@ def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
     config = {
         "balanced_dataset": {
             "mode": "masks_only",
-            "sampling_method": "rank_max",
             "input": {"records_path": "records.csv"},
             "clustering": {"k_min": 4, "k_max": 12, "k_selection": "elbow", "random_state": 42},
             "exclusion": {"exclude_border_nodata": True, "exclude_black_border": True},
@@ -178,6 +177,6 @@ def run_demo_command(out_dir: Path, progress: bool = True, scheduler: str | None
     lines += [
         "",
         "next: patchbalance report " + str(paths["table"]),
-        f"      patchbalance build-balanced-dataset {paths['config']} --set sampling_method=repeat_factor",
+        f"      patchbalance build-balanced-dataset {paths['config']} --set sampling_method=rank_max",
     ]
     return "\n".join(lines)

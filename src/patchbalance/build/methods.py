@@ -68,7 +68,7 @@ class Signals:
     @cached_property
     def uniform_share(self) -> np.ndarray:
         """Return (C,) the class pixel share per epoch under uniform draws."""
-        return class_share(np.asarray(self.counts, dtype=np.float64))
+        return class_share(np.asarray(self.counts))
 
     @cached_property
     def composition_rank(self) -> np.ndarray:
@@ -187,10 +187,15 @@ def _inverse_frequency(signals: Signals, settings: Any) -> MethodResult:
 @register_sampling_method("class_target")
 def _class_target(signals: Signals, settings: Any) -> MethodResult:
     values = list(signals.class_values)
+    if not signals.uniform_share.any():
+        note = "no active patch has pixels of the classes: the weights are equal"
+        log.warning("class_target: %s", note)
+        return np.ones(len(signals.counts)), {
+            "class_target": {"target_share": settings.target_share, "notes": [note]}
+        }
     target = parse_target_share(settings.target_share, signals.uniform_share, values)
-    result = class_target_weights(
-        np.asarray(signals.counts, dtype=np.float64), target, settings.min_ess
-    )
+    # class_target_weights makes the one float64 copy of the counts it needs.
+    result = class_target_weights(np.asarray(signals.counts), target, settings.min_ess)
     for note in result.notes:
         log.warning("class_target: %s", note)
     return result.probabilities, {

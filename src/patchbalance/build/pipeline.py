@@ -36,7 +36,7 @@ from patchbalance.build.outputs import (
 from patchbalance.build.raster_reading import RasterReading, read_rasters
 from patchbalance.build.result_table import ResultTable
 from patchbalance.build.stats import MaskStatistics, class_entropy, nodata_ratios
-from patchbalance.build.summary import StageResults, build_summary, summary_text
+from patchbalance.build.summary import StageResults, build_summary, build_warnings, summary_text
 from patchbalance.build.weights import normalise_weights, sampler_weights
 from patchbalance.compute import Compute, open_compute
 from patchbalance.config import (
@@ -270,7 +270,11 @@ def _weights_stage(
     if "reduced" in weight_notes:
         log.info("%s", weight_notes["reduced"])
     active_weights = normalise_weights(
-        scores, weights_config.power, weights_config.max_weight, weights_config.uniform_mix
+        scores,
+        weights_config.power,
+        weights_config.max_weight,
+        weights_config.uniform_mix,
+        notes=weight_notes,
     )
     return sampler_weights(active, active_weights), weight_notes
 
@@ -419,10 +423,7 @@ def _finish(
     class_values = [int(v) for v in reading.stats.class_values]
     figures = sampling_figures(reading.stats.counts, weights, active, class_values)
     summary = build_summary(config, stages, figures)
-    warnings = figures.starvation_warnings(config.sampling_method)
-    for line in warnings:
-        log.warning("%s", line)
-    summary["warnings"] = warnings
+    summary["warnings"] = build_warnings(config, stages, figures)
     if not write:
         summary["timings_s"] = clock.seconds
         summary["outputs"] = {}

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,8 @@ from patchbalance.build.raster_reading import RasterReading
 from patchbalance.config import BalancedDatasetConfig
 from patchbalance.reporting.figures import SamplingFigures, figures_text
 from patchbalance.table import class_proportions
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -77,6 +80,7 @@ def build_summary(
         "config": str(config.source_path) if config.source_path else None,
         "mode": config.mode,
         "sampling_method": config.sampling_method,
+        "sampling_method_is_default": config.sampling_method_is_default,
         "seed": config.seed,
         "n_patches": stages.n,
         "n_active": int(active.sum()),
@@ -114,13 +118,39 @@ def build_summary(
     return summary
 
 
+def build_warnings(
+    config: BalancedDatasetConfig, stages: StageResults, figures: SamplingFigures
+) -> list[str]:
+    """Return the build's warnings for the summary, logging those not logged yet.
+
+    The weights stage has logged its own (a moved class target, a dual solve that stopped
+    short, a failed solver, a max_weight that cannot hold); the starved classes (SPEC §5) and
+    very concentrated weights (SPEC §3.7) are logged here.
+    """
+    notes = stages.weight_notes
+    lines = [f"class_target: {note}" for note in notes.get("class_target", {}).get("notes", [])]
+    if "max_weight" in notes:
+        lines.append(str(notes["max_weight"]))
+    found = figures.starvation_warnings(config.sampling_method)
+    concentrated = figures.concentration_warning()
+    if concentrated:
+        found.append(concentrated)
+    for line in found:
+        log.warning("%s", line)
+    return lines + found
+
+
 def _weights_block(
     config: BalancedDatasetConfig,
     weight_notes: dict[str, Any],
     class_values: np.ndarray,
     figures: SamplingFigures,
 ) -> dict[str, Any]:
+    block: dict[str, Any] = {}
+    if config.sampling_method == "class_target":
+        block = {"min_ess": config.weights.min_ess}
     block = {
+        **block,
         "power": config.weights.power,
         "uniform_mix": config.weights.uniform_mix,
         "max_weight": config.weights.max_weight,
@@ -196,7 +226,10 @@ def summary_text(summary: dict[str, Any], figures: Any) -> str:
             line += ")"
         lines.append(line)
     weights = summary["weights"]
-    line = f"weights: {summary['sampling_method']} (power {weights['power']}"
+    default = ", the default" if summary.get("sampling_method_is_default") else ""
+    line = f"weights: {summary['sampling_method']}{default} (power {weights['power']}"
+    if "min_ess" in weights:
+        line += f", min_ess {weights['min_ess']:g}"
     if weights.get("uniform_mix"):
         line += f", uniform_mix {weights['uniform_mix']}"
     lines.append(line + ")")
@@ -213,7 +246,7 @@ def summary_text(summary: dict[str, Any], figures: Any) -> str:
             f"class targets ({target['target_share']}): "
             + ", ".join(
                 f"class {v} {share:.2%} (reached {target['share_reached'][v]:.2%})"
-                for v, share in target["target"].items()
+                for v, share in target.get("target", {}).items()
             )
         )
         lines += [f"  note: {note}" for note in target["notes"]]

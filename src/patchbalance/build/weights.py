@@ -93,12 +93,14 @@ def normalise_weights(
     power: float = 1.0,
     max_weight: float | None = None,
     uniform_mix: float = 0.0,
+    notes: dict[str, object] | None = None,
 ) -> np.ndarray:
     """Return scores ** power scaled to mean 1, mixed with uniform, then capped (SPEC §3.7).
 
     `uniform_mix` m keeps a share m of the draws uniform: w <- (1 - m) w + m, which keeps the
-    mean at 1. The cap at `max_weight` times the mean comes last; it is applied and the weights renormalised until no weight exceeds it, so the result
-    has mean 1 and max <= max_weight (when max_weight >= 1, which the configuration enforces).
+    mean at 1. The cap at `max_weight` times the mean comes last (`cap_weights`): the result
+    has mean 1 and max <= max_weight, unless too few patches have a weight above 0 for both to
+    hold; then the cap holds, and the note `max_weight` (in `notes`, and the log) says so.
     """
     scores = np.asarray(scores, dtype=np.float64)
     if scores.size == 0:
@@ -114,13 +116,45 @@ def normalise_weights(
     if uniform_mix:
         weights = (1.0 - uniform_mix) * weights + uniform_mix
     if max_weight is not None:
-        for _ in range(100):
-            if weights.max() <= max_weight * (1 + 1e-12):
-                break
-            np.minimum(weights, max_weight, out=weights)
-            weights *= weights.size / weights.sum()
-        np.minimum(weights, max_weight, out=weights)
+        weights, note = cap_weights(weights, max_weight)
+        if note:
+            log.warning("%s", note)
+            if notes is not None:
+                notes["max_weight"] = note
     return weights
+
+
+def cap_weights(weights: np.ndarray, max_weight: float) -> tuple[np.ndarray, str | None]:
+    """Return weights of mean 1 capped at `max_weight`, and a note when both cannot hold.
+
+    The capped weights are min(f w, max_weight) with the one factor f that keeps the mean at 1
+    (found exactly over the weights sorted from the largest). When fewer than N / max_weight
+    patches have a weight above 0, no factor does: those patches get max_weight, the mean
+    falls below 1, and the note says so.
+    """
+    n = weights.size
+    if weights.max() <= max_weight:
+        return weights, None
+    ordered = np.sort(weights)[::-1]
+    capped = np.arange(1, n + 1)  # j: how many of the largest weights are capped
+    # The sum of the weights below the j capped, summed from the smallest (exactly 0 over zeros).
+    rest = np.append(np.cumsum(ordered[::-1])[::-1][1:], 0.0)
+    room = n - capped * max_weight  # what the uncapped weights must add up to
+    below = np.append(ordered[1:], 0.0)  # the largest uncapped weight
+    with np.errstate(divide="ignore", invalid="ignore"):
+        factor = np.where(rest > 0, room / rest, np.inf)
+        fits = (room >= 0) & (rest > 0) & (factor * below <= max_weight * (1 + 1e-12))
+    if fits.any():
+        j = int(np.argmax(fits))
+        return np.minimum(weights * factor[j], max_weight), None
+    positive = int(np.count_nonzero(weights > 0))
+    weights = np.where(weights > 0, max_weight, 0.0)
+    return weights, (
+        f"max_weight {max_weight:g} cannot hold with a mean weight of 1: only {positive:,} of "
+        f"{n:,} active patches have a weight above 0; they were capped at {max_weight:g}, so "
+        f"the mean weight is {weights.mean():.4g} (raise max_weight to at least "
+        f"{n / positive:.4g} for a mean of 1)"
+    )
 
 
 def sampler_weights(active: np.ndarray, active_weights: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from patchbalance.config_loading import StrictModel, load_model_file, model_from_mapping
+from patchbalance.config.loading import StrictModel, load_model_file, model_from_mapping
 from patchbalance.errors import ConfigError
 from patchbalance.paths import check_distinct_files, default_summary_path, resolve_path
 from patchbalance.table import table_suffix

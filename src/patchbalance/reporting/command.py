@@ -16,8 +16,10 @@ def run_report_command(table_path: Path, out: Path | None = None) -> str:
     table = read_report_table(table_path)
     figures = figures_from_table(table, where=str(table_path))
     text = figures_text(figures)
-    for line in figures.starvation_warnings(Path(table_path).name):
-        text += f"\nwarning: {line}"
+    concentrated = figures.concentration_warning()
+    for line in [*figures.starvation_warnings(Path(table_path).name), concentrated]:
+        if line:
+            text += f"\nwarning: {line}"
     disagreement = summary_disagreement(table_path)
     if disagreement:
         text += f"\nwarning: {disagreement}"

@@ -25,6 +25,17 @@ from patchbalance.table import (
 # A below-median class whose weighted share falls under this fraction of its uniform share is
 # starved (SPEC §5).
 STARVATION_RATIO = 0.9
+# What the starvation warning of any other weighting points to: the setting that raised the rare
+# classes in the evidence of SPEC §11 (docs/benchmarks.md).
+EVIDENCE_HINT = (
+    "in our evidence (docs/benchmarks.md), class_target with target_share: sqrt and "
+    "class-centred windows (input.placement: class_centred) raised the rare classes"
+)
+# Weights whose effective sample size is below this share of the active patches are very
+# concentrated: the build and the report warn (SPEC §3.7).
+CONCENTRATED_ESS_SHARE = 0.05
+# Patches whose expected repeats are within this relative tolerance of the largest tie with it.
+REPEATS_TIE_TOLERANCE = 1e-9
 
 
 @dataclass
@@ -41,6 +52,7 @@ class SamplingFigures:
     expected_distinct: float
     expected_distinct_uniform: float
     max_expected_repeats: float
+    max_repeats_patches: int = 1  # how many patches tie at the largest expected repeats
 
     @property
     def log_prior_ratio(self) -> np.ndarray:
@@ -79,14 +91,35 @@ class SamplingFigures:
 
         Returns:
             Lines such as "rank_max lowers class 3 from 9.6 % to 7.7 % of the pixels seen per
-            epoch"; empty when no class is starved.
+            epoch"; empty when no class is starved. Unless the method is `class_target`, each
+            line ends with the setting that raised the rare classes in our evidence.
         """
+        hint = "" if method == "class_target" else f"; {EVIDENCE_HINT}"
         return [
             f"{method} lowers class {self.class_values[j]} from {self.uniform_share[j]:.2%} to "
             f"{self.weighted_share[j]:.2%} of the pixels seen per epoch (a below-median class; "
-            "a weighting meant to help rare classes should not starve one)"
+            f"a weighting meant to help rare classes should not starve one{hint})"
             for j in self.starved_classes()
         ]
+
+    def concentration_warning(self) -> str | None:
+        """Return a warning when the weights are very concentrated (ESS under 5 % of the
+        active patches), naming the ESS and the largest expected repeats; else None."""
+        share = self.ess / max(self.n_active, 1)
+        if share >= CONCENTRATED_ESS_SHARE:
+            return None
+        return (
+            f"the weights are very concentrated: an effective sample size of {self.ess:,.1f} of "
+            f"{self.n_active:,} active patches ({share:.2%}), and {self.repeats_text()} per "
+            "epoch; a floor on the effective sample size (weights.min_ess), a smaller "
+            "weights.power, weights.uniform_mix or weights.max_weight spreads them"
+        )
+
+    def repeats_text(self) -> str:
+        """Return the largest expected repeats and how many patches tie at it, as words."""
+        count = self.max_repeats_patches
+        who = "one patch" if count == 1 else f"each of {count:,} tied patches"
+        return f"{self.max_expected_repeats:,.2f} expected draws of {who}"
 
     def to_dict(self) -> dict[str, object]:
         """Return the figures as plain JSON-ready values."""
@@ -107,6 +140,7 @@ class SamplingFigures:
             "expected_distinct_per_epoch": round(self.expected_distinct, 3),
             "expected_distinct_per_epoch_uniform": round(self.expected_distinct_uniform, 3),
             "max_expected_repeats_per_epoch": round(self.max_expected_repeats, 4),
+            "max_expected_repeats_patches": self.max_repeats_patches,
             "log_prior_ratio": {
                 str(value): round(float(ratio[j]), 6) for j, value in enumerate(self.class_values)
             },
@@ -155,6 +189,9 @@ def sampling_figures(
         expected_distinct=expected_distinct(probabilities, draws),
         expected_distinct_uniform=expected_distinct(np.full(n_active, 1.0 / n_active), draws),
         max_expected_repeats=float(draws * probabilities.max()),
+        max_repeats_patches=int(
+            np.count_nonzero(probabilities >= probabilities.max() * (1 - REPEATS_TIE_TOLERANCE))
+        ),
     )
 
 
@@ -218,7 +255,12 @@ def figures_text(figures: SamplingFigures, class_names: dict[int, str] | None = 
         f"({share:.1%})",
         f"expected distinct patches/epoch  {figures.expected_distinct:,.1f} of {figures.draws:,} "
         f"draws (uniform: {figures.expected_distinct_uniform:,.1f})",
-        f"largest expected repeats/epoch   {figures.max_expected_repeats:.2f} (one patch)",
+        f"largest expected repeats/epoch   {figures.max_expected_repeats:.2f} "
+        + (
+            "(one patch)"
+            if figures.max_repeats_patches == 1
+            else f"({figures.max_repeats_patches:,} patches tie)"
+        ),
     ]
     return "\n".join(lines)
 

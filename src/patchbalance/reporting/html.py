@@ -119,7 +119,12 @@ def _summary_section(figures: SamplingFigures) -> str:
         ],
         [
             "largest expected repeats of one patch per epoch",
-            f"{figures.max_expected_repeats:.2f}",
+            f"{figures.max_expected_repeats:.2f}"
+            + (
+                f" ({figures.max_repeats_patches:,} patches tie)"
+                if figures.max_repeats_patches > 1
+                else ""
+            ),
             f"{uniform_repeats:.2f}",
         ],
     ]
@@ -152,9 +157,11 @@ def _class_share_section(figures: SamplingFigures, labels: list[str]) -> str:
                 f"{prior[j]:+.3f}",
             ]
         )
+    concentrated = figures.concentration_warning()
     warnings = "".join(
         f'<p class="warning">{html.escape(line)}</p>'
-        for line in figures.starvation_warnings("This weighting")
+        for line in [*figures.starvation_warnings("This weighting"), concentrated]
+        if line
     )
     n_classes = len(labels)
     figure = Figure(figsize=(max(6.0, 0.9 * n_classes + 2.5), 3.8))

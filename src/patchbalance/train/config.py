@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import Field, ValidationError
 
-from patchbalance.config_loading import StrictModel, describe_validation_error
+from patchbalance.config.loading import StrictModel, describe_validation_error
 from patchbalance.errors import ConfigError
 from patchbalance.paths import resolve_path
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.atomic import atomic_copy, atomic_write_with
-from patchbalance.config_loading import read_yaml_mapping
+from patchbalance.config.loading import read_yaml_mapping
 from patchbalance.errors import ConfigError, OutputError
 from patchbalance.train.components import (  # noqa: F401 - build_loss, build_optimizer, build_schedulers are part of the train API
     DEFAULT_MODEL,
