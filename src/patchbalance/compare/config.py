@@ -20,7 +20,7 @@ from typing import Any
 from pydantic import Field, ValidationError, model_validator
 
 from patchbalance.config import BalancedDatasetConfig
-from patchbalance.config_loading import (
+from patchbalance.config.loading import (
     StrictModel,
     describe_validation_error,
     load_model_file,

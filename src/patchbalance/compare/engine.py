@@ -104,7 +104,7 @@ def train_run(job: RunJob) -> float:
     """Train one run from scratch (clearing what an interrupted try left); return its seconds."""
     import torch
 
-    from patchbalance.train import train_from_config
+    from patchbalance.train.run import train_from_config
 
     if job.run_dir.exists():
         shutil.rmtree(job.run_dir)

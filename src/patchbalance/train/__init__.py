@@ -15,7 +15,7 @@ __all__ = ["run_train_command", "train_from_config"]
 def __getattr__(name: str) -> Any:
     # Imported on first use: the package's submodules import torch.
     if name in __all__:
-        from patchbalance.train.run import run
+        from patchbalance.train import run
 
         return getattr(run, name)
     raise AttributeError(f"module 'patchbalance.train' has no attribute {name!r}")
