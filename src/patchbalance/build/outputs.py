@@ -16,6 +16,7 @@ from rasterio.errors import CRSError
 from rasterio.warp import transform as transform_coordinates
 
 from patchbalance.atomic import atomic_write_with, atomic_writer
+from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.errors import ConfigError, MissingDependencyError, OutputError
 from patchbalance.paths import check_distinct_files, default_summary_path, same_file
 from patchbalance.windows import RasterInfo, window_corners
@@ -99,7 +100,7 @@ def _json_default(value: Any) -> Any:
 
 
 FOOTPRINT_PROPERTIES = (
-    "sampler_weight",
+    SAMPLER_WEIGHT,
     "freq_cluster_id",
     "uniqueness_score",
     "excluded",

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.build.exclusion import ExclusionFlags
 from patchbalance.build.stats import MaskStatistics, statistics_columns
 from patchbalance.windows import RasterInfo, tile_bound_columns
@@ -116,7 +117,7 @@ class ResultTable:
         )
         if self._uniqueness is not None:
             generated["uniqueness_score"] = self._uniqueness[rows]
-        generated["sampler_weight"] = self.weights[rows]
+        generated[SAMPLER_WEIGHT] = self.weights[rows]
         return generated
 
     def chunks(self, rows_per_chunk: int = ROWS_PER_CHUNK) -> Iterator[pd.DataFrame]:

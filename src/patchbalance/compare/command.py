@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.compare.config import (
     UNIFORM,
     UNIFORM_BUILD,
@@ -36,7 +37,7 @@ def _drawable(table: Any) -> int:
     from patchbalance.table import read_table
 
     frame = read_table(table.path)
-    weights = frame["sampler_weight"].to_numpy(dtype=float)
+    weights = frame[SAMPLER_WEIGHT].to_numpy(dtype=float)
     if "excluded" in frame:
         weights = weights * ~frame["excluded"].astype(bool).to_numpy()
     return int((weights > 0).sum())

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.atomic import atomic_writer
+from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.compare.config import (
     CORESET_DEFAULTS,
     RANDOM_SUBSET,
@@ -105,7 +106,7 @@ def random_subset(table: pd.DataFrame, block: dict[str, Any], seed: int) -> pd.D
     selected[chosen] = True
     out = table.copy()
     out["coreset_selected"] = selected
-    out["sampler_weight"] = selected.astype(np.float64)
+    out[SAMPLER_WEIGHT] = selected.astype(np.float64)
     return out
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.build.stats import class_entropy
 from patchbalance.build.weights import sampler_weights
 from patchbalance.coreset import scorers
@@ -322,8 +323,8 @@ def _weighted_table(pool: Pool, scores: np.ndarray, chosen: np.ndarray) -> pd.Da
     selected[pool.rows[selected_pool]] = True
     window_pixels = df["patch_size"].to_numpy(dtype=np.float64) ** 2
     input_weights = (
-        pd.to_numeric(df["sampler_weight"], errors="coerce").to_numpy(np.float64)
-        if "sampler_weight" in df.columns
+        pd.to_numeric(df[SAMPLER_WEIGHT], errors="coerce").to_numpy(np.float64)
+        if SAMPLER_WEIGHT in df.columns
         else None
     )
     weights = coreset_weights(
@@ -339,7 +340,7 @@ def _weighted_table(pool: Pool, scores: np.ndarray, chosen: np.ndarray) -> pd.Da
     score_column[pool.rows] = scores
     table[config.score_column] = score_column
     table[SELECTED_COLUMN] = selected
-    table["sampler_weight"] = sampler_weights(selected, weights)
+    table[SAMPLER_WEIGHT] = sampler_weights(selected, weights)
     return table
 
 
@@ -376,7 +377,7 @@ def _summary(pool: Pool, table: pd.DataFrame) -> dict[str, Any]:
     df, config, count = pool.table, pool.config, pool.count
     selected = table[SELECTED_COLUMN].to_numpy(dtype=bool)
     amounts = pool.amounts
-    weights = table["sampler_weight"].to_numpy(np.float64)
+    weights = table[SAMPLER_WEIGHT].to_numpy(np.float64)
     pool_share = class_share(amounts[pool.mask])
     coreset_share = class_share(amounts[selected])
     weighted_share = class_share(amounts[selected], weights[selected])

@@ -35,6 +35,7 @@ import torch
 from rasterio.errors import RasterioError
 from torch.utils.data import Dataset
 
+from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.paths import resolve_path
 from patchbalance.table import (
@@ -240,7 +241,7 @@ class CSVWindowedSegmentationDataset(Dataset):
         row_off_key: str = "row_off",
         col_off_key: str = "col_off",
         patch_size_key: str = "patch_size",
-        weight_key: str = "sampler_weight",
+        weight_key: str = SAMPLER_WEIGHT,
         root_dir: str | os.PathLike[str] | None = None,
         drop_excluded: bool = False,
         n_first_rows_to_read: int | None = None,
