@@ -151,6 +151,24 @@ def test_max_nodata_ratio_and_min_entropy_flags(scene):
     assert homogeneous["exclusion_reason"].str.contains("low_entropy").all()
 
 
+def test_entropy_is_computed_once_for_exclusion_and_the_table(scene, monkeypatch):
+    import patchbalance.build.stats as stats
+
+    calls = []
+    real = stats.class_entropy
+
+    def counting(counts):
+        calls.append(len(counts))
+        return real(counts)
+
+    monkeypatch.setattr(stats, "class_entropy", counting)
+    folder, records = scene
+    table = run_build(_config(folder, records, exclusion__min_entropy=0.001)).table
+    assert table["has_low_entropy"].any()  # exclusion read the entropy ...
+    assert table["class_entropy"].notna().any()  # ... and so did the table
+    assert calls == [len(records)]
+
+
 def test_two_runs_with_the_same_seed_give_identical_tables(scene):
     folder, records = scene
     first = run_build(_config(folder, records), write=False).table

@@ -35,7 +35,7 @@ from patchbalance.build.outputs import (
 )
 from patchbalance.build.raster_reading import RasterReading, read_rasters
 from patchbalance.build.result_table import ResultTable
-from patchbalance.build.stats import MaskStatistics, class_entropy, nodata_ratios
+from patchbalance.build.stats import MaskStatistics, nodata_ratios
 from patchbalance.build.summary import StageResults, build_summary, build_warnings, summary_text
 from patchbalance.build.weights import normalise_weights, sampler_weights
 from patchbalance.compute import Compute, open_compute
@@ -227,7 +227,7 @@ def _exclusion_stage(
         border_nodata=stats.border_nodata,
         black_border=stats.black_border,
         nodata_ratio=nodata_ratios(stats, computed),
-        entropy=np.where(computed, class_entropy(stats.counts), np.nan),
+        entropy=np.where(computed, stats.entropy, np.nan),
         valid_pixels=stats.valid_pixels,
         out_of_bounds=reading.out_of_bounds,
         read_error=reading.read_error,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -56,6 +57,19 @@ class MaskStatistics:
     def valid_pixels(self) -> np.ndarray:
         """Return the number of valid (labelled, in-class) pixels per patch."""
         return self.counts.sum(axis=1)
+
+    @cached_property
+    def entropy(self) -> np.ndarray:
+        """Return each patch's class entropy in nats (NaN without valid pixels), computed once.
+
+        Exclusion (`min_entropy`) and the table's `class_entropy` column read the same array.
+        """
+        return class_entropy(self.counts)
+
+    @cached_property
+    def nodata_ratio(self) -> np.ndarray:
+        """Return each patch's nodata share of its window, computed once."""
+        return self.nodata_pixels / np.maximum(self.window_pixels, 1)
 
 
 class CountMerge:
@@ -269,8 +283,7 @@ def class_dist_json(class_values: np.ndarray, counts: np.ndarray) -> np.ndarray:
 
 def nodata_ratios(stats: MaskStatistics, computed: np.ndarray) -> np.ndarray:
     """Return the nodata share of each patch's window; NaN where `computed` is False."""
-    ratio = stats.nodata_pixels / np.maximum(stats.window_pixels, 1)
-    return np.where(computed, ratio, np.nan)
+    return np.where(computed, stats.nodata_ratio, np.nan)
 
 
 def statistics_columns(
@@ -290,12 +303,11 @@ def statistics_columns(
         column = pd.array(counts[:, c], dtype="Int64")
         column[~computed] = pd.NA
         columns[f"px_{int(value)}"] = column
-    nodata_ratio = stats.nodata_pixels[rows] / np.maximum(stats.window_pixels[rows], 1)
-    columns["nodata_ratio"] = np.where(computed, nodata_ratio, np.nan)
+    columns["nodata_ratio"] = np.where(computed, stats.nodata_ratio[rows], np.nan)
     dist = class_dist_json(stats.class_values, counts)
     dist[~computed] = ""
     columns["class_dist_json"] = dist
-    columns["class_entropy"] = np.where(computed, class_entropy(counts), np.nan)
+    columns["class_entropy"] = np.where(computed, stats.entropy[rows], np.nan)
     dominant = pd.array(np.zeros(n, dtype=np.int64), dtype="Int64")
     has_pixels = computed & (counts.sum(axis=1) > 0)
     if len(stats.class_values):
