@@ -15,22 +15,13 @@ from typer.testing import CliRunner
 from patchbalance.cli import app
 from patchbalance.reporting.figures import figures_from_table
 from rasters import record, write_geotiff, write_pair
+from test_cli import _one_line_error
 
 runner = CliRunner()
 
 
 def _run(*args: object):
     return runner.invoke(app, [str(a) for a in args])
-
-
-def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _write_config(folder: Path, block: dict) -> Path:

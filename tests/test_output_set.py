@@ -26,6 +26,7 @@ from patchbalance.cli import app
 from patchbalance.config import load_config
 from patchbalance.errors import ConfigError
 from rasters import record, write_pair
+from test_cli import _one_line_error
 
 TEMPORARY = re.compile(r"^\..+\.(?:(\d+)-)?[a-z0-9_]{8}\.tmp$")
 
@@ -59,16 +60,6 @@ def _edit(path: Path, **output) -> Path:
     data["balanced_dataset"]["output"].update(output)
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _files(folder: Path) -> dict[str, bytes]:
