@@ -95,6 +95,9 @@ METHODS: dict[str, dict[str, Any]] = {
         "weights": {"target_share": "sqrt"},
         "placement": "class_centred",
     },
+    # The product's default: a build that names neither `sampling_method` nor `placement`
+    # (class_target sqrt, min_ess 0.1, class-centred windows on the classes under `rare_below`).
+    "default": {},
     # Stronger targets held by a floor on the effective sample size (round three).
     "class_target_p0.25_ess0.1": {
         "sampling_method": "class_target",
@@ -391,7 +394,7 @@ def build_config(
     """Return the balanced-dataset configuration every arm starts from (grid windows)."""
     return {
         "mode": "masks_only",
-        "sampling_method": "composition_only",
+        # No sampling_method: every method names its own, and `default` none.
         "seed": args.seed,
         "num_workers": 1,
         # In this process, as the published runs were built: the trainings own the cores.
@@ -411,10 +414,9 @@ def build_config(
 def method_arm(method: dict[str, Any], rare: list[int], args: argparse.Namespace) -> dict:
     """Return the compare arm of one method: its build settings (class-centred windows and
     embeddings if it uses them), the train keys it replaces, and its CoreSet."""
-    build: dict[str, Any] = {
-        "sampling_method": method["sampling_method"],
-        "weights": dict(method.get("weights", {})),
-    }
+    build: dict[str, Any] = {"weights": dict(method.get("weights", {}))}
+    if "sampling_method" in method:
+        build["sampling_method"] = method["sampling_method"]
     if method.get("placement") == "class_centred":
         build["input"] = {
             "placement": "class_centred",

@@ -155,3 +155,21 @@ def test_loss_arms_train_with_class_weights_and_with_cross_entropy_plus_dice(tmp
     for arm in ("median_frequency", "ce_dice"):
         other = pd.read_csv(runs / arm / "seed42" / "metrics.csv")
         assert not np.allclose(other["train_loss"], base["train_loss"])
+
+
+def test_an_arm_that_names_no_method_keeps_the_default_and_its_build_says_so(tmp_path, demo):
+    # The demo's build config names no sampling_method; the arm changes only the seed.
+    arms = {
+        "default": {"build": {"seed": 7}},
+        "rank_max": {"build": {"sampling_method": "rank_max"}},
+    }
+    plan = load_compare_config(tiny_configs(tmp_path, demo, arms=arms))
+
+    assert "sampling_method" not in plan.arms["default"].build
+    assert plan.arms["rank_max"].build["sampling_method"] == "rank_max"
+    tables, _ = build_all(plan)
+    summary = json.loads((tables["default"].path.parent / "table.summary.json").read_text())
+    assert (summary["sampling_method"], summary["sampling_method_is_default"]) == (
+        "class_target",
+        True,
+    )

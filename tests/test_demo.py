@@ -133,6 +133,8 @@ def test_the_demo_runs_the_default_and_its_summary_says_so(tmp_path):
 
     assert summary["sampling_method"] == "class_target"
     assert summary["sampling_method_is_default"] is True
+    # A records table gives its windows itself: the default's class-centred windows need rasters.
+    assert summary["placement_is_default"] is False
     assert summary["weights"]["min_ess"] == 0.1
     assert summary["weights"]["class_target"]["target_share"] == "sqrt"
     # The default meets the sqrt target here, and its floor does not bind.

@@ -169,6 +169,10 @@ def test_quick_path_runs_end_to_end_on_grey_png_masks(tmp_path, capsys):
     assert by_method["class_target_sqrt"]["share_3"] > by_method["uniform"]["share_3"]
     # class_centred adds windows beside the grid.
     assert by_method["class_target_sqrt_centred"]["n_rows"] > by_method["uniform"]["n_rows"]
+    # `default` names no method and no placement: the product's default, class-centred windows
+    # on the classes under rare_below included.
+    assert by_method["default"]["n_rows"] > by_method["uniform"]["n_rows"]
+    assert by_method["default"]["share_3"] > by_method["uniform"]["share_3"]
     long = results["summary"]["long_tau0"]
     assert long["step"] == 2 and results["summary"]["short_tau0"]["step"] == 1
     assert long["arms"]["rank_max"]["3"]["gain_iou"]["n"] == 2

@@ -339,7 +339,12 @@ def test_glob_source_pairs_images_and_masks_by_stem(tmp_path):
         write_pair(tmp_path, name, _mixed_mask(rng, 64))
     config = config_from_mapping(
         {
-            "input": {"image_glob": "images/*.tif", "mask_glob": "masks/*.tif", "patch_size": 32},
+            "input": {
+                "image_glob": "images/*.tif",
+                "mask_glob": "masks/*.tif",
+                "patch_size": 32,
+                "placement": "grid",  # the grid alone (the default adds class-centred windows)
+            },
             "clustering": {"k_min": 2, "k_max": 3},
             "output": {"csv_path": "g.csv"},
         },

@@ -33,8 +33,10 @@ def scene(tmp_path, seed: int = 0, size: int = 256):
     return mask
 
 
-def config_for(tmp_path, **placement):
+def config_for(tmp_path, method: str | None = None, **placement):
+    """Load a config over the two scenes; `method` is written as `sampling_method` when given."""
     config = {
+        **({"sampling_method": method} if method else {}),
         "input": {
             "rasters": [
                 {"image_path": f"img{i}.tif", "mask_path": f"mask{i}.tif"} for i in range(2)
@@ -90,7 +92,7 @@ def test_no_two_class_windows_overlap_more_than_max_overlap(tmp_path, masks, max
 
 
 def test_grid_windows_are_those_of_placement_grid_and_a_rerun_is_identical(tmp_path, masks):
-    grid = records_from_rasters(config_for(tmp_path))
+    grid = records_from_rasters(config_for(tmp_path, placement="grid"))
     centred = records_from_rasters(config_for(tmp_path, placement="class_centred"))
     again = records_from_rasters(config_for(tmp_path, placement="class_centred"))
 
@@ -101,6 +103,47 @@ def test_grid_windows_are_those_of_placement_grid_and_a_rerun_is_identical(tmp_p
     pd.testing.assert_frame_equal(centred, again)
     # No class window repeats a grid window (keys stay unique).
     assert not centred.duplicated(["image_path", "row_off", "col_off", "patch_size"]).any()
+
+
+def test_the_default_method_comes_with_class_centred_windows_and_naming_either_keeps_the_grid(
+    tmp_path, masks
+):
+    default = config_for(tmp_path)
+    named_method = config_for(tmp_path, method="class_target")
+    named_grid = config_for(tmp_path, placement="grid")
+    written = config_for(tmp_path, method="rank_max", placement="class_centred")
+
+    assert (default.placement, default.placement_is_default) == ("class_centred", True)
+    assert (named_method.placement, named_method.placement_is_default) == ("grid", False)
+    assert (named_grid.placement, named_grid.placement_is_default) == ("grid", False)
+    assert (written.placement, written.placement_is_default) == ("class_centred", False)
+    records = records_from_rasters(default)
+    pd.testing.assert_frame_equal(records, records_from_rasters(written))
+    # Class 7 (under rare_below's 5 % of the grid's pixels) gets windows; 1 and 2 do not.
+    assert set(records["placement"]) == {"grid", "class:7"}
+    assert "placement" not in records_from_rasters(named_method).columns
+
+
+def test_a_default_build_says_its_class_windows_are_the_default(tmp_path, masks):
+    from patchbalance.build.pipeline import run_build
+
+    result = run_build(config_for(tmp_path), progress=False)
+
+    assert result.summary["placement_is_default"] is True
+    assert result.summary["sampling_method_is_default"] is True
+    assert (result.table["placement"] == "class:7").sum() > 0
+    line = next(x for x in result.summary_text.splitlines() if x.startswith("class-centred"))
+    assert line.endswith("(input.placement: grid leaves them out)")
+    from patchbalance.build.plan import plan_text
+
+    plan = plan_text(config_for(tmp_path))
+    assert "sampling_method: class_target (the default)" in plan
+    assert "placement: class_centred (the default over rasters" in plan
+    assert "placement:" not in plan_text(config_for(tmp_path, method="class_target"))
+    named = run_build(config_for(tmp_path, method="class_target"), progress=False)
+    assert named.summary["placement_is_default"] is False
+    assert "placement" not in named.table.columns
+    assert len(named.table) == (result.table["placement"] == "grid").sum()
 
 
 def test_class_windows_per_raster_caps_the_windows_of_each_class(tmp_path, masks):

@@ -418,3 +418,23 @@ def test_a_class_the_table_counts_beyond_n_classes_is_an_error_before_training(t
     )
     result = runner.invoke(app, ["train", str(mapped), "--dry-run"])
     assert result.exit_code == 0, result.output
+
+
+def test_a_validation_table_with_class_centred_windows_warns_with_their_count(
+    tables, tmp_path, caplog
+):
+    train_table, val_table = tables
+    frame = pd.read_csv(val_table)
+    frame["placement"] = ["class:3" if i < 2 else "grid" for i in range(len(frame))]
+    centred_val = tmp_path / "val_centred.csv"
+    frame.to_csv(centred_val, index=False)
+
+    with caplog.at_level("WARNING", logger="patchbalance.train.plan"):
+        plan_training(small_config(train_table, val_table, tmp_path / "a"))
+    assert not [r for r in caplog.records if "class-centred" in r.getMessage()]
+    with caplog.at_level("WARNING", logger="patchbalance.train.plan"):
+        plan_training(small_config(train_table, centred_val, tmp_path / "b"))
+    warned = [r.getMessage() for r in caplog.records if "class-centred" in r.getMessage()]
+    assert len(warned) == 1
+    assert f"{centred_val} holds 2 class-centred window(s)" in warned[0]
+    assert "input.placement: grid" in warned[0]

@@ -381,7 +381,7 @@ def _records_and_compute(
     """Return the records and the run's `Compute`, started on `stack` (its cluster stops with it)."""
     compute = None
     infos: dict[str, RasterInfo] = {}  # raster headers, each read once in the build
-    if config.input.placement == "class_centred":
+    if config.placement == "class_centred":
         # The class-centred window search runs on the workers too: start them first.
         compute = _start_compute(stack, clock, config, grid_window_count(config, infos))
     with clock.stage("records"):

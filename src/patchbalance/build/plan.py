@@ -85,7 +85,13 @@ def plan_text(config: BalancedDatasetConfig) -> str:
         f"plan for {config.source_path or 'the configuration'}:",
         f"  patches: {len(records):,} from {len(paths):,} raster files"
         + (f" ({len(missing)} missing, e.g. {missing[0]})" if missing else ""),
-        f"  mode: {config.mode}; sampling_method: {config.sampling_method}",
+        f"  mode: {config.mode}; sampling_method: {config.sampling_method}"
+        + (" (the default)" if config.sampling_method_is_default else ""),
+        *(
+            ["  placement: class_centred (the default over rasters; placement: grid leaves it out)"]
+            if config.placement_is_default
+            else []
+        ),
         f"  stages: {' -> '.join(stages)}",
     ]
     if config.mode == "embeddings" and config.embeddings.parquet_path:

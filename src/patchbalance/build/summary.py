@@ -81,6 +81,7 @@ def build_summary(
         "mode": config.mode,
         "sampling_method": config.sampling_method,
         "sampling_method_is_default": config.sampling_method_is_default,
+        "placement_is_default": config.placement_is_default,
         "seed": config.seed,
         "n_patches": stages.n,
         "n_active": int(active.sum()),
@@ -236,10 +237,14 @@ def summary_text(summary: dict[str, Any], figures: Any) -> str:
     placement = summary.get("source", {}).get("placement")
     if placement:
         added = ", ".join(f"class {v} {n}" for v, n in placement["class_windows"].items())
-        lines.append(
+        line = (
             f"class-centred windows: {added or 'none'} beside {placement['grid_windows']:,} "
             f"grid windows (rare classes {placement['rare_classes']})"
         )
+        if summary.get("placement_is_default"):
+            # A validation set cut with the default would hold them too: say how to leave them out.
+            line += "; the default with the default method (input.placement: grid leaves them out)"
+        lines.append(line)
     target = weights.get("class_target")
     if target:
         lines.append(

@@ -175,7 +175,9 @@ def _arm_build(
         message = describe_validation_error(exc, BalancedDatasetConfig, f"arms.{name}.build")
         raise ConfigError(f"{where}: arm '{name}': {message}") from exc
     config._base_dir = folder
-    return config.with_resolved_paths().model_dump(mode="json", by_alias=True)
+    # Only the keys the configs wrote (and the resolved paths): a key left out keeps meaning
+    # "the default" when the arm is built, as `sampling_method` does (SPEC §3.7).
+    return config.with_resolved_paths().model_dump(mode="json", by_alias=True, exclude_unset=True)
 
 
 def _arm_train(

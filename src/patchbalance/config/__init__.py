@@ -309,6 +309,26 @@ class BalancedDatasetConfig(StrictModel):
         return "sampling_method" not in self.model_fields_set
 
     @property
+    def placement_is_default(self) -> bool:
+        """Return True when the default's class-centred windows apply (docs/benchmarks.md).
+
+        That is a rasters source whose configuration names neither `sampling_method` nor
+        `input.placement`: the default method then comes with class-centred windows, the
+        settings that the round-three evidence supports. Naming either keeps the grid default.
+        """
+        source = self.input
+        return (
+            self.sampling_method_is_default
+            and source.source_kind == "rasters"
+            and "placement" not in source.model_fields_set
+        )
+
+    @property
+    def placement(self) -> str:
+        """Return the window placement over rasters: `class_centred` by default, else as written."""
+        return "class_centred" if self.placement_is_default else self.input.placement
+
+    @property
     def base_dir(self) -> Path:
         """Return the folder that relative paths in this configuration are resolved against."""
         return self._base_dir

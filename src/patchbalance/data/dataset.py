@@ -298,6 +298,12 @@ class CSVWindowedSegmentationDataset(Dataset):
             )
         self.weight_key = weight_key
         self.excluded: np.ndarray | None = excluded_column(table, str(self.input_csv_path))
+        # Rows that a build's class-centred placement added (SPEC §2.1 `placement` column).
+        self.class_centred_rows = (
+            int((table["placement"].astype(str) != "grid").sum())
+            if "placement" in table.columns
+            else 0
+        )
         self._handles = RasterHandleCache()
 
     def _read_rows(
@@ -308,7 +314,9 @@ class CSVWindowedSegmentationDataset(Dataset):
         n_first_rows_to_read: int | None,
     ) -> tuple[pd.DataFrame, np.ndarray]:
         """Return the table's rows to train on and their 1-based row numbers in the file."""
-        table = read_patch_table(self.input_csv_path, keys, optional=(weight_key, "excluded"))
+        table = read_patch_table(
+            self.input_csv_path, keys, optional=(weight_key, "excluded", "placement")
+        )
         if n_first_rows_to_read is not None:
             table = table.iloc[: int(n_first_rows_to_read)]
         numbers = row_numbers(np.arange(len(table)))

@@ -277,7 +277,7 @@ def records_from_rasters(
             "use a smaller patch_size"
         )
     check_mask_band(mask_infos, config.exclusion.mask_band)
-    if source.placement == "class_centred":
+    if config.placement == "class_centred":
         records, figures = _with_class_windows(config, records, pairs, mask_infos, compute)
         if notes is not None:
             notes["placement"] = figures

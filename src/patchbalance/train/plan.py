@@ -163,6 +163,15 @@ def plan_training(
     }
     val_dataset, val_loader_block = build_dataset(cfg.val_dataset, "val_dataset", inherited)
     n_classes = _check_datasets(train_dataset, val_dataset)
+    centred = int(getattr(val_dataset, "class_centred_rows", 0))
+    if centred:
+        # Windows centred on rare classes over-weight them in every validation figure.
+        log.warning(
+            "val_dataset %s holds %d class-centred window(s) (its placement column); validation "
+            "figures over-weight the rare classes: cut validation tables with input.placement: grid",
+            val_dataset.input_csv_path,
+            centred,
+        )
     ignore_index = int(getattr(train_dataset, "ignore_index", 255))
 
     hyper = cfg.hyperparameters
