@@ -90,6 +90,14 @@ METHODS: dict[str, dict[str, Any]] = {
         "weights": {"target_share": "sqrt"},
         "placement": "class_centred",
     },
+    # The same with the rare classes of the placement found by its own rule (`rare_below`,
+    # default 0.05) instead of named: the settings of a build that names neither
+    # `sampling_method` nor `placement` (the default).
+    "class_target_sqrt_centred_auto": {
+        "sampling_method": "class_target",
+        "weights": {"target_share": "sqrt"},
+        "placement": "class_centred_auto",
+    },
     # Stronger targets held by a floor on the effective sample size (round three).
     "class_target_p0.25_ess0.1": {
         "sampling_method": "class_target",
@@ -400,6 +408,8 @@ def build_config(
             rare_classes=rare,
             class_windows_per_raster=args.class_windows,
         )
+    elif method.get("placement") == "class_centred_auto":
+        source.update(placement="class_centred")
     embeddings = {
         "mode": "embeddings",
         "embeddings": {
