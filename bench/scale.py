@@ -18,6 +18,10 @@ library's `run_build`, writing a Parquet table, and the script prints, side by s
 
 `--methods rank_max default` builds each size with each sampling method side by side (`default`:
 the configuration names none), and `--runs "threads, 1 thread"` keeps only the named runs.
+`--source rasters` gives the build the rasters themselves (`input.rasters`, `patch_size`,
+`stride`) instead of the records file, each size rounded up to whole rasters: there the default
+adds class-centred windows, and `--methods default default_grid rank_max` sets it beside the
+default method on the grid alone (`default_grid`: `placement: grid`) and `rank_max`.
 `--masks rare` writes synthetic blob masks with a seventh class of scattered single pixels
 (0.17 % of the pixels, never much of any window), where the default's sqrt target cannot be
 reached.
@@ -59,7 +63,8 @@ CHILD = textwrap.dedent(
                       "method": result.summary["sampling_method"],
                       "ess_share": result.summary["sampling"]["effective_sample_size_share"],
                       "warnings": result.summary["warnings"],
-                      "compute": result.summary["compute"]}))
+                      "compute": result.summary["compute"],
+                      "placement": result.summary.get("source", {}).get("placement")}))
     """
 )
 
@@ -127,20 +132,23 @@ def write_records(path: Path, rasters: list[Path], n: int, side: int, size: int,
 
 
 def build(
-    work: Path, records: Path, compute: dict, num_workers: int, method: str = "default"
+    work: Path, source: dict, compute: dict, num_workers: int, method: str = "default"
 ) -> dict:
-    """Run one build in a fresh process; return its measurements."""
+    """Run one build of the `input` block `source` in a fresh process; return its measurements."""
+    source = dict(source)
+    if method == "default_grid":
+        source["placement"] = "grid"
     block = {
         "mode": "masks_only",
         "num_workers": num_workers,
-        "input": {"records_path": str(records)},
+        "input": source,
         "clustering": {"k_selection": "elbow", "k_min": 4, "k_max": 12},
         # Masks only: the records name each mask as its image too, so no image is checked.
         "exclusion": {"exclude_black_border": False},
         "compute": compute,
         "output": {"csv_path": str(work / "balanced.parquet"), "include_excluded": True},
     }
-    if method != "default":
+    if method not in ("default", "default_grid"):
         block["sampling_method"] = method
     done = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(block), str(work)],
@@ -164,6 +172,10 @@ def show(label: str, result: dict, baseline: float | None, compared: bool) -> fl
     stages = ", ".join(f"{k} {v:.1f}" for k, v in result["timings"].items())
     print(f"{'':<36}stages (s): {stages}")
     print(f"{'':<36}{result['method']}: ESS {result['ess_share']:.1%} of the active patches")
+    if result.get("placement"):
+        windows = result["placement"]["class_windows"]
+        added = ", ".join(f"class {value} {count}" for value, count in windows.items())
+        print(f"{'':<36}class-centred windows: {added or 'none'}")
     for line in result["warnings"]:
         print(f"{'':<36}warning: {line}")
     return rate
@@ -180,6 +192,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["default"], help="sampling methods")
     parser.add_argument("--runs", nargs="+", default=None, help="only these runs (labels)")
     parser.add_argument("--masks", choices=["dubai", "rare"], default="dubai")
+    parser.add_argument("--source", choices=["records", "rasters"], default="records")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as temporary:
@@ -203,9 +216,18 @@ def main() -> None:
             f"{'wall s':>10}{'peak B/p':>12}{'peak MB':>10}"
         )
         for n in sorted(set(args.sizes) | set(args.compare_at)):
-            records = work / f"records_{args.masks}_{n}.parquet"
-            if not records.exists():
-                write_records(records, rasters, n, args.side, args.size, args.stride)
+            if args.source == "rasters":
+                pairs = rasters[: math.ceil(n / per_raster)]
+                source = {
+                    "rasters": [{"image_path": str(p), "mask_path": str(p)} for p in pairs],
+                    "patch_size": args.size,
+                    "stride": args.stride,
+                }
+            else:
+                records = work / f"records_{args.masks}_{n}.parquet"
+                if not records.exists():
+                    write_records(records, rasters, n, args.side, args.size, args.stride)
+                source = {"records_path": str(records)}
             runs = COMPARED if n in args.compare_at else (SCALED,)
             runs = [run for run in runs if args.runs is None or run[0] in args.runs]
             print(f"\n{n:,} patches")
@@ -213,7 +235,7 @@ def main() -> None:
             baseline = None
             for label, compute, workers in runs:
                 for method in args.methods:
-                    result = build(work, records, compute, workers, method)
+                    result = build(work, source, compute, workers, method)
                     run_label = label if len(args.methods) == 1 else f"{label}, {method}"
                     rate = show(run_label, result, baseline, n in args.compare_at)
                     baseline = baseline or rate

@@ -237,3 +237,34 @@ def test_a_class_centred_build_reads_each_raster_header_once(tmp_path, masks, mo
     table = run_build(config).table
     assert (table["placement"] != "grid").any()
     assert sorted(probed) == ["img0.tif", "img1.tif", "mask0.tif", "mask1.tif"]
+
+
+def test_region_pixels_are_those_of_a_sort_over_every_pixel():
+    from scipy import ndimage
+
+    from patchbalance.build import placement
+
+    def by_full_sort(pixels_of_class, rng):
+        labels, count = ndimage.label(pixels_of_class)
+        flat = np.flatnonzero(labels)
+        region = labels.ravel()[flat] - 1
+        order = np.lexsort((-rng.random(flat.size), region))
+        starts = np.searchsorted(region[order], np.arange(count))
+        sizes = np.bincount(region, minlength=count)
+        pixels = np.full((count, placement.PIXELS_PER_REGION, 2), -1, dtype=np.int64)
+        for k in range(placement.PIXELS_PER_REGION):
+            has = sizes > k
+            chosen = flat[order[starts[has] + k]]
+            pixels[has, k, 0], pixels[has, k, 1] = np.divmod(chosen, pixels_of_class.shape[1])
+        return sizes, pixels
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        shape = tuple(int(n) for n in rng.integers(1, 200, size=2))
+        blobs = rng.random(shape) < rng.random() * 0.2
+        mask = ndimage.binary_dilation(blobs, iterations=int(rng.integers(0, 6)))
+        sizes, pixels = placement._regions(mask, np.random.default_rng(trial))
+        expected_sizes, expected_pixels = by_full_sort(mask, np.random.default_rng(trial))
+        np.testing.assert_array_equal(sizes, expected_sizes)
+        np.testing.assert_array_equal(pixels, expected_pixels)
+    assert sizes.max() > 64  # regions large enough for the candidate threshold to apply
