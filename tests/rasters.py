@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from rasterio.transform import from_origin
 
 from patchbalance import geotiff
@@ -65,3 +66,25 @@ def record(image_path: Path, mask_path: Path, row_off: int, col_off: int, size: 
         "col_off": col_off,
         "patch_size": size,
     }
+
+
+def write_two_pairs_and_records(
+    folder: Path, seed: int, n_classes: int, size: int, zero_top: bool = True
+) -> Path:
+    """Write pairs `a` and `b` (64 px, random classes) and `records.csv` of their `size` windows.
+
+    With `zero_top`, the top 32 (a) and 16 (b) rows are class 0, so the two masks differ in mix.
+    """
+    rng = np.random.default_rng(seed)
+    records = []
+    for name in ("a", "b"):
+        mask = rng.integers(0, n_classes, size=(64, 64)).astype(np.uint8)
+        if zero_top:
+            mask[: 32 if name == "a" else 16] = 0
+        pair = write_pair(folder, name, mask)
+        records += [
+            record(*pair, r, c, size) for r in range(0, 64, size) for c in range(0, 64, size)
+        ]
+    path = folder / "records.csv"
+    pd.DataFrame(records).to_csv(path, index=False)
+    return path

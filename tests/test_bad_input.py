@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from patchbalance.cli import app
 from patchbalance.reporting.figures import figures_from_table
-from rasters import record, write_geotiff, write_pair
+from rasters import record, write_geotiff, write_pair, write_two_pairs_and_records
 from test_cli import _one_line_error
 
 runner = CliRunner()
@@ -33,13 +33,7 @@ def _write_config(folder: Path, block: dict) -> Path:
 @pytest.fixture()
 def project(tmp_path):
     """Two 64 px pairs, a records CSV of 8 windows and a config; returns the config path."""
-    rng = np.random.default_rng(0)
-    records = []
-    for name in ("a", "b"):
-        mask = rng.integers(0, 3, size=(64, 64)).astype(np.uint8)
-        pair = write_pair(tmp_path, name, mask)
-        records += [record(*pair, r, c, 32) for r in (0, 32) for c in (0, 32)]
-    pd.DataFrame(records).to_csv(tmp_path / "records.csv", index=False)
+    write_two_pairs_and_records(tmp_path, seed=0, n_classes=3, size=32, zero_top=False)
     return _write_config(
         tmp_path,
         {
@@ -306,19 +300,25 @@ def test_a_float_mask_of_whole_numbers_and_nan_is_counted(tmp_path):
     assert table.loc[0, "nodata_ratio"] == pytest.approx(1 / 32**2)
 
 
-def test_a_masks_own_nodata_counted_as_a_class_is_warned_once(tmp_path, caplog):
+def _build_with_nodata_class(tmp_path, caplog, nodata_class: int):
+    """Build over a mask whose top 8 rows are its own nodata (255); return (pair, table, warned)."""
     from patchbalance.build.pipeline import run_build
 
     mask = _two_class_mask()
     mask[:8] = 255
     pair = write_pair(tmp_path, "a", mask, mask_nodata=255)
     config = _records_config(
-        tmp_path, [pair], exclusion={"nodata_class": 7, "exclude_border_nodata": False}
+        tmp_path, [pair], exclusion={"nodata_class": nodata_class, "exclude_border_nodata": False}
     )
     with caplog.at_level(logging.WARNING):
         table = run_build(config, write=False).table
-    assert "px_255" in table.columns
     warned = [r.getMessage() for r in caplog.records if "own nodata value" in r.getMessage()]
+    return pair, table, warned
+
+
+def test_a_masks_own_nodata_counted_as_a_class_is_warned_once(tmp_path, caplog):
+    pair, table, warned = _build_with_nodata_class(tmp_path, caplog, 7)
+    assert "px_255" in table.columns
     assert len(warned) == 1, warned
     assert str(pair[1]) in warned[0]
     assert "exclusion.nodata_class is 7" in warned[0] and "class 255" in warned[0]
@@ -327,17 +327,8 @@ def test_a_masks_own_nodata_counted_as_a_class_is_warned_once(tmp_path, caplog):
 
 
 def test_no_nodata_warning_when_nodata_class_is_the_masks_own(tmp_path, caplog):
-    from patchbalance.build.pipeline import run_build
-
-    mask = _two_class_mask()
-    mask[:8] = 255
-    pair = write_pair(tmp_path, "a", mask, mask_nodata=255)
-    config = _records_config(
-        tmp_path, [pair], exclusion={"nodata_class": 255, "exclude_border_nodata": False}
-    )
-    with caplog.at_level(logging.WARNING):
-        run_build(config, write=False)
-    assert not [r for r in caplog.records if "own nodata value" in r.getMessage()]
+    _, _, warned = _build_with_nodata_class(tmp_path, caplog, 255)
+    assert not warned
 
 
 def test_a_mask_smaller_than_its_image_is_named_as_the_smaller_one(tmp_path, caplog):

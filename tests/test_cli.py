@@ -13,7 +13,7 @@ import yaml
 from typer.testing import CliRunner
 
 from patchbalance.cli import app
-from rasters import record, write_pair
+from rasters import record, write_pair, write_two_pairs_and_records
 
 runner = CliRunner()
 
@@ -25,14 +25,7 @@ def _run(*args: str):
 @pytest.fixture()
 def project(tmp_path):
     """A folder with two real rasters, a records CSV and a valid config; returns the config path."""
-    rng = np.random.default_rng(0)
-    records = []
-    for name in ("a", "b"):
-        mask = rng.integers(0, 3, size=(64, 64)).astype(np.uint8)
-        mask[: 32 if name == "a" else 16] = 0
-        pair = write_pair(tmp_path, name, mask)
-        records += [record(*pair, r, c, 32) for r in (0, 32) for c in (0, 32)]
-    pd.DataFrame(records).to_csv(tmp_path / "records.csv", index=False)
+    write_two_pairs_and_records(tmp_path, seed=0, n_classes=3, size=32)
     config = {
         "balanced_dataset": {
             "input": {"records_path": "records.csv"},

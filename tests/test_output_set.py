@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import pytest
 import rasterio
 import yaml
@@ -25,7 +23,7 @@ from patchbalance.build.pipeline import run_build
 from patchbalance.cli import app
 from patchbalance.config import load_config
 from patchbalance.errors import ConfigError
-from rasters import record, write_pair
+from rasters import write_two_pairs_and_records
 from test_cli import _one_line_error
 
 TEMPORARY = re.compile(r"^\..+\.(?:(\d+)-)?[a-z0-9_]{8}\.tmp$")
@@ -34,14 +32,7 @@ TEMPORARY = re.compile(r"^\..+\.(?:(\d+)-)?[a-z0-9_]{8}\.tmp$")
 @pytest.fixture()
 def project(tmp_path):
     """Two real raster pairs, a records CSV and a config writing a table, GeoPackage, summary."""
-    rng = np.random.default_rng(3)
-    records = []
-    for name in ("a", "b"):
-        mask = rng.integers(0, 4, size=(64, 64)).astype(np.uint8)
-        mask[: 32 if name == "a" else 16] = 0
-        pair = write_pair(tmp_path, name, mask)
-        records += [record(*pair, r, c, 16) for r in range(0, 64, 16) for c in range(0, 64, 16)]
-    pd.DataFrame(records).to_csv(tmp_path / "records.csv", index=False)
+    write_two_pairs_and_records(tmp_path, seed=3, n_classes=4, size=16)
     config = {
         "balanced_dataset": {
             "input": {"records_path": "records.csv"},
