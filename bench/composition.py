@@ -19,7 +19,7 @@ import time
 import numpy as np
 from sklearn.cluster import KMeans
 
-from patchbalance.build.composition import clr, elbow_k, fit_composition_clusters
+from patchbalance.balancing.composition import clr, elbow_k, fit_composition_clusters
 from patchbalance.config import ClusteringConfig
 
 

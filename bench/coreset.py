@@ -27,7 +27,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from patchbalance.build.stats import class_entropy
+from patchbalance.balancing.stats import class_entropy
 from patchbalance.coreset import select_coreset
 from patchbalance.coreset.scorers import class_balance_order
 from patchbalance.table import class_proportions

@@ -24,7 +24,7 @@ import time
 import numpy as np
 from scipy.stats import spearmanr
 
-from patchbalance.build.uniqueness import (
+from patchbalance.balancing.uniqueness import (
     IVF_TRAIN_POINTS_PER_LIST,
     RECALL_TOLERANCE,
     drop_self,

@@ -31,7 +31,7 @@ from PIL import Image
 from rasterio.windows import Window
 
 from geotiff import DUBAI_DATA, MASK_NODATA, mask_to_classes, write_geotiff
-from patchbalance.build.stats import compute_mask_statistics
+from patchbalance.balancing.stats import compute_mask_statistics
 from patchbalance.windows import block_order
 
 NODATA = MASK_NODATA

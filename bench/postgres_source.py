@@ -142,7 +142,7 @@ def main() -> None:
 
     from psycopg.conninfo import conninfo_to_dict
 
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import config_from_mapping
     from patchbalance.sources.postgres import records_from_postgres
 

@@ -50,7 +50,7 @@ CHILD = textwrap.dedent(
     """
     import json, sys, time
     from patchbalance.config import config_from_mapping
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
     block, base = json.loads(sys.argv[1]), sys.argv[2]
     start = time.perf_counter()
     result = run_build(config_from_mapping(block, base_dir=base))

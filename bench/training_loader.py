@@ -23,7 +23,7 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-from patchbalance.build.pipeline import run_build
+from patchbalance.balancing.pipeline import run_build
 from patchbalance.config import load_config
 from patchbalance.data import CSVWindowedSegmentationDataset, build_dataloader
 from patchbalance.demo import write_demo_dataset

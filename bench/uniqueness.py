@@ -22,7 +22,7 @@ import time
 import numpy as np
 from scipy.stats import spearmanr
 
-from patchbalance.build.uniqueness import compute_uniqueness, normalise_rows
+from patchbalance.balancing.uniqueness import compute_uniqueness, normalise_rows
 from patchbalance.config import UniquenessConfig
 
 

@@ -90,7 +90,7 @@ def method_scores(
 
     `settings` are keys of the `weights:` block, validated by the configuration's model.
     """
-    from patchbalance.build.methods import Signals, sampling_scores
+    from patchbalance.balancing.methods import Signals, sampling_scores
     from patchbalance.config import WeightsConfig
 
     counts = np.asarray(counts, dtype=np.float64)

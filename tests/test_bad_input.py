@@ -302,7 +302,7 @@ def test_a_float_mask_of_whole_numbers_and_nan_is_counted(tmp_path):
 
 def _build_with_nodata_class(tmp_path, caplog, nodata_class: int):
     """Build over a mask whose top 8 rows are its own nodata (255); return (pair, table, warned)."""
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
 
     mask = _two_class_mask()
     mask[:8] = 255
@@ -332,7 +332,7 @@ def test_no_nodata_warning_when_nodata_class_is_the_masks_own(tmp_path, caplog):
 
 
 def test_a_mask_smaller_than_its_image_is_named_as_the_smaller_one(tmp_path, caplog):
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
 
     image = write_geotiff(tmp_path / "images" / "a.tif", np.full((3, 64, 64), 90, np.uint8))
     mask = write_geotiff(tmp_path / "masks" / "a.tif", _two_class_mask(32), nodata=255)
@@ -348,7 +348,7 @@ def test_a_mask_smaller_than_its_image_is_named_as_the_smaller_one(tmp_path, cap
 
 
 def test_a_mask_in_another_crs_is_warned_with_the_records_source(tmp_path, caplog):
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
 
     mask = _two_class_mask()
     image = write_geotiff(tmp_path / "images" / "a.tif", np.full((3, 64, 64), 90, np.uint8))

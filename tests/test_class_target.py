@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from data_fixtures import method_scores as sampling_scores
-from patchbalance.build.class_target import class_target_weights, parse_target_share
-from patchbalance.build.weights import normalise_weights
+from patchbalance.balancing.class_target import class_target_weights, parse_target_share
+from patchbalance.balancing.weights import normalise_weights
 from patchbalance.config import WeightsConfig
 from patchbalance.errors import ConfigError
 from patchbalance.table import class_share, effective_sample_size
@@ -176,7 +176,7 @@ def sliver_pool_config(folder, **weights):
 
 
 def test_the_default_on_an_unreachable_target_holds_its_ess_floor_and_warns(tmp_path):
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
 
     result = run_build(sliver_pool_config(tmp_path), write=False)
     summary = result.summary
@@ -198,7 +198,7 @@ def test_the_default_on_an_unreachable_target_holds_its_ess_floor_and_warns(tmp_
 def test_without_the_floor_an_unreachable_target_stays_off_the_edge_and_warns_if_concentrated(
     tmp_path,
 ):
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
 
     summary = run_build(sliver_pool_config(tmp_path, min_ess=0), write=False).summary
 
@@ -218,8 +218,8 @@ def test_without_the_floor_an_unreachable_target_stays_off_the_edge_and_warns_if
 
 
 def test_a_dual_solve_that_stops_short_says_so_in_the_summary(tmp_path, monkeypatch):
-    import patchbalance.build.class_target as class_target
-    from patchbalance.build.pipeline import run_build
+    import patchbalance.balancing.class_target as class_target
+    from patchbalance.balancing.pipeline import run_build
 
     # No Newton step after the gradient-based start, which stops at a gradient near 1e-5.
     monkeypatch.setattr(class_target, "NEWTON_STEPS", 0)
@@ -238,7 +238,7 @@ def test_a_dual_solve_that_stops_short_says_so_in_the_summary(tmp_path, monkeypa
 def test_a_failed_feasibility_solve_blames_the_solver_not_the_target(monkeypatch):
     import types
 
-    import patchbalance.build.class_target as class_target
+    import patchbalance.balancing.class_target as class_target
 
     failed = types.SimpleNamespace(status=4, message="Numerical difficulties encountered.")
     monkeypatch.setattr(class_target, "linprog", lambda *args, **kwargs: failed)

@@ -148,7 +148,7 @@ def test_each_upstream_synonym_sets_the_key_it_stands_for(model, synonym, key, v
 
 def test_the_black_border_synonym_turns_the_check_off_in_a_build(tmp_path):
     """The upstream key, as the upstream docs write it, changes the build's exclusion."""
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import config_from_mapping
 
     rng = np.random.default_rng(1)
@@ -315,12 +315,12 @@ def test_two_input_sources_are_an_error(project):
 def test_an_output_target_that_is_a_folder_exits_2_before_any_stage(
     project, monkeypatch, key, extra
 ):
-    import patchbalance.build.pipeline
+    import patchbalance.balancing.pipeline
 
     def no_stage(*args, **kwargs):
         raise AssertionError("a stage ran before the outputs were checked")
 
-    monkeypatch.setattr(patchbalance.build.pipeline, "load_records", no_stage)
+    monkeypatch.setattr(patchbalance.balancing.pipeline, "load_records", no_stage)
     # A footprints path must name its format, and a table path CSV or Parquet: the folder is
     # named like one.
     folder = project.parent / ("a_folder.csv" if key == "output.csv_path" else "a_folder.geojson")
@@ -333,9 +333,9 @@ def test_an_output_target_that_is_a_folder_exits_2_before_any_stage(
 def test_an_output_under_proc_exits_2_before_any_stage_even_as_root(project, monkeypatch):
     # /proc refuses new files whatever its permission bits say, also to root: only a test
     # file finds that out.
-    import patchbalance.build.pipeline
+    import patchbalance.balancing.pipeline
 
-    monkeypatch.setattr(patchbalance.build.pipeline, "load_records", None)
+    monkeypatch.setattr(patchbalance.balancing.pipeline, "load_records", None)
     result = _run("build-balanced-dataset", project, "--set", "output.csv_path=/proc/table.csv")
     _one_line_error(result, "/proc/table.csv", "cannot write the balanced table", "in /proc")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from skbio.stats.composition import clr as skbio_clr
 
-from patchbalance.build.composition import (
+from patchbalance.balancing.composition import (
     clr,
     elbow_k,
     fit_composition_clusters,

@@ -26,8 +26,8 @@ pytest.importorskip("distributed")
 from distributed import Client  # noqa: E402
 
 from patchbalance import compute  # noqa: E402
-from patchbalance.build import stats  # noqa: E402
-from patchbalance.build.pipeline import run_build  # noqa: E402
+from patchbalance.balancing import stats  # noqa: E402
+from patchbalance.balancing.pipeline import run_build  # noqa: E402
 from patchbalance.config import config_from_mapping, load_config  # noqa: E402
 from patchbalance.demo import write_demo_dataset  # noqa: E402
 from patchbalance.errors import ConfigError, InputError  # noqa: E402

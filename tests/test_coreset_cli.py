@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from patchbalance.build.pipeline import run_build
+from patchbalance.balancing.pipeline import run_build
 from patchbalance.cli import app
 from patchbalance.config import load_config
 from patchbalance.demo import write_demo_dataset

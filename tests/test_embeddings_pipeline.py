@@ -12,7 +12,7 @@ from scipy.stats import rankdata
 
 from embedding_fixtures import save_tiny_dinov2, textured_image
 from patchbalance import build_balanced_dataset
-from patchbalance.build.pipeline import run_build
+from patchbalance.balancing.pipeline import run_build
 from patchbalance.config import config_from_mapping
 from patchbalance.errors import ConfigError
 from rasters import record, write_pair

@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("distributed")
 
 from embedding_fixtures import save_tiny_dinov2  # noqa: E402
-from patchbalance.build.pipeline import run_build  # noqa: E402
+from patchbalance.balancing.pipeline import run_build  # noqa: E402
 from patchbalance.config import EmbeddingsConfig, load_config  # noqa: E402
 from patchbalance.demo import write_demo_dataset  # noqa: E402
 from patchbalance.embeddings import extract_embeddings, resolve_model, workers  # noqa: E402

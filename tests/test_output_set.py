@@ -19,7 +19,7 @@ import yaml
 from typer.testing import CliRunner
 
 from patchbalance.atomic import DEBUG_KILL_AT, remove_stale_temporaries
-from patchbalance.build.pipeline import run_build
+from patchbalance.balancing.pipeline import run_build
 from patchbalance.cli import app
 from patchbalance.config import load_config
 from patchbalance.errors import ConfigError

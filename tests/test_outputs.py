@@ -21,7 +21,7 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
-from patchbalance.build.pipeline import run_build
+from patchbalance.balancing.pipeline import run_build
 from patchbalance.config import config_from_mapping
 from patchbalance.errors import ConfigError
 from rasters import record, write_pair

@@ -14,7 +14,7 @@ import pytest
 import rasterio
 from rasterio.warp import transform_bounds
 
-from patchbalance.build.pipeline import run_build
+from patchbalance.balancing.pipeline import run_build
 from patchbalance.config import config_from_mapping
 from patchbalance.errors import InputError
 from rasters import record, write_geotiff, write_pair
@@ -152,7 +152,7 @@ def test_max_nodata_ratio_and_min_entropy_flags(scene):
 
 
 def test_entropy_is_computed_once_for_exclusion_and_the_table(scene, monkeypatch):
-    import patchbalance.build.stats as stats
+    import patchbalance.balancing.stats as stats
 
     calls = []
     real = stats.class_entropy

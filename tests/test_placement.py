@@ -125,7 +125,7 @@ def test_the_default_method_comes_with_class_centred_windows_and_naming_either_k
 
 
 def test_a_default_build_says_its_class_windows_are_the_default(tmp_path, masks):
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
 
     result = run_build(config_for(tmp_path), progress=False)
 
@@ -134,7 +134,7 @@ def test_a_default_build_says_its_class_windows_are_the_default(tmp_path, masks)
     assert (result.table["placement"] == "class:7").sum() > 0
     line = next(x for x in result.summary_text.splitlines() if x.startswith("class-centred"))
     assert line.endswith("(input.placement: grid leaves them out)")
-    from patchbalance.build.plan import plan_text
+    from patchbalance.balancing.plan import plan_text
 
     plan = plan_text(config_for(tmp_path))
     assert "sampling_method: class_target (the default)" in plan
@@ -191,7 +191,7 @@ def test_peak_memory_stays_bounded_on_a_raster_too_large_to_load_whole(tmp_path)
     script = textwrap.dedent(
         f"""
         import rasterio
-        from patchbalance.build.placement import PlacementSettings, class_centred_records
+        from patchbalance.balancing.placement import PlacementSettings, class_centred_records
         from patchbalance.windows import probe_raster
         settings = PlacementSettings(patch_size=256, stride=256)
         # GDAL's block cache (5 % of RAM by default) is capped, so the figure is the pass's own.
@@ -220,7 +220,7 @@ def test_a_class_centred_build_reads_each_raster_header_once(tmp_path, masks, mo
     """The rasters source probes each file once; the raster stage reuses those headers."""
     import patchbalance.sources.local as local
     import patchbalance.windows as windows
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
 
     probed: list[str] = []
     real_probe = windows.probe_raster
@@ -242,7 +242,7 @@ def test_a_class_centred_build_reads_each_raster_header_once(tmp_path, masks, mo
 def test_region_pixels_are_those_of_a_sort_over_every_pixel():
     from scipy import ndimage
 
-    from patchbalance.build import placement
+    from patchbalance.balancing import placement
 
     def by_full_sort(pixels_of_class, rng):
         labels, count = ndimage.label(pixels_of_class)

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from patchbalance.build.pipeline import run_build
+from patchbalance.balancing.pipeline import run_build
 from patchbalance.cli import app
 from patchbalance.config import config_from_mapping, load_config
 from patchbalance.errors import InputError

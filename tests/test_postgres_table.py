@@ -14,8 +14,8 @@ import shapely
 from rasterio.windows import Window
 from rasterio.windows import bounds as window_bounds
 
-from patchbalance.build.pipeline import run_build
-from patchbalance.build.plan import plan_text
+from patchbalance.balancing.pipeline import run_build
+from patchbalance.balancing.plan import plan_text
 from patchbalance.config import config_from_mapping
 from patchbalance.errors import ConfigError, OutputError
 from postgres_server import (

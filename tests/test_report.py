@@ -277,7 +277,7 @@ def starving_pool():
 
 def test_the_starvation_warning_names_a_below_median_class_that_the_weights_lower():
     from data_fixtures import method_scores as sampling_scores
-    from patchbalance.build.weights import normalise_weights
+    from patchbalance.balancing.weights import normalise_weights
     from patchbalance.reporting.figures import sampling_figures
 
     counts, composition = starving_pool()
@@ -328,7 +328,7 @@ def test_concentrated_weights_warn_with_the_ess_and_the_tied_largest_repeats(tmp
 
 def test_no_warning_when_no_class_is_starved():
     from data_fixtures import method_scores as sampling_scores
-    from patchbalance.build.weights import normalise_weights
+    from patchbalance.balancing.weights import normalise_weights
     from patchbalance.reporting.figures import sampling_figures
 
     counts, composition = starving_pool()
@@ -359,7 +359,7 @@ def test_prior_correction_is_the_log_ratio_of_uniform_to_weighted_shares():
 def test_report_command_prints_the_starvation_warning(tmp_path):
     counts, composition = starving_pool()
     from data_fixtures import method_scores as sampling_scores
-    from patchbalance.build.weights import normalise_weights
+    from patchbalance.balancing.weights import normalise_weights
 
     scores, _ = sampling_scores(
         "composition_only", composition, np.zeros(10), counts, np.full(10, 100.0)

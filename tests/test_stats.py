@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from patchbalance.build.stats import (
+from patchbalance.balancing.stats import (
     class_entropy,
     compute_mask_statistics,
     statistics_columns,
@@ -123,7 +123,7 @@ def _per_window(counted) -> list[tuple]:
 
 
 def test_overlapping_windows_counted_from_one_box_match_window_by_window(tmp_path):
-    from patchbalance.build.window_counts import CountTask, _count_each_window, _count_from_box
+    from patchbalance.balancing.window_counts import CountTask, _count_each_window, _count_from_box
     from patchbalance.windows import open_raster
 
     rng = np.random.default_rng(3)
@@ -145,7 +145,7 @@ def test_overlapping_windows_counted_from_one_box_match_window_by_window(tmp_pat
 
 
 def test_sparse_windows_are_read_one_by_one(tmp_path):
-    from patchbalance.build.window_counts import CountTask, _count_from_box
+    from patchbalance.balancing.window_counts import CountTask, _count_from_box
     from patchbalance.windows import open_raster
 
     _, mask_path = write_pair(tmp_path, "a", np.zeros((512, 512), dtype=np.uint8))

@@ -15,7 +15,7 @@ pytest.importorskip("torchgeo")
 from torch.utils.data import DataLoader  # noqa: E402
 from torchgeo.datasets import RasterDataset, stack_samples  # noqa: E402
 
-from patchbalance.build.pipeline import run_build  # noqa: E402
+from patchbalance.balancing.pipeline import run_build  # noqa: E402
 from patchbalance.config import config_from_mapping  # noqa: E402
 from patchbalance.errors import InputError  # noqa: E402
 from patchbalance.torchgeo import WeightedGeoSampler  # noqa: E402

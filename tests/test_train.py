@@ -231,7 +231,7 @@ def test_upstream_config_keys_and_dataset_path_are_accepted(tables, tmp_path):
 
 
 def test_example_config_trains_on_the_demo_data(tmp_path):
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import load_config
     from patchbalance.demo import write_demo_dataset
 

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from patchbalance.build.uniqueness import (
+from patchbalance.balancing.uniqueness import (
     _exact_numpy,
     choose_backend,
     compute_uniqueness,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from data_fixtures import method_scores as sampling_scores
-from patchbalance.build.weights import (
+from patchbalance.balancing.weights import (
     average_rank,
     cluster_balanced_scores,
     inverse_frequency_scores,
@@ -152,8 +152,8 @@ def test_all_zero_scores_are_an_error():
 
 def test_a_new_sampling_method_is_one_registered_function(tmp_path):
     """A method added through the registry is accepted by the config and builds a table."""
-    from patchbalance.build.methods import SAMPLING_METHODS, register_sampling_method
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.methods import SAMPLING_METHODS, register_sampling_method
+    from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import config_from_mapping
     from rasters import record, write_pair
 

@@ -84,7 +84,7 @@ def _embeddings_settings(ctx: Context, folder: Path) -> dict[str, Any]:
 def embeddings_step(ctx: Context, model: ModelSize) -> dict[str, Any]:
     """Return the build's embeddings throughput against the same model's forward-only rate."""
     from embeddings import forward_only  # bench/embeddings.py
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import EmbeddingsConfig
 
     sizes = ctx.sizes
@@ -168,7 +168,7 @@ def knn_step(ctx: Context) -> dict[str, Any]:
     """Return the exact search's time against faiss IndexFlatIP's, and whether they agree."""
     import faiss
 
-    from patchbalance.build.uniqueness import nearest_neighbors, normalise_rows
+    from patchbalance.balancing.uniqueness import nearest_neighbors, normalise_rows
     from patchbalance.config import UniquenessConfig
     from uniqueness import clustered_embeddings  # bench/uniqueness.py
 

@@ -23,7 +23,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # Imported on first use so that `import patchbalance` stays light (no sklearn, no torch).
     if name == "build_balanced_dataset":
-        from patchbalance.build.pipeline import build_balanced_dataset
+        from patchbalance.balancing.pipeline import build_balanced_dataset
 
         return build_balanced_dataset
     if name == "load_config":

@@ -101,7 +101,7 @@ def build_balanced_dataset_command(
     """Compute a sampler_weight for every patch and write the balanced table."""
 
     def task() -> str:
-        from patchbalance.build.command import run_build_command
+        from patchbalance.balancing.command import run_build_command
 
         overrides = (set_ or []) + ([f"compute.scheduler={scheduler}"] if scheduler else [])
         return run_build_command(

@@ -145,7 +145,7 @@ def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
 
 def run_demo_command(out_dir: Path, progress: bool = True, scheduler: str | None = None) -> str:
     """Write the demo data, build the balanced table, report on it; return the text to print."""
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import load_config
     from patchbalance.reporting.figures import figures_from_table
     from patchbalance.reporting.html import write_html_report

@@ -133,7 +133,7 @@ def _select(
 
 def build_arm_table(plan: ComparePlan, name: str, progress: bool = False) -> ArmTable:
     """Return arm `name`'s training table, built (and CoreSet-selected) once, then reused."""
-    from patchbalance.build.pipeline import run_build
+    from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import config_from_mapping
 
     arm = plan.arms[name]

@@ -220,7 +220,7 @@ class OutputConfig(StrictModel):
     @classmethod
     def _known_footprint_format(cls, value: str | None) -> str | None:
         if value is not None:
-            from patchbalance.build.outputs import footprint_format
+            from patchbalance.balancing.outputs import footprint_format
 
             footprint_format(value)
         return value
@@ -254,7 +254,7 @@ class BalancedDatasetConfig(StrictModel):
     """The `balanced_dataset:` block (SPEC §2)."""
 
     mode: Literal["masks_only", "embeddings"] = "masks_only"
-    # Any name of the registry in patchbalance.build.methods (SPEC §3.7).
+    # Any name of the registry in patchbalance.balancing.methods (SPEC §3.7).
     sampling_method: str = DEFAULT_SAMPLING_METHOD
     num_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     seed: int = 42
@@ -288,13 +288,13 @@ class BalancedDatasetConfig(StrictModel):
     @field_validator("sampling_method")
     @classmethod
     def _registered_method(cls, value: str) -> str:
-        from patchbalance.build.methods import get_sampling_method
+        from patchbalance.balancing.methods import get_sampling_method
 
         return get_sampling_method(value).name
 
     @model_validator(mode="after")
     def _method_fits_mode(self) -> BalancedDatasetConfig:
-        from patchbalance.build.methods import get_sampling_method
+        from patchbalance.balancing.methods import get_sampling_method
 
         if self.mode == "masks_only" and get_sampling_method(self.sampling_method).needs_uniqueness:
             raise ValueError(
@@ -394,7 +394,7 @@ class BalancedDatasetConfig(StrictModel):
             }
         )
         resolved._base_dir, resolved._source_path = self._base_dir, self._source_path
-        from patchbalance.build.outputs import check_build_files
+        from patchbalance.balancing.outputs import check_build_files
 
         check_build_files(resolved)  # before any stage: no output may replace another or an input
         return resolved

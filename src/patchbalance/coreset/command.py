@@ -117,7 +117,7 @@ def run_select_coreset_command(
     """
     from patchbalance import __version__
     from patchbalance.atomic import check_writable, output_set
-    from patchbalance.build.outputs import write_json
+    from patchbalance.balancing.outputs import write_json
 
     start = time.perf_counter()
     config = load_coreset_config(config_path, overrides)

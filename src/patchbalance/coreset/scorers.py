@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from patchbalance.build.composition import elbow_k
+from patchbalance.balancing.composition import elbow_k
 from patchbalance.errors import ConfigError, InputError, MissingDependencyError
 from patchbalance.kmeans import distinct_rows, fit_kmeans, renumber_by_size, sweep_k, sweep_sample
 

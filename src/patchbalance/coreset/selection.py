@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.balanced_table import SAMPLER_WEIGHT
-from patchbalance.build.stats import class_entropy
-from patchbalance.build.weights import sampler_weights
+from patchbalance.balancing.stats import class_entropy
+from patchbalance.balancing.weights import sampler_weights
 from patchbalance.coreset import scorers
 from patchbalance.coreset.config import (
     CoresetConfig,

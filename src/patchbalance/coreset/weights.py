@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from patchbalance.balanced_table import check_weights
-from patchbalance.build.weights import (
+from patchbalance.balancing.weights import (
     inverse_frequency_scores,
     normalise_weights,
     repeat_factor_scores,

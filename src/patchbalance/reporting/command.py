@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from patchbalance.atomic import check_writable
-from patchbalance.build.outputs import summary_disagreement
+from patchbalance.balancing.outputs import summary_disagreement
 from patchbalance.reporting.figures import figures_from_table, figures_text, read_report_table
 
 

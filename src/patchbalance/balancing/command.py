@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from patchbalance.build.pipeline import run_build
-from patchbalance.build.plan import plan_text
+from patchbalance.balancing.pipeline import run_build
+from patchbalance.balancing.plan import plan_text
 from patchbalance.config import load_config
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from patchbalance.build.pipeline import _check_outputs, output_paths
+from patchbalance.balancing.pipeline import _check_outputs, output_paths
 from patchbalance.config import BalancedDatasetConfig
 from patchbalance.errors import InputError
 from patchbalance.sources import SourceRecords, load_records
@@ -99,7 +99,7 @@ def plan_text(config: BalancedDatasetConfig) -> str:
     for name, path in output_paths(config).items():
         lines.append(f"  output {name}: {path}")
     if config.output.postgres_table is not None:
-        from patchbalance.build.postgres_table import describe
+        from patchbalance.balancing.postgres_table import describe
 
         table = config.output.postgres_table
         lines.append(f"  output postgres_table: {describe(config)} (if_exists: {table.if_exists})")

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 from patchbalance import __version__
-from patchbalance.build.composition import CompositionResult, cluster_profiles
-from patchbalance.build.exclusion import ExclusionFlags
-from patchbalance.build.raster_reading import RasterReading
+from patchbalance.balancing.composition import CompositionResult, cluster_profiles
+from patchbalance.balancing.exclusion import ExclusionFlags
+from patchbalance.balancing.raster_reading import RasterReading
 from patchbalance.config import BalancedDatasetConfig
 from patchbalance.reporting.figures import SamplingFigures, figures_text
 from patchbalance.table import class_proportions

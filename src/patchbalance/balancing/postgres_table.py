@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import numpy as np
 import pandas as pd
 
-from patchbalance.build.outputs import footprint_rings, polygon_wkb, wkb_hex
+from patchbalance.balancing.outputs import footprint_rings, polygon_wkb, wkb_hex
 from patchbalance.config import BalancedDatasetConfig, PostgresTableConfig
 from patchbalance.errors import OutputError
 from patchbalance.sources.postgres_connection import (

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from patchbalance.build.class_target import class_target_weights, parse_target_share
-from patchbalance.build.weights import (
+from patchbalance.balancing.class_target import class_target_weights, parse_target_share
+from patchbalance.balancing.weights import (
     average_rank,
     cluster_balanced_scores,
     inverse_frequency_scores,

@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.balanced_table import SAMPLER_WEIGHT
-from patchbalance.build.exclusion import ExclusionFlags
-from patchbalance.build.stats import MaskStatistics, statistics_columns
+from patchbalance.balancing.exclusion import ExclusionFlags
+from patchbalance.balancing.stats import MaskStatistics, statistics_columns
 from patchbalance.windows import RasterInfo, tile_bound_columns
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from functools import cached_property
 import numpy as np
 import pandas as pd
 
-from patchbalance.build.window_counts import BorderCheck, CountTask, WindowCounts, count_windows
+from patchbalance.balancing.window_counts import BorderCheck, CountTask, WindowCounts, count_windows
 from patchbalance.compute import Compute, LazySequence
 from patchbalance.table import class_proportions, lookup_by_path
 from patchbalance.windows import CHUNK_WINDOWS, MISSING_VALUE, window_partitions

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbalance.build.stats import (
+from patchbalance.balancing.stats import (
     BorderCheck,
     MaskStatistics,
     compute_mask_statistics,

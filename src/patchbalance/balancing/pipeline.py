@@ -23,21 +23,21 @@ from patchbalance.atomic import (
     output_set,
     remove_stale_temporaries,
 )
-from patchbalance.build.composition import CompositionResult, fit_composition_clusters
-from patchbalance.build.exclusion import REASONS, ExclusionFlags, exclusion_flags
-from patchbalance.build.methods import Signals, sampling_scores
-from patchbalance.build.outputs import (
+from patchbalance.balancing.composition import CompositionResult, fit_composition_clusters
+from patchbalance.balancing.exclusion import REASONS, ExclusionFlags, exclusion_flags
+from patchbalance.balancing.methods import Signals, sampling_scores
+from patchbalance.balancing.outputs import (
     FOOTPRINT_FORMATS,
     check_footprint_writer,
     footprint_format,
     write_footprints,
     write_json,
 )
-from patchbalance.build.raster_reading import RasterReading, read_rasters
-from patchbalance.build.result_table import ResultTable
-from patchbalance.build.stats import MaskStatistics, nodata_ratios
-from patchbalance.build.summary import StageResults, build_summary, build_warnings, summary_text
-from patchbalance.build.weights import normalise_weights, sampler_weights
+from patchbalance.balancing.raster_reading import RasterReading, read_rasters
+from patchbalance.balancing.result_table import ResultTable
+from patchbalance.balancing.stats import MaskStatistics, nodata_ratios
+from patchbalance.balancing.summary import StageResults, build_summary, build_warnings, summary_text
+from patchbalance.balancing.weights import normalise_weights, sampler_weights
 from patchbalance.compute import Compute, open_compute
 from patchbalance.config import (
     BalancedDatasetConfig,
@@ -146,7 +146,7 @@ def _uniqueness_stage(
         notes["uniqueness_from_source"] = True
         notes["uniqueness_unknown_set_to_median"] = int(unknown.sum())
         return scores, notes
-    from patchbalance.build.uniqueness import compute_uniqueness
+    from patchbalance.balancing.uniqueness import compute_uniqueness
 
     if source.embeddings is not None:
         vectors = np.asarray(source.embeddings, dtype=np.float32)[active]
@@ -207,7 +207,7 @@ def _check_outputs(
         if name in FOOTPRINT_FORMATS.values():
             check_footprint_writer(name)
     if config.output.postgres_table is not None:
-        from patchbalance.build.postgres_table import check_postgres_table
+        from patchbalance.balancing.postgres_table import check_postgres_table
 
         # Before any work: an existing table under if_exists: fail, or the source itself.
         check_postgres_table(config)
@@ -303,7 +303,7 @@ def _write_outputs(
             )
             summary[f"{kind}_skipped"] = "rasters have no CRS"
     if config.output.postgres_table is not None:
-        from patchbalance.build.postgres_table import describe, write_postgres_table
+        from patchbalance.balancing.postgres_table import describe, write_postgres_table
 
         summary["postgres_table"] = write_postgres_table(written, infos, config)
         outputs["postgres_table"] = describe(config)

@@ -2,7 +2,7 @@
 
 Every function takes arrays over the active patches only and returns an array of the same
 length; `sampler_weights` scatters the result back over all rows and gives excluded rows 0.
-The methods themselves, by name, are the registry in `patchbalance.build.methods`.
+The methods themselves, by name, are the registry in `patchbalance.balancing.methods`.
 """
 
 from __future__ import annotations
