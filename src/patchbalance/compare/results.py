@@ -48,8 +48,9 @@ def class_label(results: dict[str, Any], c: int | str) -> str:
 
 
 def markdown_text(text: str) -> str:
-    """Return `text` safe inside a Markdown table cell: HTML escaped, `|` escaped."""
-    return html.escape(str(text), quote=False).replace("|", "\\|")
+    """Return `text` safe inside a Markdown table cell: HTML escaped, `|` and `$` (a table
+    separator, and math on GitHub) escaped with a backslash."""
+    return re.sub(r"([|$])", r"\\\1", html.escape(str(text), quote=False))
 
 
 def _label(results: dict[str, Any], c: int | str) -> str:
