@@ -102,7 +102,7 @@ def gains_table(
         lines.append(f"| {name} | " + " | ".join(gain_cell(g) for g in gains.values()) + " |")
         unresolved = {r: g["seeds_to_resolve"] for r, g in gains.items() if spans_zero(g)}
         if unresolved:
-            notes.append(f"- {name}{resolve_note(results, unresolved)}")
+            notes.append(f"- {name}: {resolve_note(results, unresolved)}")
     return lines + ([""] + notes if notes else [])
 
 
@@ -116,8 +116,9 @@ def report(
     rows = [*(str(c) for c in interest), *SUMMARY_ROWS]
     arms = [arm for arm in at["arm"].unique() if arm != baseline]
     seeds = at[at["class"] == MIOU].groupby("arm")["seed"].nunique()
+    counts = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()} to {seeds.max()}"
     lines = [
-        f"Step {int(at['step'].iloc[0])}, τ = 0, {seeds.min()} to {seeds.max()} seeds per arm; "
+        f"Step {int(at['step'].iloc[0])}, τ = 0, {counts} seeds per arm; "
         "gains in IoU points, mean [95 % Student-t interval] (seeds better / seeds).",
         "",
         *iou_table(at, results, rows),

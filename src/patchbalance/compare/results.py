@@ -229,7 +229,9 @@ def resolve_note(results: dict[str, Any], unresolved: dict[str, int | None]) -> 
             parts.append(f"{label} about {n}")
     if not parts:
         return ""
-    return "; intervals spanning 0 would need, at the observed spread, seeds: " + ", ".join(parts)
+    return "seeds that would resolve the intervals spanning 0, at the observed spread: " + (
+        ", ".join(parts)
+    )
 
 
 def verdict_text(results: dict[str, Any]) -> str:
@@ -256,7 +258,8 @@ def verdict_text(results: dict[str, Any]) -> str:
             why = "does not help (lowers mIoU)"
         else:
             why = "does not help (not every class of interest has an interval above 0)"
-        lines.append(f"  {arm}: {why}: {cells}{resolve_note(results, verdict['unresolved'])}")
+        note = resolve_note(results, verdict["unresolved"])
+        lines.append(f"  {arm}: {why}: {cells}" + (f"; {note}" if note else ""))
     if not judged["judged"]:
         lines.append(too_few_seeds(judged))
     else:
