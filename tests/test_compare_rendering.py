@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from patchbalance.cli import app
 from patchbalance.compare.results import markdown, verdict_text
 from patchbalance.compare.statistics import class_groups, summarise, verdict
 from patchbalance.demo import write_demo_dataset
+from test_compare import tiny_configs
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "conf" / "examples"
 NAMES = {"0": "soil", "1": "<b>grass</b>", "2": "wa|ter", "3": "$x^$ building"}
 SEEDS = [42, 43, 44, 45, 46]
 
@@ -109,19 +107,7 @@ def dollar_compare(tmp_path_factory):
     """Run a tiny compare whose class names hold `$`, HTML and `|`; return its folder."""
     root = tmp_path_factory.mktemp("dollar")
     demo = write_demo_dataset(root / "demo")
-    train = yaml.safe_load((EXAMPLES / "compare_train.yaml").read_text())
-    train["train_dataset"]["input_csv_path"] = str(demo["table"])
-    train["val_dataset"]["input_csv_path"] = str(demo["val"])
-    train["val_dataset"]["n_first_rows_to_read"] = 4
-    train["hyperparameters"]["batch_size"] = 2
-    (root / "train.yaml").write_text(yaml.safe_dump(train))
-    block = {
-        "build": str(demo["config"]), "train": "train.yaml",
-        "arms": {"rank_max": {"build": {"sampling_method": "rank_max"}}},
-        "seeds": 2, "steps": 1, "eval_every": 1, "output_dir": "out",
-        "class_names": {int(k): v for k, v in NAMES.items()},
-    }  # fmt: skip
-    (root / "compare.yaml").write_text(yaml.safe_dump({"compare": block}))
+    tiny_configs(root, demo, steps=1, class_names={int(k): v for k, v in NAMES.items()})
     result = CliRunner().invoke(app, ["compare", str(root / "compare.yaml"), "-q"])
     return root, result
 
