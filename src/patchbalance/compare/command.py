@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from patchbalance.balanced_table import SAMPLER_WEIGHT
+from patchbalance.atomic import atomic_writer
+from patchbalance.balanced_table import SAMPLER_WEIGHT, read_balanced_table
 from patchbalance.compare.config import (
     UNIFORM,
     UNIFORM_BUILD,
@@ -16,6 +17,7 @@ from patchbalance.compare.config import (
     load_compare_config,
 )
 from patchbalance.compare.engine import CompareRuns, run_compare_runs
+from patchbalance.compare.files import check_compare_outputs
 from patchbalance.compare.results import verdict_text, write_results
 from patchbalance.compare.statistics import learning_curves, plateau_check, summarise, verdict
 from patchbalance.errors import MissingDependencyError
@@ -34,13 +36,9 @@ def _sampling(runs: CompareRuns) -> dict[str, Any]:
 
 
 def _drawable(table: Any) -> int:
-    from patchbalance.table import read_table
-
-    frame = read_table(table.path)
-    weights = frame[SAMPLER_WEIGHT].to_numpy(dtype=float)
-    if "excluded" in frame:
-        weights = weights * ~frame["excluded"].astype(bool).to_numpy()
-    return int((weights > 0).sum())
+    """Return how many rows of an arm's table can be drawn (`excluded` read by the one rule)."""
+    balanced = read_balanced_table(table.path, columns=[SAMPLER_WEIGHT])
+    return int((balanced.drawn_weights(warn=False) > 0).sum())
 
 
 def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
@@ -86,8 +84,10 @@ def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
 def run_compare(plan: ComparePlan, progress: bool = False) -> dict[str, Any]:
     """Run the comparison of `plan`; write results.json, results.md, results.html; return them."""
     started = time.perf_counter()
+    check_compare_outputs(plan)
     runs = run_compare_runs(plan, progress)
-    runs.runs.to_csv(plan.output_dir / "runs.csv", index=False)
+    with atomic_writer(plan.output_dir / "runs.csv", "w") as stream:
+        runs.runs.to_csv(stream, index=False)
     results = compare_results(plan, runs)
     results["seconds"] = time.perf_counter() - started
     paths = write_results(results, plan.output_dir)
@@ -126,6 +126,7 @@ def run_compare_command(
     """Run `patchbalance compare CONFIG`; return the verdict and where the results are."""
     plan = load_compare_config(config_path, overrides)
     if dry_run:
+        check_compare_outputs(plan)
         return "dry run: nothing built or trained\n" + plan_text(plan)
     results = run_compare(plan, progress=progress)
     trained, reused = len(results["trained"]), len(results["reused"])

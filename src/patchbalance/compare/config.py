@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,6 +124,7 @@ class ComparePlan:
     arms: dict[str, Arm]
     output_dir: Path
     where: str
+    configs: dict[str, Path] = field(default_factory=dict)  # the config files, by what they hold
 
     @property
     def baseline(self) -> str:
@@ -264,7 +265,8 @@ def plan_compare(config: CompareConfig, base_dir: Path, where: str) -> ComparePl
             build_base=build_path.parent,
         )
     output_dir = resolve_path(config.output_dir, base_dir)
-    return ComparePlan(config=config, arms=arms, output_dir=output_dir, where=where)
+    configs = {"build": build_path, "train": train_path}
+    return ComparePlan(config, arms, output_dir, where, configs)
 
 
 ARM_KEY = re.compile(r"unknown key 'arms\.[^.']+\.[^.']+'")
@@ -290,7 +292,9 @@ def load_compare_config(
         config = load_model_file(CompareConfig, "compare", path, overrides or [])
     except ConfigError as exc:
         raise _with_arm_hint(exc) from exc
-    return plan_compare(config, path.resolve().parent, str(path))
+    plan = plan_compare(config, path.resolve().parent, str(path))
+    plan.configs["compare"] = resolve_path(path, Path.cwd())
+    return plan
 
 
 def compare_plan_from_mapping(

@@ -25,13 +25,26 @@ from typing import Any
 
 import pandas as pd
 
-from patchbalance.atomic import atomic_writer
+from patchbalance.atomic import atomic_writer, file_sha256
 from patchbalance.compare.config import LENGTH_KEYS, ComparePlan, digest
+from patchbalance.compare.files import train_input_paths
+from patchbalance.compare.reuse import (
+    FILES,
+    INPUTS,
+    TABLE,
+    file_hashes,
+    input_fingerprint,
+    metrics_problem,
+    read_marker,
+    recorded_problem,
+)
 from patchbalance.compare.statistics import TAUS
 from patchbalance.compare.tables import DONE, ArmTable, build_arm_table, rarest_classes
 from patchbalance.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+METRICS = "metrics.csv"
 
 
 @dataclass
@@ -45,17 +58,32 @@ class RunJob:
     epochs: int
     key: str
     threads: int
+    table_sha256: str = ""  # the arm's table the run trains on
+    table_reused: bool = True  # whether that table is a finished build reused as it was
+    inputs: dict[str, Any] = field(default_factory=dict)  # `compare.reuse.input_fingerprint`
+
+    @property
+    def name(self) -> str:
+        """Return "ARM/seedN"."""
+        return f"{self.arm}/seed{self.seed}"
 
     def finished(self) -> bool:
-        """Return True when the run's marker matches its settings and its metrics are complete."""
-        marker, metrics = self.run_dir / DONE, self.run_dir / "metrics.csv"
-        if not marker.is_file() or not metrics.is_file():
+        """Return True when the run can be reused (`compare.reuse`); log why a marked one can't."""
+        marker = read_marker(self.run_dir / DONE)
+        if marker is None or marker.get("key") != self.key:
             return False
-        try:
-            same = json.loads(marker.read_text()).get("key") == self.key
-            return same and len(pd.read_csv(metrics)) == self.epochs
-        except (OSError, ValueError, pd.errors.ParserError):
-            return False
+        problem = self._reuse_problem(marker)
+        if problem:
+            log.warning("run %s: %s; training it again", self.name, problem)
+        return problem is None
+
+    def _reuse_problem(self, marker: dict[str, Any]) -> str | None:
+        recorded = marker.get(TABLE)  # None in markers written before tables were hashed
+        if not (self.table_reused if recorded is None else recorded == self.table_sha256):
+            return "its arm's table is not the one it trained on"
+        return recorded_problem(self.run_dir, marker, self.inputs) or metrics_problem(
+            self.run_dir / METRICS, self.epochs
+        )
 
 
 @dataclass
@@ -122,6 +150,9 @@ def train_run(job: RunJob) -> float:
         "seed": job.seed,
         "seconds": seconds,
         "trained_on": getattr(result, "trained_on", {}),
+        TABLE: job.table_sha256,
+        FILES: file_hashes(job.run_dir, [METRICS]),
+        INPUTS: job.inputs,
     }
     with atomic_writer(job.run_dir / DONE, "w") as stream:
         json.dump(marker, stream, default=str)
@@ -130,8 +161,10 @@ def train_run(job: RunJob) -> float:
 
 def _jobs(plan: ComparePlan, tables: dict[str, ArmTable]) -> list[RunJob]:
     jobs = []
+    train_base = Path(plan.configs.get("train", Path.cwd())).parent
     # Arm by arm, so that an interrupted comparison leaves whole arms.
     for arm, table in tables.items():
+        table_sha256 = file_sha256(table.path)
         for seed in plan.seeds:
             config = run_config(plan, arm, seed, table.path)
             key = digest({"train": config, "table": table.key})
@@ -144,6 +177,9 @@ def _jobs(plan: ComparePlan, tables: dict[str, ArmTable]) -> list[RunJob]:
                     epochs=int(config["hyperparameters"]["epochs"]),
                     key=key,
                     threads=plan.config.threads,
+                    table_sha256=table_sha256,
+                    table_reused=table.reused,
+                    inputs=input_fingerprint(train_input_paths(config, train_base)),
                 )
             )
     return jobs
@@ -197,7 +233,7 @@ def train_all(plan: ComparePlan, jobs: list[RunJob]) -> tuple[dict[str, float], 
 
 def run_metrics(run_dir: Path, arm: str, seed: int) -> pd.DataFrame:
     """Return one row per (step, tau, class) of a run's metrics.csv: IoU, precision, recall."""
-    metrics = pd.read_csv(run_dir / "metrics.csv")
+    metrics = pd.read_csv(run_dir / METRICS)
     classes = sorted(
         int(m.group(1)) for m in map(re.compile(r"iou_(\d+)$").match, metrics.columns) if m
     )

@@ -42,8 +42,9 @@ import pandas as pd
 import torch
 
 from patchbalance.atomic import atomic_writer
+from patchbalance.balanced_table import read_balanced_table
 from patchbalance.errors import ConfigError
-from patchbalance.table import class_columns, class_share, drawn_weights, read_table, table_columns
+from patchbalance.table import class_columns, class_share, drawn_weights, table_columns
 
 log = logging.getLogger(__name__)
 
@@ -307,16 +308,16 @@ def dataset_class_counts(dataset: Any, n_classes: int) -> np.ndarray:
             f"table, and {path} has none; train on a table from build-balanced-dataset, or give "
             "the weights as a list"
         )
-    table = read_table(path, columns, what="training table")
-    numbers = getattr(dataset, "row_numbers", None)
-    if numbers is not None:  # the rows the dataset kept (n_first_rows_to_read, drop_excluded)
-        table = table.iloc[np.asarray(numbers) - 1]
-    raw = table.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    # The rows the dataset kept (n_first_rows_to_read, drop_excluded), read by the table's
+    # one pixel-count rule: text, empty, negative or fractional counts in an active row are an
+    # error naming the column and the row, as in `report`.
+    table = read_balanced_table(path, columns=columns, rows=getattr(dataset, "row_numbers", None))
+    raw, _ = table.class_counts()
     index = _class_index_of_values(dataset, values, n_classes)
     # Several raw values may map to one class (mask_class_mapping): sum their columns.
     to_class = np.zeros((len(values), n_classes))
     to_class[np.flatnonzero(index >= 0), index[index >= 0]] = 1.0
-    return np.nan_to_num(raw) @ to_class
+    return raw @ to_class
 
 
 def training_class_weights(
