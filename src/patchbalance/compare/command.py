@@ -17,7 +17,7 @@ from patchbalance.compare.config import (
     load_compare_config,
 )
 from patchbalance.compare.engine import CompareRuns, run_compare_runs
-from patchbalance.compare.files import check_compare_outputs
+from patchbalance.compare.preflight import preflight
 from patchbalance.compare.results import verdict_text, write_results
 from patchbalance.compare.statistics import learning_curves, plateau_check, summarise, verdict
 from patchbalance.errors import MissingDependencyError
@@ -84,7 +84,7 @@ def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
 def run_compare(plan: ComparePlan, progress: bool = False) -> dict[str, Any]:
     """Run the comparison of `plan`; write results.json, results.md, results.html; return them."""
     started = time.perf_counter()
-    check_compare_outputs(plan)
+    preflight(plan)
     runs = run_compare_runs(plan, progress)
     with atomic_writer(plan.output_dir / "runs.csv", "w") as stream:
         runs.runs.to_csv(stream, index=False)
@@ -101,6 +101,13 @@ def run_compare(plan: ComparePlan, progress: bool = False) -> dict[str, Any]:
     return results
 
 
+def _seeds_text(seeds: list[int], shown: int = 10) -> str:
+    """Return "42, 43, 44" or, for many seeds, "42, 43, ... 1041 (1000 seeds)"."""
+    if len(seeds) <= shown:
+        return ", ".join(map(str, seeds))
+    return f"{', '.join(map(str, seeds[: shown - 1]))}, ... {seeds[-1]} ({len(seeds)} seeds)"
+
+
 def plan_text(plan: ComparePlan) -> str:
     """Return what a comparison will do (what `--dry-run` prints)."""
     config = plan.config
@@ -108,7 +115,7 @@ def plan_text(plan: ComparePlan) -> str:
     lines = [
         f"{len(plan.arms)} arms x {config.seeds} seeds = {runs} trainings of {config.steps} "
         f"steps, validation every {config.eval_every} (short budget {config.short_budget})",
-        f"seeds: {', '.join(str(s) for s in plan.seeds)}; baseline: {plan.baseline}; "
+        f"seeds: {_seeds_text(plan.seeds)}; baseline: {plan.baseline}; "
         f"{config.jobs} at a time, {config.threads} thread(s) each",
     ]
     specs = {UNIFORM: ArmConfig(build=UNIFORM_BUILD), **config.arms}
@@ -126,7 +133,7 @@ def run_compare_command(
     """Run `patchbalance compare CONFIG`; return the verdict and where the results are."""
     plan = load_compare_config(config_path, overrides)
     if dry_run:
-        check_compare_outputs(plan)
+        preflight(plan)
         return "dry run: nothing built or trained\n" + plan_text(plan)
     results = run_compare(plan, progress=progress)
     trained, reused = len(results["trained"]), len(results["reused"])

@@ -28,6 +28,7 @@ import pandas as pd
 from patchbalance.atomic import atomic_writer, file_sha256
 from patchbalance.compare.config import LENGTH_KEYS, ComparePlan, digest
 from patchbalance.compare.files import train_input_paths
+from patchbalance.compare.preflight import naming_arm
 from patchbalance.compare.reuse import (
     FILES,
     INPUTS,
@@ -140,7 +141,8 @@ def train_run(job: RunJob) -> float:
     torch.set_num_threads(job.threads)
     try:
         started = time.perf_counter()
-        result = train_from_config(job.config)
+        with naming_arm(job.arm):
+            result = train_from_config(job.config)
         seconds = time.perf_counter() - started
     finally:
         torch.set_num_threads(threads)
@@ -266,7 +268,8 @@ def build_all(plan: ComparePlan, progress: bool = False) -> tuple[dict[str, ArmT
     Raises `ConfigError` before any training when a class of interest is not a class of the
     baseline's table.
     """
-    baseline = build_arm_table(plan, plan.baseline, progress)
+    with naming_arm(plan.baseline, plan.where):
+        baseline = build_arm_table(plan, plan.baseline, progress)
     interest = plan.config.classes_of_interest or rarest_classes(
         baseline.figures, plan.config.catch_all
     )
@@ -279,7 +282,8 @@ def build_all(plan: ComparePlan, progress: bool = False) -> tuple[dict[str, ArmT
     tables = {plan.baseline: baseline}
     for name in plan.arms:
         if name != plan.baseline:
-            tables[name] = build_arm_table(plan, name, progress)
+            with naming_arm(name, plan.where):
+                tables[name] = build_arm_table(plan, name, progress)
     return tables, list(interest)
 
 

@@ -53,6 +53,7 @@ CLASS_WEIGHTS_FILE = "class_weights.json"
 LOSS_OPTION_KEYS = ("class_weights", "max_class_weight")
 CROSS_ENTROPY = "cross_entropy"
 DICE = "dice"
+DICE_MODES = ("binary", "multiclass", "multilabel")
 CROSS_ENTROPY_TARGETS = ("torch.nn.CrossEntropyLoss", "torch.nn.modules.loss.CrossEntropyLoss")
 TERM_TARGETS = {
     CROSS_ENTROPY: "torch.nn.CrossEntropyLoss",
@@ -399,6 +400,11 @@ def _term(item: Any, where: str, ignore_index: int, in_terms: bool = True) -> Lo
         spec["_target_"] = TERM_TARGETS[name]
         if name == DICE:
             spec.setdefault("mode", "multiclass")
+    if str(spec["_target_"]) == TERM_TARGETS[DICE] and spec.get("mode") not in DICE_MODES:
+        raise ConfigError(
+            f"{where}.mode must be one of {', '.join(DICE_MODES)} (segmentation_models_pytorch's "
+            f"DiceLoss modes; multiclass for class masks), got {spec.get('mode')!r}"
+        )
     target = str(spec["_target_"])
     if target in CROSS_ENTROPY_TARGETS or target == TERM_TARGETS[DICE]:
         # Masks carry ignore_index for nodata; both losses must skip it.
@@ -424,6 +430,11 @@ def loss_terms(block: Mapping[str, Any] | None, ignore_index: int) -> list[LossT
         if not isinstance(items, Sequence) or isinstance(items, str) or not items:
             raise ConfigError("loss.terms must be a non-empty list of terms")
         terms = [_term(item, f"loss.terms[{i}]", ignore_index) for i, item in enumerate(items)]
+        if not any(term.factor for term in terms):
+            raise ConfigError(
+                "loss.terms: every factor is 0, so the loss is 0 and nothing would train; give "
+                "at least one term a factor above 0"
+            )
     else:
         spec.setdefault("_target_", TERM_TARGETS[CROSS_ENTROPY])
         spec.pop("name", None)  # upstream losses carry a display name

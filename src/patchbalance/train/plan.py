@@ -22,6 +22,7 @@ from patchbalance.table import drawn_weights
 from patchbalance.train.components import (
     DEFAULT_MODEL,
     build_dataset,
+    build_loss,
     resolve_device,
 )
 from patchbalance.train.config import (
@@ -33,7 +34,6 @@ from patchbalance.train.config import (
 )
 from patchbalance.train.loss import (
     ClassWeights,
-    loss_terms,
     parse_class_weights,
     training_class_weights,
 )
@@ -199,8 +199,9 @@ def plan_training(
     ratio = np.zeros(n_classes)
     if cfg.prior_correction is not None:
         ratio = class_log_prior_ratio(train_dataset, n_classes, weighted)
-    # The loss block is checked here, before the first step, though built with the model.
-    loss_terms(cfg.loss, ignore_index)
+    # The loss is instantiated here (a misspelt argument of its class fails in --dry-run),
+    # though the one that trains is built with the model.
+    build_loss(cfg.loss, ignore_index)
     class_weights_spec = parse_class_weights(cfg.loss, n_classes)
     class_weights = (
         None
