@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import yaml
@@ -29,3 +30,12 @@ def tiny_configs(root: Path, demo: dict, **compare) -> Path:
     }
     (root / "compare.yaml").write_text(yaml.safe_dump({"compare": block}))
     return root / "compare.yaml"
+
+
+def sleepy_training(job: tuple[str, float, str]) -> float:
+    """Stand in for a training run (in a worker process): mark its start, sleep, mark its end."""
+    name, seconds, folder = job
+    (Path(folder) / f"{name}.started").touch()
+    time.sleep(seconds)
+    (Path(folder) / f"{name}.finished").touch()
+    return seconds

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from patchbalance.atomic import atomic_writer
 from patchbalance.balanced_table import SAMPLER_WEIGHT, read_balanced_table
 from patchbalance.compare.config import (
@@ -16,7 +18,7 @@ from patchbalance.compare.config import (
     ComparePlan,
     load_compare_config,
 )
-from patchbalance.compare.engine import CompareRuns, run_compare_runs
+from patchbalance.compare.engine import CompareInterrupted, CompareRuns, run_compare_runs
 from patchbalance.compare.preflight import preflight
 from patchbalance.compare.results import verdict_text, write_results
 from patchbalance.compare.statistics import learning_curves, plateau_check, summarise, verdict
@@ -81,13 +83,29 @@ def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
     }
 
 
+def _write_runs(plan: ComparePlan, runs: pd.DataFrame) -> None:
+    with atomic_writer(plan.output_dir / "runs.csv", "w") as stream:
+        runs.to_csv(stream, index=False)
+
+
 def run_compare(plan: ComparePlan, progress: bool = False) -> dict[str, Any]:
     """Run the comparison of `plan`; write results.json, results.md, results.html; return them."""
     started = time.perf_counter()
     preflight(plan)
-    runs = run_compare_runs(plan, progress)
-    with atomic_writer(plan.output_dir / "runs.csv", "w") as stream:
-        runs.runs.to_csv(stream, index=False)
+    try:
+        runs = run_compare_runs(plan, progress)
+    except CompareInterrupted as stop:
+        # Keep what finished: its runs stay reusable, and runs.csv shows them now.
+        _write_runs(plan, stop.runs)
+        done = stop.runs[["arm", "seed"]].drop_duplicates() if len(stop.runs) else stop.runs
+        log.warning(
+            "interrupted: %d of %d runs finished; %s holds them, and the same command resumes",
+            len(done),
+            stop.total,
+            plan.output_dir / "runs.csv",
+        )
+        raise
+    _write_runs(plan, runs.runs)
     results = compare_results(plan, runs)
     results["seconds"] = time.perf_counter() - started
     paths = write_results(results, plan.output_dir)

@@ -17,8 +17,10 @@ import logging
 import multiprocessing
 import re
 import shutil
+import signal
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -214,23 +216,64 @@ def train_all(plan: ComparePlan, jobs: list[RunJob]) -> tuple[dict[str, float], 
         plan.config.steps,
     )
     workers = 1 if _on_gpu(plan) else min(plan.config.jobs, max(len(pending), 1))
-    names = [f"{job.arm}/seed{job.seed}" for job in pending]
+
+    def record(job: RunJob, spent: float) -> None:
+        seconds[job.name] = spent
+        log.info(
+            "[%d/%d] %s: %.0f s",
+            len(seconds) - len(jobs) + len(pending),
+            len(pending),
+            job.name,
+            spent,
+        )
+
     if workers == 1:
-        results = (train_run(job) for job in pending)
-        for count, (name, spent) in enumerate(zip(names, results, strict=True), start=1):
-            seconds[name] = spent
-            log.info("[%d/%d] %s: %.0f s", count, len(pending), name, spent)
-        return seconds, names
+        for job in pending:
+            record(job, train_run(job))
+    else:
+        train_in_pool(pending, workers, record)
+    return seconds, [job.name for job in pending]
+
+
+def _ignore_interrupts() -> None:
+    """Let a worker finish its training when the terminal's Ctrl-C reaches its process group."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def train_in_pool(
+    pending: list[Any], workers: int, record: Callable, train: Callable = train_run
+) -> None:
+    """Call `train(job)` for every job in `workers` processes, a job given only to a free one.
+
+    `record(job, result)` is called in this process as each finishes.
+
+    On an interrupt (Ctrl-C, `kill -INT`) no other run starts: the running ones finish and are
+    recorded, then `KeyboardInterrupt` goes on up.
+    """
     # Spawned, not forked: the builds may have run torch in this process, and a forked child
     # of a process that used OpenMP threads can hang.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        for count, (name, spent) in enumerate(
-            zip(names, pool.map(train_run, pending), strict=True), start=1
-        ):
-            seconds[name] = spent
-            log.info("[%d/%d] %s: %.0f s", count, len(pending), name, spent)
-    return seconds, names
+    queue, running = list(pending), {}
+    with ProcessPoolExecutor(workers, context, initializer=_ignore_interrupts) as pool:
+        try:
+            while queue or running:
+                while queue and len(running) < workers:
+                    job = queue.pop(0)
+                    running[pool.submit(train, job)] = job
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    record(running.pop(future), future.result())
+        except KeyboardInterrupt:
+            log.warning(
+                "interrupted: finishing the %d running training(s) and starting none of the %d "
+                "queued",
+                len(running),
+                len(queue),
+            )
+            for future in as_completed(running):
+                if future.exception() is None:
+                    record(running[future], future.result())
+            raise
 
 
 def run_metrics(run_dir: Path, arm: str, seed: int) -> pd.DataFrame:
@@ -287,14 +330,31 @@ def build_all(plan: ComparePlan, progress: bool = False) -> tuple[dict[str, ArmT
     return tables, list(interest)
 
 
+class CompareInterrupted(KeyboardInterrupt):
+    """An interrupted comparison, with the metrics of the runs that had finished."""
+
+    def __init__(self, runs: pd.DataFrame, total: int) -> None:
+        super().__init__()
+        self.runs = runs
+        self.total = total
+
+
+def _gathered(jobs: list[RunJob]) -> pd.DataFrame:
+    """Return the metrics of `jobs`, one row per (run, step, tau, class)."""
+    frames = [run_metrics(job.run_dir, job.arm, job.seed) for job in jobs]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
 def run_compare_runs(plan: ComparePlan, progress: bool = False) -> CompareRuns:
     """Build every arm, train every arm x seed (reusing finished work), gather the metrics."""
     tables, interest = build_all(plan, progress)
     jobs = _jobs(plan, tables)
-    seconds, trained = train_all(plan, jobs)
-    runs = pd.concat(
-        [run_metrics(job.run_dir, job.arm, job.seed) for job in jobs], ignore_index=True
-    )
+    try:
+        seconds, trained = train_all(plan, jobs)
+    except KeyboardInterrupt:
+        finished = [job for job in jobs if job.finished()]
+        raise CompareInterrupted(_gathered(finished), len(jobs)) from None
+    runs = _gathered(jobs)
     reused = [
         f"{job.arm}/seed{job.seed}" for job in jobs if f"{job.arm}/seed{job.seed}" not in trained
     ]
