@@ -1,5 +1,5 @@
 """What `compare` and `train` refuse before any work, `--dry-run` included (docs/bad-input.md,
-round four, B4-B9): each a one-line error naming the arm or the key, exit 2, nothing written."""
+round four, B5-B9): each a one-line error naming the arm or the key, exit 2, nothing written."""
 
 from __future__ import annotations
 

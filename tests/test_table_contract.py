@@ -1,4 +1,5 @@
-"""The balanced table's one set of rules, read the same way by `report`, `train` and `compare`."""
+"""The balanced table's one set of rules, read the same way by `report`, `train` and `compare`
+(docs/bad-input.md, round four, B4)."""
 
 from __future__ import annotations
 
