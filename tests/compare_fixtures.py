@@ -39,3 +39,10 @@ def sleepy_training(job: tuple[str, float, str]) -> float:
     time.sleep(seconds)
     (Path(folder) / f"{name}.finished").touch()
     return seconds
+
+
+def error_line(result) -> str:
+    """Return the one `error:` line a command printed (asserting one, and no traceback)."""
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+    return errors[0]

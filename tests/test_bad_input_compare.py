@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from compare_fixtures import tiny_configs
+from compare_fixtures import error_line, tiny_configs
 from patchbalance.cli import app
 from patchbalance.compare import load_compare_config
 from patchbalance.compare.engine import _jobs, build_all
@@ -23,12 +23,6 @@ from patchbalance.compare.reuse import FILES, INPUTS, TABLE
 from patchbalance.demo import write_demo_dataset
 
 runner = CliRunner()
-
-
-def error_line(result) -> str:
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

@@ -7,18 +7,12 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from compare_fixtures import EXAMPLES, tiny_configs
+from compare_fixtures import EXAMPLES, error_line, tiny_configs
 from data_fixtures import write_training_tables
 from patchbalance.cli import app
 from patchbalance.demo import write_demo_dataset
 
 runner = CliRunner()
-
-
-def error_line(result) -> str:
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    return errors[0]
 
 
 @pytest.fixture(scope="module")

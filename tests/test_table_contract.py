@@ -12,7 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from compare_fixtures import EXAMPLES
+from compare_fixtures import EXAMPLES, error_line
 from data_fixtures import write_training_tables
 from patchbalance.cli import app
 from patchbalance.compare.command import _drawable
@@ -22,12 +22,6 @@ from patchbalance.train.loss import dataset_class_counts
 from patchbalance.train.metrics import class_log_prior_ratio
 
 runner = CliRunner()
-
-
-def error_line(result) -> str:
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    return errors[0]
 
 
 @pytest.mark.parametrize(("value", "shown"), [(2, "2"), (0.5, "0.5"), (-1, "-1")])
