@@ -3,6 +3,7 @@ starts, and what finished is kept (docs/bad-input.md, round four, B10)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -12,7 +13,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from compare_fixtures import sleepy_training, tiny_configs
+from compare_fixtures import error_line, sleepy_training, tiny_configs
 from patchbalance.cli import app
 from patchbalance.compare import command
 from patchbalance.compare.engine import CompareInterrupted, train_in_pool
@@ -44,15 +45,24 @@ def test_an_interrupt_lets_the_running_trainings_finish_and_starts_no_queued_one
     assert sorted(recorded) == started == finished
 
 
-def test_an_interrupted_compare_writes_the_finished_runs_and_exits_130(tmp_path, monkeypatch):
-    config = tiny_configs(tmp_path, write_demo_dataset(tmp_path / "demo"))
-    finished = pd.DataFrame(
-        {"arm": "uniform", "seed": 42, "step": [1], "tau": 0.0, "class": "miou", "iou": 0.5}
-    )
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return write_demo_dataset(tmp_path_factory.mktemp("demo"))
 
-    def interrupted(plan, progress=False):
-        raise CompareInterrupted(finished, total=4)
 
+FINISHED = pd.DataFrame(
+    {"arm": "uniform", "seed": 42, "step": [1], "tau": 0.0, "class": "miou", "iou": 0.5}
+)
+
+
+def interrupted(plan, progress=False):
+    """Stand in for the builds and trainings: interrupted after one of four runs."""
+    raise CompareInterrupted(FINISHED, total=4)
+
+
+def test_an_interrupted_compare_writes_the_finished_runs_and_exits_130(tmp_path, demo, monkeypatch):
+    config = tiny_configs(tmp_path, demo)
+    finished = FINISHED
     monkeypatch.setattr(command, "run_compare_runs", interrupted)
     result = runner.invoke(app, ["compare", str(config)])
 
@@ -61,3 +71,22 @@ def test_an_interrupted_compare_writes_the_finished_runs_and_exits_130(tmp_path,
     kept = pd.read_csv(tmp_path / "out" / "runs.csv")
     pd.testing.assert_frame_equal(kept, finished, check_dtype=False)
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_runs_csv_is_replaced_whole_or_not_at_all(tmp_path, demo, monkeypatch):
+    config = tiny_configs(tmp_path, demo)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "runs.csv").write_text("the previous runs\n")
+
+    def disk_full(frame, stream, **options):
+        stream.write("arm,seed\nuniform,")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(command, "run_compare_runs", interrupted)
+    monkeypatch.setattr(pd.DataFrame, "to_csv", disk_full)
+    result = runner.invoke(app, ["compare", str(config)])
+
+    assert result.exit_code == 2, result.output
+    assert "runs.csv" in error_line(result) and "no space left" in error_line(result).lower()
+    assert (tmp_path / "out" / "runs.csv").read_text() == "the previous runs\n"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["runs.csv"]
