@@ -5,7 +5,7 @@ train`, with the arm's merged train config and these settings of the comparison:
 arm's table, weighted draws of `eval_every x batch_size` patches per "epoch" (so validation on
 the whole `val_dataset` comes every `eval_every` steps: the learning curve), `steps /
 eval_every` epochs, and prior correction tau = 1 beside tau = 0. A run is finished when its
-completion marker matches its settings and its metrics file holds every validation; a finished
+completion marker matches its settings, its files and inputs (`compare.reuse`); a finished
 run is reused, any other run folder is cleared and trained again.
 """
 

@@ -1,7 +1,7 @@
 """Each arm's training table: its build, run once, and an optional CoreSet over it.
 
 A finished build is reused when the arm's merged configs are unchanged (a digest of them is
-kept beside the table); embeddings-mode arms share one embeddings cache, so each patch is
+kept beside the table) and its table and inputs are those its marker recorded (`compare.reuse`); embeddings-mode arms share one embeddings cache, so each patch is
 embedded once whatever the number of arms and seeds.
 """
 
