@@ -15,10 +15,10 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from compare_fixtures import EXAMPLES, tiny_configs
 from patchbalance.cli import app
 from patchbalance.demo import write_demo_dataset
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "conf" / "examples"
 runner = CliRunner()
 TINY = ["--set", "seeds=2", "--set", "steps=2", "--set", "eval_every=1", "-q"]
 # An arm that differs from the provided uniform baseline only in its name.
@@ -114,26 +114,6 @@ def test_two_arms_that_differ_only_in_name_give_identical_per_seed_results(examp
         pd.testing.assert_frame_equal(same[columns], base[columns])
 
 
-def tiny_configs(root: Path, demo: dict, **compare) -> Path:
-    """Write a tiny train config (small Unet, 8 validation windows) and a compare config."""
-    train = yaml.safe_load((EXAMPLES / "compare_train.yaml").read_text())
-    train["train_dataset"]["input_csv_path"] = str(demo["table"])
-    train["val_dataset"]["input_csv_path"] = str(demo["val"])
-    train["val_dataset"]["n_first_rows_to_read"] = 8
-    train["hyperparameters"]["batch_size"] = 4
-    (root / "train.yaml").write_text(yaml.safe_dump(train))
-    block = {
-        "build": str(demo["config"]),
-        "train": "train.yaml",
-        "arms": {"rank_max": {"build": {"sampling_method": "rank_max"}}},
-        "seeds": 2,
-        "steps": 2,
-        "eval_every": 1,
-        "output_dir": "out",
-        **compare,
-    }
-    (root / "compare.yaml").write_text(yaml.safe_dump({"compare": block}))
-    return root / "compare.yaml"
 
 
 @pytest.fixture(scope="module")

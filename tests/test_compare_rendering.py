@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from compare_fixtures import tiny_configs
 from patchbalance.cli import app
 from patchbalance.compare.results import markdown, verdict_text
 from patchbalance.compare.statistics import class_groups, summarise, verdict
 from patchbalance.demo import write_demo_dataset
-from test_compare import tiny_configs
 
 NAMES = {"0": "soil", "1": "<b>grass</b>", "2": "wa|ter", "3": "$x^$ building"}
 SEEDS = [42, 43, 44, 45, 46]

@@ -31,6 +31,7 @@ from patchbalance.table import (
     row_numbers,
     rows_text,
     separator_hint,
+    table_columns,
 )
 
 SAMPLER_WEIGHT = "sampler_weight"
@@ -155,7 +156,7 @@ class BalancedTable:
                 "build it with build-balanced-dataset"
             )
         rows = ~self.excluded if self.excluded is not None else np.ones(len(self.frame), bool)
-        return class_counts(self.frame, columns, rows, self.where), values
+        return class_counts(self.frame, columns, rows, self.where, self.labels), values
 
     def footprints(self) -> tuple[np.ndarray, np.ndarray]:
         """Return (N, 4) window bounds xmin, ymin, xmax, ymax and (N,) CRS texts ("" for none)."""
@@ -182,13 +183,17 @@ def read_balanced_table(
     source: pd.DataFrame | str | Path,
     where: str | None = None,
     columns: list[str] | None = None,
+    rows: np.ndarray | None = None,
 ) -> BalancedTable:
     """Return the `BalancedTable` of a DataFrame, or of the CSV or Parquet file at `source`.
 
     Args:
         source: the table, or its path.
         where: names the table in messages (default: the path; none for a DataFrame).
-        columns: read only these columns of a file (`excluded` is added when present).
+        columns: read only these columns of a file (`excluded` and `sampler_weight` are
+            added when present).
+        rows: keep only these rows, by their 1-based numbers (the rows a training dataset
+            kept: `n_first_rows_to_read`, `drop_excluded`); messages keep those numbers.
 
     Returns:
         The table with its `excluded` column read as booleans (InputError naming the row of
@@ -198,7 +203,15 @@ def read_balanced_table(
         frame = source.reset_index(drop=True)
     else:
         where = where or str(source)
+        if columns is not None:
+            present = table_columns(Path(source), "balanced table")
+            columns = [*columns, *(c for c in (EXCLUDED, SAMPLER_WEIGHT) if c in present)]
+            columns = list(dict.fromkeys(columns))
         frame = read_table(Path(source), columns=columns, what="balanced table")
+    labels = row_numbers(np.arange(len(frame)))
+    if rows is not None:
+        labels = np.asarray(rows, dtype=np.int64)
+        frame = frame.iloc[labels - 1].reset_index(drop=True)
     if len(frame) == 0:
         raise InputError(
             f"{where + ': ' if where else ''}the table has no rows (only its header); nothing "
@@ -208,5 +221,5 @@ def read_balanced_table(
         frame=frame,
         where=where,
         excluded=excluded_column(frame, where),
-        labels=row_numbers(np.arange(len(frame))),
+        labels=labels,
     )

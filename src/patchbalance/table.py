@@ -81,13 +81,18 @@ def boolean_column(table: pd.DataFrame, name: str, where: str | None = None) -> 
 
 
 def _raise_not_boolean(column: pd.Series, name: str, bad: np.ndarray, where: str | None) -> None:
-    first = column.iloc[int(bad[0])]
+    first = _plain(column.iloc[int(bad[0])])
     problem = "is empty" if pd.isna(first) or not str(first).strip() else f"holds {first!r}"
     count = f" ({bad.size} rows in all)" if bad.size > 1 else ""
     raise InputError(
         f"{_prefix(where)}column '{name}' {problem} in {rows_text(bad[:1])}{count}; "
         f"a true/false column takes {BOOLEAN_RULE}"
     )
+
+
+def _plain(value: Any) -> Any:
+    """Return a numpy scalar as the Python number it holds (a message shows 2.0, not np.float64)."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def excluded_column(table: pd.DataFrame, where: str | None = None) -> np.ndarray | None:
@@ -225,13 +230,18 @@ def class_presence_threshold(min_pixels: float | None, window_pixels: np.ndarray
 
 
 def class_counts(
-    table: pd.DataFrame, columns: Sequence[str], rows: np.ndarray, where: str | None = None
+    table: pd.DataFrame,
+    columns: Sequence[str],
+    rows: np.ndarray,
+    where: str | None = None,
+    labels: np.ndarray | None = None,
 ) -> np.ndarray:
     """Return the `px_` class columns as an (N, C) float array, checked in the `rows` given.
 
     In those rows (a bool mask: the active ones) every count must be a whole number >= 0;
     text, an empty cell, a negative or a fractional count raises `InputError` naming `where`,
-    the column and the first such row. Other rows (excluded ones) may be empty: they read 0.
+    the column and the first such row (its 1-based number in `labels` when given, e.g. the
+    file rows that a dataset kept). Other rows (excluded ones) may be empty: they read 0.
     """
     counts = np.zeros((len(table), len(columns)), dtype=np.float64)
     for c, name in enumerate(columns):
@@ -240,18 +250,20 @@ def class_counts(
         )
         bad = rows & ~(np.isfinite(values) & (values >= 0) & (values == np.round(values)))
         if bad.any():
-            _raise_bad_count(table[name], name, np.flatnonzero(bad), where)
+            _raise_bad_count(table[name], name, np.flatnonzero(bad), where, labels)
         counts[:, c] = np.nan_to_num(values)
     return counts
 
 
-def _raise_bad_count(column: pd.Series, name: str, bad: np.ndarray, where: str | None) -> None:
-    first = column.iloc[int(bad[0])]
-    first = first.item() if isinstance(first, np.generic) else first
+def _raise_bad_count(
+    column: pd.Series, name: str, bad: np.ndarray, where: str | None, labels: np.ndarray | None
+) -> None:
+    first = _plain(column.iloc[int(bad[0])])
     problem = "is empty" if pd.isna(first) or not str(first).strip() else f"holds {first!r}"
     count = f" ({bad.size} rows in all)" if bad.size > 1 else ""
+    row = rows_text(bad[:1]) if labels is None else rows_text(labels[bad[:1]], numbered=True)
     raise InputError(
-        f"{_prefix(where)}column '{name}' {problem} in {rows_text(bad[:1])}{count}; a class "
+        f"{_prefix(where)}column '{name}' {problem} in {row}{count}; a class "
         "pixel count must be a whole number >= 0 in every row that is not excluded"
     )
 

@@ -7,7 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from patchbalance.balanced_table import SAMPLER_WEIGHT
+import pandas as pd
+
+from patchbalance.atomic import atomic_writer
+from patchbalance.balanced_table import SAMPLER_WEIGHT, read_balanced_table
 from patchbalance.compare.config import (
     UNIFORM,
     UNIFORM_BUILD,
@@ -15,7 +18,8 @@ from patchbalance.compare.config import (
     ComparePlan,
     load_compare_config,
 )
-from patchbalance.compare.engine import CompareRuns, run_compare_runs
+from patchbalance.compare.engine import CompareInterrupted, CompareRuns, run_compare_runs
+from patchbalance.compare.preflight import preflight
 from patchbalance.compare.results import verdict_text, write_results
 from patchbalance.compare.statistics import (
     class_groups,
@@ -40,13 +44,9 @@ def _sampling(runs: CompareRuns) -> dict[str, Any]:
 
 
 def _drawable(table: Any) -> int:
-    from patchbalance.table import read_table
-
-    frame = read_table(table.path)
-    weights = frame[SAMPLER_WEIGHT].to_numpy(dtype=float)
-    if "excluded" in frame:
-        weights = weights * ~frame["excluded"].astype(bool).to_numpy()
-    return int((weights > 0).sum())
+    """Return how many rows of an arm's table can be drawn (`excluded` read by the one rule)."""
+    balanced = read_balanced_table(table.path, columns=[SAMPLER_WEIGHT])
+    return int((balanced.drawn_weights(warn=False) > 0).sum())
 
 
 def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
@@ -91,11 +91,29 @@ def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
     }
 
 
+def _write_runs(plan: ComparePlan, runs: pd.DataFrame) -> None:
+    with atomic_writer(plan.output_dir / "runs.csv", "w") as stream:
+        runs.to_csv(stream, index=False)
+
+
 def run_compare(plan: ComparePlan, progress: bool = False) -> dict[str, Any]:
     """Run the comparison of `plan`; write results.json, results.md, results.html; return them."""
     started = time.perf_counter()
-    runs = run_compare_runs(plan, progress)
-    runs.runs.to_csv(plan.output_dir / "runs.csv", index=False)
+    preflight(plan)
+    try:
+        runs = run_compare_runs(plan, progress)
+    except CompareInterrupted as stop:
+        # Keep what finished: its runs stay reusable, and runs.csv shows them now.
+        _write_runs(plan, stop.runs)
+        done = stop.runs[["arm", "seed"]].drop_duplicates() if len(stop.runs) else stop.runs
+        log.warning(
+            "interrupted: %d of %d runs finished; %s holds them, and the same command resumes",
+            len(done),
+            stop.total,
+            plan.output_dir / "runs.csv",
+        )
+        raise
+    _write_runs(plan, runs.runs)
     results = compare_results(plan, runs)
     results["seconds"] = time.perf_counter() - started
     page = None
@@ -110,6 +128,13 @@ def run_compare(plan: ComparePlan, progress: bool = False) -> dict[str, Any]:
     return results
 
 
+def _seeds_text(seeds: list[int], shown: int = 10) -> str:
+    """Return "42, 43, 44" or, for many seeds, "42, 43, ... 1041 (1000 seeds)"."""
+    if len(seeds) <= shown:
+        return ", ".join(map(str, seeds))
+    return f"{', '.join(map(str, seeds[: shown - 1]))}, ... {seeds[-1]} ({len(seeds)} seeds)"
+
+
 def plan_text(plan: ComparePlan) -> str:
     """Return what a comparison will do (what `--dry-run` prints)."""
     config = plan.config
@@ -117,7 +142,7 @@ def plan_text(plan: ComparePlan) -> str:
     lines = [
         f"{len(plan.arms)} arms x {config.seeds} seeds = {runs} trainings of {config.steps} "
         f"steps, validation every {config.eval_every} (short budget {config.short_budget})",
-        f"seeds: {', '.join(str(s) for s in plan.seeds)}; baseline: {plan.baseline}; "
+        f"seeds: {_seeds_text(plan.seeds)}; baseline: {plan.baseline}; "
         f"{config.jobs} at a time, {config.threads} thread(s) each",
     ]
     specs = {UNIFORM: ArmConfig(build=UNIFORM_BUILD), **config.arms}
@@ -135,6 +160,7 @@ def run_compare_command(
     """Run `patchbalance compare CONFIG`; return the verdict and where the results are."""
     plan = load_compare_config(config_path, overrides)
     if dry_run:
+        preflight(plan)
         return "dry run: nothing built or trained\n" + plan_text(plan)
     results = run_compare(plan, progress=progress)
     trained, reused = len(results["trained"]), len(results["reused"])

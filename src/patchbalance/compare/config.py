@@ -13,7 +13,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,8 @@ CORESET_DEFAULTS: dict[str, Any] = {"sampler_weights": "uniform"}
 # measured against.
 RANDOM_SUBSET = "random"
 ARM_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
+# Paired seeds beyond this many cost weeks of training and resolve nothing more.
+MAX_SEEDS = 1000
 REPLACE = "_replace_"
 # Training length keys that the comparison sets for every run.
 LENGTH_KEYS = ("epochs", "num_epochs", "max_epochs", "max_steps")
@@ -58,6 +60,26 @@ class ArmConfig(StrictModel):
     coreset: dict[str, Any] | None = None
 
 
+def _check_arm_names(names: list[str]) -> None:
+    """Raise `ValueError` for an arm name that cannot name its own folder."""
+    if not names:
+        raise ValueError("arms is empty: name at least one arm to compare with the baseline")
+    bad = [name for name in names if not ARM_NAME.fullmatch(name) or set(name) == {"."}]
+    if bad:
+        raise ValueError(
+            f"arm name {bad[0]!r} may hold only letters, digits and _ . + -, and not be . or .. "
+            "(it names a folder)"
+        )
+    seen: dict[str, str] = {UNIFORM: UNIFORM}
+    for name in names:
+        other = seen.setdefault(name.lower(), name)
+        if other != name:
+            raise ValueError(
+                f"arm names {other!r} and {name!r} differ only in case; their folders would be "
+                "one on a case-insensitive file system: rename one"
+            )
+
+
 class CompareConfig(StrictModel):
     """The `compare:` block (SPEC §11)."""
 
@@ -65,7 +87,7 @@ class CompareConfig(StrictModel):
     train: str
     arms: dict[str, ArmConfig]
     baseline: str = UNIFORM
-    seeds: int = Field(default=5, ge=2)
+    seeds: int = Field(default=5, ge=2, le=MAX_SEEDS)
     steps: int = Field(default=400, ge=1)
     eval_every: int = Field(default=100, ge=1)
     short_steps: int | None = Field(default=None, ge=1)
@@ -90,11 +112,7 @@ class CompareConfig(StrictModel):
                 f"short_steps ({self.short_steps}) must be a multiple of eval_every "
                 f"({self.eval_every}) and at most steps ({self.steps})"
             )
-        bad = [name for name in self.arms if not ARM_NAME.fullmatch(name)]
-        if bad:
-            raise ValueError(
-                f"arm name {bad[0]!r} may hold only letters, digits and _ . + - (it names a folder)"
-            )
+        _check_arm_names(list(self.arms))
         return self
 
     @property
@@ -124,6 +142,7 @@ class ComparePlan:
     arms: dict[str, Arm]
     output_dir: Path
     where: str
+    configs: dict[str, Path] = field(default_factory=dict)  # the config files, by what they hold
 
     @property
     def baseline(self) -> str:
@@ -197,23 +216,26 @@ def _arm_train(
 
 
 def _check_coreset(name: str, block: dict[str, Any] | None, where: str) -> None:
-    """Raise `ConfigError` for a CoreSet override that `select-coreset` would not take."""
-    if block is None or block.get("method") == RANDOM_SUBSET:
-        if block is not None:
-            unknown = sorted(
-                set(block) - {"method", "budget", "budget_mode", "exclude_low_entropy"}
-            )
-            if unknown:
-                raise ConfigError(
-                    f"{where}: arm '{name}': unknown key 'arms.{name}.coreset.{unknown[0]}' for "
-                    "method: random (it takes budget, budget_mode, exclude_low_entropy)"
-                )
+    """Raise `ConfigError` for a CoreSet override that `select-coreset` would not take.
+
+    `method: random` takes the budget keys of `select-coreset` only, checked by its rules.
+    """
+    if block is None:
         return
     from patchbalance.coreset.config import CoresetConfig
 
-    block = {**CORESET_DEFAULTS, "input_csv_path": "", "output_csv_path": "", **block}
+    given = dict(block)
+    if block.get("method") == RANDOM_SUBSET:
+        unknown = sorted(set(block) - {"method", "budget", "budget_mode", "exclude_low_entropy"})
+        if unknown:
+            raise ConfigError(
+                f"{where}: arm '{name}': unknown key 'arms.{name}.coreset.{unknown[0]}' for "
+                "method: random (it takes budget, budget_mode, exclude_low_entropy)"
+            )
+        given.pop("method")
+    checked = {**CORESET_DEFAULTS, "input_csv_path": "", "output_csv_path": "", **given}
     try:
-        CoresetConfig.model_validate(block)
+        CoresetConfig.model_validate(checked)
     except ValidationError as exc:
         message = describe_validation_error(exc, CoresetConfig, f"arms.{name}.coreset")
         raise ConfigError(f"{where}: arm '{name}': {message}") from exc
@@ -264,7 +286,8 @@ def plan_compare(config: CompareConfig, base_dir: Path, where: str) -> ComparePl
             build_base=build_path.parent,
         )
     output_dir = resolve_path(config.output_dir, base_dir)
-    return ComparePlan(config=config, arms=arms, output_dir=output_dir, where=where)
+    configs = {"build": build_path, "train": train_path}
+    return ComparePlan(config, arms, output_dir, where, configs)
 
 
 ARM_KEY = re.compile(r"unknown key 'arms\.[^.']+\.[^.']+'")
@@ -290,7 +313,9 @@ def load_compare_config(
         config = load_model_file(CompareConfig, "compare", path, overrides or [])
     except ConfigError as exc:
         raise _with_arm_hint(exc) from exc
-    return plan_compare(config, path.resolve().parent, str(path))
+    plan = plan_compare(config, path.resolve().parent, str(path))
+    plan.configs["compare"] = resolve_path(path, Path.cwd())
+    return plan
 
 
 def compare_plan_from_mapping(

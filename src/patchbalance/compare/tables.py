@@ -1,7 +1,7 @@
 """Each arm's training table: its build, run once, and an optional CoreSet over it.
 
 A finished build is reused when the arm's merged configs are unchanged (a digest of them is
-kept beside the table); embeddings-mode arms share one embeddings cache, so each patch is
+kept beside the table) and its table and inputs are those its marker recorded (`compare.reuse`); embeddings-mode arms share one embeddings cache, so each patch is
 embedded once whatever the number of arms and seeds.
 """
 
@@ -26,6 +26,17 @@ from patchbalance.compare.config import (
     ComparePlan,
     digest,
 )
+from patchbalance.compare.files import build_input_paths
+from patchbalance.compare.reuse import (
+    FILES,
+    INPUTS,
+    file_hashes,
+    input_fingerprint,
+    read_marker,
+    recorded_problem,
+    table_problem,
+)
+from patchbalance.errors import InputError
 from patchbalance.reporting.figures import SamplingFigures, figures_from_table
 from patchbalance.table import read_table, write_table
 
@@ -73,14 +84,27 @@ def _build_mapping(plan: ComparePlan, arm: Arm, folder: Path) -> dict[str, Any]:
     return mapping
 
 
-def _finished(folder: Path, key: str, name: str) -> bool:
-    marker = folder / DONE
-    if not marker.is_file() or not (folder / name).is_file():
+def _finished(folder: Path, key: str, target: str, inputs: dict, arm: str) -> bool:
+    """Return True when the build in `folder` can be reused (`compare.reuse`); log why not."""
+    marker = read_marker(folder / DONE)
+    if marker is None or marker.get("key") != key or not (folder / target).is_file():
         return False
+    problem = recorded_problem(folder, marker, inputs) or table_problem(folder / target)
+    if problem:
+        log.warning("arm %s: %s; building it again", arm, problem)
+    return problem is None
+
+
+def _reused_table(
+    folder: Path, target: str, arm: str
+) -> tuple[pd.DataFrame, SamplingFigures] | None:
+    """Return a finished build's table and figures, or None (logged) when it does not parse."""
     try:
-        return json.loads(marker.read_text()).get("key") == key
-    except (OSError, ValueError):
-        return False
+        table = read_table(folder / target)
+        return table, figures_from_table(table, where=str(folder / target))
+    except InputError as exc:
+        log.warning("arm %s: its finished table cannot be reused (%s); building it again", arm, exc)
+        return None
 
 
 def _mark_done(folder: Path, payload: dict[str, Any]) -> None:
@@ -147,10 +171,18 @@ def build_arm_table(plan: ComparePlan, name: str, progress: bool = False) -> Arm
         }
     )
     target = "table.csv" if arm.coreset is None else "coreset.csv"
-    reused = _finished(folder, key, target)
-    if reused:
+    inputs = input_fingerprint(
+        {
+            **build_input_paths(arm.build, arm.build_base),
+            **build_input_paths(arm.coreset or {}, arm.build_base),
+        }
+    )
+    finished = None
+    if _finished(folder, key, target, inputs, name):
+        finished = _reused_table(folder, target, name)
+    if finished is not None:
         log.info("arm %s: reusing its finished build in %s", name, folder)
-        table = read_table(folder / target)
+        table, figures = finished
         notes = json.loads((folder / DONE).read_text()).get("notes", {})
     else:
         log.info("arm %s: building its table", name)
@@ -168,9 +200,10 @@ def build_arm_table(plan: ComparePlan, name: str, progress: bool = False) -> Arm
                 cache = None
             table, notes["coreset"] = _select(table, arm.coreset, plan.first_seed, cache)
             write_table(table, folder / target)
-        _mark_done(folder, {"key": key, "arm": name, "notes": notes})
-    figures = figures_from_table(table, where=str(folder / target))
-    return ArmTable(name, folder / target, figures, reused, notes, key)
+        hashes = file_hashes(folder, [target])
+        _mark_done(folder, {"key": key, "arm": name, "notes": notes, FILES: hashes, INPUTS: inputs})
+        figures = figures_from_table(table, where=str(folder / target))
+    return ArmTable(name, folder / target, figures, finished is not None, notes, key)
 
 
 def rarest_classes(figures: SamplingFigures, catch_all: list[int], count: int = 2) -> list[int]:

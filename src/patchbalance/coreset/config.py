@@ -65,6 +65,11 @@ class CoresetConfig(StrictModel):
             )
         if self.budget_mode == "count" and self.budget != int(self.budget):
             raise ValueError(f"budget_mode: count needs a whole number, got {self.budget}")
+        if self.budget_mode == "fraction" and self.budget > 1:
+            raise ValueError(
+                f"budget {self.budget:g} is above 1: with budget_mode: fraction it is a share of "
+                "the pool (for a number of patches set budget_mode: count)"
+            )
         return self
 
     @property

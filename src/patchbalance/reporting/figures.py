@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from patchbalance.balanced_table import read_balanced_table
+from patchbalance.balanced_table import BalancedTable, read_balanced_table
 from patchbalance.errors import InputError
 from patchbalance.table import (
     check_table_file,
@@ -202,7 +202,12 @@ def figures_from_table(table: pd.DataFrame, where: str | None = None) -> Samplin
     not `excluded` (all rows of weight > 0 without the column); an excluded row with a weight
     above 0 is never drawn, and one warning counts such rows.
     """
-    balanced = read_balanced_table(table, where)
+    return balanced_figures(read_balanced_table(table, where))
+
+
+def balanced_figures(balanced: BalancedTable) -> SamplingFigures:
+    """Return the SPEC §5 figures of a `BalancedTable` (its rows as they are numbered)."""
+    where = balanced.where
     weights = balanced.drawn_weights()
     active = balanced.active(weights)
     check_weight_total(weights[active], where)

@@ -42,8 +42,9 @@ import pandas as pd
 import torch
 
 from patchbalance.atomic import atomic_writer
+from patchbalance.balanced_table import read_balanced_table
 from patchbalance.errors import ConfigError
-from patchbalance.table import class_columns, class_share, drawn_weights, read_table, table_columns
+from patchbalance.table import class_columns, class_share, drawn_weights, table_columns
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ CLASS_WEIGHTS_FILE = "class_weights.json"
 LOSS_OPTION_KEYS = ("class_weights", "max_class_weight")
 CROSS_ENTROPY = "cross_entropy"
 DICE = "dice"
+DICE_MODES = ("binary", "multiclass", "multilabel")
 CROSS_ENTROPY_TARGETS = ("torch.nn.CrossEntropyLoss", "torch.nn.modules.loss.CrossEntropyLoss")
 TERM_TARGETS = {
     CROSS_ENTROPY: "torch.nn.CrossEntropyLoss",
@@ -307,16 +309,16 @@ def dataset_class_counts(dataset: Any, n_classes: int) -> np.ndarray:
             f"table, and {path} has none; train on a table from build-balanced-dataset, or give "
             "the weights as a list"
         )
-    table = read_table(path, columns, what="training table")
-    numbers = getattr(dataset, "row_numbers", None)
-    if numbers is not None:  # the rows the dataset kept (n_first_rows_to_read, drop_excluded)
-        table = table.iloc[np.asarray(numbers) - 1]
-    raw = table.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
+    # The rows the dataset kept (n_first_rows_to_read, drop_excluded), read by the table's
+    # one pixel-count rule: text, empty, negative or fractional counts in an active row are an
+    # error naming the column and the row, as in `report`.
+    table = read_balanced_table(path, columns=columns, rows=getattr(dataset, "row_numbers", None))
+    raw, _ = table.class_counts()
     index = _class_index_of_values(dataset, values, n_classes)
     # Several raw values may map to one class (mask_class_mapping): sum their columns.
     to_class = np.zeros((len(values), n_classes))
     to_class[np.flatnonzero(index >= 0), index[index >= 0]] = 1.0
-    return np.nan_to_num(raw) @ to_class
+    return raw @ to_class
 
 
 def training_class_weights(
@@ -398,6 +400,11 @@ def _term(item: Any, where: str, ignore_index: int, in_terms: bool = True) -> Lo
         spec["_target_"] = TERM_TARGETS[name]
         if name == DICE:
             spec.setdefault("mode", "multiclass")
+    if str(spec["_target_"]) == TERM_TARGETS[DICE] and spec.get("mode") not in DICE_MODES:
+        raise ConfigError(
+            f"{where}.mode must be one of {', '.join(DICE_MODES)} (segmentation_models_pytorch's "
+            f"DiceLoss modes; multiclass for class masks), got {spec.get('mode')!r}"
+        )
     target = str(spec["_target_"])
     if target in CROSS_ENTROPY_TARGETS or target == TERM_TARGETS[DICE]:
         # Masks carry ignore_index for nodata; both losses must skip it.
@@ -423,6 +430,11 @@ def loss_terms(block: Mapping[str, Any] | None, ignore_index: int) -> list[LossT
         if not isinstance(items, Sequence) or isinstance(items, str) or not items:
             raise ConfigError("loss.terms must be a non-empty list of terms")
         terms = [_term(item, f"loss.terms[{i}]", ignore_index) for i, item in enumerate(items)]
+        if not any(term.factor for term in terms):
+            raise ConfigError(
+                "loss.terms: every factor is 0, so the loss is 0 and nothing would train; give "
+                "at least one term a factor above 0"
+            )
     else:
         spec.setdefault("_target_", TERM_TARGETS[CROSS_ENTROPY])
         spec.pop("name", None)  # upstream losses carry a display name

@@ -87,21 +87,25 @@ def class_log_prior_ratio(dataset: Any, n_classes: int, weighted: bool) -> np.nd
     Class index j is the table's `px_<class_values[j]>` column when the dataset names its
     class values, else `px_<j>`. Without a weighted sampler the prior is not shifted: zeros.
     """
-    from patchbalance.reporting.figures import figures_from_table
-    from patchbalance.table import read_table
+    from patchbalance.balanced_table import read_balanced_table
+    from patchbalance.reporting.figures import balanced_figures
+    from patchbalance.table import class_columns
 
     ratio = np.zeros(n_classes)
     if not weighted:
         log.info("prior_correction: the training loader draws uniformly, so the correction is 0")
         return ratio
-    table = read_table(Path(dataset.input_csv_path))
-    if not any(str(column).startswith("px_") for column in table.columns):
+    # The rows the dataset kept, as the loss's class weights read them.
+    table = read_balanced_table(
+        Path(dataset.input_csv_path), rows=getattr(dataset, "row_numbers", None)
+    )
+    if not class_columns(table.frame)[0]:
         raise ConfigError(
             f"prior_correction needs the class pixel counts (px_<class> columns) of a balanced "
             f"table, and {dataset.input_csv_path} has none; train on a table from "
             "build-balanced-dataset, or remove prior_correction"
         )
-    figures = figures_from_table(table)
+    figures = balanced_figures(table)
     values = getattr(dataset, "class_values", None) or list(range(n_classes))
     by_value = dict(zip(figures.class_values, figures.log_prior_ratio, strict=True))
     for j, value in enumerate(values[:n_classes]):

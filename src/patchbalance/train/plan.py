@@ -22,6 +22,7 @@ from patchbalance.table import drawn_weights
 from patchbalance.train.components import (
     DEFAULT_MODEL,
     build_dataset,
+    build_loss,
     resolve_device,
 )
 from patchbalance.train.config import (
@@ -34,7 +35,6 @@ from patchbalance.train.config import (
 from patchbalance.train.loss import (
     ClassWeights,
     dataset_class_counts,
-    loss_terms,
     parse_class_weights,
     training_class_weights,
 )
@@ -213,8 +213,8 @@ def plan_training(
     ratio = np.zeros(n_classes)
     if cfg.prior_correction is not None:
         ratio = class_log_prior_ratio(train_dataset, n_classes, weighted)
-    # The loss block is checked here, before the first step, though built with the model.
-    loss_terms(cfg.loss, ignore_index)
+    # Instantiated now, so that a misspelt loss argument fails in --dry-run; built again later.
+    build_loss(cfg.loss, ignore_index)
     class_weights_spec = parse_class_weights(cfg.loss, n_classes)
     class_weights = (
         None
