@@ -27,6 +27,7 @@ from patchbalance.sources.postgres_connection import (
     _connect_message,
     _psycopg,
     connection_settings,
+    read_only_session,
     scrub,
 )
 from patchbalance.windows import RasterInfo
@@ -154,7 +155,8 @@ def check_postgres_table(config: BalancedDatasetConfig) -> None:
     """
     where = destination(config)
     psycopg = _psycopg()
-    with _connect(where) as conn:
+    # Only checks: the session is read-only and rolled back, as the source's is.
+    with read_only_session(_connect(where)) as conn:
         try:
             _check_target(conn, where, config)
         except psycopg.Error as exc:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import getpass
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,8 +128,27 @@ def _os_user() -> str:
         return "the current user"
 
 
-def connect(conninfo: str, target: Target, secrets: list[str]):  # -> psycopg.Connection
-    """Return an open connection whose transactions are READ ONLY, or raise `InputError`."""
+@contextmanager
+def read_only_session(conn: Any) -> Iterator[Any]:
+    """Yield `conn` for reading only; at the end roll back and close it, never commit.
+
+    READ ONLY stops plain writes, but PostgreSQL still allows large-object functions
+    (`lo_create`, `lo_unlink`) in such a transaction, and a `where_clause` is SQL by design:
+    only a rollback guarantees that nothing a query did is kept.
+    """
+    conn.read_only = True
+    try:
+        yield conn
+    finally:
+        # A lost connection cannot roll back; closing it discards the transaction all the same.
+        with suppress(_psycopg().Error):
+            conn.rollback()
+        conn.close()
+
+
+@contextmanager
+def connect(conninfo: str, target: Target, secrets: list[str]) -> Iterator[Any]:
+    """Yield a connection for reading (READ ONLY, rolled back at the end), or raise `InputError`."""
     psycopg = _psycopg()
     try:
         conn = psycopg.connect(conninfo)
@@ -138,9 +158,9 @@ def connect(conninfo: str, target: Target, secrets: list[str]):  # -> psycopg.Co
         raise InputError(
             f"cannot connect to PostgreSQL at {target.address}: {scrub(str(exc), secrets)}"
         ) from None
-    conn.read_only = True
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    return conn
+    with read_only_session(conn) as session:
+        yield session
 
 
 # libpq's texts for a setting it cannot use (an unknown option, a value outside its choices).
