@@ -16,6 +16,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from compare_configs import tiny_configs
 from patchbalance.cli import app
 from patchbalance.compare import paired_bootstrap
 from patchbalance.compare.statistics import BOOTSTRAP_RESAMPLES
@@ -143,28 +144,6 @@ def test_the_bootstrap_interval_equals_the_exact_quantiles_of_every_resample():
     assert BOOTSTRAP_RESAMPLES == 10_000
     # Seeded: the same seed gives the same interval.
     assert paired_bootstrap(np.array(differences), seed=42) == got
-
-
-def tiny_configs(root: Path, demo: dict, **compare) -> Path:
-    """Write a tiny train config (small Unet, 8 validation windows) and a compare config."""
-    train = yaml.safe_load((EXAMPLES / "compare_train.yaml").read_text())
-    train["train_dataset"]["input_csv_path"] = str(demo["table"])
-    train["val_dataset"]["input_csv_path"] = str(demo["val"])
-    train["val_dataset"]["n_first_rows_to_read"] = 8
-    train["hyperparameters"]["batch_size"] = 4
-    (root / "train.yaml").write_text(yaml.safe_dump(train))
-    block = {
-        "build": str(demo["config"]),
-        "train": "train.yaml",
-        "arms": {"rank_max": {"build": {"sampling_method": "rank_max"}}},
-        "seeds": 2,
-        "steps": 2,
-        "eval_every": 1,
-        "output_dir": "out",
-        **compare,
-    }
-    (root / "compare.yaml").write_text(yaml.safe_dump({"compare": block}))
-    return root / "compare.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import yaml
 
+from compare_configs import tiny_configs
 from patchbalance.compare import compare_plan_from_mapping, load_compare_config
 from patchbalance.compare.config import deep_merge
 from patchbalance.compare.engine import build_all, run_config
 from patchbalance.demo import write_demo_dataset
 from patchbalance.errors import ConfigError
 from patchbalance.train.plan import plan_training
-from test_compare import tiny_configs
 
 LITE0 = {"backbone": "efficientnet_lite0", "image_size": 64, "num_workers": 0}
 

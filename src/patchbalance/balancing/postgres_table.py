@@ -21,6 +21,7 @@ import pandas as pd
 
 from patchbalance.balancing.outputs import footprint_rings, polygon_wkb, wkb_hex
 from patchbalance.config import BalancedDatasetConfig, PostgresTableConfig
+from patchbalance.config.secrets import scrub
 from patchbalance.errors import OutputError
 from patchbalance.sources.postgres_connection import (
     Target,
@@ -28,7 +29,6 @@ from patchbalance.sources.postgres_connection import (
     _psycopg,
     connection_settings,
     read_only_session,
-    scrub,
 )
 from patchbalance.windows import RasterInfo
 

@@ -26,6 +26,7 @@ from patchbalance.config.loading import (
     load_model_file,
     read_yaml_mapping,
 )
+from patchbalance.config.secrets import safe_cause
 from patchbalance.errors import ConfigError
 from patchbalance.paths import resolve_path
 from patchbalance.train.config import TrainConfig, load_train_config, resolve_config_mapping
@@ -173,7 +174,7 @@ def _arm_build(
         config = BalancedDatasetConfig.model_validate(merged)
     except ValidationError as exc:
         message = describe_validation_error(exc, BalancedDatasetConfig, f"arms.{name}.build")
-        raise ConfigError(f"{where}: arm '{name}': {message}") from exc
+        raise ConfigError(f"{where}: arm '{name}': {message}") from safe_cause(exc)
     config._base_dir = folder
     # Only the keys the configs wrote (and the resolved paths): a key left out keeps meaning
     # "the default" when the arm is built, as `sampling_method` does (SPEC §3.7).
@@ -301,6 +302,6 @@ def compare_plan_from_mapping(
         config = CompareConfig.model_validate(data.get("compare", data))
     except ValidationError as exc:
         message = describe_validation_error(exc, CompareConfig, "<compare>")
-        raise _with_arm_hint(ConfigError(message)) from exc
+        raise _with_arm_hint(ConfigError(message)) from safe_cause(exc)
     base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
     return plan_compare(config, base, "<compare>")

@@ -1,7 +1,7 @@
 """Connecting to PostgreSQL: settings from `input` (or a DSN) and the environment, one-line errors.
 
 The password never appears in a message: messages are built from host, port, user and
-database, and PostgreSQL's own texts are scrubbed of anything that looks like a password.
+database, and PostgreSQL's own texts are scrubbed (`config.secrets.scrub`).
 """
 
 from __future__ import annotations
@@ -9,12 +9,13 @@ from __future__ import annotations
 import getpass
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
 from patchbalance.config import InputConfig
+from patchbalance.config.secrets import scrub
 from patchbalance.errors import ConfigError, InputError, MissingDependencyError
 
 
@@ -45,17 +46,7 @@ def _psycopg():  # -> module
 
 def _secrets(source: InputConfig, conninfo_password: str | None) -> list[str]:
     values = [source.password, conninfo_password, os.environ.get("PGPASSWORD")]
-    # Very short values would blank out ordinary words; the patterns below still catch them.
-    return sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
-
-
-def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """Return `text` on one line with passwords removed (given values, `password=`, URI userinfo)."""
-    text = " ".join(str(text).split())
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
-    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    return sorted({v for v in values if v}, key=len, reverse=True)
 
 
 def connection_settings(source: InputConfig) -> tuple[str, Target, list[str]]:

@@ -17,7 +17,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import Field, ValidationError
 
-from patchbalance.config.loading import StrictModel, describe_validation_error
+from patchbalance.config.loading import StrictModel, describe_validation_error, omegaconf_message
+from patchbalance.config.secrets import mask_override, safe_cause
 from patchbalance.errors import ConfigError
 from patchbalance.paths import resolve_path
 
@@ -114,7 +115,8 @@ def resolve_config_mapping(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
-                f"--set {item!r}: expected key.path=value, e.g. hyperparameters.lr=0.01"
+                f"--set {mask_override(item)!r}: expected key.path=value, e.g. "
+                "hyperparameters.lr=0.01"
             )
     try:
         conf = OmegaConf.create(dict(raw))
@@ -122,5 +124,4 @@ def resolve_config_mapping(
             conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        message = str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: {message}") from exc
+        raise ConfigError(omegaconf_message(exc, where)) from safe_cause(exc)
