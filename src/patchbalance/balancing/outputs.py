@@ -42,15 +42,52 @@ def check_build_files(config: BalancedDatasetConfig) -> None:
     }
     if config.mode == "embeddings":
         outputs["embeddings.parquet_path"] = config.embeddings.parquet_path
+    try:
+        check_distinct_files(outputs, build_inputs(config))
+    except ConfigError as exc:
+        where = f"{config.source_path}: " if config.source_path else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def build_inputs(config: BalancedDatasetConfig) -> dict[str, str | None]:
+    """Return the files a build reads, by the key that names each: records, listed rasters."""
     inputs: dict[str, str | None] = {"input.records_path": config.input.records_path}
     for position, pair in enumerate(config.input.rasters or []):
         inputs[f"input.rasters.{position}.image_path"] = pair.image_path
         inputs[f"input.rasters.{position}.mask_path"] = pair.mask_path
+    return inputs
+
+
+def table_files(table_path: str | os.PathLike[str]) -> dict[str, Path]:
+    """Return the files that belong with a balanced table, by what each is.
+
+    The table and its summary (`<stem>.summary.json`), and as far as the summary tells: the
+    build's other outputs, its configuration and the inputs that configuration names. A
+    missing or unreadable summary, or a configuration that no longer loads, tells nothing more.
+    """
+    from patchbalance.errors import PatchbalanceError
+
+    table_path = Path(table_path)
+    summary_path = default_summary_path(table_path)
+    files = {"the table": table_path, "the table's summary": summary_path}
     try:
-        check_distinct_files(outputs, inputs)
-    except ConfigError as exc:
-        where = f"{config.source_path}: " if config.source_path else ""
-        raise ConfigError(f"{where}{exc}") from None
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        outputs = dict(summary.get("outputs") or {})
+        config_path = summary.get("config")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return files
+    files.update({f"the build's {name}": Path(str(path)) for name, path in outputs.items()})
+    if not config_path or not Path(config_path).is_file():
+        return files
+    files["the build's configuration"] = Path(config_path)
+    try:
+        from patchbalance.config import load_config
+
+        inputs = build_inputs(load_config(config_path))
+    except PatchbalanceError:
+        return files
+    files.update({f"the build's {key}": Path(path) for key, path in inputs.items() if path})
+    return files
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:

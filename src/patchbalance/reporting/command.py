@@ -4,9 +4,28 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from patchbalance.atomic import check_writable
-from patchbalance.balancing.outputs import summary_disagreement
+from patchbalance.balancing.outputs import summary_disagreement, table_files
+from patchbalance.paths import check_distinct_files, resolve_path
 from patchbalance.reporting.figures import figures_from_table, figures_text, read_report_table
+
+RASTER_COLUMNS = ("image_path", "mask_path")
+
+
+def check_report_target(out: Path, table_path: Path, table: pd.DataFrame) -> None:
+    """Raise `ConfigError` when `--out` names the table, its summary, or a file the build read
+    or wrote (its configuration, records, footprints, a raster the table names)."""
+    protected: dict[str, str | Path | None] = dict(table_files(table_path))
+    for column in RASTER_COLUMNS:
+        if column in table:
+            # Only rasters of the same name can be the same file (hard links aside).
+            named = [p for p in table[column].dropna().unique() if Path(str(p)).name == out.name]
+            for number, path in enumerate(named, start=1):
+                where = resolve_path(str(path), Path(table_path).parent)
+                protected[f"a raster of the table ({column} {number})"] = where
+    check_distinct_files({"--out": out}, protected)
 
 
 def run_report_command(table_path: Path, out: Path | None = None) -> str:
@@ -14,6 +33,8 @@ def run_report_command(table_path: Path, out: Path | None = None) -> str:
     if out is not None:
         check_writable(Path(out), "the HTML report (--out)")
     table = read_report_table(table_path)
+    if out is not None:
+        check_report_target(Path(out), Path(table_path), table)
     figures = figures_from_table(table, where=str(table_path))
     text = figures_text(figures)
     concentrated = figures.concentration_warning()
