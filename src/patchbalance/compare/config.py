@@ -22,6 +22,7 @@ from pydantic import Field, ValidationError, model_validator
 from patchbalance.config import BalancedDatasetConfig
 from patchbalance.config.loading import (
     StrictModel,
+    create_config,
     describe_validation_error,
     load_model_file,
     read_yaml_mapping,
@@ -224,7 +225,9 @@ def _read_block(path: Path, block: str, what: str, where: str) -> dict[str, Any]
     if not path.is_file():
         raise ConfigError(f"{where}: the {what} config {path} does not exist; check '{what}:'")
     raw = read_yaml_mapping(path)
-    return dict(raw[block]) if isinstance(raw.get(block), dict) else raw
+    mapping = dict(raw[block]) if isinstance(raw.get(block), dict) else raw
+    create_config(mapping, path)  # a malformed `${` is named here, with its file and key
+    return mapping
 
 
 def plan_compare(config: CompareConfig, base_dir: Path, where: str) -> ComparePlan:
