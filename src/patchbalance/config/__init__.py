@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbalance.config.input import InputConfig, secret_as_text
-from patchbalance.config.loading import StrictModel, load_model_file, model_from_mapping
+from patchbalance.config.loading import Seed, StrictModel, load_model_file, model_from_mapping
 from patchbalance.paths import resolve_path
 from patchbalance.table import table_suffix
 
@@ -30,7 +30,7 @@ class ClusteringConfig(StrictModel):
     k_max: int = Field(default=16, ge=1)
     k_selection: Literal["elbow", "fixed"] = "elbow"
     k: int | None = Field(default=None, ge=1)
-    random_state: int | None = None
+    random_state: Seed | None = None
     n_init: int = Field(default=3, ge=1)
     sweep_sample: int = Field(default=20_000, ge=100)
     pseudo_count: float = Field(default=0.5, gt=0)
@@ -257,7 +257,7 @@ class BalancedDatasetConfig(StrictModel):
     # Any name of the registry in patchbalance.balancing.methods (SPEC §3.7).
     sampling_method: str = DEFAULT_SAMPLING_METHOD
     num_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    seed: int = 42
+    seed: Seed = 42
     input: InputConfig
     clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
     uniqueness: UniquenessConfig = Field(default_factory=UniquenessConfig)

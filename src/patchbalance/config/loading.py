@@ -13,12 +13,12 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import GrammarParseError, OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from patchbalance.config.secrets import (
     is_secret_key,
@@ -28,6 +28,9 @@ from patchbalance.config.secrets import (
     safe_cause,
 )
 from patchbalance.errors import ConfigError
+
+# A random seed: numpy, scikit-learn and torch all take 0 ... 2**32 - 1.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class StrictModel(BaseModel):

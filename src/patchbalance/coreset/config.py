@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from patchbalance.config.loading import StrictModel, load_model_file, model_from_mapping
+from patchbalance.config.loading import Seed, StrictModel, load_model_file, model_from_mapping
 from patchbalance.errors import ConfigError
 from patchbalance.paths import check_distinct_files, default_summary_path, resolve_path
 from patchbalance.table import table_suffix
@@ -46,7 +46,7 @@ class CoresetConfig(StrictModel):
         "inverse_frequency"
     )
     max_weight: float | None = Field(default=10.0, ge=1)
-    seed: int = 42
+    seed: Seed = 42
     summary_path: str | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)

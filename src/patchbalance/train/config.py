@@ -17,8 +17,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import Field, ValidationError
 
-from patchbalance.config.loading import StrictModel, describe_validation_error, omegaconf_message
+from patchbalance.config.loading import (
+    Seed,
+    StrictModel,
+    describe_validation_error,
+    omegaconf_message,
+)
 from patchbalance.config.secrets import mask_override, safe_cause
+from patchbalance.data.arguments import check_dataset_numbers
 from patchbalance.errors import ConfigError
 from patchbalance.paths import resolve_path
 
@@ -59,7 +65,7 @@ class TrainConfig(StrictModel):
     device: str | None = None
     # Mixed precision: bf16 runs the forward passes and the loss under bf16 autocast.
     precision: Literal["fp32", "bf16"] = "fp32"
-    seed: int = 42
+    seed: Seed = 42
     output_dir: str = "train_output"
     # Logit adjustment at validation (SPEC §7): tau, or a list of tau; tau = 0 is always added.
     prior_correction: float | list[float] | None = None
@@ -98,6 +104,11 @@ def load_train_config(
         config = TrainConfig.model_validate(dict(data))
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, TrainConfig, where)) from exc
+    for block in ("train_dataset", "val_dataset"):
+        try:
+            check_dataset_numbers(getattr(config, block), block)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
     return config.model_copy(
         update={
