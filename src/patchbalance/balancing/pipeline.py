@@ -230,6 +230,7 @@ def _exclusion_stage(
 ) -> ExclusionFlags:
     """Return the exclusion flags of every patch; raise when no patch is left."""
     stats, computed = reading.stats, reading.computed
+    stats.check_listed_classes(classes)
     flags = exclusion_flags(
         exclusion,
         nodata_defined=_nodata_defined(exclusion, classes, records, reading.infos),

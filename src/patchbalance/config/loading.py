@@ -46,10 +46,15 @@ class StrictModel(BaseModel):
             return data
         data = dict(data)
         for old, new in cls.synonyms.items():
-            if old in data:
-                if new in data:
+            if old not in data:
+                continue
+            value = data.pop(old)
+            if new in data and data[new] != value:
+                if value is not None and data[new] is not None:
                     raise ValueError(f"give either '{old}' or its synonym '{new}', not both")
-                data[new] = data.pop(old)
+                # `geojson_path: null` over a file's `footprints_path` (or the reverse) unsets it.
+                value = None
+            data[new] = value
         return data
 
 
@@ -251,19 +256,53 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     return current
 
 
+def _as_written(model: type[BaseModel], data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Return `loc` in the keys the user wrote in `data`: a synonym as written (`geojson_path`),
+    and without the tags pydantic adds for the members of a union (`prior_correction.float`)."""
+    shown: list[Any] = []
+    node, current = data, model
+    for part in loc:
+        if isinstance(part, int) or node is None:
+            shown.append(part)
+            node = node[part] if isinstance(node, list) and isinstance(part, int) else None
+            continue
+        if not isinstance(node, dict):
+            continue  # a union member's tag inside a value, not a key
+        key = part
+        if part not in node and current is not None:
+            synonyms = getattr(current, "synonyms", {})
+            key = next((old for old, new in synonyms.items() if new == part and old in node), part)
+        shown.append(key)
+        node = node.get(key)
+        current = _model_at(current, (part,)) if current is not None else None
+    return tuple(shown)
+
+
 def describe_validation_error(
-    exc: ValidationError, model: type[BaseModel], path: Path | str, prefix: str = ""
+    exc: ValidationError,
+    model: type[BaseModel],
+    path: Path | str,
+    prefix: str = "",
+    data: Any = None,
 ) -> str:
-    """Return one line that explains the first error of `exc` in terms of the YAML keys."""
-    error = exc.errors()[0]
-    loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+    """Return one line that explains the first error of `exc` in terms of the YAML keys.
+
+    With `data` (the mapping that was validated), keys are named as the user wrote them.
+    """
+    errors = exc.errors()
+    raw_locs = [
+        tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+        for error in errors
+    ]
+    locs = raw_locs if data is None else [_as_written(model, data, loc) for loc in raw_locs]
+    error, loc = errors[0], locs[0]
     dotted = ".".join(str(part) for part in loc)
     if prefix:
         dotted = f"{prefix}.{dotted}" if dotted else prefix
-    more = len(exc.errors()) - 1
+    more = len(set(locs)) - 1
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     if error["type"] == "extra_forbidden":
-        parent = _model_at(model, loc[:-1])
+        parent = _model_at(model, raw_locs[0][:-1])
         hint = ""
         if parent is not None:
             close = difflib.get_close_matches(str(loc[-1]), _known_keys(parent), n=1, cutoff=0.6)
@@ -291,7 +330,7 @@ def _validate(model: type[BaseModel], data: dict[str, Any], path: Path, prefix: 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        message = describe_validation_error(exc, model, path, prefix)
+        message = describe_validation_error(exc, model, path, prefix, data)
         raise ConfigError(message) from safe_cause(exc)
 
 

@@ -103,7 +103,8 @@ def load_train_config(
     try:
         config = TrainConfig.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, TrainConfig, where)) from exc
+        message = describe_validation_error(exc, TrainConfig, where, data=dict(data))
+        raise ConfigError(message) from exc
     for block in ("train_dataset", "val_dataset"):
         try:
             check_dataset_numbers(getattr(config, block), block)
