@@ -301,14 +301,17 @@ def _error_notes(
     out_of_bounds: np.ndarray,
 ) -> dict[str, Any]:
     """Return the summary's read-error figures."""
+    unreadable = dict(open_errors)
+    for path, reason in stats.errors.values():  # files whose windows failed: the first reason
+        unreadable.setdefault(path, reason)
     notes: dict[str, Any] = {
         "read_errors": int(read_error.sum()),
         "out_of_bounds": int(out_of_bounds.sum()),
-        "unreadable_files": dict(sorted(open_errors.items())[:20]),
+        "unreadable_files": dict(sorted(unreadable.items())[:20]),
     }
     if stats.errors:
-        first = min(stats.errors)
-        notes["first_window_error"] = f"{records.at[first, 'mask_path']}: {stats.errors[first]}"
+        path, reason = stats.errors[min(stats.errors)]
+        notes["first_window_error"] = f"{path}: {reason}"
     return notes
 
 

@@ -54,7 +54,7 @@ class MaskStatistics:
     border_nodata: np.ndarray  # (N,) a nodata pixel on the mask window's outer ring
     black_border: np.ndarray  # (N,) the image window has a black border
     read: np.ndarray  # (N,) the windows were read (False: not attempted or failed)
-    errors: dict[int, str] = field(default_factory=dict)
+    errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (file, reason)
     outside_class_pixels: int = 0
 
     @property
@@ -115,7 +115,7 @@ class CountMerge:
         self.border_nodata = np.zeros(n, dtype=bool)
         self.black_border = np.zeros(n, dtype=bool)
         self.read = np.zeros(n, dtype=bool)
-        self.errors: dict[int, str] = {}
+        self.errors: dict[int, tuple[str, str]] = {}
 
     def add(self, rows: np.ndarray, part: WindowCounts) -> None:
         """Take in the counts of the partition whose windows are the patches `rows`."""

@@ -8,8 +8,10 @@ import pandas as pd
 
 from patchbalance.atomic import check_writable
 from patchbalance.balancing.outputs import summary_disagreement, table_files
+from patchbalance.errors import InputError
 from patchbalance.paths import check_distinct_files, resolve_path
 from patchbalance.reporting.figures import figures_from_table, figures_text, read_report_table
+from patchbalance.table import KEY_COLUMNS, normalised_keys, shared_keys_text
 
 RASTER_COLUMNS = ("image_path", "mask_path")
 
@@ -28,6 +30,16 @@ def check_report_target(out: Path, table_path: Path, table: pd.DataFrame) -> Non
     check_distinct_files({"--out": out}, protected)
 
 
+def _shared_keys(table: pd.DataFrame) -> str | None:
+    """Return the text on rows that repeat a patch key, or None (or without key columns)."""
+    if not set(KEY_COLUMNS) <= set(table.columns):
+        return None
+    try:
+        return shared_keys_text(normalised_keys(table))
+    except InputError:
+        return None  # offsets that are not whole numbers: the figures do not need them
+
+
 def run_report_command(table_path: Path, out: Path | None = None) -> str:
     """Return the report's text for the terminal; with `out`, also write the HTML page there."""
     if out is not None:
@@ -44,6 +56,12 @@ def run_report_command(table_path: Path, out: Path | None = None) -> str:
     disagreement = summary_disagreement(table_path)
     if disagreement:
         text += f"\nwarning: {disagreement}"
+    shared = _shared_keys(table)
+    if shared:
+        text += (
+            f"\nwarning: {Path(table_path).name}: {shared}; each copy is drawn on its own, so "
+            "these figures count that patch once per copy: drop the copies or rebuild the table"
+        )
     if out is not None:
         from patchbalance.reporting.html import write_html_report
 
