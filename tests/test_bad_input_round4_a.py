@@ -209,3 +209,92 @@ def test_demo_refuses_a_folder_holding_a_file_it_would_write(tmp_path, existing)
     before = snapshot(folder)
     one_line_error(run_cli("demo", "--out", folder), str(folder), existing, "new or empty folder")
     assert snapshot(folder) == before
+
+
+# --------------------------------------------------------------------------------------------
+# Weights and keys in a balanced table (WEAK 1, 2, 3)
+
+
+@pytest.mark.parametrize("weights", ["keep", "uniform", "inverse_frequency"])
+@pytest.mark.parametrize("bad", [float("nan"), -2.0])
+def test_every_coreset_method_refuses_a_bad_weight_naming_the_table_row(
+    built, tmp_path, weights, bad
+):
+    table = pd.read_csv(built / "balanced.csv")
+    # The first row left out of the pool, so that a row's place in the selection is not its row.
+    table.loc[0, ["excluded", "sampler_weight"]] = [True, 0.0]
+    row = len(table) - 1
+    table.loc[row, ["excluded", "sampler_weight"]] = [False, bad]
+    table.to_csv(tmp_path / "t.csv", index=False)
+    config = _write_yaml(
+        tmp_path / "coreset.yaml",
+        {
+            "coreset": {
+                "method": "cb",
+                "budget": 0.99,
+                "input_csv_path": "t.csv",
+                "output_csv_path": "c.csv",
+                "sampler_weights": weights,
+            }
+        },
+    )
+    one_line_error(run_cli("select-coreset", config), f"row {row + 1}", "sampler_weight")
+    assert not (tmp_path / "c.csv").exists()
+
+
+def test_report_warns_about_a_repeated_patch_key_naming_both_rows(built, tmp_path):
+    table = pd.read_csv(built / "balanced.csv")
+    pd.concat([table, table.iloc[[1]]]).to_csv(tmp_path / "t.csv", index=False)
+    result = run_cli("report", tmp_path / "t.csv")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "share a patch key" in line]
+    assert len(lines) == 1, result.output
+    assert (
+        lines[0].startswith("warning: t.csv: 2 rows") and f"rows 2 and {len(table) + 1}" in lines[0]
+    )
+
+
+def test_one_dominating_weight_gives_its_figures_without_a_numpy_warning(built, tmp_path):
+    import warnings
+
+    table = pd.read_csv(built / "balanced.csv")
+    table.loc[0, "sampler_weight"] = 1e20
+    table.to_csv(tmp_path / "t.csv", index=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = run_cli("report", tmp_path / "t.csv", "--out", tmp_path / "r.html")
+    assert result.exit_code == 0, result.output
+    assert "RuntimeWarning" not in result.output
+    assert "expected distinct patches/epoch  1.0 of" in result.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# A truncated image is named as the image (WEAK 13)
+
+
+def test_a_truncated_image_is_named_as_the_image_not_its_mask(tmp_path):
+    import json
+
+    import rasterio
+
+    from rasters import write_geotiff
+
+    write_two_pairs_and_records(tmp_path, seed=0, n_classes=3, size=32, zero_top=False)
+    config = _write_yaml(tmp_path / "build.yaml", {"balanced_dataset": BUILD})
+    image = tmp_path / "images" / "b.tif"
+    with rasterio.open(image) as dataset:
+        pixels = dataset.read()
+    write_geotiff(image, pixels, block=16)
+    data = image.read_bytes()
+    image.write_bytes(data[: int(len(data) * 0.6)])  # the last tiles are cut off
+
+    result = run_cli("build-balanced-dataset", config)
+    assert result.exit_code == 0, result.output
+    warned = [line for line in result.stderr.splitlines() if "could not be read" in line]
+    assert len(warned) == 1 and str(image) in warned[0], result.stderr
+    summary = json.loads((tmp_path / "balanced.summary.json").read_text())
+    assert summary["first_window_error"].startswith(f"{image}: ")
+    assert list(summary["unreadable_files"]) == [str(image)]
+    strict = run_cli("build-balanced-dataset", config, "--strict")
+    line = one_line_error(strict, str(image))
+    assert "masks" not in line
