@@ -1,10 +1,11 @@
-"""Checks shared by the command-line tests: run a command, the one-line error, files untouched."""
+"""Shared by the command-line tests: run a command, the one-line error, files untouched, YAML."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
+import yaml
 from typer.testing import CliRunner
 
 from patchbalance.cli import app
@@ -36,3 +37,9 @@ def snapshot(folder: Path) -> dict[str, str]:
         for path in sorted(folder.rglob("*"))
         if path.is_file()
     }
+
+
+def write_yaml(path: Path, data: dict) -> Path:
+    """Write `data` as YAML at `path` and return the path."""
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -64,15 +64,16 @@ def test_a_where_clause_that_unlinks_large_objects_deletes_nothing(
         oid = conn.execute("SELECT lo_create(0)").fetchone()[0]
         # Owned by the reader, so that only the rollback can keep it from unlinking it.
         conn.execute(f"ALTER LARGE OBJECT {oid} OWNER TO {READER}")
-    unlink = (
-        "row_off >= 0 OR (SELECT count(lo_unlink(oid)) FROM pg_largeobject_metadata) >= 0"
-    )
+    unlink = "row_off >= 0 OR (SELECT count(lo_unlink(oid)) FROM pg_largeobject_metadata) >= 0"
     source = _read(postgres_server, tmp_path, where_clause=unlink)
     assert len(source.records) == 10
     with postgres_server.connect() as conn:
-        assert conn.execute(
-            "SELECT count(*) FROM pg_largeobject_metadata WHERE oid = %s", (oid,)
-        ).fetchone()[0] == 1
+        assert (
+            conn.execute(
+                "SELECT count(*) FROM pg_largeobject_metadata WHERE oid = %s", (oid,)
+            ).fetchone()[0]
+            == 1
+        )
     # The control: the reader role can unlink it when its transaction is committed.
     with psycopg.connect(postgres_server.conninfo(user=READER, password=READER_PASSWORD)) as conn:
         conn.execute("SELECT lo_unlink(%s)", (oid,))

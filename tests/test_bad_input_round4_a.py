@@ -9,30 +9,18 @@ import pandas as pd
 import pytest
 import yaml
 
-from cli_checks import one_line_error, run_cli, snapshot
+from cli_checks import one_line_error, run_cli, snapshot, write_yaml
 from compare_configs import tiny_configs
 from patchbalance.atomic import atomic_writer
 from patchbalance.demo import write_demo_dataset
-from rasters import write_two_pairs_and_records
-
-BUILD = {
-    "input": {"records_path": "records.csv"},
-    "clustering": {"k_min": 2, "k_max": 3},
-    "output": {"csv_path": "balanced.csv"},
-}
-
-
-def _write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
+from rasters import write_records_build
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Path:
     """A finished build: records, config, balanced.csv and its summary; returns the folder."""
     folder = tmp_path_factory.mktemp("built")
-    write_two_pairs_and_records(folder, seed=0, n_classes=3, size=32, zero_top=False)
-    config = _write_yaml(folder / "build.yaml", {"balanced_dataset": BUILD})
+    config = write_records_build(folder, "balanced.csv")
     result = run_cli("build-balanced-dataset", config, "-q")
     assert result.exit_code == 0, result.output
     return folder
@@ -55,7 +43,9 @@ def demo(tmp_path_factory):
 
 @pytest.mark.parametrize("dry_run", [[], ["--dry-run"]], ids=["run", "dry-run"])
 def test_a_malformed_interpolation_in_a_build_names_the_file_and_key(project, dry_run):
-    config = _write_yaml(project / "bad.yaml", {**BUILD, "output": {"csv_path": "bt${x.csv"}})
+    build = yaml.safe_load((project / "build.yaml").read_text())
+    build["balanced_dataset"]["output"]["csv_path"] = "bt${x.csv"
+    config = write_yaml(project / "bad.yaml", build)
     before = snapshot(project)
     line = one_line_error(
         run_cli("build-balanced-dataset", config, *dry_run), str(config), "'output.csv_path'"
@@ -75,13 +65,13 @@ def test_a_malformed_interpolation_in_compare_names_the_file_and_key(tmp_path, d
 def test_a_malformed_interpolation_in_the_build_of_compare_names_that_file(tmp_path, demo):
     build = yaml.safe_load(Path(demo["config"]).read_text())
     build["balanced_dataset"]["output"]["csv_path"] = "bt${x.csv"
-    own_build = _write_yaml(tmp_path / "build.yaml", build)
+    own_build = write_yaml(tmp_path / "build.yaml", build)
     config = tiny_configs(tmp_path, demo, build=str(own_build))
     one_line_error(run_cli("compare", config, "--dry-run"), str(own_build), "'output.csv_path'")
 
 
 def test_a_malformed_interpolation_in_select_coreset_names_the_file_and_key(project):
-    config = _write_yaml(
+    config = write_yaml(
         project / "coreset.yaml",
         {"coreset": {"input_csv_path": "balanced.csv", "output_csv_path": "c${x.csv"}},
     )
@@ -116,7 +106,7 @@ def test_report_out_never_replaces_the_table_its_summary_or_an_input(built, targ
 
 
 def test_select_coreset_never_replaces_the_input_tables_summary(project):
-    config = _write_yaml(
+    config = write_yaml(
         project / "coreset.yaml",
         {
             "coreset": {
@@ -226,7 +216,7 @@ def test_every_coreset_method_refuses_a_bad_weight_naming_the_table_row(
     row = len(table) - 1
     table.loc[row, ["excluded", "sampler_weight"]] = [False, bad]
     table.to_csv(tmp_path / "t.csv", index=False)
-    config = _write_yaml(
+    config = write_yaml(
         tmp_path / "coreset.yaml",
         {
             "coreset": {
@@ -279,8 +269,7 @@ def test_a_truncated_image_is_named_as_the_image_not_its_mask(tmp_path):
 
     from rasters import write_geotiff
 
-    write_two_pairs_and_records(tmp_path, seed=0, n_classes=3, size=32, zero_top=False)
-    config = _write_yaml(tmp_path / "build.yaml", {"balanced_dataset": BUILD})
+    config = write_records_build(tmp_path, "balanced.csv")
     image = tmp_path / "images" / "b.tif"
     with rasterio.open(image) as dataset:
         pixels = dataset.read()

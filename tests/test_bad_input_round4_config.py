@@ -8,44 +8,21 @@ import pytest
 import yaml
 
 import patchbalance.balancing.raster_reading as raster_reading
-from cli_checks import one_line_error, run_cli, snapshot
-from data_fixtures import write_scene, write_training_tables
-from rasters import write_two_pairs_and_records
-
-BUILD = {
-    "input": {"records_path": "records.csv"},
-    "clustering": {"k_min": 2, "k_max": 3},
-    "output": {"csv_path": "out/balanced.csv"},
-}
-
-
-def _write_yaml(path: Path, data: dict) -> Path:
-    path.write_text(yaml.safe_dump(data))
-    return path
+from cli_checks import one_line_error, run_cli, snapshot, write_yaml
+from data_fixtures import write_scene, write_train_config
+from rasters import write_records_build
 
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory) -> Path:
     """Two pairs, records.csv and build.yaml (not built); returns the build config."""
-    folder = tmp_path_factory.mktemp("records")
-    write_two_pairs_and_records(folder, seed=0, n_classes=3, size=32, zero_top=False)
-    return _write_yaml(folder / "build.yaml", {"balanced_dataset": BUILD})
+    return write_records_build(tmp_path_factory.mktemp("records"), "out/balanced.csv")
 
 
 @pytest.fixture(scope="module")
 def train_config(tmp_path_factory) -> Path:
     """A minimal train config over two small scenes; returns its path."""
-    folder = tmp_path_factory.mktemp("train")
-    train_table, val_table = write_training_tables(folder)
-    return _write_yaml(
-        folder / "train.yaml",
-        {
-            "train_dataset": {"input_csv_path": str(train_table), "n_classes": 4},
-            "val_dataset": {"input_csv_path": str(val_table)},
-            "device": "cpu",
-            "output_dir": str(folder / "out"),
-        },
-    )
+    return write_train_config(tmp_path_factory.mktemp("train"), device="cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,7 +76,7 @@ def test_a_negative_seed_is_refused_at_load_in_a_run_and_a_dry_run(records, sett
 
 def test_a_negative_train_and_coreset_seed_are_refused(train_config, tmp_path):
     one_line_error(run_cli("train", train_config, "--dry-run", "--set", "seed=-1"), "'seed'")
-    coreset = _write_yaml(
+    coreset = write_yaml(
         tmp_path / "coreset.yaml",
         {"coreset": {"input_csv_path": "t.csv", "output_csv_path": "c.csv", "seed": -3}},
     )

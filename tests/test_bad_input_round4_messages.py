@@ -6,11 +6,10 @@ import logging
 from pathlib import Path
 
 import pytest
-import yaml
 
 from cli_checks import one_line_error, run_cli, snapshot
 from compare_configs import tiny_configs
-from data_fixtures import write_training_tables
+from data_fixtures import write_train_config, write_training_tables
 from patchbalance.demo import write_demo_dataset
 from rasters import write_two_pairs_and_records
 
@@ -153,18 +152,7 @@ def test_geojson_path_null_unsets_its_synonym_and_errors_name_it(records):
 
 
 def test_prior_correction_errors_name_no_union_member(tmp_path):
-    train_table, val_table = write_training_tables(tmp_path)
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "train_dataset": {"input_csv_path": str(train_table), "n_classes": 4},
-                "val_dataset": {"input_csv_path": str(val_table)},
-                "device": "cpu",
-                "prior_correction": "strong",
-            }
-        )
-    )
+    config = write_train_config(tmp_path, device="cpu", prior_correction="strong")
     line = one_line_error(run_cli("train", config, "--dry-run"), "'prior_correction'")
     assert "prior_correction." not in line and "more problem" not in line
 
@@ -173,17 +161,7 @@ def test_an_accelerator_without_cuda_is_named_as_written(tmp_path):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("CUDA is present here")
-    train_table, val_table = write_training_tables(tmp_path)
-    config = tmp_path / "train.yaml"
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "train_dataset": {"input_csv_path": str(train_table), "n_classes": 4},
-                "val_dataset": {"input_csv_path": str(val_table)},
-                "hyperparameters": {"accelerator": "gpu"},
-            }
-        )
-    )
+    config = write_train_config(tmp_path, hyperparameters={"accelerator": "gpu"})
     line = one_line_error(run_cli("train", config, "--dry-run"), "hyperparameters.accelerator: gpu")
     assert "device" not in line
 

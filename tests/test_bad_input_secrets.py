@@ -114,30 +114,31 @@ def test_a_password_of_the_wrong_type_is_not_quoted(tmp_path):
     assert SECRET not in result.output + debug.output
 
 
-def test_a_dsn_with_user_info_is_masked_in_an_unexpected_error(tmp_path, monkeypatch):
-    import patchbalance.balancing.command as command
-
-    def broken(*args, **kwargs):
-        raise RuntimeError(f"driver said: postgresql://reader:{SECRET}@db/tiles is down")
-
-    monkeypatch.setattr(command, "load_config", broken)
-    result = run_cli("build-balanced-dataset", tmp_path / "any.yaml")
-    assert result.exit_code == 1
-    assert "postgresql://reader:***@db/tiles" in result.stderr
-    assert SECRET not in result.output
-
-
-def test_a_log_line_holding_a_password_is_masked(tmp_path, monkeypatch):
-    import patchbalance.balancing.command as command
-
-    def logs_then_fails(*args, **kwargs):
+def _logs_then_fails(error: Exception):
+    def load_config(*args, **kwargs):
         logging.getLogger("patchbalance.test").warning("connecting with password=%s", SECRET)
-        raise ConfigError("stop")
+        raise error
 
-    monkeypatch.setattr(command, "load_config", logs_then_fails)
+    return load_config
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (RuntimeError(f"driver said: postgresql://reader:{SECRET}@db/tiles is down"), 1),
+        (ConfigError("stop"), 2),
+    ],
+    ids=["unexpected-error", "user-error"],
+)
+def test_log_lines_and_unexpected_errors_mask_passwords(tmp_path, monkeypatch, error, status):
+    import patchbalance.balancing.command as command
+
+    monkeypatch.setattr(command, "load_config", _logs_then_fails(error))
     result = run_cli("build-balanced-dataset", tmp_path / "any.yaml")
-    assert result.exit_code == 2
+    assert result.exit_code == status
     assert "password=***" in result.stderr
+    if status == 1:
+        assert "postgresql://reader:***@db/tiles" in result.stderr
     assert SECRET not in result.output
 
 
