@@ -67,7 +67,7 @@ def check_windows_inside_rasters(dataset: Any, workers: int = 4, where: str = "d
         outside = (ends_row > sizes[:, 0]) | (ends_col > sizes[:, 1])
         if outside.any():
             first = int(np.flatnonzero(outside)[0])
-            height, width = sizes[first]
+            height, width = sizes[first, :2]
             count = f" ({int(outside.sum())} rows in all)" if outside.sum() > 1 else ""
             raise InputError(
                 f"{dataset.input_csv_path}: row {int(dataset.row_numbers[first])}: the window "
