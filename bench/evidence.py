@@ -25,7 +25,10 @@ What one run does, with the same model, steps and seeds for every method:
    trained through `patchbalance.train.train_from_config`, validated every `--eval-every` steps
    (the learning curve), with prior correction tau = 1 beside tau = 0;
 5. reports per class IoU, precision and recall at the short and the long budget, and the gain
-   over uniform paired by seed with a 95 % bootstrap interval over seeds.
+   over uniform paired by seed with a 95 % Student-t interval over the seeds, for every class
+   and for the `interest` and `rest` rows (the compare engine's results.md);
+   `bench/evidence_pairs.py WORK` prints the gains again, and any arm against any other, as
+   Markdown tables.
 
 Runs already finished in `--work` are reused, so an interrupted run resumes.
 """
@@ -107,6 +110,12 @@ METHODS: dict[str, dict[str, Any]] = {
         "sampling_method": "class_target",
         "weights": {"target_share": "power:0.25", "min_ess": 0.1},
         "placement": "class_centred",
+    },
+    # Sampler schedules on the default (round four): back to the natural mix over the last 30 %
+    # of the steps, or class targets re-solved every 50 steps from the training IoU gaps.
+    "default_anneal": {"train": {"sampler_schedule": {"name": "anneal", "start": 0.7}}},
+    "default_adaptive": {
+        "train": {"sampler_schedule": {"name": "adaptive", "every": 50, "gamma": 1.0}}
     },
     "inverse_frequency_centred": {
         "sampling_method": "inverse_frequency",

@@ -17,7 +17,13 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbalance.config.input import InputConfig, secret_as_text
 from patchbalance.config.loading import Seed, StrictModel, load_model_file, model_from_mapping
-from patchbalance.paths import resolve_path
+from patchbalance.errors import ConfigError
+from patchbalance.paths import (
+    check_distinct_files,
+    default_summary_path,
+    footprint_format,
+    resolve_path,
+)
 from patchbalance.table import table_suffix
 
 # The default method (SPEC §3.7) and its ESS floor (§3.8): below the ESS of the published gains
@@ -134,6 +140,30 @@ class UniquenessConfig(StrictModel):
         return self
 
 
+def check_target_share(value: str | dict[int, float]) -> str | dict[int, float]:
+    """Return a valid `target_share` (sqrt, balanced, power:<p>, {class: share}); else ValueError."""
+    if isinstance(value, dict):
+        if any(not 0.0 <= share <= 1.0 for share in value.values()):
+            raise ValueError("every share in target_share must lie in [0, 1]")
+        if sum(value.values()) > 1.0 + 1e-9:
+            raise ValueError("the shares in target_share add up to more than 1")
+        return value
+    if value in ("sqrt", "balanced"):
+        return value
+    match = re.fullmatch(r"power:([0-9.eE+-]+)", value)
+    if match:
+        try:
+            exponent = float(match.group(1))
+        except ValueError:
+            exponent = -1.0
+        if 0.0 <= exponent <= 1.0:
+            return value
+    raise ValueError(
+        f"'{value}' is not sqrt, balanced, power:<p> with p in [0, 1], or a mapping "
+        "{class: share}"
+    )
+
+
 class WeightsConfig(StrictModel):
     power: float = Field(default=1.0, ge=0)
     max_weight: float | None = Field(default=None, ge=1)
@@ -149,26 +179,7 @@ class WeightsConfig(StrictModel):
     @field_validator("target_share")
     @classmethod
     def _known_target(cls, value: str | dict[int, float]) -> str | dict[int, float]:
-        if isinstance(value, dict):
-            if any(not 0.0 <= share <= 1.0 for share in value.values()):
-                raise ValueError("every share in target_share must lie in [0, 1]")
-            if sum(value.values()) > 1.0 + 1e-9:
-                raise ValueError("the shares in target_share add up to more than 1")
-            return value
-        if value in ("sqrt", "balanced"):
-            return value
-        match = re.fullmatch(r"power:([0-9.eE+-]+)", value)
-        if match:
-            try:
-                exponent = float(match.group(1))
-            except ValueError:
-                exponent = -1.0
-            if 0.0 <= exponent <= 1.0:
-                return value
-        raise ValueError(
-            f"'{value}' is not sqrt, balanced, power:<p> with p in [0, 1], or a mapping "
-            "{class: share}"
-        )
+        return check_target_share(value)
 
 
 class PostgresTableConfig(StrictModel):
@@ -220,8 +231,6 @@ class OutputConfig(StrictModel):
     @classmethod
     def _known_footprint_format(cls, value: str | None) -> str | None:
         if value is not None:
-            from patchbalance.balancing.outputs import footprint_format
-
             footprint_format(value)
         return value
 
@@ -394,8 +403,6 @@ class BalancedDatasetConfig(StrictModel):
             }
         )
         resolved._base_dir, resolved._source_path = self._base_dir, self._source_path
-        from patchbalance.balancing.outputs import check_build_files
-
         check_build_files(resolved)  # before any stage: no output may replace another or an input
         return resolved
 
@@ -427,3 +434,34 @@ def config_from_mapping(
     return model_from_mapping(
         BalancedDatasetConfig, "balanced_dataset", data, base_dir
     ).with_resolved_paths()
+
+
+def check_build_files(config: BalancedDatasetConfig) -> None:
+    """Raise `ConfigError` when two of the build's outputs, or an output and an input, are one file.
+
+    The outputs are the table, the summary (by default `<csv_path stem>.summary.json`), the
+    footprints and, in mode embeddings, the embeddings cache; the inputs are the records file
+    and the rasters of `input.rasters`. `config`'s paths must be absolute (as loaded).
+    """
+    output = config.output
+    outputs = {
+        "output.csv_path": output.csv_path,
+        "output.summary_path": output.summary_path or default_summary_path(output.csv_path),
+        "output.footprints_path": output.footprints_path,
+    }
+    if config.mode == "embeddings":
+        outputs["embeddings.parquet_path"] = config.embeddings.parquet_path
+    try:
+        check_distinct_files(outputs, build_inputs(config))
+    except ConfigError as exc:
+        where = f"{config.source_path}: " if config.source_path else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def build_inputs(config: BalancedDatasetConfig) -> dict[str, str | None]:
+    """Return the files a build reads, by the key that names each: records, listed rasters."""
+    inputs: dict[str, str | None] = {"input.records_path": config.input.records_path}
+    for position, pair in enumerate(config.input.rasters or []):
+        inputs[f"input.rasters.{position}.image_path"] = pair.image_path
+        inputs[f"input.rasters.{position}.mask_path"] = pair.mask_path
+    return inputs

@@ -27,6 +27,7 @@ from patchbalance.config.secrets import mask_override, safe_cause
 from patchbalance.data.arguments import check_dataset_numbers
 from patchbalance.errors import ConfigError
 from patchbalance.paths import resolve_path
+from patchbalance.train.schedules import SamplerSchedule
 
 UPSTREAM_ONLY_KEYS = ("pl_trainer", "callbacks", "metrics", "mode", "_target_", "test_dataset")
 DEFAULT_EPOCHS = 10
@@ -69,6 +70,8 @@ class TrainConfig(StrictModel):
     output_dir: str = "train_output"
     # Logit adjustment at validation (SPEC §7): tau, or a list of tau; tau = 0 is always added.
     prior_correction: float | list[float] | None = None
+    # Draw weights that change while the model trains (anneal, adaptive); None keeps the table's.
+    sampler_schedule: SamplerSchedule | None = None
     # Upstream keys that drive PyTorch Lightning; accepted, not used.
     pl_trainer: Any = None
     callbacks: Any = None
