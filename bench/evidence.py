@@ -543,7 +543,7 @@ def compare_block(
         "steps": args.steps,
         "eval_every": args.eval_every,
         "short_steps": args.short_steps,
-        "classes_of_interest": rare,
+        "classes_of_interest": rare or None,  # none found: compare picks them itself
         "catch_all": sorted(args.classes.catch_all),
         "class_names": args.classes.names,
         "jobs": args.jobs,

@@ -103,3 +103,19 @@ def method_scores(
         uniqueness=uniqueness,
     )
     return sampling_scores(method, signals, WeightsConfig(**settings))
+
+
+def write_train_config(folder: Path, **keys: object) -> Path:
+    """Write the training tables and a minimal train config (4 classes, plus `keys`)."""
+    import yaml
+
+    train_table, val_table = write_training_tables(folder)
+    config = {
+        "train_dataset": {"input_csv_path": str(train_table), "n_classes": 4},
+        "val_dataset": {"input_csv_path": str(val_table)},
+        "output_dir": str(folder / "out"),
+        **keys,
+    }
+    path = folder / "train.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path

@@ -88,3 +88,18 @@ def write_two_pairs_and_records(
     path = folder / "records.csv"
     pd.DataFrame(records).to_csv(path, index=False)
     return path
+
+
+def write_records_build(folder: Path, csv_path: str) -> Path:
+    """Write two pairs, `records.csv` and `build.yaml` (k 2..3, table at `csv_path`); return it."""
+    import yaml
+
+    write_two_pairs_and_records(folder, seed=0, n_classes=3, size=32, zero_top=False)
+    block = {
+        "input": {"records_path": "records.csv"},
+        "clustering": {"k_min": 2, "k_max": 3},
+        "output": {"csv_path": csv_path},
+    }
+    path = folder / "build.yaml"
+    path.write_text(yaml.safe_dump({"balanced_dataset": block}))
+    return path

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from cli_checks import one_line_error as _one_line_error
 from patchbalance.cli import app
 from rasters import record, write_pair, write_two_pairs_and_records
 
@@ -43,17 +44,6 @@ def _edit(path: Path, change) -> Path:
     change(data["balanced_dataset"])
     path.write_text(yaml.safe_dump(data))
     return path
-
-
-def _one_line_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, result.output
-    # Progress and INFO lines may come first; the error itself is exactly one line.
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def test_a_valid_config_builds_and_prints_the_summary(project):

@@ -18,13 +18,13 @@ import rasterio
 import yaml
 from typer.testing import CliRunner
 
+from cli_checks import one_line_error as _one_line_error
 from patchbalance.atomic import DEBUG_KILL_AT, remove_stale_temporaries
 from patchbalance.balancing.pipeline import run_build
 from patchbalance.cli import app
 from patchbalance.config import load_config
 from patchbalance.errors import ConfigError
 from rasters import write_two_pairs_and_records
-from test_cli import _one_line_error
 
 TEMPORARY = re.compile(r"^\..+\.(?:(\d+)-)?[a-z0-9_]{8}\.tmp$")
 

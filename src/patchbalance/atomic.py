@@ -7,9 +7,14 @@ were written (a build writes its summary last, holding every other file's SHA-25
 before the first move leaves the previous set, a kill after the last leaves the new one, and
 during the moves the summary's hashes show which file is newer than the summary.
 
-Temporary names are `.<name>.<pid>-<random>.tmp` (a file, or a folder holding `<name>`). Before
-writing `<name>`, the temporaries of `<name>` left by a process that no longer runs (a run that
-was killed) are removed.
+Temporary names are `.pb-<tag>.<pid>-<random>.tmp` (a file, or a folder holding `<name>`), where
+`<tag>` is a short hash of `<name>`: at most 40 bytes whatever the length of `<name>`, so that a
+temporary can be made wherever its target can. Before writing `<name>`, the temporaries of
+`<name>` left by a process that no longer runs (a run that was killed) are removed, those of
+earlier versions (`.<name>.<pid>-<random>.tmp`) too.
+
+A name that no file system takes (a part of the path over 255 bytes) is an `OutputError` from
+the up-front checks, before any work.
 
 Disk full (ENOSPC, EDQUOT) while writing is an `OutputError` naming the file; the temporary is
 removed and the previous file is kept.
@@ -46,6 +51,20 @@ _DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota
 _ALMOST_FULL = 1 << 20
 # Temporaries this process made: a killed run may have had the same process id (containers).
 _OURS: set[str] = set()
+# The longest name of one file or folder that common file systems take (ext4, XFS, APFS, NTFS).
+NAME_MAX_BYTES = 255
+
+
+def check_name_lengths(path: Path, what: str) -> None:
+    """Raise `OutputError` when a part of `path` is longer than a file system takes."""
+    for part in Path(path).parts:
+        size = len(os.fsencode(part))
+        if size > NAME_MAX_BYTES:
+            shown = part if len(part) <= 40 else f"{part[:20]}...{part[-12:]}"
+            raise OutputError(
+                f"{what}: the name '{shown}' is {size} bytes long; file systems take at most "
+                f"{NAME_MAX_BYTES} bytes per name: choose a shorter one"
+            )
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -56,6 +75,7 @@ def check_writable(path: Path, what: str) -> None:
     (where permission bits stop nothing) and on /proc or read-only mounts.
     """
     path = Path(path)
+    check_name_lengths(path, what)
     if path.is_dir():
         raise OutputError(
             f"{path}: {what} names a folder, not a file; give a file name in that folder"
@@ -77,6 +97,7 @@ def check_writable_folder(folder: Path, what: str) -> None:
     nearest existing parent to. Nothing is left behind.
     """
     folder = Path(folder)
+    check_name_lengths(folder, what)
     if folder.exists() and not folder.is_dir():
         raise OutputError(f"{folder}: {what} is a file, not a folder; give a folder")
     existing = folder
@@ -128,13 +149,18 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 # Temporaries: their names, and removing those of killed runs
 
 
+def _name_tag(path: Path) -> str:
+    return hashlib.sha256(os.fsencode(path.name)).hexdigest()[:12]
+
+
 def _temporary_prefix(path: Path) -> str:
-    return f".{path.name}.{os.getpid()}-"
+    return f".pb-{_name_tag(path)}.{os.getpid()}-"
 
 
 def _temporary_pattern(path: Path) -> re.Pattern[str]:
-    # `<pid>-` is absent from the names that earlier versions wrote.
-    return re.compile(rf"\.{re.escape(path.name)}\.(?:(\d+)-)?[a-z0-9_]{{8}}\.tmp")
+    # Earlier versions wrote `.<name>.<pid>-<random>.tmp`, and before that no `<pid>-`.
+    names = f"pb-{_name_tag(path)}|{re.escape(path.name)}"
+    return re.compile(rf"\.(?:{names})\.(?:(\d+)-)?[a-z0-9_]{{8}}\.tmp")
 
 
 def _running(pid: int) -> bool:

@@ -126,6 +126,12 @@ class BalancedTable:
             )
         return pd.to_numeric(self.frame[SAMPLER_WEIGHT], errors="coerce").to_numpy(dtype=np.float64)
 
+    def check_weights_in(self, rows: np.ndarray) -> None:
+        """Raise `InputError` naming the table rows among `rows` (a mask) whose weight is NaN,
+        infinite or negative."""
+        if rows.any():
+            _finite_and_not_negative(self.stored_weights()[rows], self.what, self.labels[rows])
+
     def drawn_weights(self, warn: bool = True) -> np.ndarray:
         """Return the checked weight each row is drawn with: excluded rows get 0.
 

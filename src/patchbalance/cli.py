@@ -45,10 +45,14 @@ SchedulerOption = Annotated[
 
 
 def _configure_logging(quiet: bool, verbose: bool) -> None:
+    from patchbalance.config.secrets import SecretFilter
+
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(
         level=level, format="%(levelname)s: %(message)s", stream=sys.stderr, force=True
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(SecretFilter())
     # Third-party libraries stay quiet unless asked for.
     for name in (
         "rasterio", "fiona", "matplotlib", "PIL", "urllib3", "filelock", "distributed", "bokeh",
@@ -73,11 +77,14 @@ def _run(task: Callable[[], str | None], quiet: bool, verbose: bool, debug: bool
     except typer.Exit:
         raise
     except Exception as exc:  # noqa: BLE001 - the last line of defence prints and exits 1
+        from patchbalance.config.secrets import mask_text
+
         if debug:
             traceback.print_exc()
         else:
             typer.echo(
-                f"unexpected error: {type(exc).__name__}: {exc} (rerun with --debug for details)",
+                f"unexpected error: {type(exc).__name__}: {mask_text(str(exc))} "
+                "(rerun with --debug for details)",
                 err=True,
             )
         raise typer.Exit(1) from None

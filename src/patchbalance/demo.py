@@ -8,6 +8,7 @@ margin in one image.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from rasterio.transform import from_origin
 from scipy import ndimage
 
 from patchbalance.atomic import atomic_writer, check_writable_folder
-from patchbalance.errors import MissingDependencyError
+from patchbalance.errors import MissingDependencyError, OutputError
 from patchbalance.geotiff import write_geotiff
 from patchbalance.table import write_table
 
@@ -27,6 +28,34 @@ MASK_NODATA = 255
 SCENE_SIZE = 512
 PATCH_SIZE = 64
 CRS = "EPSG:32640"
+SCENES = (1, 2, 3, 4)  # scene 4 is held out for validation
+# What the demo writes besides its rasters, relative to its folder.
+DEMO_FILES = (
+    "records.csv",
+    "val.csv",
+    "balanced_train.yaml",
+    "balanced_train.csv",
+    "balanced_train.geojson",
+    "balanced_train.summary.json",
+    "report.html",
+)
+
+
+def demo_files(out_dir: Path) -> list[Path]:
+    """Return every file that `patchbalance demo` writes under `out_dir`."""
+    rasters = [f"{kind}/scene_{scene}.tif" for kind in ("images", "masks") for scene in SCENES]
+    return [Path(out_dir) / name for name in (*rasters, *DEMO_FILES)]
+
+
+def check_demo_folder(out_dir: Path) -> None:
+    """Raise `OutputError` when `out_dir` already holds a file that the demo would write."""
+    present = [path for path in demo_files(out_dir) if os.path.lexists(path)]
+    if present:
+        more = f" and {len(present) - 1} more of the demo's files" if len(present) > 1 else ""
+        raise OutputError(
+            f"demo --out {out_dir}: the folder already holds {present[0].relative_to(out_dir)}"
+            f"{more}; the demo does not overwrite files: give a new or empty folder"
+        )
 
 
 def _smooth_field(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
@@ -78,7 +107,7 @@ def write_demo_dataset(out_dir: Path, seed: int = 7) -> dict[str, Path]:
     out_dir = Path(out_dir)
     rng = np.random.default_rng(seed)
     records = []
-    for scene in range(1, 5):
+    for scene in SCENES:
         mask, image = demo_scene(rng, SCENE_SIZE, water_bias=0.4 if scene == 2 else 0.0)
         if scene == 2:
             mask[:, -40:] = MASK_NODATA  # an unlabelled margin along the east edge
@@ -151,6 +180,7 @@ def run_demo_command(out_dir: Path, progress: bool = True, scheduler: str | None
     from patchbalance.reporting.html import write_html_report
 
     check_writable_folder(Path(out_dir), "the demo folder (--out)")
+    check_demo_folder(Path(out_dir))
     paths = write_demo_dataset(out_dir)
     overrides = [f"compute.scheduler={scheduler}"] if scheduler else []
     result = run_build(load_config(paths["config"], overrides), progress=progress)

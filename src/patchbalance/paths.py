@@ -80,7 +80,7 @@ def footprint_format(path: str | os.PathLike[str]) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in FOOTPRINT_FORMATS:
         raise ValueError(
-            f"footprints_path {os.fspath(path)!r} must end in "
+            f"the footprints file {os.fspath(path)!r} must end in "
             f"{', '.join(FOOTPRINT_FORMATS)} (GeoPackage, GeoParquet or GeoJSON)"
         )
     return FOOTPRINT_FORMATS[suffix]

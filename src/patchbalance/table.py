@@ -179,6 +179,23 @@ def key_sorted(keys: pd.DataFrame) -> np.ndarray:
     )
 
 
+def shared_keys_text(keys: pd.DataFrame, rows: np.ndarray | None = None) -> str | None:
+    """Return "N rows share a patch key with another row (first: rows 3 and 9, KEY)", or None.
+
+    `rows` holds the table's 1-based row number of each key (default: position + 1).
+    """
+    duplicated = keys.duplicated(keep=False).to_numpy()
+    if not duplicated.any():
+        return None
+    numbers = np.arange(1, len(keys) + 1) if rows is None else np.asarray(rows)
+    first = int(np.flatnonzero(duplicated)[0])
+    same = np.flatnonzero((keys == keys.iloc[first]).all(axis=1).to_numpy())
+    return (
+        f"{int(duplicated.sum())} rows share a patch key with another row (first: rows "
+        f"{numbers[same[0]]} and {numbers[same[1]]}, {key_label(keys, first)})"
+    )
+
+
 def key_label(keys: pd.DataFrame, i: int) -> str:
     """Return a readable name for the patch at position `i` of `keys`: its image and window."""
     row = keys.iloc[i]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -149,17 +149,23 @@ def probe_rasters(
     return infos, errors
 
 
-def check_mask_band(masks: Iterable[RasterInfo], band: int) -> None:
-    """Raise `InputError` naming `exclusion.mask_band` and the first mask that lacks `band`."""
+def check_band(band_counts: Mapping[str, int], band: int, key: str, kind: str = "mask") -> None:
+    """Raise `InputError` naming `key` and the first raster (by path) with fewer than `band` bands.
+
+    Args:
+        band_counts: the band count of each raster, by path.
+        band: the highest 1-based band that will be read.
+        key: the configuration key that asks for it (`exclusion.mask_band`, `embeddings.bands`).
+        kind: what the rasters are, for the message (`mask`, `image`).
+    """
     from patchbalance.errors import InputError
 
-    short = sorted((info for info in masks if info.count < band), key=lambda info: info.path)
+    short = sorted(path for path, count in band_counts.items() if count < band)
     if short:
-        more = f" (and {len(short) - 1} more mask(s))" if len(short) > 1 else ""
+        more = f" (and {len(short) - 1} more {kind}(s))" if len(short) > 1 else ""
         raise InputError(
-            f"exclusion.mask_band is {band}, but the mask {short[0].path} has "
-            f"{short[0].count} band(s){more}; set exclusion.mask_band to the band that holds "
-            "the classes"
+            f"{key} is {band}, but the {kind} {short[0]} has {band_counts[short[0]]} "
+            f"band(s){more}; set {key} to bands that the {kind}s have (numbered from 1)"
         )
 
 

@@ -17,7 +17,7 @@ from rasterio.warp import transform as transform_coordinates
 
 from patchbalance.atomic import atomic_write_with, atomic_writer
 from patchbalance.balanced_table import SAMPLER_WEIGHT
-from patchbalance.errors import MissingDependencyError, OutputError
+from patchbalance.errors import MissingDependencyError, OutputError, PatchbalanceError
 from patchbalance.paths import (
     default_summary_path,
     footprint_format,
@@ -29,6 +29,36 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     pass
+
+
+def table_files(table_path: str | os.PathLike[str]) -> dict[str, Path]:
+    """Return the files that belong with a balanced table, by what each is.
+
+    The table and its summary (`<stem>.summary.json`), and as far as the summary tells: the
+    build's other outputs, its configuration and the inputs that configuration names. A
+    missing or unreadable summary, or a configuration that no longer loads, tells nothing more.
+    """
+    table_path = Path(table_path)
+    summary_path = default_summary_path(table_path)
+    files = {"the table": table_path, "the table's summary": summary_path}
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        outputs = dict(summary.get("outputs") or {})
+        config_path = summary.get("config")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return files
+    files.update({f"the build's {name}": Path(str(path)) for name, path in outputs.items()})
+    if not config_path or not Path(config_path).is_file():
+        return files
+    files["the build's configuration"] = Path(config_path)
+    try:
+        from patchbalance.config import build_inputs, load_config
+
+        inputs = build_inputs(load_config(config_path))
+    except PatchbalanceError:
+        return files
+    files.update({f"the build's {key}": Path(path) for key, path in inputs.items() if path})
+    return files
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
@@ -91,6 +121,7 @@ FOOTPRINT_PROPERTIES = (
 
 # The GeoPackage's gpkg_contents.last_change: fixed, so that reruns give the same bytes.
 GEOPACKAGE_DATE = "2000-01-01T00:00:00.000Z"
+
 
 def _property_value(value: Any) -> Any:
     if value is None or value is pd.NA:

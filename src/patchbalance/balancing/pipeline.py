@@ -184,6 +184,15 @@ def _uniqueness_stage(
     return np.asarray(result.scores, dtype=np.float64), notes
 
 
+def _embedding_band(config: BalancedDatasetConfig, source: SourceRecords) -> tuple[str, int] | None:
+    """Return ("embeddings.bands", its highest band) when this build embeds the images."""
+    bands = config.embeddings.bands
+    embeds = config.mode == "embeddings" and source.uniqueness is None
+    if not bands or not embeds or source.embeddings is not None:
+        return None
+    return "embeddings.bands", max(bands)
+
+
 def _check_outputs(
     config: BalancedDatasetConfig, paths: dict[str, Path], dry_run: bool = False
 ) -> None:
@@ -219,6 +228,7 @@ def _exclusion_stage(
 ) -> ExclusionFlags:
     """Return the exclusion flags of every patch; raise when no patch is left."""
     stats, computed = reading.stats, reading.computed
+    stats.check_listed_classes(classes)
     flags = exclusion_flags(
         exclusion,
         nodata_defined=_nodata_defined(exclusion, classes, records, reading.infos),
@@ -338,7 +348,14 @@ def run_build(
         source, compute = _records_and_compute(stack, clock, config)
         records = source.records
         reading = read_rasters(
-            source, config.exclusion, config.clustering.classes, compute, clock, progress, strict
+            source,
+            config.exclusion,
+            config.clustering.classes,
+            compute,
+            clock,
+            progress,
+            strict,
+            image_band=_embedding_band(config, source),
         )
         with clock.stage("exclusion"):
             flags = _exclusion_stage(config.exclusion, config.clustering.classes, records, reading)

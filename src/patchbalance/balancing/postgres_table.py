@@ -21,13 +21,14 @@ import pandas as pd
 
 from patchbalance.balancing.outputs import footprint_rings, polygon_wkb, wkb_hex
 from patchbalance.config import BalancedDatasetConfig, PostgresTableConfig
+from patchbalance.config.secrets import scrub
 from patchbalance.errors import OutputError
 from patchbalance.sources.postgres_connection import (
     Target,
     _connect_message,
     _psycopg,
     connection_settings,
-    scrub,
+    read_only_session,
 )
 from patchbalance.windows import RasterInfo
 
@@ -154,7 +155,8 @@ def check_postgres_table(config: BalancedDatasetConfig) -> None:
     """
     where = destination(config)
     psycopg = _psycopg()
-    with _connect(where) as conn:
+    # Only checks: the session is read-only and rolled back, as the source's is.
+    with read_only_session(_connect(where)) as conn:
         try:
             _check_target(conn, where, config)
         except psycopg.Error as exc:

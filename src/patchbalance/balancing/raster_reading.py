@@ -29,7 +29,7 @@ from patchbalance.sources import SourceRecords
 from patchbalance.table import lookup_by_path
 from patchbalance.windows import (
     RasterInfo,
-    check_mask_band,
+    check_band,
     pair_difference,
     probe_rasters,
     windows_in_bounds,
@@ -70,6 +70,7 @@ def read_rasters(
     clock: StageClock,
     progress: bool = False,
     strict: bool = False,
+    image_band: tuple[str, int] | None = None,
 ) -> RasterReading:
     """Return the raster stage's findings for every record of `source`.
 
@@ -81,6 +82,8 @@ def read_rasters(
         clock: times the `rasters` and `mask_statistics` stages.
         progress: show a progress bar.
         strict: raise `InputError` on the first unreadable or out-of-bounds window.
+        image_band: (key, band): the highest image band a later stage reads, checked against
+            every image before the statistics (`embeddings.bands`).
 
     Returns:
         The `RasterReading`.
@@ -98,12 +101,15 @@ def read_rasters(
         # Headers the source read already are not read again.
         infos, open_errors = probe_rasters(files - set(source.infos), compute.workers)
         infos.update({path: info for path, info in source.infos.items() if path in files})
+    if image_band is not None:
+        images = {str(path) for path in records["image_path"].unique()}
+        counts = {path: infos[path].count for path in images if path in infos}
+        check_band(counts, image_band[1], image_band[0], "image")
     differences: dict[tuple[str, str], str] = {}
     if not skip_masks:
         masks = {str(path) for path in records["mask_path"].unique()}
-        check_mask_band(
-            [infos[path] for path in sorted(masks) if path in infos], exclusion.mask_band
-        )
+        counts = {path: infos[path].count for path in masks if path in infos}
+        check_band(counts, exclusion.mask_band, "exclusion.mask_band")
         differences = _pair_differences(records, infos)
     read_error = (
         records["image_path"].isin(list(open_errors)).to_numpy()
@@ -295,14 +301,17 @@ def _error_notes(
     out_of_bounds: np.ndarray,
 ) -> dict[str, Any]:
     """Return the summary's read-error figures."""
+    unreadable = dict(open_errors)
+    for path, reason in stats.errors.values():  # files whose windows failed: the first reason
+        unreadable.setdefault(path, reason)
     notes: dict[str, Any] = {
         "read_errors": int(read_error.sum()),
         "out_of_bounds": int(out_of_bounds.sum()),
-        "unreadable_files": dict(sorted(open_errors.items())[:20]),
+        "unreadable_files": dict(sorted(unreadable.items())[:20]),
     }
     if stats.errors:
-        first = min(stats.errors)
-        notes["first_window_error"] = f"{records.at[first, 'mask_path']}: {stats.errors[first]}"
+        path, reason = stats.errors[min(stats.errors)]
+        notes["first_window_error"] = f"{path}: {reason}"
     return notes
 
 

@@ -9,6 +9,7 @@ and the table's statistics columns are made from the counts a chunk of rows at a
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,8 +19,11 @@ import pandas as pd
 
 from patchbalance.balancing.window_counts import BorderCheck, CountTask, WindowCounts, count_windows
 from patchbalance.compute import Compute, LazySequence
+from patchbalance.errors import InputError
 from patchbalance.table import class_proportions, lookup_by_path
 from patchbalance.windows import CHUNK_WINDOWS, MISSING_VALUE, window_partitions
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "BorderCheck",
@@ -50,13 +54,32 @@ class MaskStatistics:
     border_nodata: np.ndarray  # (N,) a nodata pixel on the mask window's outer ring
     black_border: np.ndarray  # (N,) the image window has a black border
     read: np.ndarray  # (N,) the windows were read (False: not attempted or failed)
-    errors: dict[int, str] = field(default_factory=dict)
+    errors: dict[int, tuple[str, str]] = field(default_factory=dict)  # row -> (file, reason)
     outside_class_pixels: int = 0
 
     @property
     def valid_pixels(self) -> np.ndarray:
         """Return the number of valid (labelled, in-class) pixels per patch."""
         return self.counts.sum(axis=1)
+
+    def check_listed_classes(self, classes: Sequence[int] | None) -> None:
+        """Raise `InputError` naming `clustering.classes` when no patch holds any listed class;
+        warn naming the listed classes that no patch holds."""
+        if not classes:
+            return
+        totals = self.counts[self.read].sum(axis=0) if self.read.any() else self.counts.sum(axis=0)
+        absent = [int(v) for v, total in zip(self.class_values, totals, strict=True) if total == 0]
+        if len(absent) == len(self.class_values):
+            raise InputError(
+                f"clustering.classes lists {', '.join(map(str, absent))}, but no patch holds a "
+                f"pixel of any of them ({self.outside_class_pixels:,} pixels hold other values, "
+                "which count as nodata); list the class values of the masks"
+            )
+        if absent:
+            log.warning(
+                "clustering.classes lists %s, which no patch holds; its share is 0 everywhere",
+                ", ".join(map(str, absent)),
+            )
 
     @cached_property
     def entropy(self) -> np.ndarray:
@@ -92,7 +115,7 @@ class CountMerge:
         self.border_nodata = np.zeros(n, dtype=bool)
         self.black_border = np.zeros(n, dtype=bool)
         self.read = np.zeros(n, dtype=bool)
-        self.errors: dict[int, str] = {}
+        self.errors: dict[int, tuple[str, str]] = {}
 
     def add(self, rows: np.ndarray, part: WindowCounts) -> None:
         """Take in the counts of the partition whose windows are the patches `rows`."""

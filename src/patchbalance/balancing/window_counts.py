@@ -164,14 +164,16 @@ class WindowCounts:
     border_nodata: np.ndarray
     black_border: np.ndarray
     read: np.ndarray
-    errors: dict[int, str] = field(default_factory=dict)
+    # Window position -> (the file that failed: mask or image, GDAL's reason).
+    errors: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 def count_windows(task: CountTask) -> WindowCounts:
     """Return the value counts and border flags of the task's windows; each file opens once.
 
     A `RasterioError` or `OSError` on a window (or on opening a file) is recorded in `errors`
-    by the window's position in the task, so one bad file never aborts the run.
+    by the window's position in the task, with the file that failed (the mask, or the image
+    read for the black-border check), so one bad file never aborts the run.
     """
     n = len(task.row_off)
     paths = [task.mask_path]
@@ -184,7 +186,7 @@ def count_windows(task: CountTask) -> WindowCounts:
     except (RasterioError, OSError) as exc:
         for dataset in datasets:  # the mask, when only the image failed
             dataset.close()
-        message = gdal_message(exc)
+        message = (path, gdal_message(exc))
         nothing = np.zeros(n, dtype=bool)
         return WindowCounts(
             np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(n, dtype=np.int32),
@@ -221,7 +223,7 @@ def _concatenate(parts: list[WindowCounts]) -> WindowCounts:
     """Return the counts of consecutive runs of windows as the counts of all of them."""
     if len(parts) == 1:
         return parts[0]
-    errors: dict[int, str] = {}
+    errors: dict[int, tuple[str, str]] = {}
     offset = 0
     for part in parts:
         errors.update({offset + i: message for i, message in part.errors.items()})
@@ -330,22 +332,24 @@ def _count_each_window(task: CountTask, datasets: list[Any]) -> WindowCounts:
     lengths = np.zeros(n, dtype=np.int32)
     values_seen: list[np.ndarray] = []
     counts_seen: list[np.ndarray] = []
-    errors: dict[int, str] = {}
+    errors: dict[int, tuple[str, str]] = {}
     known = np.zeros(0, dtype=np.int64)
     for i in range(n):
         row, col, size = task.row_off[i], task.col_off[i], task.size[i]
+        reading = task.mask_path
         try:
             mask = read_window(datasets[0], row, col, size, task.mask_band)
             values, counts, covered = _value_counts(mask, known)
             ring = nodata_pixels(_outer_ring(mask), task.nodata, task.classes)
             if task.border_check is not None:
+                reading = str(task.image_path)
                 image = read_window(datasets[1], row, col, size)
                 image_mask = None
                 if task.image_has_mask:
                     image_mask = read_window_mask(datasets[1], row, col, size)
                 black_border[i] = black_border_sides(image, image_mask, task.border_check)
         except (RasterioError, OSError) as exc:
-            errors[i] = gdal_message(exc)
+            errors[i] = (reading, gdal_message(exc))
             continue
         except FractionalMaskValue as exc:
             raise InputError(

@@ -28,6 +28,7 @@ from patchbalance.compare.statistics import (
     summarise,
     verdict,
 )
+from patchbalance.config.secrets import mask_secrets
 from patchbalance.errors import MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
     names.update({str(k): v for k, v in (config.class_names or {}).items()})
     by_arm = {arm: curves[curves["arm"] == arm] for arm in arms}
     return {
-        "settings": config.model_dump(mode="json"),
+        "settings": mask_secrets(config.model_dump(mode="json")),
         "baseline": plan.baseline,
         "arms": arms,
         "seeds": plan.seeds,
@@ -148,7 +149,8 @@ def plan_text(plan: ComparePlan) -> str:
     specs = {UNIFORM: ArmConfig(build=UNIFORM_BUILD), **config.arms}
     for name in plan.arms:
         spec = specs[name]
-        parts = [f"{key}: {value}" for key, value in spec.model_dump(exclude_defaults=True).items()]
+        shown = mask_secrets(spec.model_dump(exclude_defaults=True))
+        parts = [f"{key}: {value}" for key, value in shown.items()]
         lines.append(f"  {name}: {'; '.join(parts) or 'the configs as they are'}")
     lines.append(f"outputs: {plan.output_dir}")
     return "\n".join(lines)

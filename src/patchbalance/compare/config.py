@@ -17,15 +17,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from patchbalance.config import BalancedDatasetConfig
 from patchbalance.config.loading import (
     StrictModel,
+    create_config,
     describe_validation_error,
     load_model_file,
     read_yaml_mapping,
 )
+from patchbalance.config.secrets import safe_cause
 from patchbalance.errors import ConfigError
 from patchbalance.paths import resolve_path
 from patchbalance.train.config import TrainConfig, load_train_config, resolve_config_mapping
@@ -98,6 +100,16 @@ class CompareConfig(StrictModel):
     threads: int = Field(default=1, ge=1)
     output_dir: str = "compare_output"
     plateau_tolerance: float = Field(default=0.01, ge=0)
+
+    @field_validator("classes_of_interest")
+    @classmethod
+    def _some_classes_of_interest(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and not value:
+            raise ValueError(
+                "is empty; list the classes the comparison is about, or leave the key out "
+                "for the two rarest classes of the baseline's table"
+            )
+        return value
 
     @model_validator(mode="after")
     def _budgets_fit_the_validation_interval(self) -> CompareConfig:
@@ -191,8 +203,10 @@ def _arm_build(
     try:
         config = BalancedDatasetConfig.model_validate(merged)
     except ValidationError as exc:
-        message = describe_validation_error(exc, BalancedDatasetConfig, f"arms.{name}.build")
-        raise ConfigError(f"{where}: arm '{name}': {message}") from exc
+        message = describe_validation_error(
+            exc, BalancedDatasetConfig, f"arms.{name}.build", data=merged
+        )
+        raise ConfigError(f"{where}: arm '{name}': {message}") from safe_cause(exc)
     config._base_dir = folder
     # Only the keys the configs wrote (and the resolved paths): a key left out keeps meaning
     # "the default" when the arm is built, as `sampling_method` does (SPEC §3.7).
@@ -241,11 +255,35 @@ def _check_coreset(name: str, block: dict[str, Any] | None, where: str) -> None:
         raise ConfigError(f"{where}: arm '{name}': {message}") from exc
 
 
+def check_class_keys(config: CompareConfig, classes: Any, where: str, whose: str) -> None:
+    """Raise `ConfigError` naming the key when `classes_of_interest`, `catch_all` or
+    `class_names` names a class that is not among `classes` (`whose` says where those are from).
+    """
+    known = sorted(int(value) for value in classes)
+    for key, named in (
+        ("classes_of_interest", config.classes_of_interest or []),
+        ("catch_all", config.catch_all),
+        ("class_names", list(config.class_names or {})),
+    ):
+        unknown = sorted(set(named) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"{where}: {key} names class {', '.join(map(str, unknown))}, which is not a "
+                f"class of {whose} (its classes: {', '.join(map(str, known))})"
+            )
+
+
 def _read_block(path: Path, block: str, what: str, where: str) -> dict[str, Any]:
+    if path.is_dir():
+        raise ConfigError(
+            f"{where}: the {what} config {path} is a folder; check '{what}:' names the YAML file"
+        )
     if not path.is_file():
         raise ConfigError(f"{where}: the {what} config {path} does not exist; check '{what}:'")
     raw = read_yaml_mapping(path)
-    return dict(raw[block]) if isinstance(raw.get(block), dict) else raw
+    mapping = dict(raw[block]) if isinstance(raw.get(block), dict) else raw
+    create_config(mapping, path)  # a malformed `${` is named here, with its file and key
+    return mapping
 
 
 def plan_compare(config: CompareConfig, base_dir: Path, where: str) -> ComparePlan:
@@ -265,6 +303,11 @@ def plan_compare(config: CompareConfig, base_dir: Path, where: str) -> ComparePl
             "val_dataset block (a table of held-out windows) to the train config"
         )
     train_base = {key: value for key, value in train_base.items() if key not in ("output_dir",)}
+    n_classes = (train_base.get("train_dataset") or {}).get("n_classes")
+    if isinstance(n_classes, int) and not isinstance(n_classes, bool):
+        check_class_keys(
+            config, range(n_classes), where, f"the train config (n_classes {n_classes})"
+        )
     specs = dict(config.arms)
     if config.baseline == UNIFORM and UNIFORM not in specs:
         specs = {UNIFORM: ArmConfig(build=UNIFORM_BUILD), **specs}
@@ -309,6 +352,13 @@ def load_compare_config(
     Relative paths (`build`, `train`, `output_dir`) are taken against the file's folder.
     """
     path = Path(path)
+    raw = read_yaml_mapping(path)
+    if "compare" not in raw and not {"build", "train", "arms"} & set(raw):
+        found = ", ".join(f"'{key}'" for key in list(raw)[:3]) or "no keys"
+        raise ConfigError(
+            f"{path}: not a comparison file: it has no 'compare:' block (found {found}); write "
+            "compare: {build: ..., train: ..., arms: {...}}"
+        )
     try:
         config = load_model_file(CompareConfig, "compare", path, overrides or [])
     except ConfigError as exc:
@@ -326,6 +376,6 @@ def compare_plan_from_mapping(
         config = CompareConfig.model_validate(data.get("compare", data))
     except ValidationError as exc:
         message = describe_validation_error(exc, CompareConfig, "<compare>")
-        raise _with_arm_hint(ConfigError(message)) from exc
+        raise _with_arm_hint(ConfigError(message)) from safe_cause(exc)
     base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
     return plan_compare(config, base, "<compare>")

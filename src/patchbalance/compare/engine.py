@@ -28,7 +28,7 @@ from typing import Any
 import pandas as pd
 
 from patchbalance.atomic import atomic_writer, file_sha256
-from patchbalance.compare.config import LENGTH_KEYS, ComparePlan, digest
+from patchbalance.compare.config import LENGTH_KEYS, ComparePlan, check_class_keys, digest
 from patchbalance.compare.files import train_input_paths
 from patchbalance.compare.preflight import naming_arm
 from patchbalance.compare.reuse import (
@@ -43,7 +43,6 @@ from patchbalance.compare.reuse import (
 )
 from patchbalance.compare.statistics import TAUS
 from patchbalance.compare.tables import DONE, ArmTable, build_arm_table, rarest_classes
-from patchbalance.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -308,20 +307,15 @@ def run_metrics(run_dir: Path, arm: str, seed: int) -> pd.DataFrame:
 def build_all(plan: ComparePlan, progress: bool = False) -> tuple[dict[str, ArmTable], list[int]]:
     """Return every arm's table (the baseline's first) and the classes of interest.
 
-    Raises `ConfigError` before any training when a class of interest is not a class of the
-    baseline's table.
+    Raises `ConfigError` before any training when a class of interest, a catch-all class or a
+    named class is not a class of the baseline's table.
     """
     with naming_arm(plan.baseline, plan.where):
         baseline = build_arm_table(plan, plan.baseline, progress)
     interest = plan.config.classes_of_interest or rarest_classes(
         baseline.figures, plan.config.catch_all
     )
-    unknown = sorted(set(interest) - set(baseline.figures.class_values))
-    if unknown:
-        raise ConfigError(
-            f"{plan.where}: classes_of_interest {unknown} are not classes of the baseline's "
-            f"table (its classes: {baseline.figures.class_values})"
-        )
+    check_class_keys(plan.config, baseline.figures.class_values, plan.where, "the baseline's table")
     tables = {plan.baseline: baseline}
     for name in plan.arms:
         if name != plan.baseline:

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbalance.config.input import InputConfig, secret_as_text
-from patchbalance.config.loading import StrictModel, load_model_file, model_from_mapping
+from patchbalance.config.loading import Seed, StrictModel, load_model_file, model_from_mapping
 from patchbalance.errors import ConfigError
 from patchbalance.paths import (
     check_distinct_files,
@@ -36,7 +36,7 @@ class ClusteringConfig(StrictModel):
     k_max: int = Field(default=16, ge=1)
     k_selection: Literal["elbow", "fixed"] = "elbow"
     k: int | None = Field(default=None, ge=1)
-    random_state: int | None = None
+    random_state: Seed | None = None
     n_init: int = Field(default=3, ge=1)
     sweep_sample: int = Field(default=20_000, ge=100)
     pseudo_count: float = Field(default=0.5, gt=0)
@@ -266,7 +266,7 @@ class BalancedDatasetConfig(StrictModel):
     # Any name of the registry in patchbalance.balancing.methods (SPEC §3.7).
     sampling_method: str = DEFAULT_SAMPLING_METHOD
     num_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
-    seed: int = 42
+    seed: Seed = 42
     input: InputConfig
     clustering: ClusteringConfig = Field(default_factory=ClusteringConfig)
     uniqueness: UniquenessConfig = Field(default_factory=UniquenessConfig)
@@ -451,12 +451,17 @@ def check_build_files(config: BalancedDatasetConfig) -> None:
     }
     if config.mode == "embeddings":
         outputs["embeddings.parquet_path"] = config.embeddings.parquet_path
+    try:
+        check_distinct_files(outputs, build_inputs(config))
+    except ConfigError as exc:
+        where = f"{config.source_path}: " if config.source_path else ""
+        raise ConfigError(f"{where}{exc}") from None
+
+
+def build_inputs(config: BalancedDatasetConfig) -> dict[str, str | None]:
+    """Return the files a build reads, by the key that names each: records, listed rasters."""
     inputs: dict[str, str | None] = {"input.records_path": config.input.records_path}
     for position, pair in enumerate(config.input.rasters or []):
         inputs[f"input.rasters.{position}.image_path"] = pair.image_path
         inputs[f"input.rasters.{position}.mask_path"] = pair.mask_path
-    try:
-        check_distinct_files(outputs, inputs)
-    except ConfigError as exc:
-        where = f"{config.source_path}: " if config.source_path else ""
-        raise ConfigError(f"{where}{exc}") from None
+    return inputs

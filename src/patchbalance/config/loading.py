@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from omegaconf.errors import GrammarParseError, OmegaConfBaseException
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from patchbalance.config.secrets import (
+    is_secret_key,
+    mask_override,
+    mask_secrets,
+    mask_text,
+    safe_cause,
+)
 from patchbalance.errors import ConfigError
+
+# A random seed: numpy, scikit-learn and torch all take 0 ... 2**32 - 1.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class StrictModel(BaseModel):
@@ -35,18 +46,54 @@ class StrictModel(BaseModel):
             return data
         data = dict(data)
         for old, new in cls.synonyms.items():
-            if old in data:
-                if new in data:
+            if old not in data:
+                continue
+            value = data.pop(old)
+            if new in data and data[new] != value:
+                if value is not None and data[new] is not None:
                     raise ValueError(f"give either '{old}' or its synonym '{new}', not both")
-                data[new] = data.pop(old)
+                # `geojson_path: null` over a file's `footprints_path` (or the reverse) unsets it.
+                value = None
+            data[new] = value
         return data
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in a YAML file gives the same key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error.
+
+    Plain PyYAML keeps the last value silently: two arms named `a1` would become one.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                seen = first_line.get(key)
+            except TypeError:  # an unhashable key: PyYAML's own check reports it
+                continue
+            line = key_node.start_mark.line + 1
+            if seen is not None:
+                raise DuplicateKeyError(
+                    f"duplicate key '{key}' at line {line} (first given at line {seen}); "
+                    "a mapping holds each key once: remove or rename one"
+                )
+            first_line[key] = line
+        return super().construct_mapping(node, deep=deep)
 
 
 def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Return the YAML file at `path` as a plain mapping; `${...}` interpolations are left as text.
 
-    Raises `ConfigError` for a missing file, a YAML syntax error (with line and column) or a
-    non-mapping document. Interpolations are resolved later, after `--set` overrides.
+    Every YAML file the tool reads is read here. Raises `ConfigError` for a missing file, a
+    YAML syntax error (with line and column), a key given twice in one mapping (with its line)
+    or a non-mapping document. Interpolations are resolved later, after `--set` overrides.
     """
     path = Path(path)
     if path.is_dir():
@@ -54,7 +101,9 @@ def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"{path}: configuration file not found")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+    except DuplicateKeyError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -74,22 +123,24 @@ def read_yaml_mapping(path: str | os.PathLike[str]) -> dict[str, Any]:
 def _apply_overrides(
     block: dict[str, Any], overrides: list[str], block_name: str, path: Path
 ) -> dict[str, Any]:
-    conf = OmegaConf.create(block)
+    conf = create_config(block, path)
     for item in overrides:
+        shown = mask_override(item)
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key.path=value, e.g. clustering.k_max=8")
+            raise ConfigError(f"--set {shown!r}: expected key.path=value, e.g. clustering.k_max=8")
         key, text = (part.strip() for part in item.split("=", 1))
         if key.startswith(block_name + "."):
             key = key[len(block_name) + 1 :]
-        _check_override_key(OmegaConf.to_container(conf), key, item, path)
+        _check_override_key(OmegaConf.to_container(conf), key, shown, path)
         try:
             # Parsed as OmegaConf parses a dotlist value (numbers, lists, `${...}` kept).
             value = OmegaConf.to_container(OmegaConf.from_dotlist([f"value={text}"]))["value"]
             # Key by key, so that a number in the path indexes a list: input.rasters.0.image_path.
             OmegaConf.update(conf, key, value, merge=True)
         except OmegaConfBaseException as exc:
-            message = str(exc).splitlines()[0]
-            raise ConfigError(f"{path}: --set {item!r} could not be applied: {message}") from exc
+            exc.full_key = key  # the key the user set, not OmegaConf's scratch name
+            message = omegaconf_message(exc, f"{path}: --set {shown!r}")
+            raise ConfigError(message) from safe_cause(exc)
     return _resolve(conf, path)
 
 
@@ -115,12 +166,46 @@ def _check_override_key(block: Any, key: str, item: str, path: Path) -> None:
             return
 
 
-def _resolve(conf: Any, path: Path) -> dict[str, Any]:
+# OmegaConf's reasons that quote nothing of the value: safe to show even for a secret key.
+_SAFE_REASON = re.compile(r"Environment variable '[^']*' not found")
+
+
+def omegaconf_message(exc: OmegaConfBaseException, where: str | Path) -> str:
+    """Return one line for an OmegaConf error: where, the key that holds the `${...}`, and why.
+
+    The reason is OmegaConf's first line, secrets masked; for a secret key (`password`, `dsn`)
+    it is left out unless it quotes nothing of the value, since a malformed `${` in a password
+    is quoted back by OmegaConf.
+    """
+    key = str(getattr(exc, "full_key", None) or "")
+    first = str(exc).splitlines()[0].strip() if str(exc).strip() else type(exc).__name__
+    found = _SAFE_REASON.search(first)
+    if is_secret_key(key) and found is None:
+        reason = "its value is not shown, as it is a secret"
+    else:
+        reason = found.group(0) if found else mask_text(first)
+    where_key = f"{where}: '{key}'" if key else f"{where}"
+    if isinstance(exc, GrammarParseError):
+        return (
+            f"{where_key} holds a '${{' that starts no valid interpolation ({reason}); "
+            "write ${name} or ${oc.env:VAR}, or \\${ for a literal ${"
+        )
+    return f"{where_key}: cannot resolve an interpolation: {reason}"
+
+
+def create_config(data: Any, where: str | Path) -> Any:
+    """Return `data` as an OmegaConf object, or raise `ConfigError` naming the malformed key."""
+    try:
+        return OmegaConf.create(data)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(omegaconf_message(exc, where)) from safe_cause(exc)
+
+
+def _resolve(conf: Any, path: Path | str) -> dict[str, Any]:
     try:
         return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        message = str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: cannot resolve an interpolation: {message}") from exc
+        raise ConfigError(omegaconf_message(exc, path)) from safe_cause(exc)
 
 
 def _block(raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -171,19 +256,53 @@ def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] |
     return current
 
 
+def _as_written(model: type[BaseModel], data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Return `loc` in the keys the user wrote in `data`: a synonym as written (`geojson_path`),
+    and without the tags pydantic adds for the members of a union (`prior_correction.float`)."""
+    shown: list[Any] = []
+    node, current = data, model
+    for part in loc:
+        if isinstance(part, int) or node is None:
+            shown.append(part)
+            node = node[part] if isinstance(node, list) and isinstance(part, int) else None
+            continue
+        if not isinstance(node, dict):
+            continue  # a union member's tag inside a value, not a key
+        key = part
+        if part not in node and current is not None:
+            synonyms = getattr(current, "synonyms", {})
+            key = next((old for old, new in synonyms.items() if new == part and old in node), part)
+        shown.append(key)
+        node = node.get(key)
+        current = _model_at(current, (part,)) if current is not None else None
+    return tuple(shown)
+
+
 def describe_validation_error(
-    exc: ValidationError, model: type[BaseModel], path: Path | str, prefix: str = ""
+    exc: ValidationError,
+    model: type[BaseModel],
+    path: Path | str,
+    prefix: str = "",
+    data: Any = None,
 ) -> str:
-    """Return one line that explains the first error of `exc` in terms of the YAML keys."""
-    error = exc.errors()[0]
-    loc = tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+    """Return one line that explains the first error of `exc` in terms of the YAML keys.
+
+    With `data` (the mapping that was validated), keys are named as the user wrote them.
+    """
+    errors = exc.errors()
+    raw_locs = [
+        tuple(part for part in error["loc"] if not str(part).startswith("function-"))
+        for error in errors
+    ]
+    locs = raw_locs if data is None else [_as_written(model, data, loc) for loc in raw_locs]
+    error, loc = errors[0], locs[0]
     dotted = ".".join(str(part) for part in loc)
     if prefix:
         dotted = f"{prefix}.{dotted}" if dotted else prefix
-    more = len(exc.errors()) - 1
+    more = len(set(locs)) - 1
     tail = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     if error["type"] == "extra_forbidden":
-        parent = _model_at(model, loc[:-1])
+        parent = _model_at(model, raw_locs[0][:-1])
         hint = ""
         if parent is not None:
             close = difflib.get_close_matches(str(loc[-1]), _known_keys(parent), n=1, cutoff=0.6)
@@ -199,8 +318,9 @@ def describe_validation_error(
         message = message[len("Value error, ") :]
     where = f"'{dotted}': " if dotted else ""
     got = ""
-    if error["type"] not in ("value_error", "assertion_error") and "input" in error:
-        shown = repr(error["input"])
+    secret = any(is_secret_key(part) for part in loc if isinstance(part, str))
+    if error["type"] not in ("value_error", "assertion_error") and "input" in error and not secret:
+        shown = repr(mask_secrets(error["input"]))
         if len(shown) <= 60:
             got = f" (got {shown})"
     return f"{path}: {where}{message}{got}{tail}"
@@ -210,7 +330,8 @@ def _validate(model: type[BaseModel], data: dict[str, Any], path: Path, prefix: 
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, model, path, prefix)) from exc
+        message = describe_validation_error(exc, model, path, prefix, data)
+        raise ConfigError(message) from safe_cause(exc)
 
 
 def load_model_file(
@@ -249,7 +370,7 @@ def model_from_mapping(
     Returns:
         The validated model, its `_base_dir` set from `base_dir`.
     """
-    resolved = _resolve(OmegaConf.create(_block(dict(data), block_name)), Path("<config>"))
+    resolved = _resolve(create_config(_block(dict(data), block_name), "<config>"), "<config>")
     config = _validate(model, resolved, Path("<config>"), "")
     config._base_dir = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
     return config

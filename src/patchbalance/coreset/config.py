@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from patchbalance.config.loading import StrictModel, load_model_file, model_from_mapping
+from patchbalance.config.loading import Seed, StrictModel, load_model_file, model_from_mapping
 from patchbalance.errors import ConfigError
 from patchbalance.paths import check_distinct_files, default_summary_path, resolve_path
 from patchbalance.table import table_suffix
@@ -46,7 +46,7 @@ class CoresetConfig(StrictModel):
         "inverse_frequency"
     )
     max_weight: float | None = Field(default=10.0, ge=1)
-    seed: int = 42
+    seed: Seed = 42
     summary_path: str | None = None
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
@@ -100,7 +100,8 @@ def with_resolved_paths(config: CoresetConfig) -> CoresetConfig:
 
 
 def check_coreset_files(config: CoresetConfig) -> None:
-    """Raise `ConfigError` when the outputs name one file, or an output names an input.
+    """Raise `ConfigError` when the outputs name one file, or an output names an input or an
+    input's summary (`<stem>.summary.json`).
 
     Writing the CoreSet onto `input_csv_path` would replace the build's `sampler_weight` with
     the CoreSet's (0 outside it) and could not be undone or rerun, so it is refused: the CoreSet
@@ -112,6 +113,11 @@ def check_coreset_files(config: CoresetConfig) -> None:
         "summary_path": config.summary_path or (default_summary_path(output) if output else None),
     }
     inputs = {"input_csv_path": config.input_csv_path, "parquet_path": config.parquet_path}
+    # An input's summary describes that input (the build's figures, its hashes): replacing it
+    # would make `report` check the build's table against the CoreSet's summary.
+    for key, path in list(inputs.items()):
+        if path:
+            inputs[f"the summary of {key}"] = str(default_summary_path(path))
     try:
         check_distinct_files(outputs, inputs)
     except ConfigError as exc:

@@ -20,7 +20,7 @@ from patchbalance.table import (
     boolean_column,
     class_columns,
     excluded_but_weighted,
-    key_label,
+    shared_keys_text,
     warn_excluded_but_weighted,
 )
 
@@ -52,6 +52,9 @@ def pool_mask(
     left_out_low = (low & ~excluded) if exclude_low_entropy else np.zeros(n, bool)
     pool = ~excluded & ~left_out_low
     if SAMPLER_WEIGHT in table:
+        # Every method, not only `keep`: a NaN or negative weight in an active row is a broken
+        # table, named by the table's own row.
+        balanced.check_weights_in(pool)
         warn_excluded_but_weighted(
             excluded_but_weighted(excluded, balanced.stored_weights()),
             where,
@@ -71,16 +74,18 @@ def check_key_columns(table: pd.DataFrame, what: str) -> None:
 
 
 def check_unique_keys(
-    keys: pd.DataFrame, what: str, fix: str = "each patch may appear once"
+    keys: pd.DataFrame,
+    what: str,
+    fix: str = "each patch may appear once",
+    rows: np.ndarray | None = None,
 ) -> None:
-    """Raise InputError when a patch key occurs more than once, counting and naming one."""
-    duplicated = keys.duplicated(keep=False).to_numpy()
-    if duplicated.any():
-        first = int(np.flatnonzero(duplicated)[0])
-        raise InputError(
-            f"{what}: {int(duplicated.sum())} rows share a patch key with another row (first: "
-            f"{key_label(keys, first)}); {fix}"
-        )
+    """Raise InputError when a patch key occurs more than once, counting and naming one.
+
+    `rows` holds the 1-based row of each key in the file `what` names (default: position + 1).
+    """
+    shared = shared_keys_text(keys, rows)
+    if shared:
+        raise InputError(f"{what}: {shared}; {fix}")
 
 
 def class_matrix(table: pd.DataFrame) -> tuple[np.ndarray, list[int], bool]:

@@ -288,7 +288,7 @@ def build_pool(
     # Pool arrays run in patch-key order, so "first position wins" breaks ties by key.
     rows = candidates[key_sorted(keys_all.iloc[candidates])]
     keys = keys_all.iloc[rows].reset_index(drop=True)
-    check_unique_keys(keys, "the input table")
+    check_unique_keys(keys, "the input table", rows=rows + 1)
     count = budget_count(config.budget, config.budget_mode, n_pool)
     amounts, class_values, are_counts = class_matrix(df)
     empty = amounts[rows].sum(axis=1) <= 0

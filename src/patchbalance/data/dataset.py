@@ -36,6 +36,7 @@ from rasterio.errors import RasterioError
 from torch.utils.data import Dataset
 
 from patchbalance.balanced_table import SAMPLER_WEIGHT
+from patchbalance.data.arguments import band_numbers, whole_number
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.paths import resolve_path
 from patchbalance.table import (
@@ -189,18 +190,6 @@ def _build_label_lookup(
     return keys, labels
 
 
-def _checked_bands(
-    selected_bands: Sequence[int] | None, mask_band: int
-) -> tuple[list[int] | None, int]:
-    """Return the image bands to read (None: all) and the mask band, both checked 1-based."""
-    bands = None if selected_bands is None else [int(b) for b in selected_bands]
-    if bands is not None and (not bands or min(bands) < 1):
-        raise ConfigError(f"selected_bands are 1-based band numbers, got {selected_bands}")
-    if int(mask_band) < 1:
-        raise ConfigError(f"mask_band is a 1-based band number, got {mask_band}")
-    return bands, int(mask_band)
-
-
 class CSVWindowedSegmentationDataset(Dataset):
     """Image and mask windows listed in a patch table (CSV or Parquet), one item per row.
 
@@ -248,16 +237,15 @@ class CSVWindowedSegmentationDataset(Dataset):
         data_loader: Mapping[str, Any] | None = None,
     ) -> None:
         self.input_csv_path = Path(input_csv_path)
-        if isinstance(n_classes, bool) or not isinstance(n_classes, int) or n_classes < 1:
-            raise ConfigError(f"n_classes must be a positive integer, got {n_classes!r}")
-        self.n_classes = n_classes
+        self.n_classes = whole_number(n_classes, "n_classes", 1)
         self.use_rasterio = bool(use_rasterio)
         try:
             self.image_dtype = np.dtype(image_dtype)
         except TypeError as exc:
             raise ConfigError(f"image_dtype {image_dtype!r} is not a numpy dtype") from exc
-        self.selected_bands, self.mask_band = _checked_bands(selected_bands, mask_band)
-        self.ignore_index = int(ignore_index)
+        self.selected_bands = band_numbers(selected_bands, "selected_bands")
+        self.mask_band = whole_number(mask_band, "mask_band", 1)
+        self.ignore_index = whole_number(ignore_index, "ignore_index")
         if 0 <= self.ignore_index < n_classes:
             raise ConfigError(
                 f"ignore_index {self.ignore_index} is one of the classes 0..{n_classes - 1}; "
@@ -318,7 +306,7 @@ class CSVWindowedSegmentationDataset(Dataset):
             self.input_csv_path, keys, optional=(weight_key, "excluded", "placement")
         )
         if n_first_rows_to_read is not None:
-            table = table.iloc[: int(n_first_rows_to_read)]
+            table = table.iloc[: whole_number(n_first_rows_to_read, "n_first_rows_to_read", 1)]
         numbers = row_numbers(np.arange(len(table)))
         if drop_excluded and "excluded" in table.columns:
             keep = ~boolean_column(table, "excluded", str(self.input_csv_path))

@@ -16,48 +16,58 @@ import pandas as pd
 
 from patchbalance.errors import InputError
 from patchbalance.table import class_columns, read_table, rows_text, table_columns
-from patchbalance.windows import probe_rasters
+from patchbalance.windows import check_band, probe_rasters
 
 
-def _sizes(files: list[str], use_rasterio: bool, workers: int) -> np.ndarray:
-    """Return (F, 2) height and width of each file, each opened once."""
+def _shapes(files: list[str], use_rasterio: bool, workers: int) -> np.ndarray:
+    """Return (F, 3) height, width and band count of each file, each opened once."""
     if use_rasterio:
         infos, errors = probe_rasters(files, workers)
         if errors:
             path = sorted(errors)[0]
             raise InputError(f"{path}: cannot open the raster: {errors[path]}")
-        return np.asarray([(infos[p].height, infos[p].width) for p in files], dtype=np.int64)
+        return np.asarray(
+            [(infos[p].height, infos[p].width, infos[p].count) for p in files], dtype=np.int64
+        )
     from PIL import Image
 
-    sizes = []
+    shapes = []
     for path in files:
         try:
             with Image.open(path) as image:
-                sizes.append((image.height, image.width))
+                shapes.append((image.height, image.width, len(image.getbands())))
         except OSError as exc:
             raise InputError(f"{path}: cannot open the image: {exc}") from exc
-    return np.asarray(sizes, dtype=np.int64).reshape(-1, 2)
+    return np.asarray(shapes, dtype=np.int64).reshape(-1, 3)
 
 
-def check_windows_inside_rasters(dataset: Any, workers: int = 4) -> None:
-    """Raise `InputError` naming the first row whose window runs past its image or mask.
+def check_windows_inside_rasters(dataset: Any, workers: int = 4, where: str = "dataset") -> None:
+    """Raise `InputError` naming the first row whose window runs past its image or mask, or
+    naming `where.selected_bands` or `where.mask_band` and a file that lacks that band.
 
-    Every image and mask file is opened once, for its size; the windows are compared with
-    the sizes all at once.
+    Every image and mask file is opened once, for its size and band count; the windows are
+    compared with the sizes all at once.
     """
     if not hasattr(dataset, "_image_codes") or len(dataset) == 0:
         return
     ends_row = dataset.row_off + dataset.patch_size
     ends_col = dataset.col_off + dataset.patch_size
-    for files, codes in (
-        (dataset.image_files, dataset._image_codes),
-        (dataset.mask_files, dataset._mask_codes),
+    bands = {
+        "image": (max(dataset.selected_bands or [1]), f"{where}.selected_bands"),
+        "mask": (dataset.mask_band, f"{where}.mask_band"),
+    }
+    for kind, files, codes in (
+        ("image", dataset.image_files, dataset._image_codes),
+        ("mask", dataset.mask_files, dataset._mask_codes),
     ):
-        sizes = _sizes(list(files), dataset.use_rasterio, workers)[codes]
+        shapes = _shapes(list(files), dataset.use_rasterio, workers)
+        band, key = bands[kind]
+        check_band(dict(zip(files, shapes[:, 2].tolist(), strict=True)), band, key, kind)
+        sizes = shapes[codes]
         outside = (ends_row > sizes[:, 0]) | (ends_col > sizes[:, 1])
         if outside.any():
             first = int(np.flatnonzero(outside)[0])
-            height, width = sizes[first]
+            height, width = sizes[first, :2]
             count = f" ({int(outside.sum())} rows in all)" if outside.sum() > 1 else ""
             raise InputError(
                 f"{dataset.input_csv_path}: row {int(dataset.row_numbers[first])}: the window "

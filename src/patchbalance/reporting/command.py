@@ -4,9 +4,40 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
+
 from patchbalance.atomic import check_writable
-from patchbalance.balancing.outputs import summary_disagreement
+from patchbalance.balancing.outputs import summary_disagreement, table_files
+from patchbalance.errors import InputError
+from patchbalance.paths import check_distinct_files, resolve_path
 from patchbalance.reporting.figures import figures_from_table, figures_text, read_report_table
+from patchbalance.table import KEY_COLUMNS, normalised_keys, shared_keys_text
+
+RASTER_COLUMNS = ("image_path", "mask_path")
+
+
+def check_report_target(out: Path, table_path: Path, table: pd.DataFrame) -> None:
+    """Raise `ConfigError` when `--out` names the table, its summary, or a file the build read
+    or wrote (its configuration, records, footprints, a raster the table names)."""
+    protected: dict[str, str | Path | None] = dict(table_files(table_path))
+    for column in RASTER_COLUMNS:
+        if column in table:
+            # Only rasters of the same name can be the same file (hard links aside).
+            named = [p for p in table[column].dropna().unique() if Path(str(p)).name == out.name]
+            for number, path in enumerate(named, start=1):
+                where = resolve_path(str(path), Path(table_path).parent)
+                protected[f"a raster of the table ({column} {number})"] = where
+    check_distinct_files({"--out": out}, protected)
+
+
+def _shared_keys(table: pd.DataFrame) -> str | None:
+    """Return the text on rows that repeat a patch key, or None (or without key columns)."""
+    if not set(KEY_COLUMNS) <= set(table.columns):
+        return None
+    try:
+        return shared_keys_text(normalised_keys(table))
+    except InputError:
+        return None  # offsets that are not whole numbers: the figures do not need them
 
 
 def run_report_command(table_path: Path, out: Path | None = None) -> str:
@@ -14,6 +45,8 @@ def run_report_command(table_path: Path, out: Path | None = None) -> str:
     if out is not None:
         check_writable(Path(out), "the HTML report (--out)")
     table = read_report_table(table_path)
+    if out is not None:
+        check_report_target(Path(out), Path(table_path), table)
     figures = figures_from_table(table, where=str(table_path))
     text = figures_text(figures)
     concentrated = figures.concentration_warning()
@@ -23,6 +56,12 @@ def run_report_command(table_path: Path, out: Path | None = None) -> str:
     disagreement = summary_disagreement(table_path)
     if disagreement:
         text += f"\nwarning: {disagreement}"
+    shared = _shared_keys(table)
+    if shared:
+        text += (
+            f"\nwarning: {Path(table_path).name}: {shared}; each copy is drawn on its own, so "
+            "these figures count that patch once per copy: drop the copies or rebuild the table"
+        )
     if out is not None:
         from patchbalance.reporting.html import write_html_report
 

@@ -151,8 +151,10 @@ class SamplingFigures:
 def expected_distinct(probabilities: np.ndarray, draws: int) -> float:
     """Return the expected number of distinct items seen in `draws` draws with replacement."""
     probabilities = probabilities[probabilities > 0]
-    # 1 - (1 - p)^N computed as -expm1(N * log1p(-p)) stays accurate for tiny p.
-    return float(-np.expm1(draws * np.log1p(-np.minimum(probabilities, 1.0))).sum())
+    # 1 - (1 - p)^N computed as -expm1(N * log1p(-p)) stays accurate for tiny p; a patch
+    # that takes every draw (p = 1, one weight dominating) gives log1p(-1) = -inf, exactly 1.
+    with np.errstate(divide="ignore"):
+        return float(-np.expm1(draws * np.log1p(-np.minimum(probabilities, 1.0))).sum())
 
 
 def sampling_figures(

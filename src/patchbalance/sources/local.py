@@ -18,7 +18,7 @@ from patchbalance.paths import resolve_path
 from patchbalance.table import KEY_COLUMNS, check_table_file, read_table, separator_hint
 from patchbalance.windows import (
     RasterInfo,
-    check_mask_band,
+    check_band,
     gdal_message,
     pair_difference,
     probe_raster,
@@ -276,7 +276,8 @@ def records_from_rasters(
             f"input.rasters: no full {patch_size}x{patch_size} window fits in any raster; "
             "use a smaller patch_size"
         )
-    check_mask_band(mask_infos, config.exclusion.mask_band)
+    band_counts = {info.path: info.count for info in mask_infos}
+    check_band(band_counts, config.exclusion.mask_band, "exclusion.mask_band")
     if config.placement == "class_centred":
         records, figures = _with_class_windows(config, records, pairs, mask_infos, compute)
         if notes is not None:

@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.config import BalancedDatasetConfig, InputConfig
+from patchbalance.config.secrets import scrub
 from patchbalance.errors import InputError
 from patchbalance.sources.local import validate_records
 from patchbalance.sources.postgres_connection import (
@@ -33,7 +34,6 @@ from patchbalance.sources.postgres_connection import (
     _psycopg,
     connect,
     connection_settings,
-    scrub,
 )
 from patchbalance.sources.postgres_query import (
     FLOAT_TYPES,

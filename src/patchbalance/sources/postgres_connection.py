@@ -1,7 +1,7 @@
 """Connecting to PostgreSQL: settings from `input` (or a DSN) and the environment, one-line errors.
 
 The password never appears in a message: messages are built from host, port, user and
-database, and PostgreSQL's own texts are scrubbed of anything that looks like a password.
+database, and PostgreSQL's own texts are scrubbed (`config.secrets.scrub`).
 """
 
 from __future__ import annotations
@@ -9,11 +9,13 @@ from __future__ import annotations
 import getpass
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
 from patchbalance.config import InputConfig
+from patchbalance.config.secrets import scrub
 from patchbalance.errors import ConfigError, InputError, MissingDependencyError
 
 
@@ -44,17 +46,7 @@ def _psycopg():  # -> module
 
 def _secrets(source: InputConfig, conninfo_password: str | None) -> list[str]:
     values = [source.password, conninfo_password, os.environ.get("PGPASSWORD")]
-    # Very short values would blank out ordinary words; the patterns below still catch them.
-    return sorted({v for v in values if v and len(v) >= 4}, key=len, reverse=True)
-
-
-def scrub(text: str, secrets: Iterable[str] = ()) -> str:
-    """Return `text` on one line with passwords removed (given values, `password=`, URI userinfo)."""
-    text = " ".join(str(text).split())
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    text = re.sub(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", text, flags=re.IGNORECASE)
-    return re.sub(r"(postgres(?:ql)?://[^:/@\s]*:)[^@\s]*@", r"\1***@", text)
+    return sorted({v for v in values if v}, key=len, reverse=True)
 
 
 def connection_settings(source: InputConfig) -> tuple[str, Target, list[str]]:
@@ -127,8 +119,27 @@ def _os_user() -> str:
         return "the current user"
 
 
-def connect(conninfo: str, target: Target, secrets: list[str]):  # -> psycopg.Connection
-    """Return an open connection whose transactions are READ ONLY, or raise `InputError`."""
+@contextmanager
+def read_only_session(conn: Any) -> Iterator[Any]:
+    """Yield `conn` for reading only; at the end roll back and close it, never commit.
+
+    READ ONLY stops plain writes, but PostgreSQL still allows large-object functions
+    (`lo_create`, `lo_unlink`) in such a transaction, and a `where_clause` is SQL by design:
+    only a rollback guarantees that nothing a query did is kept.
+    """
+    conn.read_only = True
+    try:
+        yield conn
+    finally:
+        # A lost connection cannot roll back; closing it discards the transaction all the same.
+        with suppress(_psycopg().Error):
+            conn.rollback()
+        conn.close()
+
+
+@contextmanager
+def connect(conninfo: str, target: Target, secrets: list[str]) -> Iterator[Any]:
+    """Yield a connection for reading (READ ONLY, rolled back at the end), or raise `InputError`."""
     psycopg = _psycopg()
     try:
         conn = psycopg.connect(conninfo)
@@ -138,9 +149,9 @@ def connect(conninfo: str, target: Target, secrets: list[str]):  # -> psycopg.Co
         raise InputError(
             f"cannot connect to PostgreSQL at {target.address}: {scrub(str(exc), secrets)}"
         ) from None
-    conn.read_only = True
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    return conn
+    with read_only_session(conn) as session:
+        yield session
 
 
 # libpq's texts for a setting it cannot use (an unknown option, a value outside its choices).

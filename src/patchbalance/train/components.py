@@ -225,9 +225,12 @@ def resolve_device(requested: str | None, accelerator: str | None = None) -> Any
     """Return the torch device: `auto` (the default) is CUDA when present, else the CPU."""
     import torch
 
-    name = requested
+    # Messages name the key and the value the user wrote (`hyperparameters.accelerator: gpu`).
+    key, name = "device", requested
     if name is None:
+        key = "hyperparameters.accelerator"
         name = {"gpu": "cuda", "cuda": "cuda", "cpu": "cpu"}.get(str(accelerator).lower(), "auto")
+    written = str(requested if requested is not None else accelerator)
     name = str(name).lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -235,10 +238,12 @@ def resolve_device(requested: str | None, accelerator: str | None = None) -> Any
         device = torch.device(name)
     except RuntimeError as exc:
         raise ConfigError(
-            f"device: {name!r} is not a torch device (use auto, cpu or cuda)"
+            f"{key}: {written!r} is not a torch device (use auto, cpu or cuda)"
         ) from exc
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for but CUDA is not available; use auto or cpu")
+        raise ConfigError(
+            f"{key}: {written} asks for CUDA, but CUDA is not available; use auto or cpu"
+        )
     return device
 
 

@@ -17,7 +17,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from pydantic import Field, ValidationError
 
-from patchbalance.config.loading import StrictModel, describe_validation_error
+from patchbalance.config.loading import (
+    Seed,
+    StrictModel,
+    describe_validation_error,
+    omegaconf_message,
+)
+from patchbalance.config.secrets import mask_override, safe_cause
+from patchbalance.data.arguments import check_dataset_numbers
 from patchbalance.errors import ConfigError
 from patchbalance.paths import resolve_path
 from patchbalance.train.schedules import SamplerSchedule
@@ -59,7 +66,7 @@ class TrainConfig(StrictModel):
     device: str | None = None
     # Mixed precision: bf16 runs the forward passes and the loss under bf16 autocast.
     precision: Literal["fp32", "bf16"] = "fp32"
-    seed: int = 42
+    seed: Seed = 42
     output_dir: str = "train_output"
     # Logit adjustment at validation (SPEC §7): tau, or a list of tau; tau = 0 is always added.
     prior_correction: float | list[float] | None = None
@@ -99,7 +106,13 @@ def load_train_config(
     try:
         config = TrainConfig.model_validate(dict(data))
     except ValidationError as exc:
-        raise ConfigError(describe_validation_error(exc, TrainConfig, where)) from exc
+        message = describe_validation_error(exc, TrainConfig, where, data=dict(data))
+        raise ConfigError(message) from exc
+    for block in ("train_dataset", "val_dataset"):
+        try:
+            check_dataset_numbers(getattr(config, block), block)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
     return config.model_copy(
         update={
@@ -117,7 +130,8 @@ def resolve_config_mapping(
     for item in overrides:
         if "=" not in item:
             raise ConfigError(
-                f"--set {item!r}: expected key.path=value, e.g. hyperparameters.lr=0.01"
+                f"--set {mask_override(item)!r}: expected key.path=value, e.g. "
+                "hyperparameters.lr=0.01"
             )
     try:
         conf = OmegaConf.create(dict(raw))
@@ -125,5 +139,4 @@ def resolve_config_mapping(
             conf = OmegaConf.merge(conf, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_container(conf, resolve=True)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
-        message = str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: {message}") from exc
+        raise ConfigError(omegaconf_message(exc, where)) from safe_cause(exc)

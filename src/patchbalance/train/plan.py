@@ -139,9 +139,9 @@ def _check_datasets(train_dataset: Any, val_dataset: Any) -> int:
         check_windows_inside_rasters,
     )
 
-    for dataset in (train_dataset, val_dataset):
+    for where, dataset in (("train_dataset", train_dataset), ("val_dataset", val_dataset)):
         # Found now, not when the row is drawn (or, for a class, never).
-        check_windows_inside_rasters(dataset)
+        check_windows_inside_rasters(dataset, where=where)
         check_classes_have_labels(dataset)
     return n_classes
 
