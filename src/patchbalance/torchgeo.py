@@ -4,7 +4,8 @@ TorchGeo's samplers yield geographic queries, not row indices, so PyTorch's
 `WeightedRandomSampler` cannot drive a TorchGeo `GeoDataset`, and TorchGeo has no weighted sampler
 of its own (its issue #757). This one draws the table's footprints (`tile_minx, tile_miny,
 tile_maxx, tile_maxy` in `crs`) in proportion to `sampler_weight` and yields each as the query
-that `RasterDataset`, `IntersectionDataset` and the other `GeoDataset`s of TorchGeo 0.8 take:
+that `RasterDataset`, `IntersectionDataset` and the other `GeoDataset`s of TorchGeo 0.8 to 0.10
+take:
 ``(slice(xmin, xmax, xres), slice(ymin, ymax, yres), slice(tmin, tmax))``.
 
 The draw itself is `patchbalance.data.DistributedWeightedSampler`'s: one global draw per epoch
@@ -15,6 +16,7 @@ Needs the `torchgeo` extra: ``pip install "patchbalance[torchgeo]"``.
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +44,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError("torchgeo (WeightedGeoSampler)", "torchgeo", "torchgeo") from exc
 
 FOOTPRINT_COLUMNS = (*FOOTPRINT_BOUNDS, CRS_COLUMN)
+
+# TorchGeo 0.8 and 0.9's GeoSampler takes the dataset; 0.10's has no constructor of its own.
+_BASE_TAKES_DATASET = "dataset" in inspect.signature(GeoSampler.__init__).parameters
 
 # Points per footprint edge when a footprint is reprojected: the bounding box of the densified
 # ring, not of the four corners, contains the whole reprojected footprint.
@@ -94,7 +99,10 @@ class WeightedGeoSampler(GeoSampler):
             InputError: a required column is missing, a weight is NaN or negative, every weight
                 is 0, or a drawable footprint has no CRS or lies outside the dataset.
         """
-        super().__init__(dataset)
+        if _BASE_TAKES_DATASET:
+            super().__init__(dataset)
+        # TorchGeo 0.8 and 0.9 keep the resolution in the base class; 0.10's base holds nothing.
+        self.res = dataset.res
         balanced = _as_table(table)
         num_replicas, rank = _replicas(num_replicas, rank)
         if seed is None:

@@ -22,6 +22,10 @@ from patchbalance.table import drawn_weights
 from patchbalance.train.components import (
     DEFAULT_MODEL,
     build_dataset,
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_schedulers,
     resolve_device,
 )
 from patchbalance.train.config import (
@@ -225,3 +229,18 @@ def plan_training(
         log_prior_ratio=ratio,
         class_weights=class_weights,
     )
+
+
+def build_parts(plan: TrainPlan) -> tuple[Any, Any, Any, list[Any]]:
+    """Return the model (on the plan's device), loss, optimizer and schedulers of `plan`."""
+    import torch
+
+    cfg = plan.config
+    model = build_model(cfg.model, plan.in_channels, plan.n_classes, plan.base_dir)
+    model = model.to(plan.device)
+    class_weights = None if plan.class_weights is None else plan.class_weights.weights
+    loss_fn = build_loss(cfg.loss, plan.ignore_index, class_weights)
+    if isinstance(loss_fn, torch.nn.Module):
+        loss_fn = loss_fn.to(plan.device)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.hyperparameters.lr)
+    return model, loss_fn, optimizer, build_schedulers(cfg.scheduler_list, optimizer)
