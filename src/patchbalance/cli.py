@@ -155,6 +155,10 @@ def train_command(
     config: ConfigArg,
     set_: SetOption = None,
     dry_run: DryRunOption = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue the run of this checkpoint (its last.pt)."),
+    ] = None,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
@@ -164,7 +168,9 @@ def train_command(
     def task() -> str:
         from patchbalance.train.run import run_train_command
 
-        return run_train_command(config, overrides=set_ or [], dry_run=dry_run, progress=not quiet)
+        return run_train_command(
+            config, overrides=set_ or [], dry_run=dry_run, progress=not quiet, resume=resume
+        )
 
     _run(task, quiet, verbose, debug)
 

@@ -53,6 +53,8 @@ class TrainResult:
     # Where the training steps ran, read from the first step's logits: device, logits dtype
     # and the autocast dtype in force (None without autocast).
     trained_on: dict[str, Any] = field(default_factory=dict)
+    # The process's rank in a multi-process run (only rank 0 writes the files).
+    rank: int = 0
 
 
 def class_labels(dataset: Any, n_classes: int) -> list[str]:
@@ -144,7 +146,13 @@ def summary_text(result: TrainResult) -> str:
     where = result.trained_on
     if where:
         mixed = where.get("autocast_dtype")
-        lines += ["", f"trained on {where['device']}" + (f", {mixed} autocast" if mixed else "")]
+        processes = where.get("processes")
+        lines += [
+            "",
+            f"trained on {where['device']}"
+            + (f", {mixed} autocast" if mixed else "")
+            + (f", {processes} processes ({where.get('strategy')})" if processes else ""),
+        ]
     lines += [
         "",
         f"best checkpoint: {result.checkpoint_path}",

@@ -30,6 +30,7 @@ from patchbalance.train.components import (
 )
 from patchbalance.train.config import (
     DEFAULT_EPOCHS,
+    LIGHTNING_KEYS,
     UPSTREAM_ONLY_KEYS,
     TrainConfig,
     load_train_config,
@@ -155,7 +156,10 @@ def plan_training(
     output_dir = Path(cfg.output_dir)
     # Found unwritable now, not after the first epoch's checkpoint.
     check_writable_folder(output_dir, "output_dir")
-    ignored = [key for key in UPSTREAM_ONLY_KEYS if resolved.get(key) is not None]
+    used = LIGHTNING_KEYS if cfg.engine == "lightning" else ()
+    ignored = [
+        key for key in UPSTREAM_ONLY_KEYS if resolved.get(key) is not None and key not in used
+    ]
     if ignored:
         log.info(
             "ignoring upstream keys that patchbalance train does not use: %s", ", ".join(ignored)

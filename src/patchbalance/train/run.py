@@ -32,6 +32,7 @@ import numpy as np
 
 from patchbalance.atomic import atomic_copy
 from patchbalance.config.loading import read_yaml_mapping
+from patchbalance.errors import ConfigError
 from patchbalance.train.components import (  # noqa: F401 - build_loss, build_optimizer, build_schedulers are part of the train API
     DEFAULT_MODEL,
     build_dataset,
@@ -262,28 +263,49 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     return train_result(plan, rows, best, best_confusion, step, model, trained_on)
 
 
+def run_plan(plan: TrainPlan, progress: bool = False, resume: str | None = None) -> TrainResult:
+    """Train as `plan` says with its engine (Lightning's Trainer, or the plain loop)."""
+    if plan.config.engine == "loop":
+        if resume is not None:
+            raise ConfigError("--resume needs engine: lightning (the plain loop cannot resume)")
+        return run_training(plan, progress=progress)
+    from patchbalance.train.engine import run_lightning
+
+    return run_lightning(plan, progress=progress, resume=resume)
+
+
 def train_from_config(
     config: Mapping[str, Any],
     base_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    resume: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Return the result of training as the configuration mapping says.
 
     Relative paths in `config` (tables, `output_dir`) are resolved against `base_dir` (default:
-    the current folder). The Python entry point behind `patchbalance train`.
+    the current folder). `resume` is a checkpoint (`last.pt`) of a run to continue. The Python
+    entry point behind `patchbalance train`.
     """
     plan = plan_training(config, base_dir)
-    return run_training(plan, progress=progress)
+    return run_plan(plan, progress, None if resume is None else os.fspath(resume))
 
 
 def run_train_command(
-    config_path: Path, overrides: list[str], dry_run: bool, progress: bool
+    config_path: Path,
+    overrides: list[str],
+    dry_run: bool,
+    progress: bool,
+    resume: Path | None = None,
 ) -> str:
-    """Run `patchbalance train CONFIG`; return the text to print (the plan, or the final table)."""
+    """Run `patchbalance train CONFIG`; return the text to print (the plan, or the final table).
+
+    Under DDP only rank 0 returns the table; the other ranks return an empty text.
+    """
     config_path = Path(config_path)
     raw = read_yaml_mapping(config_path)
     resolved = resolve_config_mapping(raw, overrides, str(config_path))
     plan = plan_training(resolved, config_path.resolve().parent, where=str(config_path))
     if dry_run:
         return "dry run: nothing trained\n" + plan.describe()
-    return run_training(plan, progress=progress).summary_text
+    result = run_plan(plan, progress, None if resume is None else os.fspath(resume))
+    return result.summary_text if result.rank == 0 else ""
