@@ -52,7 +52,7 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
     # Third-party libraries stay quiet unless asked for.
     for name in (
         "rasterio", "fiona", "matplotlib", "PIL", "urllib3", "filelock", "distributed", "bokeh",
-        "tornado",
+        "tornado", "lightning.pytorch", "lightning.fabric",
     ):  # fmt: skip
         logging.getLogger(name).setLevel(logging.WARNING if not verbose else logging.INFO)
 

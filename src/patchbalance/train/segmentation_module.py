@@ -91,7 +91,7 @@ class SegmentationModule(LightningModule):
             strategy = self.trainer.strategy
             self.trained_on.update(
                 processes=self.trainer.world_size,
-                strategy=getattr(strategy, "strategy_name", type(strategy).__name__),
+                strategy=type(strategy).__name__.removesuffix("Strategy").lower(),
             )
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
