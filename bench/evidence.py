@@ -108,6 +108,12 @@ METHODS: dict[str, dict[str, Any]] = {
         "weights": {"target_share": "power:0.25", "min_ess": 0.1},
         "placement": "class_centred",
     },
+    # Sampler schedules on the default (round four): back to the natural mix over the last 30 %
+    # of the steps, or class targets re-solved every 50 steps from the training IoU gaps.
+    "default_anneal": {"train": {"sampler_schedule": {"name": "anneal", "start": 0.7}}},
+    "default_adaptive": {
+        "train": {"sampler_schedule": {"name": "adaptive", "every": 50, "gamma": 1.0}}
+    },
     "inverse_frequency_centred": {
         "sampling_method": "inverse_frequency",
         "placement": "class_centred",

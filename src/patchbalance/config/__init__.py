@@ -134,6 +134,30 @@ class UniquenessConfig(StrictModel):
         return self
 
 
+def check_target_share(value: str | dict[int, float]) -> str | dict[int, float]:
+    """Return a valid `target_share` (sqrt, balanced, power:<p>, {class: share}); else ValueError."""
+    if isinstance(value, dict):
+        if any(not 0.0 <= share <= 1.0 for share in value.values()):
+            raise ValueError("every share in target_share must lie in [0, 1]")
+        if sum(value.values()) > 1.0 + 1e-9:
+            raise ValueError("the shares in target_share add up to more than 1")
+        return value
+    if value in ("sqrt", "balanced"):
+        return value
+    match = re.fullmatch(r"power:([0-9.eE+-]+)", value)
+    if match:
+        try:
+            exponent = float(match.group(1))
+        except ValueError:
+            exponent = -1.0
+        if 0.0 <= exponent <= 1.0:
+            return value
+    raise ValueError(
+        f"'{value}' is not sqrt, balanced, power:<p> with p in [0, 1], or a mapping "
+        "{class: share}"
+    )
+
+
 class WeightsConfig(StrictModel):
     power: float = Field(default=1.0, ge=0)
     max_weight: float | None = Field(default=None, ge=1)
@@ -149,26 +173,7 @@ class WeightsConfig(StrictModel):
     @field_validator("target_share")
     @classmethod
     def _known_target(cls, value: str | dict[int, float]) -> str | dict[int, float]:
-        if isinstance(value, dict):
-            if any(not 0.0 <= share <= 1.0 for share in value.values()):
-                raise ValueError("every share in target_share must lie in [0, 1]")
-            if sum(value.values()) > 1.0 + 1e-9:
-                raise ValueError("the shares in target_share add up to more than 1")
-            return value
-        if value in ("sqrt", "balanced"):
-            return value
-        match = re.fullmatch(r"power:([0-9.eE+-]+)", value)
-        if match:
-            try:
-                exponent = float(match.group(1))
-            except ValueError:
-                exponent = -1.0
-            if 0.0 <= exponent <= 1.0:
-                return value
-        raise ValueError(
-            f"'{value}' is not sqrt, balanced, power:<p> with p in [0, 1], or a mapping "
-            "{class: share}"
-        )
+        return check_target_share(value)
 
 
 class PostgresTableConfig(StrictModel):

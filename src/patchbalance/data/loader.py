@@ -115,8 +115,13 @@ def build_weighted_sampler(
     seed: int | None = None,
     distributed: bool | None = None,
     drop_last: bool = False,
+    stateful: bool = False,
 ) -> Sampler[int]:
-    """Return the weighted sampler that fits: torch's, the numpy one past 2^24 rows, or DDP's."""
+    """Return the weighted sampler that fits: torch's, the numpy one past 2^24 rows, or DDP's.
+
+    `stateful` asks for one of ours even on one process (`NumpyWeightedRandomSampler`), whose
+    weights can change mid-run (`set_weights`) and whose place can be saved and resumed.
+    """
     weights = check_weights(weights)
     positive = int(np.count_nonzero(weights))
     num_samples = _check_num_samples(
@@ -132,6 +137,8 @@ def build_weighted_sampler(
             seed=0 if seed is None else seed,
             drop_last=drop_last,
         )
+    if stateful:
+        return NumpyWeightedRandomSampler(weights, num_samples, replacement, seed)
     if len(weights) > TORCH_MULTINOMIAL_MAX_CATEGORIES:
         log.info(
             "%d rows exceed torch.multinomial's 2^24 limit: drawing with numpy instead",
@@ -156,12 +163,14 @@ def build_dataloader(
     seed: int | None = None,
     training: bool = True,
     distributed: bool | None = None,
+    stateful: bool = False,
 ) -> DataLoader:
     """Return a DataLoader for `dataset` configured by the `data_loader` block.
 
     `training=False` (validation, test) never uses the weighted sampler. `seed` fixes the
     sampler's draws, the shuffle order and the workers' random state. `distributed=None` means:
-    distributed when a torch.distributed process group is initialised.
+    distributed when a torch.distributed process group is initialised. `stateful` makes the
+    weighted sampler one of ours on one process too (see `build_weighted_sampler`).
     """
     block = dict(data_loader or {})
     _check_keys(block, "data_loader")
@@ -199,6 +208,7 @@ def build_dataloader(
             seed=seed,
             distributed=distributed,
             drop_last=bool(block.get("drop_last", False)),
+            stateful=stateful,
         )
     elif distributed:
         sampler = DistributedSampler(

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler, Sampler
 
 from patchbalance.balanced_table import check_weights
 from patchbalance.errors import InputError
@@ -102,6 +103,14 @@ class WeightedSampler(Sampler[int], abc.ABC):
     A subclass says which indices an iteration yields; the draw of an epoch comes from
     `numpy.random.default_rng([seed, epoch])`, so a run is reproducible from `seed`.
 
+    The sampler keeps its place: `position` counts the indices of the current epoch already
+    handed out (by this rank), and `state_dict()` / `load_state_dict()` carry seed, epoch,
+    position and weights, so that an iteration started after `load_state_dict` continues the
+    interrupted epoch with exactly the indices the uninterrupted one would have yielded.
+    `set_weights` replaces the weights mid-epoch: the positions not yet handed out are drawn
+    again from the new weights, with a generator keyed on (seed, epoch, position), so the
+    result depends only on where the change happened, on every rank alike.
+
     Args:
         weights: one weight per row, finite and >= 0, not all 0.
         num_samples: indices per draw (default: one per row).
@@ -126,19 +135,158 @@ class WeightedSampler(Sampler[int], abc.ABC):
         )
         self.seed = _seed_from_torch() if seed is None else int(seed)
         self.epoch = 0
+        self.position = 0
+        # Where the current weights took over, in positions of the epoch's global draw (0: at
+        # the start), and whether they are still the weights the sampler was built with.
+        self._segment_start = 0
+        self._replaced = False
+        self._version = 0
+        # Whether an iteration of this epoch has begun, and whether the next one resumes a
+        # saved position instead of starting an epoch.
+        self._epoch_begun = False
+        self._resume_pending = False
 
     def set_epoch(self, epoch: int) -> None:
-        """Set the epoch that, with the seed, fixes the next draw.
+        """Set the epoch that, with the seed, fixes the next draw; it starts from its top.
+
+        Right after `load_state_dict`, setting the saved epoch keeps the saved position, so an
+        engine that sets the epoch before every epoch (Lightning, DDP loops) resumes mid-epoch.
 
         Args:
             epoch: the epoch number (0 for the first).
         """
+        if self._resume_pending and int(epoch) == self.epoch:
+            return
         self.epoch = int(epoch)
+        self.position = 0
+        self._segment_start = 0
+        self._epoch_begun = False
+        self._resume_pending = False
+
+    def set_weights(self, weights: Sequence[float] | np.ndarray) -> None:
+        """Replace the weights for every index not yet handed out in this epoch and later ones.
+
+        The indices already yielded stay as they were; the rest of the epoch is drawn from the
+        new weights. Calling it at the same point on every rank gives every rank the same
+        global draw. Under a DataLoader with workers, the batches already fetched ahead
+        (`prefetch_factor` x `num_workers`) keep the old weights.
+
+        Args:
+            weights: one weight per row (as many rows as before), finite and >= 0, not all 0.
+        """
+        weights = check_weights(weights)
+        if weights.size != self.weights.size:
+            raise InputError(
+                f"set_weights got {weights.size} weights for a sampler of {self.weights.size} rows"
+            )
+        positive = _positive_rows(weights)
+        _check_num_samples(
+            self._global_size(),
+            self.replacement,
+            weights.size if positive is None else positive.size,
+        )
+        self.weights, self.positive = weights, positive
+        self._segment_start = self._global_position()
+        self._replaced = True
+        self._version += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Return what resumes the draws: seed, epoch, position and (if replaced) the weights.
+
+        Returns:
+            A mapping of plain values and one numpy array, for `torch.save`.
+        """
+        state: dict[str, Any] = {
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "position": self.position,
+            "segment_start": self._segment_start,
+            "num_samples": self._global_size(),
+        }
+        if self._replaced:
+            state["weights"] = self.weights.copy()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `state_dict()`: the next iteration resumes the saved epoch.
+
+        Args:
+            state: what `state_dict()` returned (of a sampler over the same rows).
+        """
+        if int(state["num_samples"]) != self._global_size():
+            raise InputError(
+                f"the saved sampler drew {state['num_samples']} rows per epoch and this one "
+                f"draws {self._global_size()}; resume with the same weighted_sampler_num_samples"
+            )
+        if "weights" in state:
+            self.set_weights(np.asarray(state["weights"]))
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._segment_start = int(state["segment_start"])
+        self._epoch_begun = True
+        self._resume_pending = True
+
+    def _start_iteration(self, next_epoch: bool) -> None:
+        """Begin an iteration: resume a loaded position, or start an epoch from its top.
+
+        Args:
+            next_epoch: whether an iteration after one of the same epoch moves to the next
+                epoch (the single-process sampler) or replays the epoch (DDP's, which waits
+                for `set_epoch`).
+        """
+        if self._resume_pending:
+            self._resume_pending = False
+            return
+        if next_epoch and self._epoch_begun:
+            self.epoch += 1
+        self.position = 0
+        self._segment_start = 0
+        self._epoch_begun = True
+
+    def _global_size(self) -> int:
+        """Return the number of indices in one epoch's global draw."""
+        return self.num_samples
+
+    def _global_position(self) -> int:
+        """Return the global position of this rank's next index."""
+        return self.position
 
     def _draw_epoch(self, num_samples: int) -> np.ndarray:
-        """Return `num_samples` indices drawn by weight for the current epoch (int64)."""
-        rng = np.random.default_rng([self.seed, self.epoch])
+        """Return `num_samples` indices drawn by weight for the current epoch (int64).
+
+        Before any `set_weights` in this epoch that is the whole epoch's draw; after one, it is
+        the draw of the positions from the change on.
+        """
+        key = [self.seed, self.epoch]
+        if self._segment_start:
+            key.append(self._segment_start)
+            num_samples -= self._segment_start
+        rng = np.random.default_rng(key)
         return _draw(self.weights, self.positive, num_samples, self.replacement, rng)
+
+    def _segment(self) -> np.ndarray:
+        """Return this rank's indices from `_segment_start` to the end of the epoch."""
+        return self._draw_epoch(self._global_size())
+
+    def _yield_epoch(self) -> Iterator[int]:
+        """Yield the rest of the current epoch from `position`, following weight changes."""
+        while self.position < len(self):
+            version = self._version
+            segment = self._segment()
+            offset = self.position - self._local_start()
+            for start in range(offset, segment.size, _YIELD_CHUNK):
+                for index in segment[start : start + _YIELD_CHUNK].tolist():
+                    self.position += 1
+                    yield index
+                    if self._version != version:
+                        break
+                if self._version != version:
+                    break
+
+    def _local_start(self) -> int:
+        """Return this rank's position at which the current segment starts."""
+        return self._segment_start
 
     @abc.abstractmethod
     def __iter__(self) -> Iterator[int]:
@@ -162,8 +310,10 @@ class NumpyWeightedRandomSampler(WeightedSampler):
 
     The contract of `torch.utils.data.WeightedRandomSampler` (`num_samples` draws per
     iteration, with or without replacement) without torch.multinomial's 2^24-row limit. Each
-    iteration draws from `numpy.random.default_rng([seed, epoch])`; the epoch advances by one
-    after every iteration, or is set with `set_epoch`, so a run is reproducible from `seed`.
+    epoch draws from `numpy.random.default_rng([seed, epoch])`; each new iteration moves to the
+    next epoch (as torch's sampler draws afresh), unless `set_epoch` set one or
+    `load_state_dict` restored a position to continue from, so a run is reproducible from
+    `seed`.
 
     Args:
         weights: one weight per row, finite and >= 0, not all 0.
@@ -173,25 +323,25 @@ class NumpyWeightedRandomSampler(WeightedSampler):
     """
 
     def draw(self) -> np.ndarray:
-        """Return the indices of the current epoch (without advancing the epoch).
+        """Return the indices of the current epoch from its top (without advancing the epoch).
 
         Returns:
-            (num_samples,) int64 row indices.
+            (num_samples,) int64 row indices; after a mid-epoch `set_weights`, the indices from
+            the change on.
         """
-        return self._draw_epoch(self.num_samples)
+        return self._segment()
 
     def __iter__(self) -> Iterator[int]:
-        """Yield the current epoch's draw, then advance the epoch by one.
+        """Yield the rest of the current epoch's draw, then advance the epoch by one.
 
         Yields:
-            `num_samples` row indices, as Python ints.
+            Row indices, as Python ints: `num_samples` of them from the top of an epoch.
         """
-        indices = self.draw()
-        self.epoch += 1
-        return _yield_chunks(indices)
+        self._start_iteration(next_epoch=True)
+        yield from self._yield_epoch()
 
 
-class DistributedWeightedSampler(WeightedSampler):
+class DistributedWeightedSampler(WeightedSampler, DistributedSampler):
     """Weighted sampling for DDP: one global draw per epoch, a disjoint slice per rank.
 
     Every rank computes the same global draw of `num_samples` indices from
@@ -201,6 +351,10 @@ class DistributedWeightedSampler(WeightedSampler):
     first indices (or, with `drop_last`, its tail is cut) as `DistributedSampler` does, so every
     rank yields the same number of indices. Call `set_epoch(epoch)` before each epoch, as with
     `DistributedSampler`; without it every epoch repeats the draw of epoch 0.
+
+    It is a `torch.utils.data.DistributedSampler`, so PyTorch Lightning, Accelerate and plain
+    DDP code use it as it is: Lightning wraps any other sampler in its
+    `DistributedSamplerWrapper`, which would slice the per-rank draw a second time.
 
     Args:
         weights: one weight per row, finite and >= 0, not all 0.
@@ -235,45 +389,73 @@ class DistributedWeightedSampler(WeightedSampler):
             rank = torch.distributed.get_rank() if rank is None else rank
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"invalid rank {rank} for num_replicas {num_replicas}")
-        super().__init__(weights, num_samples, replacement, int(seed))
+        WeightedSampler.__init__(self, weights, num_samples, replacement, int(seed))
         self.global_num_samples = self.num_samples
         self.num_replicas = int(num_replicas)
         self.rank = int(rank)
         self.drop_last = bool(drop_last)
+        # DistributedSampler's own attributes, for code that reads them.
+        self.dataset = None
+        self.shuffle = True
         if self.drop_last and self.global_num_samples % self.num_replicas:
             self.num_samples = self.global_num_samples // self.num_replicas
         else:
             self.num_samples = math.ceil(self.global_num_samples / self.num_replicas)
         self.total_size = self.num_samples * self.num_replicas
 
+    def _global_size(self) -> int:
+        return self.global_num_samples
+
+    def _global_position(self) -> int:
+        # Every rank has handed out `position` indices: global positions below
+        # position x num_replicas are taken.
+        return self.position * self.num_replicas
+
+    def _local_start(self) -> int:
+        return self._segment_start // self.num_replicas
+
+    def _segment(self) -> np.ndarray:
+        """Return this rank's slice of the global draw from `_segment_start` on, padded or cut."""
+        start = self._segment_start
+        key = [self.seed, self.epoch, *([start] if start else [])]
+        size = max(self.global_num_samples - start, 1)
+        indices = _draw(
+            self.weights, self.positive, size, self.replacement, np.random.default_rng(key)
+        )
+        needed = self.total_size - start
+        if indices.size < needed:
+            indices = np.tile(indices, math.ceil(needed / indices.size))
+        return indices[: max(needed, 0)][self.rank :: self.num_replicas]
+
     def global_draw(self) -> np.ndarray:
         """Return the epoch's global draw (identical on every rank), before padding.
 
         Returns:
-            (global_num_samples,) int64 row indices.
+            (global_num_samples,) int64 row indices, from the top of the epoch with the
+            current weights.
         """
-        return self._draw_epoch(self.global_num_samples)
+        return _draw(
+            self.weights,
+            self.positive,
+            self.global_num_samples,
+            self.replacement,
+            np.random.default_rng([self.seed, self.epoch]),
+        )
 
     def rank_indices(self) -> np.ndarray:
-        """Return this rank's slice of the epoch's global draw.
+        """Return this rank's slice of the epoch's draw, from the current weights' start.
 
         Returns:
-            (num_samples,) int64 row indices: positions rank, rank + num_replicas, ... of the
-            padded (or cut) global draw.
+            int64 row indices: positions rank, rank + num_replicas, ... of the padded (or cut)
+            global draw (`num_samples` of them from the top of an epoch).
         """
-        indices = self.global_draw()
-        if indices.size < self.total_size:
-            repeats = math.ceil((self.total_size - indices.size) / indices.size)
-            padding = np.tile(indices, repeats)[: self.total_size - indices.size]
-            indices = np.concatenate([indices, padding])
-        else:
-            indices = indices[: self.total_size]
-        return indices[self.rank : self.total_size : self.num_replicas]
+        return self._segment()
 
     def __iter__(self) -> Iterator[int]:
-        """Yield this rank's slice of the current epoch's draw (the epoch does not advance).
+        """Yield the rest of this rank's slice of the current epoch (the epoch does not advance).
 
         Yields:
-            `num_samples` row indices, as Python ints.
+            Row indices, as Python ints: `num_samples` of them from the top of an epoch.
         """
-        return _yield_chunks(self.rank_indices())
+        self._start_iteration(next_epoch=False)
+        yield from self._yield_epoch()

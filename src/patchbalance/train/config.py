@@ -20,6 +20,7 @@ from pydantic import Field, ValidationError
 from patchbalance.config.loading import StrictModel, describe_validation_error
 from patchbalance.errors import ConfigError
 from patchbalance.paths import resolve_path
+from patchbalance.train.schedules import SamplerSchedule
 
 UPSTREAM_ONLY_KEYS = ("pl_trainer", "callbacks", "metrics", "mode", "_target_", "test_dataset")
 # The upstream keys that the Lightning engine uses.
@@ -64,6 +65,8 @@ class TrainConfig(StrictModel):
     output_dir: str = "train_output"
     # Logit adjustment at validation (SPEC §7): tau, or a list of tau; tau = 0 is always added.
     prior_correction: float | list[float] | None = None
+    # Draw weights that change while the model trains (anneal, adaptive); None keeps the table's.
+    sampler_schedule: SamplerSchedule | None = None
     # The engine: Lightning's Trainer (pl_trainer, callbacks) or the plain one-process loop.
     engine: Literal["lightning", "loop"] = "lightning"
     pl_trainer: dict[str, Any] | None = None

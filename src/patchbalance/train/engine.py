@@ -119,7 +119,8 @@ def run_lightning(
     module = SegmentationModule(plan)
     if plan.class_weights is not None and trainer.is_global_zero:
         write_class_weights(plan.class_weights, plan.output_dir / CLASS_WEIGHTS_FILE)
-    trainer.fit(module, datamodule=data_module(plan), ckpt_path=ckpt_path)
+    # A checkpoint holds the config and numpy metrics, not only tensors: the user names it.
+    trainer.fit(module, datamodule=data_module(plan), ckpt_path=ckpt_path, weights_only=False)
     result = train_result(
         plan,
         module.rows,

@@ -38,11 +38,13 @@ from patchbalance.train.config import (
 )
 from patchbalance.train.loss import (
     ClassWeights,
+    dataset_class_counts,
     loss_terms,
     parse_class_weights,
     training_class_weights,
 )
 from patchbalance.train.metrics import class_log_prior_ratio
+from patchbalance.train.schedules import AdaptiveSchedule, TrainingDraws
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,8 @@ class TrainPlan:
     max_steps: int | None
     log_prior_ratio: np.ndarray
     class_weights: ClassWeights | None = None
+    # The drawn class shares and the sampler schedule (see `train.schedules`).
+    draws: TrainingDraws | None = None
 
     def describe(self) -> str:
         """Return the plan as text (what `--dry-run` prints)."""
@@ -99,6 +103,11 @@ class TrainPlan:
             f"input bands: {self.in_channels}",
             f"model: {self.resolved.get('model', {}).get('_target_', DEFAULT_MODEL['_target_'])}",
             *([self.class_weights.describe()] if self.class_weights is not None else []),
+            *(
+                [f"sampler_schedule: {self.config.sampler_schedule.model_dump()}"]
+                if self.config.sampler_schedule is not None
+                else []
+            ),
             f"device: {self.device}"
             + (", bf16 autocast" if self.config.precision == "bf16" else ""),
             "length: "
@@ -184,7 +193,12 @@ def plan_training(
 
     hyper = cfg.hyperparameters
     train_loader = build_dataloader(
-        train_dataset, train_loader_block, hyper.batch_size, seed=cfg.seed, training=True
+        train_dataset,
+        train_loader_block,
+        hyper.batch_size,
+        seed=cfg.seed,
+        training=True,
+        stateful=cfg.sampler_schedule is not None,
     )
     val_loader = build_dataloader(
         val_dataset, val_loader_block, hyper.batch_size, seed=cfg.seed, training=False
@@ -215,6 +229,7 @@ def plan_training(
         if class_weights_spec is None
         else training_class_weights(class_weights_spec, train_dataset, n_classes, weighted)
     )
+    draws = training_draws(cfg, train_dataset, train_loader, weighted, n_classes, epochs)
     return TrainPlan(
         config=cfg,
         resolved=resolved,
@@ -232,6 +247,48 @@ def plan_training(
         max_steps=hyper.max_steps,
         log_prior_ratio=ratio,
         class_weights=class_weights,
+        draws=draws,
+    )
+
+
+def total_steps(epochs: int | None, max_steps: int | None, batches_per_epoch: int) -> int:
+    """Return the optimizer steps a run takes: `max_steps`, or fewer when the epochs end first."""
+    by_epochs = None if epochs is None else epochs * batches_per_epoch
+    return min(s for s in (by_epochs, max_steps) if s is not None)
+
+
+def training_draws(
+    cfg: TrainConfig,
+    train_dataset: Any,
+    train_loader: Any,
+    weighted: bool,
+    n_classes: int,
+    epochs: int | None,
+) -> TrainingDraws:
+    """Return the run's drawn-share counter with its `sampler_schedule` (checked here)."""
+    from patchbalance.data.loader import dataset_weights
+
+    ignore_index = int(getattr(train_dataset, "ignore_index", 255))
+    schedule = cfg.sampler_schedule
+    if schedule is None:
+        return TrainingDraws(n_classes, ignore_index)
+    if not weighted:
+        raise ConfigError(
+            "sampler_schedule changes the weighted sampler's weights, and "
+            "train_dataset.data_loader.weighted_sampler is false; set it to true or remove "
+            "sampler_schedule"
+        )
+    counts = None
+    if isinstance(schedule, AdaptiveSchedule):
+        counts = dataset_class_counts(train_dataset, n_classes)
+    return TrainingDraws(
+        n_classes,
+        ignore_index,
+        schedule,
+        sampler=train_loader.sampler,
+        table_weights=dataset_weights(train_dataset),
+        class_counts=counts,
+        total_steps=total_steps(epochs, cfg.hyperparameters.max_steps, len(train_loader)),
     )
 
 

@@ -171,6 +171,8 @@ def _train_epoch(
         loss.backward()
         optimizer.step()
         step += 1
+        if plan.draws is not None:
+            plan.draws.after_step(step, masks, logits)
         loss_sum += float(loss.detach()) * images.shape[0]
         seen += images.shape[0]
         bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
@@ -236,6 +238,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
             "lr": float(optimizer.param_groups[0]["lr"]),
             "train_patches": seen,
             "train_seconds": round(train_seconds, 3),
+            **(plan.draws.take_drawn_shares() if plan.draws is not None else {}),
         }
         rows.append(row)
         write_metrics(rows, metrics_path)
