@@ -154,14 +154,22 @@ def test_cli_unknown_pl_trainer_key_exits_2_naming_it(tables, tmp_path):
     assert len(lines) == 1 and "pl_trainer.max_epoch" in lines[0] and "max_epochs" in lines[0]
 
 
-def test_lightning_engine_reproduces_the_plain_loops_metrics(tables, tmp_path):
+def test_lightning_engine_reproduces_the_plain_loops_metrics_and_sampler_schedule(tables, tmp_path):
+    # With a sampler_schedule both engines draw with the resumable sampler (the plain loop
+    # draws with torch's otherwise): the same draws, schedule steps, model and validation.
     runs = {}
     for engine in ("loop", "lightning"):
-        mapping = config(tables, tmp_path / engine, engine=engine)
+        mapping = config(
+            tables,
+            tmp_path / engine,
+            engine=engine,
+            sampler_schedule={"name": "anneal", "start": 0.25},
+        )
         mapping["hyperparameters"]["epochs"] = 2
         runs[engine] = train_from_config(mapping)
     loop, lightning = runs["loop"].metrics, runs["lightning"].metrics
     assert list(loop.columns) == list(lightning.columns)
+    assert "drawn_share_3" in loop.columns
     values = [c for c in loop.columns if c not in ("train_seconds", "lr")]
     np.testing.assert_allclose(
         lightning[values].to_numpy(float), loop[values].to_numpy(float), rtol=1e-5, equal_nan=True

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from patchbalance.data import build_dataloader
@@ -73,6 +74,7 @@ class BalancedDataModule(LightningDataModule):
         self.val_loader_block = dict(val_loader or {})
         self.seed = int(seed)
         self.sampler: Any = None
+        self._loader_batch_size = self.batch_size
         self._sampler_state: dict[str, Any] | None = None
 
     @classmethod
@@ -149,8 +151,10 @@ class BalancedDataModule(LightningDataModule):
             seed=self.seed,
             training=True,
             distributed=world_size > 1,
+            stateful=True,
         )
         self.sampler = loader.sampler
+        self._loader_batch_size = loader.batch_size
         if self._sampler_state is not None and hasattr(self.sampler, "load_state_dict"):
             self.sampler.load_state_dict(self._sampler_state)
             self._sampler_state = None
@@ -172,10 +176,19 @@ class BalancedDataModule(LightningDataModule):
         return _with_sampler(loader, sampler)
 
     def state_dict(self) -> dict[str, Any]:
-        """Return the training sampler's state (seed, epoch, position), for checkpoints."""
+        """Return the training sampler's state (seed, epoch, position), for checkpoints.
+
+        The position is that of the batches trained on in this epoch, not the sampler's own
+        count, which runs ahead of training by the batches a loader fetches in advance.
+        """
         if self.sampler is None or not hasattr(self.sampler, "state_dict"):
             return {}
-        return {"sampler": self.sampler.state_dict()}
+        state = self.sampler.state_dict()
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["position"] = min(state["position"], done * self._loader_batch_size)
+        return {"sampler": state}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Take the training sampler's state from a checkpoint (applied to the next loader)."""

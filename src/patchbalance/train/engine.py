@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from lightning import Callback, Trainer
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
@@ -31,6 +33,7 @@ from patchbalance.train.outputs import (
     write_metrics,
 )
 from patchbalance.train.plan import TrainPlan
+from patchbalance.train.schedules import TrainingDraws
 from patchbalance.train.segmentation_module import SegmentationModule
 from patchbalance.train.trainer_options import trainer_options
 
@@ -68,6 +71,42 @@ class RunOutputs(Callback):
         trainer.strategy.barrier("patchbalance-outputs")
 
 
+class SamplerScheduleHooks(Callback):
+    """Counts every trained batch's class pixels and applies the `sampler_schedule` per step.
+
+    The calls of the plain loop (`TrainingDraws.after_step` after each optimizer step), with
+    the counts and the adaptive schedule's confusion matrix summed over the ranks.
+
+    Args:
+        draws: the run's `TrainingDraws` (its sampler is bound to the training loader's).
+    """
+
+    def __init__(self, draws: TrainingDraws) -> None:
+        self.draws = draws
+        self._step = 0
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        """Bind the schedule to the loader's sampler and the sums to the ranks."""
+        self._step = trainer.global_step
+        self.draws.sampler = trainer.datamodule.sampler
+        device = pl_module.device
+
+        def reduce(values: np.ndarray) -> np.ndarray:
+            tensor = torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
+            return trainer.strategy.reduce(tensor, reduce_op="sum").cpu().numpy()
+
+        self.draws.reduce = reduce
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Count the batch; after an optimizer step, apply the schedule."""
+        self.draws.count(batch["mask"], outputs["logits"])
+        if trainer.global_step != self._step:
+            self._step = trainer.global_step
+            self.draws.apply(self._step)
+
+
 def data_module(plan: TrainPlan) -> BalancedDataModule:
     """Return the data module of `plan`: its datasets and `data_loader` blocks."""
     cfg = plan.config
@@ -88,6 +127,8 @@ def build_trainer(
     options = trainer_options(plan.config, resume)
     kwargs = {"enable_progress_bar": progress, **options.kwargs}
     callbacks = [*options.callbacks, RunOutputs(plan.output_dir)]
+    if plan.draws is not None:
+        callbacks.append(SamplerScheduleHooks(plan.draws))
     try:
         trainer = Trainer(callbacks=callbacks, **kwargs)
     except (TypeError, ValueError, MisconfigurationException) as exc:

@@ -94,8 +94,8 @@ class SegmentationModule(LightningModule):
                 strategy=type(strategy).__name__.removesuffix("Strategy").lower(),
             )
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        """Return the loss of one training batch (its sum and size are kept for the row)."""
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
+        """Return the loss and logits of one training batch (its loss sum is kept for the row)."""
         images, masks = batch["image"], batch["mask"]
         logits = forward_logits(self.model, images)
         loss = self.loss_fn(logits, masks)
@@ -107,7 +107,8 @@ class SegmentationModule(LightningModule):
         self._train_sums += torch.stack(
             [loss.detach().double() * count, torch.tensor(count, device=loss.device).double()]
         )
-        return loss
+        # The logits go to the callbacks (the sampler schedule counts the trained batches).
+        return {"loss": loss, "logits": logits.detach()}
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         """Step the per-step schedulers after an optimizer step; stop at `max_steps`."""
@@ -164,6 +165,7 @@ class SegmentationModule(LightningModule):
             "lr": float(self._optimizer.param_groups[0]["lr"]),
             "train_patches": int(seen),
             "train_seconds": round(self._train_seconds, 3),
+            **(self.plan.draws.take_drawn_shares() if self.plan.draws is not None else {}),
         }
         self.rows.append(row)
         self.new_row = True
@@ -200,6 +202,7 @@ class SegmentationModule(LightningModule):
             "best": self.best,
             "best_confusion": self.best_confusion,
             "trained_on": self.trained_on,
+            "draws": _draws_state(self.plan.draws),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -209,6 +212,18 @@ class SegmentationModule(LightningModule):
         self.best = history.get("best", self.best)
         self.best_confusion = np.asarray(history.get("best_confusion", self.best_confusion))
         self.trained_on = dict(history.get("trained_on", {}))
+        if self.plan.draws is not None and history.get("draws"):
+            # Where the schedule stood: without it, the first step would set the weights anew.
+            vars(self.plan.draws).update(history["draws"])
 
     def _row_iou(self, row: dict[str, Any]) -> np.ndarray:
         return np.array([row[f"iou_{c}"] for c in range(self.plan.n_classes)], dtype=np.float64)
+
+
+# The parts of a run's `TrainingDraws` that change as it trains (see `train.schedules`).
+DRAWS_STATE = ("drawn", "confusion", "fraction", "iou", "updates")
+
+
+def _draws_state(draws: Any) -> dict[str, Any]:
+    """Return what a resumed run needs of `draws` to go on as the uninterrupted one."""
+    return {} if draws is None else {key: getattr(draws, key) for key in DRAWS_STATE}
