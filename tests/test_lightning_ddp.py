@@ -44,6 +44,9 @@ def ddp_run(tmp_path_factory):
         "devices": 2,
         "strategy": "ddp",
         "max_epochs": EPOCHS,
+        # Lightning's default for its own users: our samplers are DistributedSamplers, so it
+        # leaves them as they are (any other sampler it would wrap and slice again).
+        "use_distributed_sampler": True,
     }
     config = folder / "train.yaml"
     config.write_text(yaml.safe_dump(mapping))
