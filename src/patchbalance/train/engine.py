@@ -124,6 +124,10 @@ def build_trainer(
     plan: TrainPlan, progress: bool, resume: str | None
 ) -> tuple[Trainer, str | None]:
     """Return the `Trainer` of `plan` and the checkpoint to resume from (or None)."""
+    if not progress:
+        # Lightning's start-up notes (accelerators, tips) are not part of a quiet run.
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     options = trainer_options(plan.config, resume)
     kwargs = {"enable_progress_bar": progress, **options.kwargs}
     callbacks = [*options.callbacks, RunOutputs(plan.output_dir)]
