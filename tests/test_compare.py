@@ -322,3 +322,17 @@ def test_the_verdict_reads_intervals_at_the_printed_precision():
     assert judged["helps"] == ["helps", "at_zero"]
     assert judged["does_not_help"] == ["tiny", "lowers"]
     assert judged["arms"]["lowers"]["lowers_miou"] and not judged["arms"]["at_zero"]["lowers_miou"]
+
+
+def test_schedule_arms_train_in_compare_and_write_their_drawn_shares(tmp_path, demo):
+    arms = {
+        "anneal": {"train": {"sampler_schedule": {"name": "anneal", "start": 0.5}}},
+        "adaptive": {"train": {"sampler_schedule": {"name": "adaptive", "every": 1}}},
+    }
+    config = tiny_configs(tmp_path, demo, arms=arms, seeds=2, steps=4, eval_every=2)
+    result = runner.invoke(app, ["compare", str(config), "-q"])
+    assert result.exit_code == 0, result.output
+    for arm in ("uniform", "anneal", "adaptive"):
+        metrics = pd.read_csv(tmp_path / "out" / "runs" / arm / "seed42" / "metrics.csv")
+        shares = metrics.filter(like="drawn_share_").to_numpy()
+        assert shares.shape == (2, 4) and np.allclose(shares.sum(axis=1), 1.0)
