@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import yaml
 
-from patchbalance.balancing.pipeline import run_build
-from patchbalance.config import load_config
-from patchbalance.demo import write_demo_dataset
 from patchbalance.train.run import train_from_config
+from training_loader import build_demo
 
 EXAMPLE = (
     Path(__file__).resolve().parents[1]
@@ -62,15 +59,17 @@ def run_config(paths: dict, args: argparse.Namespace, engine: str, out: Path) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--eval-every", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=0)
+    for name, default in (
+        ("--steps", 40),
+        ("--eval-every", 20),
+        ("--repeats", 3),
+        ("--workers", 0),
+    ):
+        parser.add_argument(name, type=int, default=default)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="patchbalance-bench-"))
-    paths = write_demo_dataset(out)
-    run_build(load_config(paths["config"]), progress=False)
+    paths = build_demo(args.out)
+    out = paths["table"].parent
     print(
         f"demo data, example config: {args.steps} steps of batch 8, validation every "
         f"{args.eval_every} steps, {args.workers} loader workers, torch threads "
