@@ -4,10 +4,11 @@ Writes the demo data and builds its balanced table, then trains the example conf
 (`conf/examples/weighted_sampler_segmentation.yaml`: smp Unet on resnet18, batch 8, the
 weighted sampler, flips and rotations) for `--steps` steps with validation every
 `--eval-every` steps, once with `engine: loop` and once with `engine: lightning`, alternating,
-`--repeats` times. Each time is the whole `train_from_config` call (building the datasets,
-model and trainer included), as wall time and as the process's CPU time (less sensitive to
-other work on a shared machine; with `--workers 0` the loader runs in the process). Prints each
-time, the median of each engine and the ratios lightning / loop (the bar: at most 1.15).
+`--repeats` times, after one untimed step of each. Each time is the whole `train_from_config`
+call (building the datasets, model and trainer included), as wall time and as the process's
+CPU time (less sensitive to other work on a shared machine; with `--workers 0` the loader runs
+in the process). Prints each time, the median of each engine and the ratios
+lightning / loop (the bar: at most 1.15).
 
     OMP_NUM_THREADS=1 python bench/train_engine.py
     OMP_NUM_THREADS=1 python bench/train_engine.py --steps 60 --eval-every 20 --repeats 3
@@ -75,6 +76,11 @@ def main() -> None:
         f"{args.eval_every} steps, {args.workers} loader workers, torch threads "
         f"{torch.get_num_threads()}"
     )
+    # One untimed step of each engine first: imports and first-call costs fall on no run.
+    for engine in ("loop", "lightning"):
+        warm = run_config(paths, args, engine, out / f"{engine}_warmup")
+        warm["hyperparameters"] = {**warm["hyperparameters"], "epochs": None, "max_steps": 1}
+        train_from_config(warm)
     times: dict[tuple[str, str], list[float]] = {}
     for repeat in range(args.repeats):
         for engine in ("loop", "lightning"):
