@@ -3,11 +3,12 @@
 The configuration follows the upstream training YAML: `train_dataset:` / `val_dataset:` blocks
 (a `_target_` dataset class, its arguments and a `data_loader:` sub-block), `model:`, `loss:`,
 `optimizer:`, optional `scheduler_list:`, `hyperparameters: {batch_size, epochs or max_steps,
-lr}`, plus `device` (`auto` = CUDA when present), `seed` and `output_dir`. Upstream keys that
-only drive PyTorch Lightning (`pl_trainer`, `callbacks`, `metrics`, `mode`, the top-level
-`_target_`) are accepted and ignored, with one log line.
+lr}`, plus `device` (`auto` = CUDA when present), `seed` and `output_dir`. The run goes to its
+`engine`: Lightning's Trainer (`train.engine`, the default, which takes `pl_trainer:` and
+`callbacks:`) or the plain one-process loop here (`engine: loop`). Upstream keys that neither
+uses (`metrics`, `mode`, the top-level `_target_`) are accepted and ignored, with one log line.
 
-Each epoch: the mean training loss, then on the whole validation set the loss and a confusion
+Each epoch (both engines): the mean training loss, then on the whole validation set the loss and a confusion
 matrix accumulated over every labelled pixel (pixels equal to the ignore index are left out),
 from which per-class IoU = TP / (TP + FP + FN) and mIoU = the mean over classes that occur in the
 labels or the predictions. The metrics CSV is rewritten (atomically) after every epoch; the best
