@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-__version__ = "0.1.0"
-
 # `patchbalance.report(table)` is the API of the spec, so the function is bound over the
 # submodule of the same name; import helpers from it with `from patchbalance.reporting.figures import ...`.
 from patchbalance.reporting.figures import prior_correction, report  # noqa: E402
+from patchbalance.version import __version__
 
 __all__ = [
     "__version__",

@@ -66,3 +66,21 @@ def check_distinct_files(
                     f"{key} names the input file {input_key} ({source}); writing it would "
                     f"replace the input: choose another {key.rsplit('.', 1)[-1]}"
                 )
+
+
+# The footprint formats by file extension: what `output.footprints_path` may end in.
+FOOTPRINT_FORMATS = {".gpkg": "geopackage", ".parquet": "geoparquet", ".geojson": "geojson"}
+
+
+def footprint_format(path: str | os.PathLike[str]) -> str:
+    """Return `geopackage`, `geoparquet` or `geojson` for a footprints path, by its extension.
+
+    Raises `ValueError` (a configuration error) for any other extension.
+    """
+    suffix = Path(path).suffix.lower()
+    if suffix not in FOOTPRINT_FORMATS:
+        raise ValueError(
+            f"footprints_path {os.fspath(path)!r} must end in "
+            f"{', '.join(FOOTPRINT_FORMATS)} (GeoPackage, GeoParquet or GeoJSON)"
+        )
+    return FOOTPRINT_FORMATS[suffix]

@@ -17,40 +17,18 @@ from rasterio.warp import transform as transform_coordinates
 
 from patchbalance.atomic import atomic_write_with, atomic_writer
 from patchbalance.balanced_table import SAMPLER_WEIGHT
-from patchbalance.errors import ConfigError, MissingDependencyError, OutputError
-from patchbalance.paths import check_distinct_files, default_summary_path, same_file
+from patchbalance.errors import MissingDependencyError, OutputError
+from patchbalance.paths import (
+    default_summary_path,
+    footprint_format,
+    same_file,
+)
 from patchbalance.windows import RasterInfo, window_corners
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from patchbalance.config import BalancedDatasetConfig
-
-
-def check_build_files(config: BalancedDatasetConfig) -> None:
-    """Raise `ConfigError` when two of the build's outputs, or an output and an input, are one file.
-
-    The outputs are the table, the summary (by default `<csv_path stem>.summary.json`), the
-    footprints and, in mode embeddings, the embeddings cache; the inputs are the records file
-    and the rasters of `input.rasters`. `config`'s paths must be absolute (as loaded).
-    """
-    output = config.output
-    outputs = {
-        "output.csv_path": output.csv_path,
-        "output.summary_path": output.summary_path or default_summary_path(output.csv_path),
-        "output.footprints_path": output.footprints_path,
-    }
-    if config.mode == "embeddings":
-        outputs["embeddings.parquet_path"] = config.embeddings.parquet_path
-    inputs: dict[str, str | None] = {"input.records_path": config.input.records_path}
-    for position, pair in enumerate(config.input.rasters or []):
-        inputs[f"input.rasters.{position}.image_path"] = pair.image_path
-        inputs[f"input.rasters.{position}.mask_path"] = pair.mask_path
-    try:
-        check_distinct_files(outputs, inputs)
-    except ConfigError as exc:
-        where = f"{config.source_path}: " if config.source_path else ""
-        raise ConfigError(f"{where}{exc}") from None
+    pass
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:
@@ -113,24 +91,6 @@ FOOTPRINT_PROPERTIES = (
 
 # The GeoPackage's gpkg_contents.last_change: fixed, so that reruns give the same bytes.
 GEOPACKAGE_DATE = "2000-01-01T00:00:00.000Z"
-
-# The footprint formats by file extension: what `output.footprints_path` may end in.
-FOOTPRINT_FORMATS = {".gpkg": "geopackage", ".parquet": "geoparquet", ".geojson": "geojson"}
-
-
-def footprint_format(path: str | os.PathLike[str]) -> str:
-    """Return `geopackage`, `geoparquet` or `geojson` for a footprints path, by its extension.
-
-    Raises `ValueError` (a configuration error) for any other extension.
-    """
-    suffix = Path(path).suffix.lower()
-    if suffix not in FOOTPRINT_FORMATS:
-        raise ValueError(
-            f"footprints_path {os.fspath(path)!r} must end in "
-            f"{', '.join(FOOTPRINT_FORMATS)} (GeoPackage, GeoParquet or GeoJSON)"
-        )
-    return FOOTPRINT_FORMATS[suffix]
-
 
 def _property_value(value: Any) -> Any:
     if value is None or value is pd.NA:

@@ -27,9 +27,7 @@ from patchbalance.balancing.composition import CompositionResult, fit_compositio
 from patchbalance.balancing.exclusion import REASONS, ExclusionFlags, exclusion_flags
 from patchbalance.balancing.methods import Signals, sampling_scores
 from patchbalance.balancing.outputs import (
-    FOOTPRINT_FORMATS,
     check_footprint_writer,
-    footprint_format,
     write_footprints,
     write_json,
 )
@@ -48,7 +46,7 @@ from patchbalance.config import (
     load_config,
 )
 from patchbalance.errors import InputError
-from patchbalance.paths import default_summary_path
+from patchbalance.paths import FOOTPRINT_FORMATS, default_summary_path, footprint_format
 from patchbalance.progress import StageClock, progress_bar
 from patchbalance.reporting.figures import sampling_figures
 from patchbalance.sources import SourceRecords, load_records

@@ -13,13 +13,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbalance import __version__
 from patchbalance.balancing.composition import CompositionResult, cluster_profiles
 from patchbalance.balancing.exclusion import ExclusionFlags
 from patchbalance.balancing.raster_reading import RasterReading
 from patchbalance.config import BalancedDatasetConfig
 from patchbalance.reporting.figures import SamplingFigures, figures_text
 from patchbalance.table import class_proportions
+from patchbalance.version import __version__
 
 log = logging.getLogger(__name__)
 

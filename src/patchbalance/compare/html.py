@@ -158,7 +158,7 @@ def _iou_section(results: dict[str, Any]) -> str:
 def render_compare_html(results: dict[str, Any]) -> str:
     """Return the comparison page as one self-contained HTML string."""
     _require_matplotlib()
-    from patchbalance import __version__
+    from patchbalance.version import __version__
 
     sections = [
         f"<h2>Verdict</h2><pre>{html.escape(verdict_text(results))}</pre>",

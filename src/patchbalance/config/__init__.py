@@ -17,7 +17,13 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbalance.config.input import InputConfig, secret_as_text
 from patchbalance.config.loading import StrictModel, load_model_file, model_from_mapping
-from patchbalance.paths import resolve_path
+from patchbalance.errors import ConfigError
+from patchbalance.paths import (
+    check_distinct_files,
+    default_summary_path,
+    footprint_format,
+    resolve_path,
+)
 from patchbalance.table import table_suffix
 
 # The default method (SPEC §3.7) and its ESS floor (§3.8): below the ESS of the published gains
@@ -225,8 +231,6 @@ class OutputConfig(StrictModel):
     @classmethod
     def _known_footprint_format(cls, value: str | None) -> str | None:
         if value is not None:
-            from patchbalance.balancing.outputs import footprint_format
-
             footprint_format(value)
         return value
 
@@ -399,8 +403,6 @@ class BalancedDatasetConfig(StrictModel):
             }
         )
         resolved._base_dir, resolved._source_path = self._base_dir, self._source_path
-        from patchbalance.balancing.outputs import check_build_files
-
         check_build_files(resolved)  # before any stage: no output may replace another or an input
         return resolved
 
@@ -432,3 +434,29 @@ def config_from_mapping(
     return model_from_mapping(
         BalancedDatasetConfig, "balanced_dataset", data, base_dir
     ).with_resolved_paths()
+
+
+def check_build_files(config: BalancedDatasetConfig) -> None:
+    """Raise `ConfigError` when two of the build's outputs, or an output and an input, are one file.
+
+    The outputs are the table, the summary (by default `<csv_path stem>.summary.json`), the
+    footprints and, in mode embeddings, the embeddings cache; the inputs are the records file
+    and the rasters of `input.rasters`. `config`'s paths must be absolute (as loaded).
+    """
+    output = config.output
+    outputs = {
+        "output.csv_path": output.csv_path,
+        "output.summary_path": output.summary_path or default_summary_path(output.csv_path),
+        "output.footprints_path": output.footprints_path,
+    }
+    if config.mode == "embeddings":
+        outputs["embeddings.parquet_path"] = config.embeddings.parquet_path
+    inputs: dict[str, str | None] = {"input.records_path": config.input.records_path}
+    for position, pair in enumerate(config.input.rasters or []):
+        inputs[f"input.rasters.{position}.image_path"] = pair.image_path
+        inputs[f"input.rasters.{position}.mask_path"] = pair.mask_path
+    try:
+        check_distinct_files(outputs, inputs)
+    except ConfigError as exc:
+        where = f"{config.source_path}: " if config.source_path else ""
+        raise ConfigError(f"{where}{exc}") from None

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import pandas as pd
 
+import patchbalance.coreset.scorers as scorers
 from patchbalance.balanced_table import FOOTPRINT_BOUNDS, SAMPLER_WEIGHT, read_balanced_table
-from patchbalance.coreset import scorers
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.table import (
     KEY_COLUMNS,

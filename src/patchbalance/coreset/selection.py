@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+import patchbalance.coreset.scorers as scorers
 from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.balancing.stats import class_entropy
 from patchbalance.balancing.weights import sampler_weights
-from patchbalance.coreset import scorers
 from patchbalance.coreset.config import (
     CoresetConfig,
     coreset_config_from_mapping,

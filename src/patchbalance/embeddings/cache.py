@@ -223,7 +223,7 @@ def cache_metadata(
     config: EmbeddingsConfig, source: ModelSource, seed: int, mean: tuple, std: tuple
 ) -> dict[str, Any]:
     """Return the settings that identify embeddings made by this configuration."""
-    from patchbalance import __version__
+    from patchbalance.version import __version__
 
     if config.value_range is not None:
         other = f"value_range {list(config.value_range)}"

@@ -407,7 +407,7 @@ def render_html_report(
 ) -> str:
     """Return the report page for `table` and its SPEC §5 `figures` as one HTML string."""
     _require_matplotlib()
-    from patchbalance import __version__
+    from patchbalance.version import __version__
 
     active, weights = active_and_drawn_weights(table)
     labels = _class_labels(figures.class_values, class_names)

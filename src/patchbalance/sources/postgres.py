@@ -27,7 +27,7 @@ import pandas as pd
 
 from patchbalance.config import BalancedDatasetConfig, InputConfig
 from patchbalance.errors import InputError
-from patchbalance.sources import SourceRecords, validate_records
+from patchbalance.sources.local import validate_records
 from patchbalance.sources.postgres_connection import (
     Target,
     _psycopg,
@@ -46,6 +46,7 @@ from patchbalance.sources.postgres_query import (
     make_plan,
     table_columns,
 )
+from patchbalance.sources.records import SourceRecords
 
 log = logging.getLogger(__name__)
 
