@@ -151,6 +151,18 @@ def _check_datasets(train_dataset: Any, val_dataset: Any) -> int:
     return n_classes
 
 
+def _log_ignored_keys(resolved: Mapping[str, Any], cfg: TrainConfig) -> None:
+    """Say once which upstream keys the run's engine does not use."""
+    used = LIGHTNING_KEYS if cfg.engine == "lightning" else ()
+    ignored = [
+        key for key in UPSTREAM_ONLY_KEYS if resolved.get(key) is not None and key not in used
+    ]
+    if ignored:
+        log.info(
+            "ignoring upstream keys that patchbalance train does not use: %s", ", ".join(ignored)
+        )
+
+
 def plan_training(
     config: Mapping[str, Any],
     base_dir: str | os.PathLike[str] | None = None,
@@ -165,14 +177,7 @@ def plan_training(
     output_dir = Path(cfg.output_dir)
     # Found unwritable now, not after the first epoch's checkpoint.
     check_writable_folder(output_dir, "output_dir")
-    used = LIGHTNING_KEYS if cfg.engine == "lightning" else ()
-    ignored = [
-        key for key in UPSTREAM_ONLY_KEYS if resolved.get(key) is not None and key not in used
-    ]
-    if ignored:
-        log.info(
-            "ignoring upstream keys that patchbalance train does not use: %s", ", ".join(ignored)
-        )
+    _log_ignored_keys(resolved, cfg)
 
     train_dataset, train_loader_block = build_dataset(cfg.train_dataset, "train_dataset")
     inherited = {

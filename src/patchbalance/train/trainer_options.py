@@ -198,9 +198,9 @@ def trainer_options(cfg: TrainConfig, resume: str | None = None) -> TrainerOptio
         value: no sanity validation, no model summary, checkpoints only from a
         `ModelCheckpoint` callback), the callbacks and the checkpoint to resume from.
     """
+    from lightning.pytorch.callbacks import Checkpoint
+
     block = dict(cfg.pl_trainer or {})
-    if not isinstance(cfg.pl_trainer or {}, Mapping):
-        raise ConfigError("pl_trainer must be a mapping of lightning.Trainer arguments")
     _check_keys(block)
     ckpt_path = block.pop(RESUME_KEY, None)
     _agree(("--resume", resume), (RESUME_KEY, ckpt_path))
@@ -218,7 +218,8 @@ def trainer_options(cfg: TrainConfig, resume: str | None = None) -> TrainerOptio
         "default_root_dir": cfg.output_dir,
         "num_sanity_val_steps": 0,
         "enable_model_summary": False,
-        "enable_checkpointing": any(type(c).__name__ == "ModelCheckpoint" for c in callbacks),
+        # Lightning adds a ModelCheckpoint of its own unless told not to; last.pt is ours.
+        "enable_checkpointing": any(isinstance(c, Checkpoint) for c in callbacks),
         # Our loaders are rank-aware already (DistributedSampler subclasses under DDP).
         "use_distributed_sampler": False,
         "logger": _default_logger(cfg.output_dir) if callbacks else False,
