@@ -25,7 +25,10 @@ What one run does, with the same model, steps and seeds for every method:
    trained through `patchbalance.train.train_from_config`, validated every `--eval-every` steps
    (the learning curve), with prior correction tau = 1 beside tau = 0;
 5. reports per class IoU, precision and recall at the short and the long budget, and the gain
-   over uniform paired by seed with a 95 % bootstrap interval over seeds.
+   over uniform paired by seed with a 95 % Student-t interval over the seeds, for every class
+   and for the `interest` and `rest` rows (the compare engine's results.md);
+   `bench/evidence_pairs.py WORK` prints the gains again, and any arm against any other, as
+   Markdown tables.
 
 Runs already finished in `--work` are reused, so an interrupted run resumes.
 """

@@ -1,17 +1,24 @@
-"""Paired comparisons between two arms of one evidence run, and each arm's plateau check.
+"""Paired gains of an evidence run, recomputed from its runs, as Markdown tables to paste.
 
-`bench/evidence.py` reports every arm against the uniform baseline. Some questions compare two
-arms directly: does a CoreSet beat a random subset of the same size, does a stronger target
-beat the default. Both arms trained with the same seeds, so their difference is paired seed by
-seed, with the same 95 % bootstrap interval (10,000 resamples, seeded by the first seed):
+`bench/evidence.py` (and `patchbalance compare`) report every arm against the baseline. This
+script recomputes those gains from the per-seed values a work folder keeps, and compares any two
+arms directly (does a CoreSet beat a random subset of the same size, does a stronger target beat
+the default). Both arms of a pair trained with the same seeds, so their difference is paired
+seed by seed, with the same 95 % Student-t interval (n - 1 degrees of freedom) as the compare
+results:
 
+    python bench/evidence_pairs.py WORK
     python bench/evidence_pairs.py WORK --pair coreset_cb30:random30 \\
         --pair class_target_p0.25_ess0.1:class_target_sqrt
 
-WORK is an evidence folder (its `runs.csv` and `results.json`). It prints, at the long budget
-and without prior correction, A's gain over B on the two rarest classes and on mIoU, and for
-every arm whether its mean mIoU curve has plateaued (a line fitted to the last half of the
-validation points rises less than `--plateau-tolerance`).
+WORK is an evidence or compare folder (its `runs.csv` and `results.json`). It prints, at the
+long budget (or `--step`) and without prior correction: each arm's mean IoU; each arm's gain
+over the baseline, then each `--pair` A:B's gain of A over B, on every class of interest, on
+`interest` and `rest` (the mean IoU of the classes of interest and of the other classes, per
+seed before pairing) and on mIoU, as "mean [low, high] (seeds better / seeds)"; how many seeds
+would resolve each interval that spans 0; and for every arm whether its mean mIoU curve has
+plateaued (a line fitted to the last half of the validation points rises less than
+`--plateau-tolerance`).
 """
 
 from __future__ import annotations
@@ -19,10 +26,26 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from patchbalance.compare.statistics import learning_curves, paired_gain, plateau_check
+from patchbalance.compare.results import (
+    SUMMARY_ROWS,
+    class_label,
+    gain_cell,
+    markdown_text,
+    percent,
+    resolve_note,
+)
+from patchbalance.compare.statistics import (
+    MIOU,
+    learning_curves,
+    paired_gain,
+    plateau_check,
+    spans_zero,
+    with_group_rows,
+)
 
 
 def load_runs(work: Path) -> tuple[pd.DataFrame, dict]:
@@ -33,44 +56,98 @@ def load_runs(work: Path) -> tuple[pd.DataFrame, dict]:
     return runs, json.loads((work / "results.json").read_text())
 
 
-def pair_rows(runs: pd.DataFrame, pair: str, classes: list[str], names: dict) -> list[str]:
-    """Return one printed line per class of interest and mIoU: A's paired gain over B."""
-    first, second = pair.split(":")
-    step = int(runs["step"].max())
+def interest_of(results: dict[str, Any]) -> list[int]:
+    """Return the classes of interest a results.json names (older ones: the rarest classes)."""
+    return [int(c) for c in results.get("classes_of_interest") or results["rarest_classes"]]
+
+
+def at_step(runs: pd.DataFrame, interest: list[int], step: int | None) -> pd.DataFrame:
+    """Return the runs at `step` (default the last), tau 0, with the `interest`/`rest` rows."""
+    step = int(runs["step"].max()) if step is None else step
     at = runs[(runs["step"] == step) & (runs["tau"] == 0)]
-    seed = int(runs["seed"].min())
-    lines = []
-    for cls in [*classes, "miou"]:
-        rows = at[at["class"] == cls]
-        a = rows[rows["arm"] == first].set_index("seed")["iou"]
-        b = rows[rows["arm"] == second].set_index("seed")["iou"]
-        gain = paired_gain(a, b, seed)
-        label = "mIoU" if cls == "miou" else names.get(cls, cls)
-        lines.append(
-            f"  {label:<22} {gain['mean'] * 100:+6.1f} [{gain['low'] * 100:+.1f}, "
-            f"{gain['high'] * 100:+.1f}] ({gain['wins']}/{gain['n']} seeds better)"
-        )
-    return [f"{first} over {second}, step {step}:", *lines]
+    return with_group_rows(at, interest)
+
+
+def iou_table(at: pd.DataFrame, results: dict, rows: list[str]) -> list[str]:
+    """Return a Markdown table of each arm's mean IoU (%) over the seeds on `rows`."""
+    means = at.groupby(["arm", "class"], sort=False)["iou"].mean()
+    lines = [
+        "| arm | " + " | ".join(markdown_text(class_label(results, r)) for r in rows) + " |",
+        "|---|" + "---:|" * len(rows),
+    ]
+    for arm in at["arm"].unique():
+        cells = [percent(means.get((arm, r), float("nan"))) for r in rows]
+        lines.append(f"| {markdown_text(arm)} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def gains_table(
+    at: pd.DataFrame, results: dict, rows: list[str], pairs: list[tuple[str, str]]
+) -> list[str]:
+    """Return a Markdown table of A's paired gain over B on `rows`, one line per pair, and
+    under it how many seeds would resolve each interval that spans 0."""
+    lines = [
+        "| A over B | " + " | ".join(markdown_text(class_label(results, r)) for r in rows) + " |",
+        "|---|" + "---:|" * len(rows),
+    ]
+    notes = []
+    for first, second in pairs:
+        gains = {}
+        for row in rows:
+            selected = at[at["class"] == row]
+            a = selected[selected["arm"] == first].set_index("seed")["iou"]
+            b = selected[selected["arm"] == second].set_index("seed")["iou"]
+            gains[row] = paired_gain(a, b)
+        name = f"{markdown_text(first)} over {markdown_text(second)}"
+        lines.append(f"| {name} | " + " | ".join(gain_cell(g) for g in gains.values()) + " |")
+        unresolved = {r: g["seeds_to_resolve"] for r, g in gains.items() if spans_zero(g)}
+        if unresolved:
+            notes.append(f"- {name}: {resolve_note(results, unresolved)}")
+    return lines + ([""] + notes if notes else [])
+
+
+def report(
+    runs: pd.DataFrame, results: dict, pairs: list[str], step: int | None, tolerance: float
+) -> str:
+    """Return the tables and plateau checks of an evidence folder as Markdown."""
+    interest = interest_of(results)
+    baseline = results.get("baseline", "uniform")
+    at = at_step(runs, interest, step)
+    rows = [*(str(c) for c in interest), *SUMMARY_ROWS]
+    arms = [arm for arm in at["arm"].unique() if arm != baseline]
+    seeds = at[at["class"] == MIOU].groupby("arm")["seed"].nunique()
+    counts = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()} to {seeds.max()}"
+    lines = [
+        f"Step {int(at['step'].iloc[0])}, τ = 0, {counts} seeds per arm; "
+        "gains in IoU points, mean [95 % Student-t interval] (seeds better / seeds).",
+        "",
+        *iou_table(at, results, rows),
+        "",
+        *gains_table(at, results, rows, [(arm, baseline) for arm in arms]),
+    ]
+    if pairs:
+        split = [tuple(pair.split(":", 1)) for pair in pairs]
+        lines += ["", *gains_table(at, results, rows, split)]
+    lines += ["", "Plateau (mean mIoU, τ = 0):", ""]
+    curves = learning_curves(runs)
+    for arm, curve in curves.groupby("arm", sort=False):
+        curve = curve.sort_values("step")
+        note = plateau_check(curve, tolerance)["note"]
+        lines.append(f"- {markdown_text(arm)}: mIoU {percent(curve['mean'].iloc[-1])}; {note}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Print the paired comparisons and the plateau checks of an evidence folder."""
+    """Print the gains, the paired comparisons and the plateau checks of an evidence folder."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("work", type=Path, help="the evidence folder (runs.csv, results.json)")
     parser.add_argument("--pair", action="append", default=[], help="ARM_A:ARM_B (repeatable)")
+    parser.add_argument("--step", type=int, help="the validation step (default: the last)")
     parser.add_argument("--plateau-tolerance", type=float, default=0.01)
     args = parser.parse_args(argv)
     runs, results = load_runs(args.work)
-    names = {str(k): v for k, v in results.get("class_names", {}).items()}
-    classes = [str(c) for c in results["rarest_classes"]]
-    for pair in args.pair:
-        print("\n".join(pair_rows(runs, pair, classes, names)))
-    curves = learning_curves(runs)
-    print("plateau (mean mIoU, tau 0):")
-    for arm, curve in curves.groupby("arm", sort=False):
-        note = plateau_check(curve.sort_values("step"), args.plateau_tolerance)["note"]
-        last = curve.sort_values("step")["mean"].iloc[-1]
-        print(f"  {arm:<48} mIoU {last * 100:5.1f}; {note}")
+    results.setdefault("class_names", {})
+    print(report(runs, results, args.pair, args.step, args.plateau_tolerance))
 
 
 if __name__ == "__main__":

@@ -128,17 +128,20 @@ def test_downsampled_masks_take_the_majority_class_and_nodata_only_when_nothing_
     )
 
 
-def test_paired_gain_interval_is_a_bootstrap_over_seeds():
+def test_paired_gain_interval_is_a_student_t_interval_over_seeds():
     from patchbalance.compare.statistics import paired_gain
 
     pairs = [(0.30, 0.35), (0.20, 0.24), (0.40, 0.47)]
     uniform = pd.Series([base for base, _ in pairs], index=range(3))
     better = pd.Series([value for _, value in pairs], index=range(3))
-    gain = paired_gain(better, uniform, seed=0)
+    gain = paired_gain(better, uniform)
 
+    # Differences 0.05, 0.04, 0.07: mean 0.05333, s 0.015275, t(0.975, 2) = 4.3027.
     assert gain["mean"] == pytest.approx((0.05 + 0.04 + 0.07) / 3)
-    assert 0.04 - 1e-12 <= gain["low"] <= gain["mean"] <= gain["high"] <= 0.07 + 1e-12
-    assert gain["wins"] == 3 and gain["n"] == 3
+    half = 4.3027 * 0.015275 / 3**0.5
+    assert gain["low"] == pytest.approx(0.053333 - half, rel=1e-4)
+    assert gain["high"] == pytest.approx(0.053333 + half, rel=1e-4)
+    assert gain["wins"] == 3 and gain["n"] == 3 and gain["method"] == "student_t"
 
 
 def test_quick_path_runs_end_to_end_on_grey_png_masks(tmp_path, capsys):

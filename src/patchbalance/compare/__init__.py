@@ -2,7 +2,7 @@
 
 Modules: `config` (the `compare:` keys and each arm's merged configs), `tables` (each arm's
 training table, built once), `engine` (the paired trainings, resumable), `statistics` (paired
-gains with bootstrap intervals, curves, plateaus, the verdict), `results` (JSON, Markdown),
+gains with Student-t intervals, curves, plateaus, the verdict), `results` (JSON, Markdown),
 `html` (the page) and `command` (the command line's entry point).
 """
 
@@ -15,14 +15,14 @@ from patchbalance.compare.config import (
     compare_plan_from_mapping,
     load_compare_config,
 )
-from patchbalance.compare.statistics import paired_bootstrap
+from patchbalance.compare.statistics import paired_t_interval
 
 __all__ = [
     "CompareConfig",
     "ComparePlan",
     "compare_plan_from_mapping",
     "load_compare_config",
-    "paired_bootstrap",
+    "paired_t_interval",
     "run_compare",
     "run_compare_command",
 ]

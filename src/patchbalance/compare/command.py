@@ -17,7 +17,13 @@ from patchbalance.compare.config import (
 )
 from patchbalance.compare.engine import CompareRuns, run_compare_runs
 from patchbalance.compare.results import verdict_text, write_results
-from patchbalance.compare.statistics import learning_curves, plateau_check, summarise, verdict
+from patchbalance.compare.statistics import (
+    class_groups,
+    learning_curves,
+    plateau_check,
+    summarise,
+    verdict,
+)
 from patchbalance.errors import MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -48,7 +54,8 @@ def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
     config = plan.config
     arms = list(runs.tables)
     budgets = {"short": config.short_budget, "long": config.steps}
-    summary = summarise(runs.runs, arms, plan.baseline, budgets, plan.first_seed)
+    interest = runs.classes_of_interest
+    summary = summarise(runs.runs, arms, plan.baseline, budgets, interest)
     curves = learning_curves(runs.runs)
     classes = sorted(int(c) for c in runs.runs["class"].unique() if c != "miou")
     names = {str(c): f"class {c}" for c in classes}
@@ -62,7 +69,8 @@ def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
         "budgets": budgets,
         "classes": classes,
         "class_names": names,
-        "classes_of_interest": runs.classes_of_interest,
+        "classes_of_interest": interest,
+        "groups": class_groups(classes, interest),
         "sampling": _sampling(runs),
         "summary": summary,
         "learning_curves": {
@@ -75,7 +83,7 @@ def compare_results(plan: ComparePlan, runs: CompareRuns) -> dict[str, Any]:
         "plateau": {
             arm: plateau_check(frame, config.plateau_tolerance) for arm, frame in by_arm.items()
         },
-        "verdict": verdict(summary, arms, plan.baseline, runs.classes_of_interest),
+        "verdict": verdict(summary, arms, plan.baseline, interest),
         "run_seconds": runs.run_seconds,
         "trained_on": runs.trained_on,
         "trained": runs.trained,
@@ -90,13 +98,14 @@ def run_compare(plan: ComparePlan, progress: bool = False) -> dict[str, Any]:
     runs.runs.to_csv(plan.output_dir / "runs.csv", index=False)
     results = compare_results(plan, runs)
     results["seconds"] = time.perf_counter() - started
-    paths = write_results(results, plan.output_dir)
+    page = None
     try:
-        from patchbalance.compare.html import write_compare_html
+        from patchbalance.compare.html import render_compare_html
 
-        paths["html"] = write_compare_html(results, plan.output_dir / "results.html")
+        page = render_compare_html(results)
     except MissingDependencyError as exc:  # matplotlib is an optional extra
         log.warning("skipped the HTML page: %s", exc)
+    paths = write_results(results, plan.output_dir, page)
     results["outputs"] = {k: str(v) for k, v in paths.items()}
     return results
 

@@ -7,13 +7,18 @@ PNG, drawn through `matplotlib.figure.Figure` so the caller's pyplot state is ne
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from patchbalance.atomic import atomic_writer, check_writable
-from patchbalance.compare.results import class_label, gain_cell, percent, verdict_text
+from patchbalance.compare.results import (
+    INTERVAL,
+    SUMMARY_ROWS,
+    class_label,
+    gain_cell,
+    percent,
+    verdict_text,
+)
 from patchbalance.reporting.html import (
     PAGE_STYLE,
     _class_colours,
@@ -37,7 +42,7 @@ def _gains_section(results: dict[str, Any]) -> str:
     block = results["summary"]["long_tau0"]
     baseline = results["baseline"]
     others = [arm for arm in results["arms"] if arm != baseline]
-    columns = [*[str(c) for c in results["classes"]], "miou"]
+    columns = [*[str(c) for c in results["classes"]], *SUMMARY_ROWS]
     labels = [class_label(results, c) for c in columns]
     colours = _arm_colours(results["arms"])
     figure = Figure(figsize=(max(6.5, 1.1 * len(columns) + 3), 4.0))
@@ -56,7 +61,7 @@ def _gains_section(results: dict[str, Any]) -> str:
     axes.axhline(0, color="#444", linewidth=0.8)
     axes.set_xticks(np.arange(len(columns)), labels, rotation=20, ha="right")
     axes.set_ylabel(f"IoU gain over {baseline} (points)")
-    axes.set_title(f"Gain per class at step {block['step']}: mean and 95 % bootstrap interval")
+    axes.set_title(f"Gain per class at step {block['step']}: mean and 95 % Student-t interval")
     axes.legend(frameon=False)
     axes.spines[["top", "right"]].set_visible(False)
     rows = [
@@ -67,8 +72,10 @@ def _gains_section(results: dict[str, Any]) -> str:
         "<h2>Gain over the baseline, per class</h2>"
         + _image(figure, "per-class gains with 95 % intervals")
         + _html_table(["arm", *labels], rows, text_columns=[0])
-        + '<p class="note">IoU points, mean over paired seeds [95 % bootstrap interval over the '
-        "seeds' differences] (seeds better / seeds), validation without prior correction.</p>"
+        + f'<p class="note">IoU points, mean over paired seeds [{INTERVAL}] (seeds better / '
+        "seeds), validation without prior correction; interest and rest are the mean IoU of "
+        "the classes of interest and of the other classes, averaged per seed before pairing."
+        "</p>"
     )
 
 
@@ -139,7 +146,7 @@ def _sampling_section(results: dict[str, Any]) -> str:
 
 def _iou_section(results: dict[str, Any]) -> str:
     parts = []
-    columns = [*[str(c) for c in results["classes"]], "miou"]
+    columns = [*[str(c) for c in results["classes"]], *SUMMARY_ROWS]
     labels = [class_label(results, c) for c in columns]
     for key, title in (("long_tau0", "long budget"), ("short_tau0", "short budget"),
                        ("long_tau1", "long budget, prior correction τ = 1")):  # fmt: skip
@@ -156,17 +163,23 @@ def _iou_section(results: dict[str, Any]) -> str:
 
 
 def render_compare_html(results: dict[str, Any]) -> str:
-    """Return the comparison page as one self-contained HTML string."""
+    """Return the comparison page as one self-contained HTML string.
+
+    Class and arm names are drawn as plain text: a `$` in a name is not mathtext.
+    """
     _require_matplotlib()
+    from matplotlib import rc_context
+
     from patchbalance.version import __version__
 
-    sections = [
-        f"<h2>Verdict</h2><pre>{html.escape(verdict_text(results))}</pre>",
-        _gains_section(results),
-        _curves_section(results),
-        _sampling_section(results),
-        _iou_section(results),
-    ]
+    with rc_context({"text.parse_math": False}):
+        sections = [
+            f"<h2>Verdict</h2><pre>{html.escape(verdict_text(results))}</pre>",
+            _gains_section(results),
+            _curves_section(results),
+            _sampling_section(results),
+            _iou_section(results),
+        ]
     title = (
         f"{len(results['arms'])} arms, {len(results['seeds'])} paired seeds, "
         f"{results['budgets']['long']} steps"
@@ -179,13 +192,3 @@ def render_compare_html(results: dict[str, Any]) -> str:
         f'<p class="note">patchbalance {html.escape(__version__)}; baseline '
         f"{html.escape(results['baseline'])}.</p>" + "".join(sections) + "</body></html>\n"
     )
-
-
-def write_compare_html(results: dict[str, Any], out: Path) -> Path:
-    """Write the comparison page to `out` atomically; return `out`."""
-    out = Path(out)
-    check_writable(out, "the comparison page")
-    page = render_compare_html(results)
-    with atomic_writer(out, "w") as stream:
-        stream.write(page)
-    return out
