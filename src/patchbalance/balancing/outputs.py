@@ -92,6 +92,7 @@ FOOTPRINT_PROPERTIES = (
 # The GeoPackage's gpkg_contents.last_change: fixed, so that reruns give the same bytes.
 GEOPACKAGE_DATE = "2000-01-01T00:00:00.000Z"
 
+
 def _property_value(value: Any) -> Any:
     if value is None or value is pd.NA:
         return None

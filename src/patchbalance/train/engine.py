@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -164,8 +165,11 @@ def run_lightning(
     module = SegmentationModule(plan)
     if plan.class_weights is not None and trainer.is_global_zero:
         write_class_weights(plan.class_weights, plan.output_dir / CLASS_WEIGHTS_FILE)
-    # A checkpoint holds the config and numpy metrics, not only tensors: the user names it.
-    trainer.fit(module, datamodule=data_module(plan), ckpt_path=ckpt_path, weights_only=False)
+    with warnings.catch_warnings():
+        # Lightning cannot see that our data module resumes the draws mid-epoch itself.
+        warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended")
+        # A checkpoint holds the config and numpy metrics, not only tensors: the user names it.
+        trainer.fit(module, datamodule=data_module(plan), ckpt_path=ckpt_path, weights_only=False)
     result = train_result(
         plan,
         module.rows,
