@@ -78,15 +78,26 @@ def patches_per_second(loader, epochs: int) -> float:
     return count / (time.perf_counter() - started)
 
 
+def build_demo(out: Path | None) -> dict[str, Path]:
+    """Write the demo data under `out` (default: a new temporary folder), build its table.
+
+    Returns:
+        The demo's paths (`write_demo_dataset`): `table` the balanced table, `val` the held-out
+        scene's table, `config` the build configuration.
+    """
+    out = out or Path(tempfile.mkdtemp(prefix="patchbalance-bench-"))
+    paths = write_demo_dataset(out)
+    run_build(load_config(paths["config"]), progress=False)
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    out = args.out or Path(tempfile.mkdtemp(prefix="patchbalance-bench-"))
-    paths = write_demo_dataset(out)
-    run_build(load_config(paths["config"]), progress=False)
+    paths = build_demo(args.out)
     dataset = CSVWindowedSegmentationDataset(
         paths["table"], n_classes=4, augmentation_list=AUGMENTATIONS
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import rasterio
@@ -212,3 +214,20 @@ def test_a_footprint_outside_the_dataset_is_an_error_naming_its_row(scene, tmp_p
         WeightedGeoSampler(dataset, path, seed=0)
     table.to_parquet(path)
     assert len(WeightedGeoSampler(dataset, path, seed=0)) == len(table)
+
+
+def test_a_sampler_resumed_mid_epoch_yields_the_rest_of_the_uninterrupted_draws(scene):
+    folder, table = scene
+    dataset = Images(paths=folder / "images")
+    whole = WeightedGeoSampler(dataset, table, num_samples=30, seed=4, num_replicas=2, rank=1)
+    whole.set_epoch(2)
+    expected = list(whole)
+    interrupted = WeightedGeoSampler(dataset, table, num_samples=30, seed=4, num_replicas=2, rank=1)
+    interrupted.set_epoch(2)
+    head = list(itertools.islice(iter(interrupted), 6))
+    state = interrupted.state_dict()
+    assert (state["epoch"], state["position"]) == (2, 6)
+    resumed = WeightedGeoSampler(dataset, table, num_samples=30, seed=4, num_replicas=2, rank=1)
+    resumed.load_state_dict(state)
+    resumed.set_epoch(2)  # what a training loop calls before the epoch: the position stays
+    assert head + list(resumed) == expected

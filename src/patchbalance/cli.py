@@ -56,7 +56,7 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
     # Third-party libraries stay quiet unless asked for.
     for name in (
         "rasterio", "fiona", "matplotlib", "PIL", "urllib3", "filelock", "distributed", "bokeh",
-        "tornado",
+        "tornado", "lightning.pytorch", "lightning.fabric",
     ):  # fmt: skip
         logging.getLogger(name).setLevel(logging.WARNING if not verbose else logging.INFO)
 
@@ -162,6 +162,10 @@ def train_command(
     config: ConfigArg,
     set_: SetOption = None,
     dry_run: DryRunOption = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", help="Continue the run of this checkpoint (its last.pt)."),
+    ] = None,
     quiet: QuietOption = False,
     verbose: VerboseOption = False,
     debug: DebugOption = False,
@@ -171,7 +175,9 @@ def train_command(
     def task() -> str:
         from patchbalance.train.run import run_train_command
 
-        return run_train_command(config, overrides=set_ or [], dry_run=dry_run, progress=not quiet)
+        return run_train_command(
+            config, overrides=set_ or [], dry_run=dry_run, progress=not quiet, resume=resume
+        )
 
     _run(task, quiet, verbose, debug)
 

@@ -4,7 +4,8 @@ TorchGeo's samplers yield geographic queries, not row indices, so PyTorch's
 `WeightedRandomSampler` cannot drive a TorchGeo `GeoDataset`, and TorchGeo has no weighted sampler
 of its own (its issue #757). This one draws the table's footprints (`tile_minx, tile_miny,
 tile_maxx, tile_maxy` in `crs`) in proportion to `sampler_weight` and yields each as the query
-that `RasterDataset`, `IntersectionDataset` and the other `GeoDataset`s of TorchGeo 0.8 take:
+that `RasterDataset`, `IntersectionDataset` and the other `GeoDataset`s of TorchGeo 0.8 to 0.10
+take:
 ``(slice(xmin, xmax, xres), slice(ymin, ymax, yres), slice(tmin, tmax))``.
 
 The draw itself is `patchbalance.data.DistributedWeightedSampler`'s: one global draw per epoch
@@ -15,9 +16,11 @@ Needs the `torchgeo` extra: ``pip install "patchbalance[torchgeo]"``.
 
 from __future__ import annotations
 
+import inspect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -42,6 +45,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependencyError("torchgeo (WeightedGeoSampler)", "torchgeo", "torchgeo") from exc
 
 FOOTPRINT_COLUMNS = (*FOOTPRINT_BOUNDS, CRS_COLUMN)
+
+# TorchGeo 0.8 and 0.9's GeoSampler takes the dataset; 0.10's has no constructor of its own.
+_BASE_TAKES_DATASET = "dataset" in inspect.signature(GeoSampler.__init__).parameters
 
 # Points per footprint edge when a footprint is reprojected: the bounding box of the densified
 # ring, not of the four corners, contains the whole reprojected footprint.
@@ -94,7 +100,10 @@ class WeightedGeoSampler(GeoSampler):
             InputError: a required column is missing, a weight is NaN or negative, every weight
                 is 0, or a drawable footprint has no CRS or lies outside the dataset.
         """
-        super().__init__(dataset)
+        if _BASE_TAKES_DATASET:
+            super().__init__(dataset)
+        # TorchGeo 0.8 and 0.9 keep the resolution in the base class; 0.10's base holds nothing.
+        self.res = dataset.res
         balanced = _as_table(table)
         num_replicas, rank = _replicas(num_replicas, rank)
         if seed is None:
@@ -119,14 +128,20 @@ class WeightedGeoSampler(GeoSampler):
         time = dataset.bounds[2]
         self.time = slice(time.start, time.stop)
         self.epoch = 0
+        self._resuming = False
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration yield the draw of `epoch`.
 
+        Right after `load_state_dict`, setting the saved epoch keeps the saved position.
+
         Args:
             epoch: the epoch number; with the seed, it fixes the global draw on every rank.
         """
+        if self._resuming and int(epoch) == self.draws.epoch:
+            return
         self.epoch = int(epoch)
+        self._resuming = False
 
     def rows(self) -> np.ndarray:
         """Return the table rows (0-based positions) this rank yields in the current epoch.
@@ -137,17 +152,40 @@ class WeightedGeoSampler(GeoSampler):
         self.draws.set_epoch(self.epoch)
         return self.draws.rank_indices()
 
+    def state_dict(self) -> dict[str, Any]:
+        """Return what resumes the draws: seed, epoch and position (`DistributedWeightedSampler`'s).
+
+        Returns:
+            A mapping for `torch.save`; `position` counts this rank's queries of the epoch
+            already yielded.
+        """
+        return self.draws.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a `state_dict()`: the next iteration resumes the saved epoch's position.
+
+        Args:
+            state: what `state_dict()` returned (of a sampler over the same table).
+        """
+        self.draws.load_state_dict(state)
+        self.epoch = self.draws.epoch
+        self._resuming = True
+
     def __iter__(self) -> Iterator[tuple[slice, slice, slice]]:
-        """Yield the current epoch's queries, then advance the epoch by one.
+        """Yield the current epoch's queries (the rest of it after `load_state_dict`), then
+        advance the epoch by one.
 
         Yields:
             ``(slice(xmin, xmax, xres), slice(ymin, ymax, yres), slice(tmin, tmax))`` in the
             dataset's CRS, one per drawn row.
         """
-        rows = self.rows()
+        if not self._resuming:
+            self.draws.set_epoch(self.epoch)
+        self._resuming = False
         self.epoch += 1
         xres, yres = self.res
-        for xmin, ymin, xmax, ymax in self.footprints[rows].tolist():
+        for row in self.draws:
+            xmin, ymin, xmax, ymax = self.footprints[row].tolist()
             yield slice(xmin, xmax, xres), slice(ymin, ymax, yres), self.time
 
     def __len__(self) -> int:

@@ -120,6 +120,8 @@ def run_config(plan: ComparePlan, arm: str, seed: int, table: Path) -> dict[str,
     train_dataset.update(input_csv_path=str(table), data_loader=loader)
     given = mapping.get("prior_correction")
     taus = [] if given is None else (given if isinstance(given, list) else [given])
+    # Named, so that a run finished by another engine (other draws) is not reused for this one.
+    mapping.setdefault("engine", "lightning")
     mapping.update(
         hyperparameters=hyper,
         train_dataset=train_dataset,

@@ -1,8 +1,10 @@
 """`train`: segmentation training with the weighted sampler (SPEC §7).
 
-`run` holds the command and the loop, `config` the train YAML's models, `plan` what is checked
-before training, `components` the model, loss and optimiser, `metrics` the validation metrics,
-`encoders` the offline pretrained encoders.
+`run` holds the command and the plain loop, `engine` the run on Lightning's Trainer (with
+`segmentation_module` and `trainer_options`), `outputs` what a run writes, `config` the train
+YAML's models, `plan` what is checked before training, `components` the model, loss and
+optimiser, `metrics` the validation metrics, `schedules` the sampler schedules, `encoders` the
+offline pretrained encoders.
 """
 
 from __future__ import annotations

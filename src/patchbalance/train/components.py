@@ -281,3 +281,14 @@ def step_schedulers(schedulers: list[Scheduler], interval: str, metrics: dict[st
                 item.scheduler.step(value)
         else:
             item.scheduler.step()
+
+
+def forward_logits(model: Any, images: Any) -> Any:
+    """Return `model(images)`; smp's refusal of the patch size becomes a `ConfigError`."""
+    try:
+        return model(images)
+    except RuntimeError as exc:
+        if str(exc).startswith("Wrong input shape"):
+            # smp's check that the patch size suits the encoder depth: a config problem.
+            raise ConfigError(f"model: {' '.join(str(exc).split())}") from exc
+        raise

@@ -30,6 +30,8 @@ from patchbalance.paths import resolve_path
 from patchbalance.train.schedules import SamplerSchedule
 
 UPSTREAM_ONLY_KEYS = ("pl_trainer", "callbacks", "metrics", "mode", "_target_", "test_dataset")
+# The upstream keys that the Lightning engine uses.
+LIGHTNING_KEYS = ("pl_trainer", "callbacks")
 DEFAULT_EPOCHS = 10
 # The keys of a dataset block that hold paths.
 DATASET_PATH_KEYS = ("input_csv_path", "root_dir")
@@ -50,7 +52,7 @@ class HyperparametersConfig(StrictModel):
     lr: float = Field(default=1e-3, gt=0)
     # Upstream Lightning keys: `accelerator` picks the device when `device` is not given.
     accelerator: str | None = None
-    devices: int = Field(default=1, ge=1, le=1)
+    devices: int = Field(default=1, ge=1)
 
 
 class TrainConfig(StrictModel):
@@ -72,9 +74,11 @@ class TrainConfig(StrictModel):
     prior_correction: float | list[float] | None = None
     # Draw weights that change while the model trains (anneal, adaptive); None keeps the table's.
     sampler_schedule: SamplerSchedule | None = None
-    # Upstream keys that drive PyTorch Lightning; accepted, not used.
-    pl_trainer: Any = None
+    # The engine: Lightning's Trainer (pl_trainer, callbacks) or the plain one-process loop.
+    engine: Literal["lightning", "loop"] = "lightning"
+    pl_trainer: dict[str, Any] | None = None
     callbacks: Any = None
+    # Upstream keys; accepted, not used.
     metrics: Any = None
     mode: Any = None
     test_dataset: Any = None

@@ -45,6 +45,33 @@ def confusion_matrix(
     return torch.bincount(pairs, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
 
 
+def offset_confusions(
+    logits: Any, target: Any, offsets: Any, n_classes: int, ignore_index: int | None
+) -> Any:
+    """Return the (T, C, C) confusion matrices of one batch, one per row of logit `offsets`.
+
+    Args:
+        logits: (N, C, H, W) class logits (torch).
+        target: (N, H, W) labels.
+        offsets: (T, C) tensor on the logits' device, added to the logits before the argmax.
+        n_classes: C.
+        ignore_index: the label of no class, left out.
+    """
+    import torch
+
+    return torch.stack(
+        [
+            confusion_matrix(
+                (logits + offset[None, :, None, None] if t or offset.any() else logits).argmax(1),
+                target,
+                n_classes,
+                ignore_index,
+            )
+            for t, offset in enumerate(offsets)
+        ]
+    )
+
+
 def iou_from_confusion(confusion: np.ndarray) -> np.ndarray:
     """Return per-class IoU = TP / (TP + FP + FN); NaN for a class absent from labels and predictions."""
     confusion = np.asarray(confusion, dtype=np.float64)

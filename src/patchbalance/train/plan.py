@@ -23,10 +23,14 @@ from patchbalance.train.components import (
     DEFAULT_MODEL,
     build_dataset,
     build_loss,
+    build_model,
+    build_optimizer,
+    build_schedulers,
     resolve_device,
 )
 from patchbalance.train.config import (
     DEFAULT_EPOCHS,
+    LIGHTNING_KEYS,
     UPSTREAM_ONLY_KEYS,
     TrainConfig,
     load_train_config,
@@ -146,6 +150,18 @@ def _check_datasets(train_dataset: Any, val_dataset: Any) -> int:
     return n_classes
 
 
+def _log_ignored_keys(resolved: Mapping[str, Any], cfg: TrainConfig) -> None:
+    """Say once which upstream keys the run's engine does not use."""
+    used = LIGHTNING_KEYS if cfg.engine == "lightning" else ()
+    ignored = [
+        key for key in UPSTREAM_ONLY_KEYS if resolved.get(key) is not None and key not in used
+    ]
+    if ignored:
+        log.info(
+            "ignoring upstream keys that patchbalance train does not use: %s", ", ".join(ignored)
+        )
+
+
 def plan_training(
     config: Mapping[str, Any],
     base_dir: str | os.PathLike[str] | None = None,
@@ -160,11 +176,7 @@ def plan_training(
     output_dir = Path(cfg.output_dir)
     # Found unwritable now, not after the first epoch's checkpoint.
     check_writable_folder(output_dir, "output_dir")
-    ignored = [key for key in UPSTREAM_ONLY_KEYS if resolved.get(key) is not None]
-    if ignored:
-        log.info(
-            "ignoring upstream keys that patchbalance train does not use: %s", ", ".join(ignored)
-        )
+    _log_ignored_keys(resolved, cfg)
 
     train_dataset, train_loader_block = build_dataset(cfg.train_dataset, "train_dataset")
     inherited = {
@@ -282,3 +294,18 @@ def training_draws(
         class_counts=counts,
         total_steps=total_steps(epochs, cfg.hyperparameters.max_steps, len(train_loader)),
     )
+
+
+def build_parts(plan: TrainPlan) -> tuple[Any, Any, Any, list[Any]]:
+    """Return the model (on the plan's device), loss, optimizer and schedulers of `plan`."""
+    import torch
+
+    cfg = plan.config
+    model = build_model(cfg.model, plan.in_channels, plan.n_classes, plan.base_dir)
+    model = model.to(plan.device)
+    class_weights = None if plan.class_weights is None else plan.class_weights.weights
+    loss_fn = build_loss(cfg.loss, plan.ignore_index, class_weights)
+    if isinstance(loss_fn, torch.nn.Module):
+        loss_fn = loss_fn.to(plan.device)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.hyperparameters.lr)
+    return model, loss_fn, optimizer, build_schedulers(cfg.scheduler_list, optimizer)

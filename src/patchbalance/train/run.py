@@ -3,11 +3,12 @@
 The configuration follows the upstream training YAML: `train_dataset:` / `val_dataset:` blocks
 (a `_target_` dataset class, its arguments and a `data_loader:` sub-block), `model:`, `loss:`,
 `optimizer:`, optional `scheduler_list:`, `hyperparameters: {batch_size, epochs or max_steps,
-lr}`, plus `device` (`auto` = CUDA when present), `seed` and `output_dir`. Upstream keys that
-only drive PyTorch Lightning (`pl_trainer`, `callbacks`, `metrics`, `mode`, the top-level
-`_target_`) are accepted and ignored, with one log line.
+lr}`, plus `device` (`auto` = CUDA when present), `seed` and `output_dir`. The run goes to its
+`engine`: Lightning's Trainer (`train.engine`, the default, which takes `pl_trainer:` and
+`callbacks:`) or the plain one-process loop here (`engine: loop`). Upstream keys that neither
+uses (`metrics`, `mode`, the top-level `_target_`) are accepted and ignored, with one log line.
 
-Each epoch: the mean training loss, then on the whole validation set the loss and a confusion
+Each epoch (both engines): the mean training loss, then on the whole validation set the loss and a confusion
 matrix accumulated over every labelled pixel (pixels equal to the ignore index are left out),
 from which per-class IoU = TP / (TP + FP + FN) and mIoU = the mean over classes that occur in the
 labels or the predictions. The metrics CSV is rewritten (atomically) after every epoch; the best
@@ -25,16 +26,14 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from patchbalance.atomic import atomic_copy, atomic_write_with
+from patchbalance.atomic import atomic_copy
 from patchbalance.config.loading import read_yaml_mapping
-from patchbalance.errors import ConfigError, OutputError
+from patchbalance.errors import ConfigError
 from patchbalance.train.components import (  # noqa: F401 - build_loss, build_optimizer, build_schedulers are part of the train API
     DEFAULT_MODEL,
     build_dataset,
@@ -42,6 +41,7 @@ from patchbalance.train.components import (  # noqa: F401 - build_loss, build_op
     build_model,
     build_optimizer,
     build_schedulers,
+    forward_logits,
     resolve_device,
     seed_everything,
     step_schedulers,
@@ -56,58 +56,26 @@ from patchbalance.train.metrics import (  # noqa: F401 - confusion_matrix, iou_f
     confusion_matrix,
     iou_from_confusion,
     mean_iou,
+    offset_confusions,
     precision_recall_from_confusion,
     tau_values,
     validation_metrics,
 )
-from patchbalance.train.plan import TrainPlan, plan_training
+from patchbalance.train.outputs import (  # noqa: F401 - TrainResult, summary_text are part of the train API
+    TrainResult,
+    checkpoint_payload,
+    prepare_output_dir,
+    save_checkpoint,
+    summary_text,
+    train_result,
+    write_metrics,
+)
+from patchbalance.train.plan import TrainPlan, build_parts, plan_training
 
 log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Atomic outputs
-
-
-def _save_checkpoint(payload: dict[str, Any], path: Path) -> None:
-    import torch
-
-    atomic_write_with(path, lambda temporary: torch.save(payload, temporary))
-
-
-def _write_metrics(rows: list[dict[str, Any]], path: Path) -> None:
-    frame = pd.DataFrame(rows)
-    atomic_write_with(path, lambda temporary: frame.to_csv(temporary, index=False))
-
-
-@dataclass
-class TrainResult:
-    """What a training run produced."""
-
-    metrics: pd.DataFrame
-    best_epoch: int
-    best_miou: float
-    best_iou: np.ndarray
-    best_confusion: np.ndarray
-    steps: int
-    checkpoint_path: Path
-    last_checkpoint_path: Path
-    metrics_path: Path
-    model: Any
-    class_labels: list[str] = field(default_factory=list)
-    summary_text: str = ""
-    # Where the training steps ran, read from the first step's logits: device, logits dtype
-    # and the autocast dtype in force (None without autocast).
-    trained_on: dict[str, Any] = field(default_factory=dict)
-
-
-def _forward(model: Any, images: Any) -> Any:
-    try:
-        return model(images)
-    except RuntimeError as exc:
-        if str(exc).startswith("Wrong input shape"):
-            # smp's check that the patch size suits the encoder depth: a config problem.
-            raise ConfigError(f"model: {' '.join(str(exc).split())}") from exc
-        raise
 
 
 def evaluate(
@@ -148,36 +116,15 @@ def evaluate(
             images = batch["image"].to(device, non_blocking=True)
             masks = batch["mask"].to(device, non_blocking=True)
             with autocast(str(device), precision):
-                logits = _forward(model, images)
+                logits = forward_logits(model, images)
                 loss = loss_fn(logits, masks)
             if torch.isfinite(loss):
                 loss_sum += float(loss) * images.shape[0]
                 loss_count += images.shape[0]
-            for t, offset in enumerate(offsets):
-                shifted = logits + offset[None, :, None, None] if t or offset.any() else logits
-                confusion[t] += confusion_matrix(
-                    shifted.argmax(dim=1), masks, n_classes, ignore_index
-                )
+            confusion += offset_confusions(logits, masks, offsets, n_classes, ignore_index)
     mean_loss = loss_sum / loss_count if loss_count else float("nan")
     result = confusion.cpu().numpy()
     return mean_loss, (result[0] if logit_offsets is None else result)
-
-
-def _class_labels(dataset: Any, n_classes: int) -> list[str]:
-    values = getattr(dataset, "class_values", None)
-    if values:
-        return [f"{i} (value {v})" for i, v in enumerate(values)]
-    return [str(i) for i in range(n_classes)]
-
-
-def _prepare_output_dir(output_dir: Path) -> None:
-    """Create `output_dir`; raise `OutputError` when it cannot be created or written."""
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"output_dir {output_dir}: cannot create it: {exc}") from exc
-    if not os.access(output_dir, os.W_OK):
-        raise OutputError(f"output_dir {output_dir} is not writable; choose another folder")
 
 
 def _train_epoch(
@@ -214,7 +161,7 @@ def _train_epoch(
         masks = batch["mask"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast(str(device), precision):
-            logits = _forward(model, images)
+            logits = forward_logits(model, images)
             loss = loss_fn(logits, masks)
             if not trained_on:
                 trained_on.update(
@@ -237,85 +184,16 @@ def _train_epoch(
     return loss_sum, seen, step
 
 
-def _checkpoint(
-    plan: TrainPlan,
-    model: Any,
-    optimizer: Any,
-    epoch: int,
-    step: int,
-    iou: np.ndarray,
-    trained_on: dict[str, Any],
-) -> dict[str, Any]:
-    """Return what a checkpoint holds after `epoch` (1-based): states, metrics and config."""
-    return {
-        "model_state_dict": model.state_dict(),
-        "optimizer_state_dict": optimizer.state_dict(),
-        "epoch": epoch,
-        "step": step,
-        "miou": mean_iou(iou),
-        "iou": iou.tolist(),
-        "n_classes": plan.n_classes,
-        "ignore_index": plan.ignore_index,
-        "in_channels": plan.in_channels,
-        "class_values": getattr(plan.train_dataset, "class_values", None),
-        "config": plan.resolved,
-        "trained_on": trained_on,
-    }
-
-
-def _build_parts(plan: TrainPlan) -> tuple[Any, Any, Any, list[Any]]:
-    """Return the model (on the plan's device), loss, optimizer and schedulers of `plan`."""
-    import torch
-
-    cfg = plan.config
-    model = build_model(cfg.model, plan.in_channels, plan.n_classes, plan.base_dir)
-    model = model.to(plan.device)
-    class_weights = None if plan.class_weights is None else plan.class_weights.weights
-    loss_fn = build_loss(cfg.loss, plan.ignore_index, class_weights)
-    if isinstance(loss_fn, torch.nn.Module):
-        loss_fn = loss_fn.to(plan.device)
-    optimizer = build_optimizer(cfg.optimizer, model.parameters(), cfg.hyperparameters.lr)
-    return model, loss_fn, optimizer, build_schedulers(cfg.scheduler_list, optimizer)
-
-
-def _result(
-    plan: TrainPlan,
-    rows: list[dict[str, Any]],
-    best: dict[str, Any],
-    best_confusion: np.ndarray,
-    steps: int,
-    model: Any,
-    trained_on: dict[str, Any],
-) -> TrainResult:
-    """Return the run's result from its metric rows and best epoch, with the summary text."""
-    result = TrainResult(
-        metrics=pd.DataFrame(rows),
-        best_epoch=int(best["epoch"]),
-        best_miou=float(best["miou"]) if math.isfinite(best["miou"]) else float("nan"),
-        best_iou=np.asarray(best["iou"], dtype=np.float64),
-        best_confusion=np.asarray(best_confusion),
-        steps=steps,
-        checkpoint_path=plan.output_dir / "best.pt",
-        last_checkpoint_path=plan.output_dir / "last.pt",
-        metrics_path=plan.output_dir / "metrics.csv",
-        model=model,
-        class_labels=_class_labels(plan.val_dataset, plan.n_classes),
-        trained_on=trained_on,
-    )
-    result.summary_text = summary_text(result)
-    return result
-
-
 def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     """Train as `plan` says; return the metrics, checkpoints and model."""
     cfg = plan.config
     seed_everything(cfg.seed)
-    _prepare_output_dir(plan.output_dir)
+    prepare_output_dir(plan.output_dir)
     metrics_path = plan.output_dir / "metrics.csv"
     best_path = plan.output_dir / "best.pt"
     last_path = plan.output_dir / "last.pt"
 
-    model, loss_fn, optimizer, schedulers = _build_parts(plan)
+    model, loss_fn, optimizer, schedulers = build_parts(plan)
     if plan.class_weights is not None:
         write_class_weights(plan.class_weights, plan.output_dir / CLASS_WEIGHTS_FILE)
     taus = tau_values(cfg.prior_correction)
@@ -364,9 +242,9 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
             **(plan.draws.take_drawn_shares() if plan.draws is not None else {}),
         }
         rows.append(row)
-        _write_metrics(rows, metrics_path)
-        _save_checkpoint(
-            _checkpoint(plan, model, optimizer, epoch + 1, step, iou, trained_on), last_path
+        write_metrics(rows, metrics_path)
+        save_checkpoint(
+            checkpoint_payload(plan, model, optimizer, epoch + 1, step, iou, trained_on), last_path
         )
         score = miou if math.isfinite(miou) else -math.inf
         if best["epoch"] < 0 or score > best["miou"]:
@@ -386,59 +264,52 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
         step_schedulers(schedulers, "epoch", epoch_metrics)
         epoch += 1
 
-    return _result(plan, rows, best, best_confusion, step, model, trained_on)
+    return train_result(plan, rows, best, best_confusion, step, model, trained_on)
 
 
-def _format(value: float) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.4f}"
+def run_plan(plan: TrainPlan, progress: bool = False, resume: str | None = None) -> TrainResult:
+    """Train as `plan` says with its engine (Lightning's Trainer, or the plain loop)."""
+    if plan.config.engine == "loop":
+        if resume is not None:
+            raise ConfigError("--resume needs engine: lightning (the plain loop cannot resume)")
+        return run_training(plan, progress=progress)
+    from patchbalance.train.engine import run_lightning
 
-
-def summary_text(result: TrainResult) -> str:
-    """Return the final table: metrics per epoch, per-class IoU of the best epoch, output paths."""
-    lines = ["epoch   step  train_loss  val_loss    mIoU"]
-    for row in result.metrics.to_dict("records"):
-        lines.append(
-            f"{row['epoch']:>5} {row['step']:>6}  {_format(row['train_loss']):>10}  "
-            f"{_format(row['val_loss']):>8}  {_format(row['miou']):>6}"
-        )
-    lines += ["", f"best epoch {result.best_epoch}: mIoU {_format(result.best_miou)}", "class  IoU"]
-    for label, value in zip(result.class_labels, result.best_iou, strict=False):
-        lines.append(f"  {label:<12} {_format(float(value))}")
-    where = result.trained_on
-    if where:
-        mixed = where.get("autocast_dtype")
-        lines += ["", f"trained on {where['device']}" + (f", {mixed} autocast" if mixed else "")]
-    lines += [
-        "",
-        f"best checkpoint: {result.checkpoint_path}",
-        f"last checkpoint: {result.last_checkpoint_path}",
-        f"metrics: {result.metrics_path}",
-    ]
-    return "\n".join(lines)
+    return run_lightning(plan, progress=progress, resume=resume)
 
 
 def train_from_config(
     config: Mapping[str, Any],
     base_dir: str | os.PathLike[str] | None = None,
     progress: bool = False,
+    resume: str | os.PathLike[str] | None = None,
 ) -> TrainResult:
     """Return the result of training as the configuration mapping says.
 
     Relative paths in `config` (tables, `output_dir`) are resolved against `base_dir` (default:
-    the current folder). The Python entry point behind `patchbalance train`.
+    the current folder). `resume` is a checkpoint (`last.pt`) of a run to continue. The Python
+    entry point behind `patchbalance train`.
     """
     plan = plan_training(config, base_dir)
-    return run_training(plan, progress=progress)
+    return run_plan(plan, progress, None if resume is None else os.fspath(resume))
 
 
 def run_train_command(
-    config_path: Path, overrides: list[str], dry_run: bool, progress: bool
+    config_path: Path,
+    overrides: list[str],
+    dry_run: bool,
+    progress: bool,
+    resume: Path | None = None,
 ) -> str:
-    """Run `patchbalance train CONFIG`; return the text to print (the plan, or the final table)."""
+    """Run `patchbalance train CONFIG`; return the text to print (the plan, or the final table).
+
+    Under DDP only rank 0 returns the table; the other ranks return an empty text.
+    """
     config_path = Path(config_path)
     raw = read_yaml_mapping(config_path)
     resolved = resolve_config_mapping(raw, overrides, str(config_path))
     plan = plan_training(resolved, config_path.resolve().parent, where=str(config_path))
     if dry_run:
         return "dry run: nothing trained\n" + plan.describe()
-    return run_training(plan, progress=progress).summary_text
+    result = run_plan(plan, progress, None if resume is None else os.fspath(resume))
+    return result.summary_text if result.rank == 0 else ""

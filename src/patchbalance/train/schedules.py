@@ -164,6 +164,16 @@ class TrainingDraws:
             masks: the batch's (B, H, W) class-index masks (a torch tensor).
             logits: the batch's (B, C, H, W) logits (needed by the adaptive schedule).
         """
+        self.count(masks, logits)
+        self.apply(step)
+
+    def count(self, masks: Any, logits: Any = None) -> None:
+        """Count a trained batch's class pixels (and, for the adaptive schedule, its confusion).
+
+        Args:
+            masks: the batch's (B, H, W) class-index masks (a torch tensor).
+            logits: the batch's (B, C, H, W) logits (needed by the adaptive schedule).
+        """
         import torch
 
         from patchbalance.train.metrics import confusion_matrix
@@ -180,6 +190,13 @@ class TrainingDraws:
                     .cpu()
                     .numpy()
                 )
+
+    def apply(self, step: int) -> None:
+        """Apply the schedule after optimizer step `step` (1-based): once per step.
+
+        Args:
+            step: optimizer steps done so far.
+        """
         if isinstance(self.schedule, AnnealSchedule):
             self._anneal(step)
         elif isinstance(self.schedule, AdaptiveSchedule) and step % self.schedule.every == 0:
