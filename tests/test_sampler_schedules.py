@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +26,9 @@ from patchbalance.train.schedules import (
     anneal_probabilities,
     gap_scaled_target,
 )
+from train_fixtures import SMALL_MODEL
 
 WEIGHTS = np.array([0.0, 1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 6.0])
-SMALL_MODEL = {
-    "_target_": "segmentation_models_pytorch.Unet",
-    "encoder_name": "resnet18",
-    "encoder_depth": 3,
-    "decoder_channels": [32, 16, 8],
-}
 
 
 def take(iterator, n: int) -> list[int]:
@@ -114,7 +110,9 @@ def _rank_draws(rank: int, world: int, port: int, folder: str) -> None:
 
 
 def test_set_weights_on_two_gloo_processes_gives_the_single_process_global_draw(tmp_path):
-    port = 29500 + os.getpid() % 1000
+    with socket.socket() as probe:  # a port no other test's process group holds
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     mp.spawn(_rank_draws, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     ranks = [np.load(tmp_path / f"rank{r}.npy").tolist() for r in range(2)]
     whole = DistributedWeightedSampler(WEIGHTS, 40, seed=11, num_replicas=1, rank=0)

@@ -26,36 +26,12 @@ from patchbalance.train.run import (
     run_train_command,
     train_from_config,
 )
+from train_fixtures import SMALL_MODEL, small_config
 
 EXAMPLE = (
     Path(__file__).resolve().parents[1] / "conf" / "examples" / "weighted_sampler_segmentation.yaml"
 )
-# A small Unet (3 encoder stages) keeps CPU steps fast; the default is resnet18 with 5 stages.
-SMALL_MODEL = {
-    "_target_": "segmentation_models_pytorch.Unet",
-    "encoder_name": "resnet18",
-    "encoder_depth": 3,
-    "decoder_channels": [32, 16, 8],
-}
 runner = CliRunner()
-
-
-def small_config(train_table: Path, val_table: Path, output_dir: Path) -> dict:
-    return {
-        "train_dataset": {
-            "_target_": "patchbalance.data.CSVWindowedSegmentationDataset",
-            "input_csv_path": str(train_table),
-            "n_classes": 4,
-            "augmentation_list": [{"_target_": "albumentations.HorizontalFlip", "p": 0.5}],
-            "data_loader": {"shuffle": True, "weighted_sampler": True, "num_workers": 0},
-        },
-        "val_dataset": {"input_csv_path": str(val_table), "data_loader": {"num_workers": 0}},
-        "model": dict(SMALL_MODEL),
-        "hyperparameters": {"batch_size": 4, "max_steps": 2, "lr": 0.01},
-        "device": "cpu",
-        "seed": 3,
-        "output_dir": str(output_dir),
-    }
 
 
 @pytest.fixture(scope="module")

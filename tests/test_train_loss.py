@@ -21,7 +21,7 @@ from patchbalance.data import CSVWindowedSegmentationDataset
 from patchbalance.errors import ConfigError
 from patchbalance.train.loss import parse_class_weights, training_class_weights
 from patchbalance.train.run import build_loss, build_model, plan_training
-from test_train import SMALL_MODEL, small_config
+from train_fixtures import SMALL_MODEL, small_config
 
 runner = CliRunner()
 
