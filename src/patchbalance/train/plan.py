@@ -162,28 +162,13 @@ def _log_ignored_keys(resolved: Mapping[str, Any], cfg: TrainConfig) -> None:
         )
 
 
-def plan_training(
-    config: Mapping[str, Any],
-    base_dir: str | os.PathLike[str] | None = None,
-    where: str = "<config>",
-) -> TrainPlan:
-    """Return the validated plan of a run: datasets, loaders, device and lengths, built not run."""
-    from patchbalance.data import build_dataloader
-
-    base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
-    resolved = resolve_config_mapping(config, (), where)
-    cfg = load_train_config(resolved, base, where)
-    output_dir = Path(cfg.output_dir)
-    # Found unwritable now, not after the first epoch's checkpoint.
-    check_writable_folder(output_dir, "output_dir")
-    _log_ignored_keys(resolved, cfg)
-
+def _datasets(cfg: TrainConfig) -> tuple[Any, Any, Any, Any]:
+    """Return the training dataset and loader block, then the validation ones."""
     train_dataset, train_loader_block = build_dataset(cfg.train_dataset, "train_dataset")
     inherited = {
         key: cfg.train_dataset[key] for key in SHARED_LABEL_KEYS if key in cfg.train_dataset
     }
     val_dataset, val_loader_block = build_dataset(cfg.val_dataset, "val_dataset", inherited)
-    n_classes = _check_datasets(train_dataset, val_dataset)
     centred = int(getattr(val_dataset, "class_centred_rows", 0))
     if centred:
         # Windows centred on rare classes over-weight them in every validation figure.
@@ -193,25 +178,57 @@ def plan_training(
             val_dataset.input_csv_path,
             centred,
         )
-    ignore_index = int(getattr(train_dataset, "ignore_index", 255))
+    return train_dataset, train_loader_block, val_dataset, val_loader_block
+
+
+def _loaders(
+    cfg: TrainConfig, train_dataset: Any, train_block: Any, val_dataset: Any, val_block: Any
+) -> tuple[Any, Any]:
+    """Return the training loader (weighted, stateful under a schedule) and the validation one."""
+    from patchbalance.data import build_dataloader
 
     hyper = cfg.hyperparameters
     train_loader = build_dataloader(
         train_dataset,
-        train_loader_block,
+        train_block,
         hyper.batch_size,
         seed=cfg.seed,
         training=True,
         stateful=cfg.sampler_schedule is not None,
     )
     val_loader = build_dataloader(
-        val_dataset, val_loader_block, hyper.batch_size, seed=cfg.seed, training=False
+        val_dataset, val_block, hyper.batch_size, seed=cfg.seed, training=False
     )
     if len(train_loader) == 0:
         raise ConfigError(
             f"the training loader yields no batch: {len(train_loader.sampler)} patches per epoch "
             f"with batch_size {train_loader.batch_size} and drop_last: true; lower the batch size"
         )
+    return train_loader, val_loader
+
+
+def plan_training(
+    config: Mapping[str, Any],
+    base_dir: str | os.PathLike[str] | None = None,
+    where: str = "<config>",
+) -> TrainPlan:
+    """Return the validated plan of a run: datasets, loaders, device and lengths, built not run."""
+    base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
+    resolved = resolve_config_mapping(config, (), where)
+    cfg = load_train_config(resolved, base, where)
+    output_dir = Path(cfg.output_dir)
+    # Found unwritable now, not after the first epoch's checkpoint.
+    check_writable_folder(output_dir, "output_dir")
+    _log_ignored_keys(resolved, cfg)
+
+    train_dataset, train_loader_block, val_dataset, val_loader_block = _datasets(cfg)
+    n_classes = _check_datasets(train_dataset, val_dataset)
+    ignore_index = int(getattr(train_dataset, "ignore_index", 255))
+
+    hyper = cfg.hyperparameters
+    train_loader, val_loader = _loaders(
+        cfg, train_dataset, train_loader_block, val_dataset, val_loader_block
+    )
     epochs = hyper.epochs
     if epochs is None and hyper.max_steps is None:
         epochs = DEFAULT_EPOCHS

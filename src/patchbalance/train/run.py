@@ -184,14 +184,16 @@ def _train_epoch(
     return loss_sum, seen, step
 
 
+# The metrics table, the best checkpoint and the last one, in the output folder.
+OUTPUT_NAMES = ("metrics.csv", "best.pt", "last.pt")
+
+
 def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
     """Train as `plan` says; return the metrics, checkpoints and model."""
     cfg = plan.config
     seed_everything(cfg.seed)
     prepare_output_dir(plan.output_dir)
-    metrics_path = plan.output_dir / "metrics.csv"
-    best_path = plan.output_dir / "best.pt"
-    last_path = plan.output_dir / "last.pt"
+    metrics_path, best_path, last_path = (plan.output_dir / n for n in OUTPUT_NAMES)
 
     model, loss_fn, optimizer, schedulers = build_parts(plan)
     if plan.class_weights is not None:
@@ -255,10 +257,7 @@ def run_training(plan: TrainPlan, progress: bool = False) -> TrainResult:
         train_loss = row["train_loss"]
         log.info(
             "epoch %d: train loss %.4f, val loss %.4f, mIoU %.4f",
-            epoch + 1,
-            train_loss,
-            val_loss,
-            miou,
+            *(epoch + 1, train_loss, val_loss, miou),
         )
         epoch_metrics = {"val_loss": val_loss, "miou": miou, "train_loss": train_loss}
         step_schedulers(schedulers, "epoch", epoch_metrics)
