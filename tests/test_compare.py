@@ -114,8 +114,6 @@ def test_two_arms_that_differ_only_in_name_give_identical_per_seed_results(examp
         pd.testing.assert_frame_equal(same[columns], base[columns])
 
 
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     return write_demo_dataset(tmp_path_factory.mktemp("demo"))

@@ -28,7 +28,7 @@ CASES = [
         "clas_weights",
     ),
     ({"arms": {"gpu": {"train": {"device": "cuda"}}}}, "arm 'gpu': device: cuda", "not available"),
-    ({"classes_of_interest": [7]}, "classes_of_interest [7] are not classes", "[0, 1, 2, 3]"),
+    ({"classes_of_interest": [7]}, "classes_of_interest names class 7", "0, 1, 2, 3"),
     # WEAK 5: a random subset's budget.
     (
         {"arms": {"r": {"coreset": {"method": "random", "budget": 2.5}}}},

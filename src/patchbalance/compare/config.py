@@ -255,6 +255,17 @@ def _check_coreset(name: str, block: dict[str, Any] | None, where: str) -> None:
         raise ConfigError(f"{where}: arm '{name}': {message}") from exc
 
 
+def train_classes(dataset: dict[str, Any]) -> list[int] | None:
+    """Return the raw class values a train dataset labels (None when it cannot tell)."""
+    if dataset.get("class_values"):
+        return [int(v) for v in dataset["class_values"]]
+    if dataset.get("mask_class_mapping"):
+        return sorted(int(v) for v in dataset["mask_class_mapping"])
+    if dataset.get("n_classes") is not None:
+        return list(range(int(dataset["n_classes"])))
+    return None
+
+
 def check_class_keys(config: CompareConfig, classes: Any, where: str, whose: str) -> None:
     """Raise `ConfigError` naming the key when `classes_of_interest`, `catch_all` or
     `class_names` names a class that is not among `classes` (`whose` says where those are from).
@@ -303,10 +314,11 @@ def plan_compare(config: CompareConfig, base_dir: Path, where: str) -> ComparePl
             "val_dataset block (a table of held-out windows) to the train config"
         )
     train_base = {key: value for key, value in train_base.items() if key not in ("output_dir",)}
-    n_classes = (train_base.get("train_dataset") or {}).get("n_classes")
-    if isinstance(n_classes, int) and not isinstance(n_classes, bool):
+    dataset = train_base.get("train_dataset") or {}
+    known = train_classes(dataset)
+    if known is not None:
         check_class_keys(
-            config, range(n_classes), where, f"the train config (n_classes {n_classes})"
+            config, known, where, f"the train config (n_classes {dataset.get('n_classes')})"
         )
     specs = dict(config.arms)
     if config.baseline == UNIFORM and UNIFORM not in specs:

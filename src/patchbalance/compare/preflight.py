@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from patchbalance.compare.files import check_compare_outputs
-from patchbalance.errors import ConfigError, PatchbalanceError
+from patchbalance.errors import PatchbalanceError
 
 
 @contextmanager
@@ -45,33 +45,9 @@ def check_arm_training(train: Mapping[str, Any]) -> None:
         parse_class_weights(train.get("loss"), int(dataset["n_classes"]))
 
 
-def _train_classes(dataset: Mapping[str, Any]) -> list[int] | None:
-    """Return the raw class values a train dataset labels (None when it cannot tell)."""
-    if dataset.get("class_values"):
-        return [int(v) for v in dataset["class_values"]]
-    if dataset.get("mask_class_mapping"):
-        return sorted(int(v) for v in dataset["mask_class_mapping"])
-    if dataset.get("n_classes") is not None:
-        return list(range(int(dataset["n_classes"])))
-    return None
-
-
-def check_classes_of_interest(plan: Any) -> None:
-    """Raise `ConfigError` for a class of interest that the baseline's training has no label for."""
-    interest = plan.config.classes_of_interest or []
-    known = _train_classes(plan.arms[plan.baseline].train.get("train_dataset") or {})
-    unknown = sorted(set(interest) - set(known)) if known is not None else []
-    if unknown:
-        raise ConfigError(
-            f"{plan.where}: classes_of_interest {unknown} are not classes of the train config's "
-            f"train_dataset (its classes: {known}); name classes the model learns"
-        )
-
-
 def preflight(plan: Any) -> None:
     """Raise a one-line user error for what would fail later: outputs, devices, losses, classes."""
     check_compare_outputs(plan)
     for name, arm in plan.arms.items():
         with naming_arm(name, plan.where):
             check_arm_training(arm.train)
-    check_classes_of_interest(plan)
