@@ -16,6 +16,7 @@ from data_fixtures import write_table, write_training_tables
 from patchbalance.cli import app
 from patchbalance.data import CSVWindowedSegmentationDataset
 from patchbalance.errors import ConfigError
+from patchbalance.train.command import run_train_command
 from patchbalance.train.run import (
     build_loss,
     build_model,
@@ -23,7 +24,6 @@ from patchbalance.train.run import (
     iou_from_confusion,
     mean_iou,
     plan_training,
-    run_train_command,
     train_from_config,
 )
 from train_fixtures import SMALL_MODEL, small_config

@@ -339,7 +339,7 @@ def _train_config(ctx: Context, tables: tuple[Path, Path], precision: str) -> Pa
 def _train_run(ctx: Context, tables: tuple[Path, Path], precision: str) -> dict[str, Any]:
     import torch
 
-    from patchbalance.train.run import run_train_command
+    from patchbalance.train.command import run_train_command
 
     config_path = _train_config(ctx, tables, precision)
     started = time.perf_counter()

@@ -173,7 +173,7 @@ def train_command(
     """Train a segmentation model with the weighted sampler."""
 
     def task() -> str:
-        from patchbalance.train.run import run_train_command
+        from patchbalance.train.command import run_train_command
 
         return run_train_command(
             config, overrides=set_ or [], dry_run=dry_run, progress=not quiet, resume=resume

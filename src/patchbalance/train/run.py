@@ -14,7 +14,7 @@ from which per-class IoU = TP / (TP + FP + FN) and mIoU = the mean over classes 
 labels or the predictions. The metrics CSV is rewritten (atomically) after every epoch; the best
 checkpoint (by validation mIoU) and the last one are saved atomically too.
 
-`train_from_config(mapping, base_dir)` is the Python entry point; `run_train_command` serves
+`train_from_config(mapping, base_dir)` is the Python entry point; `train.command` serves
 the command line. The configuration's keys are in `train_config`, the parts a run is built from
 in `components`, and the plan (datasets, loaders, device) in `plan`.
 """
@@ -26,13 +26,11 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from patchbalance.atomic import atomic_copy
-from patchbalance.config.loading import read_yaml_mapping
 from patchbalance.errors import ConfigError
 from patchbalance.train.components import (  # noqa: F401 - build_loss, build_optimizer, build_schedulers are part of the train API
     DEFAULT_MODEL,
@@ -291,24 +289,3 @@ def train_from_config(
     """
     plan = plan_training(config, base_dir)
     return run_plan(plan, progress, None if resume is None else os.fspath(resume))
-
-
-def run_train_command(
-    config_path: Path,
-    overrides: list[str],
-    dry_run: bool,
-    progress: bool,
-    resume: Path | None = None,
-) -> str:
-    """Run `patchbalance train CONFIG`; return the text to print (the plan, or the final table).
-
-    Under DDP only rank 0 returns the table; the other ranks return an empty text.
-    """
-    config_path = Path(config_path)
-    raw = read_yaml_mapping(config_path)
-    resolved = resolve_config_mapping(raw, overrides, str(config_path))
-    plan = plan_training(resolved, config_path.resolve().parent, where=str(config_path))
-    if dry_run:
-        return "dry run: nothing trained\n" + plan.describe()
-    result = run_plan(plan, progress, None if resume is None else os.fspath(resume))
-    return result.summary_text if result.rank == 0 else ""
