@@ -17,7 +17,7 @@ from typing import Any
 
 from patchbalance.atomic import check_writable_folder
 from patchbalance.errors import OutputError
-from patchbalance.paths import resolve_path
+from patchbalance.paths import resolve_path, same_file
 
 RESULT_FILES = ("runs.csv", "results.json", "results.md", "results.html")
 WORK_FOLDERS = ("builds", "runs")
@@ -92,16 +92,6 @@ def _check_output_folder(out: Path, where: str) -> None:
         raise OutputError(f"{where}: {exc}") from None
 
 
-def _same_file(path: Path, other: Path) -> bool:
-    """Return True when two paths name one file (also through a link)."""
-    if path == other:
-        return True
-    try:
-        return path.exists() and other.exists() and os.path.samefile(path, other)
-    except OSError:
-        return False
-
-
 def check_compare_outputs(plan: Any) -> None:
     """Raise `OutputError` unless the comparison can write its outputs without losing an input.
 
@@ -115,7 +105,7 @@ def check_compare_outputs(plan: Any) -> None:
     outputs = [out / name for name in (*RESULT_FILES, *WORK_FOLDERS)]
     for key, path in compare_inputs(plan).items():
         for output in outputs:
-            if _same_file(path, output) or output in path.parents:
+            if same_file(path, output) or output in path.parents:
                 raise OutputError(
                     f"{plan.where}: output_dir {out}: the comparison writes {output}, which "
                     f"{'holds' if output in path.parents else 'is'} {key} ({path}); choose another "

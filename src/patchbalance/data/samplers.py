@@ -252,18 +252,19 @@ class WeightedSampler(Sampler[int], abc.ABC):
         """Return the global position of this rank's next index."""
         return self.position
 
-    def _draw_epoch(self, num_samples: int) -> np.ndarray:
-        """Return `num_samples` indices drawn by weight for the current epoch (int64).
+    def _draw_epoch(self, num_samples: int, start: int | None = None) -> np.ndarray:
+        """Return the current epoch's indices drawn by weight from global position `start` on.
 
-        Before any `set_weights` in this epoch that is the whole epoch's draw; after one, it is
-        the draw of the positions from the change on.
+        `start` defaults to where the current weights took over (0 before any `set_weights` in
+        this epoch, which gives the whole epoch's draw); a later start keys the generator on it
+        too, so the rest of an epoch depends only on where the weights changed.
         """
-        key = [self.seed, self.epoch]
-        if self._segment_start:
-            key.append(self._segment_start)
-            num_samples -= self._segment_start
-        rng = np.random.default_rng(key)
-        return _draw(self.weights, self.positive, num_samples, self.replacement, rng)
+        start = self._segment_start if start is None else start
+        key = [self.seed, self.epoch, *([start] if start else [])]
+        size = max(num_samples - start, 1)
+        return _draw(
+            self.weights, self.positive, size, self.replacement, np.random.default_rng(key)
+        )
 
     def _segment(self) -> np.ndarray:
         """Return this rank's indices from `_segment_start` to the end of the epoch."""
@@ -275,12 +276,9 @@ class WeightedSampler(Sampler[int], abc.ABC):
             version = self._version
             segment = self._segment()
             offset = self.position - self._local_start()
-            for start in range(offset, segment.size, _YIELD_CHUNK):
-                for index in segment[start : start + _YIELD_CHUNK].tolist():
-                    self.position += 1
-                    yield index
-                    if self._version != version:
-                        break
+            for index in _yield_chunks(segment[offset:]):
+                self.position += 1
+                yield index
                 if self._version != version:
                     break
 
@@ -416,13 +414,8 @@ class DistributedWeightedSampler(WeightedSampler, DistributedSampler):
 
     def _segment(self) -> np.ndarray:
         """Return this rank's slice of the global draw from `_segment_start` on, padded or cut."""
-        start = self._segment_start
-        key = [self.seed, self.epoch, *([start] if start else [])]
-        size = max(self.global_num_samples - start, 1)
-        indices = _draw(
-            self.weights, self.positive, size, self.replacement, np.random.default_rng(key)
-        )
-        needed = self.total_size - start
+        indices = self._draw_epoch(self.global_num_samples)
+        needed = self.total_size - self._segment_start
         if indices.size < needed:
             indices = np.tile(indices, math.ceil(needed / indices.size))
         return indices[: max(needed, 0)][self.rank :: self.num_replicas]
@@ -434,13 +427,7 @@ class DistributedWeightedSampler(WeightedSampler, DistributedSampler):
             (global_num_samples,) int64 row indices, from the top of the epoch with the
             current weights.
         """
-        return _draw(
-            self.weights,
-            self.positive,
-            self.global_num_samples,
-            self.replacement,
-            np.random.default_rng([self.seed, self.epoch]),
-        )
+        return self._draw_epoch(self.global_num_samples, start=0)
 
     def rank_indices(self) -> np.ndarray:
         """Return this rank's slice of the epoch's draw, from the current weights' start.
