@@ -26,7 +26,7 @@ from patchbalance.train.schedules import (
     anneal_probabilities,
     gap_scaled_target,
 )
-from train_fixtures import SMALL_MODEL
+from train_fixtures import small_config
 
 WEIGHTS = np.array([0.0, 1.0, 2.0, 3.0, 0.0, 4.0, 5.0, 6.0])
 
@@ -192,24 +192,11 @@ def _strongly_weighted_table(folder: Path) -> tuple[Path, Path, np.ndarray]:
 
 
 def _config(train_table: Path, val_table: Path, output_dir: Path, schedule) -> dict:
-    return {
-        "train_dataset": {
-            "input_csv_path": str(train_table),
-            "n_classes": 4,
-            "data_loader": {
-                "weighted_sampler": True,
-                "num_workers": 0,
-                "weighted_sampler_num_samples": 40,
-            },
-        },
-        "val_dataset": {"input_csv_path": str(val_table), "data_loader": {"num_workers": 0}},
-        "model": dict(SMALL_MODEL),
-        "hyperparameters": {"batch_size": 4, "epochs": 3, "lr": 0.01},
-        "device": "cpu",
-        "seed": 3,
-        "output_dir": str(output_dir),
-        "sampler_schedule": schedule,
-    }
+    """Return the small training config: 3 epochs of 40 weighted draws, with `schedule`."""
+    config = small_config(train_table, val_table, output_dir)
+    config["train_dataset"]["data_loader"]["weighted_sampler_num_samples"] = 40
+    config["hyperparameters"] = {"batch_size": 4, "epochs": 3, "lr": 0.01}
+    return {**config, "sampler_schedule": schedule}
 
 
 def test_anneal_in_train_moves_the_drawn_shares_toward_the_uniform_shares(tmp_path):
