@@ -19,8 +19,9 @@ import time
 import numpy as np
 from sklearn.cluster import KMeans
 
-from patchbalance.balancing.composition import clr, elbow_k, fit_composition_clusters
+from patchbalance.balancing.composition import clr, fit_composition_clusters
 from patchbalance.config import ClusteringConfig
+from patchbalance.kmeans import elbow_k
 
 
 def synthetic_counts(n: int, classes: int, seed: int) -> np.ndarray:

@@ -27,10 +27,9 @@ import time
 import numpy as np
 import pandas as pd
 
-from patchbalance.balancing.stats import class_entropy
 from patchbalance.coreset import select_coreset
 from patchbalance.coreset.scorers import class_balance_order
-from patchbalance.table import class_proportions
+from patchbalance.measures import class_entropy, class_proportions
 
 CLASSES = 6
 LABEL_METHODS = ("lc", "cb", "cb_spatial")

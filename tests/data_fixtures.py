@@ -90,8 +90,8 @@ def method_scores(
 
     `settings` are keys of the `weights:` block, validated by the configuration's model.
     """
-    from patchbalance.balancing.methods import Signals, sampling_scores
     from patchbalance.config import WeightsConfig
+    from patchbalance.sampling.registry import Signals, sampling_scores
 
     counts = np.asarray(counts, dtype=np.float64)
     signals = Signals(

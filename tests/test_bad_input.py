@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from cli_checks import one_line_error as _one_line_error
 from patchbalance.cli import app
-from patchbalance.reporting.figures import figures_from_table
+from patchbalance.sampling.figures import figures_from_table
 from rasters import record, write_geotiff, write_pair, write_two_pairs_and_records
 
 runner = CliRunner()

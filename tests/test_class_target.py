@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from data_fixtures import method_scores as sampling_scores
-from patchbalance.balancing.class_target import class_target_weights, parse_target_share
-from patchbalance.balancing.weights import normalise_weights
 from patchbalance.config import WeightsConfig
 from patchbalance.errors import ConfigError
-from patchbalance.table import class_share, effective_sample_size
+from patchbalance.measures import class_share, effective_sample_size
+from patchbalance.sampling.class_target import class_target_weights, parse_target_share
+from patchbalance.sampling.scores import normalise_weights
 
 # Three patches of 100 pixels: all class 0, all class 1, half and half.
 HAND_POOL = np.array([[100.0, 0.0], [0.0, 100.0], [50.0, 50.0]])
@@ -218,7 +218,7 @@ def test_without_the_floor_an_unreachable_target_stays_off_the_edge_and_warns_if
 
 
 def test_a_dual_solve_that_stops_short_says_so_in_the_summary(tmp_path, monkeypatch):
-    import patchbalance.balancing.class_target as class_target
+    import patchbalance.sampling.class_target as class_target
     from patchbalance.balancing.pipeline import run_build
 
     # No Newton step after the gradient-based start, which stops at a gradient near 1e-5.
@@ -238,7 +238,7 @@ def test_a_dual_solve_that_stops_short_says_so_in_the_summary(tmp_path, monkeypa
 def test_a_failed_feasibility_solve_blames_the_solver_not_the_target(monkeypatch):
     import types
 
-    import patchbalance.balancing.class_target as class_target
+    import patchbalance.sampling.class_target as class_target
 
     failed = types.SimpleNamespace(status=4, message="Numerical difficulties encountered.")
     monkeypatch.setattr(class_target, "linprog", lambda *args, **kwargs: failed)

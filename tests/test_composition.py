@@ -8,12 +8,12 @@ from skbio.stats.composition import clr as skbio_clr
 
 from patchbalance.balancing.composition import (
     clr,
-    elbow_k,
     fit_composition_clusters,
     pseudo_count_proportions,
 )
 from patchbalance.config import ClusteringConfig
 from patchbalance.errors import InputError
+from patchbalance.kmeans import elbow_k
 
 
 def test_clr_of_hand_worked_counts_matches_formula_and_scikit_bio():

@@ -10,7 +10,7 @@ import pandas as pd
 from data_fixtures import method_scores
 from patchbalance.atomic import atomic_writer, output_set
 from patchbalance.balanced_table import BalancedTable
-from patchbalance.balancing.class_target import class_target_weights
+from patchbalance.sampling.class_target import class_target_weights
 from patchbalance.table import class_columns
 from patchbalance.train.loss import class_weights_from_counts, parse_class_weights
 

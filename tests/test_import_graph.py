@@ -79,3 +79,42 @@ def test_the_graph_finds_a_circle_hidden_in_a_function():
 
 def test_the_package_has_no_import_circle():
     assert circles(import_graph()) == []
+
+
+# The command packages, each behind one CLI command. `compare` runs the others (it builds,
+# selects and trains each arm), so it is the one command package that may import them.
+COMMANDS = ("balancing", "coreset", "reporting", "train", "compare")
+# Entry points above every command: the CLI, the demo (build then report), the Lightning
+# data module (train's plan on a user's Trainer), and the package root.
+ENTRY_POINTS = ("patchbalance", "patchbalance.cli", "patchbalance.demo", "patchbalance.lightning")
+
+
+def command_of(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 and parts[1] in COMMANDS else None
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    """Return the imports that run from a lower module, or from another command, into a
+    command package."""
+    found = []
+    for module, targets in sorted(graph.items()):
+        if module in ENTRY_POINTS or command_of(module) == "compare":
+            continue
+        for target in sorted(targets):
+            if command_of(target) and command_of(target) != command_of(module):
+                found.append((module, target))
+    return found
+
+
+def test_the_layer_check_finds_an_import_up_into_a_command():
+    graph = {"patchbalance.config": {"patchbalance.balancing.methods"}, "patchbalance.cli": set()}
+    assert upward_imports(graph) == [("patchbalance.config", "patchbalance.balancing.methods")]
+    graph = {"patchbalance.coreset.weights": {"patchbalance.balancing.weights"}}
+    assert upward_imports(graph) == [
+        ("patchbalance.coreset.weights", "patchbalance.balancing.weights")
+    ]
+
+
+def test_no_import_runs_up_into_a_command_package():
+    assert upward_imports(import_graph()) == []

@@ -191,7 +191,7 @@ def test_peak_memory_stays_bounded_on_a_raster_too_large_to_load_whole(tmp_path)
     script = textwrap.dedent(
         f"""
         import rasterio
-        from patchbalance.balancing.placement import PlacementSettings, class_centred_records
+        from patchbalance.sources.placement import PlacementSettings, class_centred_records
         from patchbalance.windows import probe_raster
         settings = PlacementSettings(patch_size=256, stride=256)
         # GDAL's block cache (5 % of RAM by default) is capped, so the figure is the pass's own.
@@ -242,7 +242,7 @@ def test_a_class_centred_build_reads_each_raster_header_once(tmp_path, masks, mo
 def test_region_pixels_are_those_of_a_sort_over_every_pixel():
     from scipy import ndimage
 
-    from patchbalance.balancing import placement
+    from patchbalance.sources import placement
 
     def by_full_sort(pixels_of_class, rng):
         labels, count = ndimage.label(pixels_of_class)

@@ -16,8 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from patchbalance.cli import app
-from patchbalance.reporting.figures import figures_from_table
 from patchbalance.reporting.html import render_html_report, write_html_report
+from patchbalance.sampling.figures import figures_from_table
 
 pytest.importorskip("matplotlib")
 
@@ -277,8 +277,8 @@ def starving_pool():
 
 def test_the_starvation_warning_names_a_below_median_class_that_the_weights_lower():
     from data_fixtures import method_scores as sampling_scores
-    from patchbalance.balancing.weights import normalise_weights
-    from patchbalance.reporting.figures import sampling_figures
+    from patchbalance.sampling.figures import sampling_figures
+    from patchbalance.sampling.scores import normalise_weights
 
     counts, composition = starving_pool()
     scores, _ = sampling_scores(
@@ -301,7 +301,7 @@ def test_the_starvation_warning_names_a_below_median_class_that_the_weights_lowe
 
 
 def test_concentrated_weights_warn_with_the_ess_and_the_tied_largest_repeats(tmp_path):
-    from patchbalance.reporting.figures import figures_text, sampling_figures
+    from patchbalance.sampling.figures import figures_text, sampling_figures
 
     counts = np.tile([50.0, 50.0], (100, 1))
     weights = np.zeros(100)
@@ -328,8 +328,8 @@ def test_concentrated_weights_warn_with_the_ess_and_the_tied_largest_repeats(tmp
 
 def test_no_warning_when_no_class_is_starved():
     from data_fixtures import method_scores as sampling_scores
-    from patchbalance.balancing.weights import normalise_weights
-    from patchbalance.reporting.figures import sampling_figures
+    from patchbalance.sampling.figures import sampling_figures
+    from patchbalance.sampling.scores import normalise_weights
 
     counts, composition = starving_pool()
     for method in ("inverse_frequency", "class_target"):
@@ -359,7 +359,7 @@ def test_prior_correction_is_the_log_ratio_of_uniform_to_weighted_shares():
 def test_report_command_prints_the_starvation_warning(tmp_path):
     counts, composition = starving_pool()
     from data_fixtures import method_scores as sampling_scores
-    from patchbalance.balancing.weights import normalise_weights
+    from patchbalance.sampling.scores import normalise_weights
 
     scores, _ = sampling_scores(
         "composition_only", composition, np.zeros(10), counts, np.full(10, 100.0)

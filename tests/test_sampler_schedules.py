@@ -15,9 +15,9 @@ import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
 from data_fixtures import write_training_tables
-from patchbalance.balancing.class_target import class_target_weights
 from patchbalance.data.samplers import DistributedWeightedSampler, NumpyWeightedRandomSampler
 from patchbalance.errors import ConfigError
+from patchbalance.sampling.class_target import class_target_weights
 from patchbalance.train.run import plan_training, run_training
 from patchbalance.train.schedules import (
     AdaptiveSchedule,

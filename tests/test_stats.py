@@ -7,11 +7,8 @@ import json
 import numpy as np
 import pandas as pd
 
-from patchbalance.balancing.stats import (
-    class_entropy,
-    compute_mask_statistics,
-    statistics_columns,
-)
+from patchbalance.balancing.stats import compute_mask_statistics, statistics_columns
+from patchbalance.measures import class_entropy
 from rasters import record, write_geotiff, write_pair
 
 

@@ -17,7 +17,7 @@ from patchbalance.cli import app
 from patchbalance.coreset import select_coreset
 from patchbalance.data import CSVWindowedSegmentationDataset, build_dataloader
 from patchbalance.errors import InputError
-from patchbalance.reporting.figures import figures_from_table
+from patchbalance.sampling.figures import figures_from_table
 from patchbalance.table import boolean_column, read_table, rows_text
 
 EXCLUDED = np.array([False, True, False, False, True, False])

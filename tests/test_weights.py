@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from data_fixtures import method_scores as sampling_scores
-from patchbalance.balancing.weights import (
+from patchbalance.errors import InputError
+from patchbalance.sampling.scores import (
     average_rank,
     cluster_balanced_scores,
     inverse_frequency_scores,
@@ -14,7 +15,6 @@ from patchbalance.balancing.weights import (
     repeat_factor_scores,
     sampler_weights,
 )
-from patchbalance.errors import InputError
 
 
 def test_average_rank_gives_ties_the_same_rank():
@@ -152,9 +152,9 @@ def test_all_zero_scores_are_an_error():
 
 def test_a_new_sampling_method_is_one_registered_function(tmp_path):
     """A method added through the registry is accepted by the config and builds a table."""
-    from patchbalance.balancing.methods import SAMPLING_METHODS, register_sampling_method
     from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import config_from_mapping
+    from patchbalance.sampling.registry import SAMPLING_METHODS, register_sampling_method
     from rasters import record, write_pair
 
     @register_sampling_method("toy_last_class")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-# `patchbalance.report(table)` is the API of the spec, so the function is bound over the
-# submodule of the same name; import helpers from it with `from patchbalance.reporting.figures import ...`.
-from patchbalance.reporting.figures import prior_correction, report  # noqa: E402
+# `patchbalance.report(table)` is the API of the spec (SPEC §5); the figures live in
+# `patchbalance.sampling.figures`.
+from patchbalance.sampling.figures import prior_correction, report  # noqa: E402
 from patchbalance.version import __version__
 
 __all__ = [

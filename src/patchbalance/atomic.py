@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -40,6 +42,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NoReturn
+
+import numpy as np
 
 from patchbalance.errors import OutputError
 
@@ -393,3 +397,22 @@ def atomic_copy(source: Path, path: Path) -> None:
             shutil.copyfile(source, temporary)
 
     atomic_write_with(path, link_or_copy)
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    """Write `data` as indented JSON, atomically."""
+    with atomic_writer(Path(path), "w") as stream:
+        json.dump(data, stream, indent=2, default=_json_default)
+        stream.write("\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.floating):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")

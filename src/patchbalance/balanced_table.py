@@ -14,6 +14,8 @@ table has and how a message numbers a row:
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.errors import InputError
+from patchbalance.paths import default_summary_path, same_file
 from patchbalance.table import (
     class_columns,
     class_counts,
@@ -228,4 +231,31 @@ def read_balanced_table(
         where=where,
         excluded=excluded_column(frame, where),
         labels=labels,
+    )
+
+
+def summary_disagreement(table_path: str | os.PathLike[str]) -> str | None:
+    """Return a warning when the summary beside a table records another SHA-256 for it.
+
+    The summary is `<stem>.summary.json` next to the table; it names the table's SHA-256
+    (`output_sha256.table`) when the table was written with it, as one set. A table that does
+    not match was written by another run, or a build was killed while moving its outputs into
+    place. No summary, or one without the hash, says nothing.
+    """
+    from patchbalance.atomic import file_sha256
+
+    table_path = Path(table_path)
+    summary_path = default_summary_path(table_path)
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        recorded = summary["output_sha256"]["table"]
+        written = Path(summary["outputs"]["table"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not same_file(written, table_path) or file_sha256(table_path) == recorded:
+        return None
+    return (
+        f"{table_path.name} is not the table its summary {summary_path.name} describes (their "
+        "SHA-256 differ): another run wrote one of them, or a build was interrupted; rerun the "
+        "build for a matching set"
     )

@@ -176,8 +176,8 @@ def run_demo_command(out_dir: Path, progress: bool = True, scheduler: str | None
     """Write the demo data, build the balanced table, report on it; return the text to print."""
     from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import load_config
-    from patchbalance.reporting.figures import figures_from_table
     from patchbalance.reporting.html import write_html_report
+    from patchbalance.sampling.figures import figures_from_table
 
     check_writable_folder(Path(out_dir), "the demo folder (--out)")
     check_demo_folder(Path(out_dir))

@@ -108,3 +108,25 @@ def renumber_by_size(raw_labels: np.ndarray, k: int) -> tuple[np.ndarray, np.nda
     renumber = np.full(len(raw_sizes), -1, dtype=np.int64)
     renumber[order] = np.arange(len(order))
     return renumber[raw_labels], raw_sizes[order]
+
+
+def elbow_k(ks: np.ndarray, inertias: np.ndarray) -> int:
+    """Return the k whose (k, inertia) point, both scaled to [0, 1], lies farthest from the chord.
+
+    The chord joins the first and last points; the first k wins ties. With fewer than three
+    candidates the largest k is returned.
+    """
+    ks = np.asarray(ks, dtype=np.float64)
+    inertias = np.asarray(inertias, dtype=np.float64)
+    if len(ks) < 3:
+        return int(ks.max())
+    x = (ks - ks.min()) / (ks.max() - ks.min())
+    span = inertias.max() - inertias.min()
+    y = (inertias - inertias.min()) / span if span > 0 else np.zeros_like(inertias)
+    dx, dy = x[-1] - x[0], y[-1] - y[0]
+    length = np.hypot(dx, dy)
+    if length == 0:
+        return int(ks[0])
+    distance = np.abs(dx * (y[0] - y) - (x[0] - x) * dy) / length
+    # Round so that floating-point noise cannot break a tie the geometry says is exact.
+    return int(ks[int(np.argmax(np.round(distance, 12)))])

@@ -232,20 +232,6 @@ def class_columns(table: pd.DataFrame) -> tuple[list[str], list[int]]:
     return [name for _, name in found], [value for value, _ in found]
 
 
-def class_presence_threshold(min_pixels: float | None, window_pixels: np.ndarray) -> np.ndarray:
-    """Return the pixel count from which a class counts as present in each window.
-
-    `None` means 1 % of the window; a value below 1 is a fraction of the window; otherwise it
-    is a pixel count.
-    """
-    window_pixels = np.asarray(window_pixels, dtype=np.float64)
-    if min_pixels is None:
-        return 0.01 * window_pixels
-    if min_pixels < 1:
-        return min_pixels * window_pixels
-    return np.full_like(window_pixels, float(min_pixels))
-
-
 def class_counts(
     table: pd.DataFrame,
     columns: Sequence[str],
@@ -283,31 +269,6 @@ def _raise_bad_count(
         f"{_prefix(where)}column '{name}' {problem} in {row}{count}; a class "
         "pixel count must be a whole number >= 0 in every row that is not excluded"
     )
-
-
-def class_proportions(counts: np.ndarray) -> np.ndarray:
-    """Return each row's counts divided by its total (rows with no valid pixel stay 0)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
-
-
-def class_share(amounts: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Return the class pixel share of rows `amounts` (N, C), each row weighted when given.
-
-    All zeros when there is no pixel at all.
-    """
-    totals = amounts.sum(axis=0) if weights is None else weights @ amounts
-    whole = totals.sum()
-    return totals / whole if whole > 0 else np.zeros_like(totals)
-
-
-def effective_sample_size(weights: np.ndarray) -> float:
-    """Return (sum w)^2 / sum w^2 of the weights."""
-    # Taken on weights scaled to a largest of 1 (the same ratio): huge weights never overflow.
-    largest = float(np.max(weights, initial=0.0))
-    scaled = weights / largest if largest > 0 else weights
-    return float(scaled.sum() ** 2 / np.square(scaled).sum())
 
 
 # --------------------------------------------------------------------------------------------

@@ -10,7 +10,14 @@ import numpy as np
 
 from patchbalance.config import ClusteringConfig
 from patchbalance.errors import InputError
-from patchbalance.kmeans import distinct_rows, fit_kmeans, renumber_by_size, sweep_k, sweep_sample
+from patchbalance.kmeans import (
+    distinct_rows,
+    elbow_k,
+    fit_kmeans,
+    renumber_by_size,
+    sweep_k,
+    sweep_sample,
+)
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +33,6 @@ def clr(counts: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """Return the centred log-ratio of the pseudo-count proportions; each row sums to 0."""
     logs = np.log(pseudo_count_proportions(counts, alpha))
     return logs - logs.mean(axis=1, keepdims=True)
-
-
-def elbow_k(ks: np.ndarray, inertias: np.ndarray) -> int:
-    """Return the k whose (k, inertia) point, both scaled to [0, 1], lies farthest from the chord.
-
-    The chord joins the first and last points; the first k wins ties. With fewer than three
-    candidates the largest k is returned.
-    """
-    ks = np.asarray(ks, dtype=np.float64)
-    inertias = np.asarray(inertias, dtype=np.float64)
-    if len(ks) < 3:
-        return int(ks.max())
-    x = (ks - ks.min()) / (ks.max() - ks.min())
-    span = inertias.max() - inertias.min()
-    y = (inertias - inertias.min()) / span if span > 0 else np.zeros_like(inertias)
-    dx, dy = x[-1] - x[0], y[-1] - y[0]
-    length = np.hypot(dx, dy)
-    if length == 0:
-        return int(ks[0])
-    distance = np.abs(dx * (y[0] - y) - (x[0] - x) * dy) / length
-    # Round so that floating-point noise cannot break a tie the geometry says is exact.
-    return int(ks[int(np.argmax(np.round(distance, 12)))])
 
 
 @dataclass

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,11 +16,9 @@ from rasterio.warp import transform as transform_coordinates
 
 from patchbalance.atomic import atomic_write_with, atomic_writer
 from patchbalance.balanced_table import SAMPLER_WEIGHT
-from patchbalance.errors import MissingDependencyError, OutputError, PatchbalanceError
+from patchbalance.errors import MissingDependencyError, OutputError
 from patchbalance.paths import (
-    default_summary_path,
     footprint_format,
-    same_file,
 )
 from patchbalance.windows import RasterInfo, window_corners
 
@@ -29,82 +26,6 @@ log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     pass
-
-
-def table_files(table_path: str | os.PathLike[str]) -> dict[str, Path]:
-    """Return the files that belong with a balanced table, by what each is.
-
-    The table and its summary (`<stem>.summary.json`), and as far as the summary tells: the
-    build's other outputs, its configuration and the inputs that configuration names. A
-    missing or unreadable summary, or a configuration that no longer loads, tells nothing more.
-    """
-    table_path = Path(table_path)
-    summary_path = default_summary_path(table_path)
-    files = {"the table": table_path, "the table's summary": summary_path}
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        outputs = dict(summary.get("outputs") or {})
-        config_path = summary.get("config")
-    except (OSError, ValueError, TypeError, AttributeError):
-        return files
-    files.update({f"the build's {name}": Path(str(path)) for name, path in outputs.items()})
-    if not config_path or not Path(config_path).is_file():
-        return files
-    files["the build's configuration"] = Path(config_path)
-    try:
-        from patchbalance.config import build_inputs, load_config
-
-        inputs = build_inputs(load_config(config_path))
-    except PatchbalanceError:
-        return files
-    files.update({f"the build's {key}": Path(path) for key, path in inputs.items() if path})
-    return files
-
-
-def write_json(data: dict[str, Any], path: Path) -> None:
-    """Write `data` as indented JSON, atomically."""
-    with atomic_writer(Path(path), "w") as stream:
-        json.dump(data, stream, indent=2, default=_json_default)
-        stream.write("\n")
-
-
-def summary_disagreement(table_path: str | os.PathLike[str]) -> str | None:
-    """Return a warning when the summary beside a table records another SHA-256 for it.
-
-    The summary is `<stem>.summary.json` next to the table; it names the table's SHA-256
-    (`output_sha256.table`) when the table was written with it, as one set. A table that does
-    not match was written by another run, or a build was killed while moving its outputs into
-    place. No summary, or one without the hash, says nothing.
-    """
-    from patchbalance.atomic import file_sha256
-
-    table_path = Path(table_path)
-    summary_path = default_summary_path(table_path)
-    try:
-        summary = json.loads(summary_path.read_text(encoding="utf-8"))
-        recorded = summary["output_sha256"]["table"]
-        written = Path(summary["outputs"]["table"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not same_file(written, table_path) or file_sha256(table_path) == recorded:
-        return None
-    return (
-        f"{table_path.name} is not the table its summary {summary_path.name} describes (their "
-        "SHA-256 differ): another run wrote one of them, or a build was interrupted; rerun the "
-        "build for a matching set"
-    )
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, np.floating):
-        return None if not math.isfinite(float(value)) else float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
 FOOTPRINT_PROPERTIES = (

@@ -22,20 +22,15 @@ from patchbalance.atomic import (
     check_writable_folder,
     output_set,
     remove_stale_temporaries,
+    write_json,
 )
 from patchbalance.balancing.composition import CompositionResult, fit_composition_clusters
 from patchbalance.balancing.exclusion import REASONS, ExclusionFlags, exclusion_flags
-from patchbalance.balancing.methods import Signals, sampling_scores
-from patchbalance.balancing.outputs import (
-    check_footprint_writer,
-    write_footprints,
-    write_json,
-)
+from patchbalance.balancing.outputs import check_footprint_writer, write_footprints
 from patchbalance.balancing.raster_reading import RasterReading, read_rasters
 from patchbalance.balancing.result_table import ResultTable
 from patchbalance.balancing.stats import MaskStatistics, nodata_ratios
 from patchbalance.balancing.summary import StageResults, build_summary, build_warnings, summary_text
-from patchbalance.balancing.weights import normalise_weights, sampler_weights
 from patchbalance.compute import Compute, open_compute
 from patchbalance.config import (
     BalancedDatasetConfig,
@@ -48,7 +43,9 @@ from patchbalance.config import (
 from patchbalance.errors import InputError
 from patchbalance.paths import FOOTPRINT_FORMATS, default_summary_path, footprint_format
 from patchbalance.progress import StageClock, progress_bar
-from patchbalance.reporting.figures import sampling_figures
+from patchbalance.sampling.figures import sampling_figures
+from patchbalance.sampling.registry import Signals, sampling_scores
+from patchbalance.sampling.scores import normalise_weights, sampler_weights
 from patchbalance.sources import SourceRecords, load_records
 from patchbalance.sources.local import grid_window_count
 from patchbalance.table import KEY_COLUMNS, write_table_chunks

@@ -20,7 +20,8 @@ import pandas as pd
 from patchbalance.balancing.window_counts import BorderCheck, CountTask, WindowCounts, count_windows
 from patchbalance.compute import Compute, LazySequence
 from patchbalance.errors import InputError
-from patchbalance.table import class_proportions, lookup_by_path
+from patchbalance.measures import class_entropy, class_proportions
+from patchbalance.table import lookup_by_path
 from patchbalance.windows import CHUNK_WINDOWS, MISSING_VALUE, window_partitions
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ __all__ = [
     "CountMerge",
     "MaskStatistics",
     "class_dist_json",
-    "class_entropy",
     "compute_mask_statistics",
     "nodata_ratios",
     "statistics_columns",
@@ -272,24 +272,6 @@ def statistics_from_counts(
         black_border=np.zeros(n, dtype=bool),
         read=np.ones(n, dtype=bool),
     )
-
-
-def class_entropy(counts: np.ndarray) -> np.ndarray:
-    """Return the Shannon entropy (nats) of each row's class distribution; NaN without pixels."""
-    counts = np.asarray(counts)
-    if len(counts) > ROWS_AT_ONCE:  # bounded temporaries for millions of patches
-        return np.concatenate(
-            [
-                class_entropy(counts[i : i + ROWS_AT_ONCE])
-                for i in range(0, len(counts), ROWS_AT_ONCE)
-            ]
-        )
-    proportions = class_proportions(counts)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        terms = np.where(proportions > 0, proportions * np.log(proportions), 0.0)
-    entropy = -terms.sum(axis=1)
-    entropy[np.asarray(counts).sum(axis=1) == 0] = np.nan
-    return entropy + 0.0  # turns -0.0 into 0.0
 
 
 def class_dist_json(class_values: np.ndarray, counts: np.ndarray) -> np.ndarray:

@@ -17,8 +17,8 @@ from patchbalance.balancing.composition import CompositionResult, cluster_profil
 from patchbalance.balancing.exclusion import ExclusionFlags
 from patchbalance.balancing.raster_reading import RasterReading
 from patchbalance.config import BalancedDatasetConfig
-from patchbalance.reporting.figures import SamplingFigures, figures_text
-from patchbalance.table import class_proportions
+from patchbalance.measures import class_proportions
+from patchbalance.sampling.figures import SamplingFigures, figures_text
 from patchbalance.version import __version__
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ from patchbalance.compare.reuse import (
     table_problem,
 )
 from patchbalance.errors import InputError
-from patchbalance.reporting.figures import SamplingFigures, figures_from_table
+from patchbalance.sampling.figures import SamplingFigures, figures_from_table
 from patchbalance.table import read_table, write_table
 
 log = logging.getLogger(__name__)

@@ -8,6 +8,7 @@ valid key); the reading and the messages are in `config.loading`, shared with th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -17,7 +18,7 @@ from pydantic import Field, PrivateAttr, field_validator, model_validator
 
 from patchbalance.config.input import InputConfig, secret_as_text
 from patchbalance.config.loading import Seed, StrictModel, load_model_file, model_from_mapping
-from patchbalance.errors import ConfigError
+from patchbalance.errors import ConfigError, PatchbalanceError
 from patchbalance.paths import (
     check_distinct_files,
     default_summary_path,
@@ -263,7 +264,7 @@ class BalancedDatasetConfig(StrictModel):
     """The `balanced_dataset:` block (SPEC §2)."""
 
     mode: Literal["masks_only", "embeddings"] = "masks_only"
-    # Any name of the registry in patchbalance.balancing.methods (SPEC §3.7).
+    # Any name of the registry in patchbalance.sampling.registry (SPEC §3.7).
     sampling_method: str = DEFAULT_SAMPLING_METHOD
     num_workers: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1)
     seed: Seed = 42
@@ -297,13 +298,13 @@ class BalancedDatasetConfig(StrictModel):
     @field_validator("sampling_method")
     @classmethod
     def _registered_method(cls, value: str) -> str:
-        from patchbalance.balancing.methods import get_sampling_method
+        from patchbalance.sampling.registry import get_sampling_method
 
         return get_sampling_method(value).name
 
     @model_validator(mode="after")
     def _method_fits_mode(self) -> BalancedDatasetConfig:
-        from patchbalance.balancing.methods import get_sampling_method
+        from patchbalance.sampling.registry import get_sampling_method
 
         if self.mode == "masks_only" and get_sampling_method(self.sampling_method).needs_uniqueness:
             raise ValueError(
@@ -465,3 +466,31 @@ def build_inputs(config: BalancedDatasetConfig) -> dict[str, str | None]:
         inputs[f"input.rasters.{position}.image_path"] = pair.image_path
         inputs[f"input.rasters.{position}.mask_path"] = pair.mask_path
     return inputs
+
+
+def table_files(table_path: str | os.PathLike[str]) -> dict[str, Path]:
+    """Return the files that belong with a balanced table, by what each is.
+
+    The table and its summary (`<stem>.summary.json`), and as far as the summary tells: the
+    build's other outputs, its configuration and the inputs that configuration names. A
+    missing or unreadable summary, or a configuration that no longer loads, tells nothing more.
+    """
+    table_path = Path(table_path)
+    summary_path = default_summary_path(table_path)
+    files = {"the table": table_path, "the table's summary": summary_path}
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+        outputs = dict(summary.get("outputs") or {})
+        config_path = summary.get("config")
+    except (OSError, ValueError, TypeError, AttributeError):
+        return files
+    files.update({f"the build's {name}": Path(str(path)) for name, path in outputs.items()})
+    if not config_path or not Path(config_path).is_file():
+        return files
+    files["the build's configuration"] = Path(config_path)
+    try:
+        inputs = build_inputs(load_config(config_path))
+    except PatchbalanceError:
+        return files
+    files.update({f"the build's {key}": Path(path) for key, path in inputs.items() if path})
+    return files

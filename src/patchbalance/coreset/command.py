@@ -115,8 +115,7 @@ def run_select_coreset_command(
     extension) and the summary JSON next to it, each atomically. With `dry_run`, checks the
     configuration and inputs and returns the plan without selecting or writing.
     """
-    from patchbalance.atomic import check_writable, output_set
-    from patchbalance.balancing.outputs import write_json
+    from patchbalance.atomic import check_writable, output_set, write_json
     from patchbalance.version import __version__
 
     start = time.perf_counter()

@@ -15,9 +15,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from patchbalance.balancing.composition import elbow_k
 from patchbalance.errors import ConfigError, InputError, MissingDependencyError
-from patchbalance.kmeans import distinct_rows, fit_kmeans, renumber_by_size, sweep_k, sweep_sample
+from patchbalance.kmeans import (
+    distinct_rows,
+    elbow_k,
+    fit_kmeans,
+    renumber_by_size,
+    sweep_k,
+    sweep_sample,
+)
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,6 @@ import pandas as pd
 
 import patchbalance.coreset.scorers as scorers
 from patchbalance.balanced_table import SAMPLER_WEIGHT
-from patchbalance.balancing.stats import class_entropy
-from patchbalance.balancing.weights import sampler_weights
 from patchbalance.coreset.config import (
     CoresetConfig,
     coreset_config_from_mapping,
@@ -34,15 +32,15 @@ from patchbalance.coreset.pool import (
 from patchbalance.coreset.pool_embeddings import pool_embeddings
 from patchbalance.coreset.weights import coreset_weights
 from patchbalance.errors import ConfigError, InputError
-from patchbalance.progress import StageClock, progress_bar
-from patchbalance.table import (
+from patchbalance.measures import (
+    class_entropy,
     class_proportions,
     class_share,
     effective_sample_size,
-    key_label,
-    key_sorted,
-    normalised_keys,
 )
+from patchbalance.progress import StageClock, progress_bar
+from patchbalance.sampling.scores import sampler_weights
+from patchbalance.table import key_label, key_sorted, normalised_keys
 
 log = logging.getLogger(__name__)
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 
 from patchbalance.balanced_table import check_weights
-from patchbalance.balancing.weights import (
+from patchbalance.errors import ConfigError, InputError
+from patchbalance.measures import class_proportions
+from patchbalance.sampling.scores import (
     inverse_frequency_scores,
     normalise_weights,
     repeat_factor_scores,
 )
-from patchbalance.errors import ConfigError, InputError
-from patchbalance.table import class_proportions
 
 
 def coreset_weights(

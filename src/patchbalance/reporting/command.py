@@ -7,11 +7,19 @@ from pathlib import Path
 import pandas as pd
 
 from patchbalance.atomic import check_writable
-from patchbalance.balancing.outputs import summary_disagreement, table_files
+from patchbalance.balanced_table import summary_disagreement
+from patchbalance.config import table_files
 from patchbalance.errors import InputError
 from patchbalance.paths import check_distinct_files, resolve_path
-from patchbalance.reporting.figures import figures_from_table, figures_text, read_report_table
-from patchbalance.table import KEY_COLUMNS, normalised_keys, shared_keys_text
+from patchbalance.sampling.figures import figures_from_table, figures_text
+from patchbalance.table import (
+    KEY_COLUMNS,
+    check_table_file,
+    is_parquet,
+    normalised_keys,
+    read_table,
+    shared_keys_text,
+)
 
 RASTER_COLUMNS = ("image_path", "mask_path")
 
@@ -68,3 +76,17 @@ def run_report_command(table_path: Path, out: Path | None = None) -> str:
         write_html_report(table, figures, Path(out), title=Path(table_path).name)
         text += f"\nreport written to {out}"
     return text
+
+
+def read_report_table(path: Path) -> pd.DataFrame:
+    """Return the balanced table at `path` for `report`: a CSV (maybe compressed) or Parquet."""
+    path = Path(path)
+    check_table_file(path, "balanced table")
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if not is_parquet(path) and ".csv" not in suffixes[-2:]:
+        raise InputError(
+            f"{path}: report reads the balanced table that build-balanced-dataset writes "
+            f"(output.csv_path, a .csv or .parquet file), not a '{path.suffix or 'suffix-less'}' "
+            "file"
+        )
+    return read_table(path, what="balanced table")

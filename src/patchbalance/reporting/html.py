@@ -21,13 +21,13 @@ import pandas as pd
 
 from patchbalance.atomic import atomic_writer, check_writable
 from patchbalance.errors import MissingDependencyError
-from patchbalance.reporting.figures import (
+from patchbalance.reporting.map import WIDE_WEIGHT_RANGE, footprint_map
+from patchbalance.sampling.figures import (
     ClusterFigures,
     SamplingFigures,
     active_and_drawn_weights,
     cluster_figures,
 )
-from patchbalance.reporting.map import WIDE_WEIGHT_RANGE, footprint_map
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

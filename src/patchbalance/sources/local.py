@@ -293,7 +293,7 @@ def _with_class_windows(
     compute: Compute | None = None,
 ) -> tuple[pd.DataFrame, dict[str, object]]:
     """Return the grid records followed by the class-centred windows (SPEC §2.1)."""
-    from patchbalance.balancing.placement import PlacementSettings, class_centred_records
+    from patchbalance.sources.placement import PlacementSettings, class_centred_records
 
     source = config.input
     patch_size = int(source.patch_size or 0)

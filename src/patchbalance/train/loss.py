@@ -44,7 +44,8 @@ import torch
 from patchbalance.atomic import atomic_writer
 from patchbalance.balanced_table import read_balanced_table
 from patchbalance.errors import ConfigError
-from patchbalance.table import class_columns, class_share, drawn_weights, table_columns
+from patchbalance.measures import class_share
+from patchbalance.table import class_columns, drawn_weights, table_columns
 
 log = logging.getLogger(__name__)
 

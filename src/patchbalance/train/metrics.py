@@ -115,7 +115,7 @@ def class_log_prior_ratio(dataset: Any, n_classes: int, weighted: bool) -> np.nd
     class values, else `px_<j>`. Without a weighted sampler the prior is not shifted: zeros.
     """
     from patchbalance.balanced_table import read_balanced_table
-    from patchbalance.reporting.figures import balanced_figures
+    from patchbalance.sampling.figures import balanced_figures
     from patchbalance.table import class_columns
 
     ratio = np.zeros(n_classes)

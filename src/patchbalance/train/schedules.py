@@ -210,8 +210,8 @@ class TrainingDraws:
             self.sampler.set_weights(anneal_probabilities(self.table_weights, fraction))
 
     def _adapt(self, step: int) -> None:
-        from patchbalance.balancing.class_target import class_target_weights, parse_target_share
-        from patchbalance.table import class_share
+        from patchbalance.measures import class_share
+        from patchbalance.sampling.class_target import class_target_weights, parse_target_share
         from patchbalance.train.metrics import iou_from_confusion
 
         assert isinstance(self.schedule, AdaptiveSchedule)

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from patchbalance.compute import Compute
 from patchbalance.errors import ConfigError
-from patchbalance.table import class_presence_threshold
+from patchbalance.measures import class_presence_threshold
 from patchbalance.windows import RasterInfo, nodata_pixels, open_raster
 
 # Random pixels kept per region: the first centres a region offers, in order.

@@ -26,14 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from patchbalance.balancing.class_target import class_target_weights, parse_target_share
-from patchbalance.balancing.weights import (
+from patchbalance.measures import class_proportions, class_share
+from patchbalance.sampling.class_target import class_target_weights, parse_target_share
+from patchbalance.sampling.scores import (
     average_rank,
     cluster_balanced_scores,
     inverse_frequency_scores,
     repeat_factor_scores,
 )
-from patchbalance.table import class_proportions, class_share
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ import numpy as np
 from scipy.optimize import linprog, minimize
 
 from patchbalance.errors import ConfigError
-from patchbalance.table import class_share, effective_sample_size
+from patchbalance.measures import class_share, effective_sample_size
 
 # How far inside the edge of the reachable set a moved target stays, as a share of the largest
 # feasible step: on the edge the solution draws only the patches on the hull's face (lambda is

@@ -6,21 +6,13 @@ The figures live here (`SamplingFigures`, `ClusterFigures`); `reporting.html` on
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from patchbalance.balanced_table import BalancedTable, read_balanced_table
 from patchbalance.errors import InputError
-from patchbalance.table import (
-    check_table_file,
-    class_proportions,
-    class_share,
-    effective_sample_size,
-    is_parquet,
-    read_table,
-)
+from patchbalance.measures import class_proportions, class_share, effective_sample_size
 
 # A below-median class whose weighted share falls under this fraction of its uniform share is
 # starved (SPEC §5).
@@ -228,20 +220,6 @@ def check_weight_total(weights: np.ndarray, where: str | None = None) -> None:
             f"{weights.max():.3g}; their sum overflows); scale them down, e.g. divide every "
             "weight by their mean"
         )
-
-
-def read_report_table(path: Path) -> pd.DataFrame:
-    """Return the balanced table at `path` for `report`: a CSV (maybe compressed) or Parquet."""
-    path = Path(path)
-    check_table_file(path, "balanced table")
-    suffixes = [suffix.lower() for suffix in path.suffixes]
-    if not is_parquet(path) and ".csv" not in suffixes[-2:]:
-        raise InputError(
-            f"{path}: report reads the balanced table that build-balanced-dataset writes "
-            f"(output.csv_path, a .csv or .parquet file), not a '{path.suffix or 'suffix-less'}' "
-            "file"
-        )
-    return read_table(path, what="balanced table")
 
 
 def figures_text(figures: SamplingFigures, class_names: dict[int, str] | None = None) -> str:

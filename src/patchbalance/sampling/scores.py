@@ -2,7 +2,7 @@
 
 Every function takes arrays over the active patches only and returns an array of the same
 length; `sampler_weights` scatters the result back over all rows and gives excluded rows 0.
-The methods themselves, by name, are the registry in `patchbalance.balancing.methods`.
+The methods themselves, by name, are the registry in `patchbalance.sampling.registry`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from patchbalance.balanced_table import check_weights
-from patchbalance.table import class_presence_threshold
+from patchbalance.measures import class_presence_threshold
 
 log = logging.getLogger(__name__)
 
