@@ -90,14 +90,42 @@ def test_k_min_larger_than_k_max(project):
     )
 
 
-def test_upstream_synonyms_are_accepted(project):
-    _edit(
-        project,
-        lambda b: b.update(
-            exclusion={"exclude_image_black_border": False, "min_entropy_threshold": 0.0}
-        ),
+def _build_table(project: Path, name: str, exclusion: dict | None) -> pd.DataFrame:
+    """Build the project with `exclusion` (None: the defaults) into out/<name>.csv; return it."""
+    data = yaml.safe_load(project.read_text())
+    block = data["balanced_dataset"]
+    block["output"]["csv_path"] = f"out/{name}.csv"
+    if exclusion is not None:
+        block["exclusion"] = exclusion
+    path = project.parent / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = _run("build-balanced-dataset", path, "-q")
+    assert result.exit_code == 0, result.output
+    return pd.read_csv(project.parent / "out" / f"{name}.csv")
+
+
+def test_upstream_synonyms_build_the_same_table_as_the_keys_they_stand_for(project):
+    # The fixture's mask `a` is all class 0 in its top 32 rows: its two top windows have
+    # entropy 0, every other window mixes classes (entropy well above 0.5).
+    synonyms = _build_table(
+        project, "synonyms", {"exclude_image_black_border": False, "min_entropy_threshold": 0.5}
     )
-    assert _run("build-balanced-dataset", project, "-q").exit_code == 0
+    canonical = _build_table(
+        project, "canonical", {"exclude_black_border": False, "min_entropy": 0.5}
+    )
+    default = _build_table(project, "default", None)
+
+    pd.testing.assert_frame_equal(synonyms, canonical)
+    top_of_a = (
+        synonyms["image_path"].str.endswith("a.tif") & (synonyms["row_off"] == 0)
+    ).to_numpy()
+    assert top_of_a.sum() == 2
+    assert np.array_equal(synonyms["has_low_entropy"].to_numpy(), top_of_a)
+    assert np.array_equal(synonyms["excluded"].to_numpy(), top_of_a)
+    assert np.all(synonyms.loc[top_of_a, "sampler_weight"] == 0)
+    # The defaults (min_entropy 0) exclude nothing, so the synonym changed the weights.
+    assert not default["excluded"].any() and not default["has_low_entropy"].any()
+    assert np.all(default.loc[top_of_a, "sampler_weight"] > 0)
 
 
 @pytest.mark.parametrize(

@@ -145,11 +145,30 @@ def test_loss_arms_train_with_class_weights_and_with_cross_entropy_plus_dice(tmp
 
     assert result.exit_code == 0, result.output
     runs = tmp_path / "out" / "runs"
-    weights = json.loads((runs / "median_frequency" / "seed42" / "class_weights.json").read_text())
-    assert weights["scheme"] == "median_frequency"
+    # f_c by hand (SPEC §7): class c's pixel share of the arm's table's active rows under the
+    # sampler's weights; then w_c = median(f) / f_c, scaled so that sum_c f_c w_c = 1.
+    table = pd.read_csv(tmp_path / "out" / "builds" / "median_frequency" / "table.csv")
+    active = ~table["excluded"].to_numpy(bool)
+    pixels = table.loc[active, ["px_0", "px_1", "px_2", "px_3"]].to_numpy(float)
+    drawn = table.loc[active, "sampler_weight"].to_numpy(float) @ pixels
+    share = drawn / drawn.sum()
+    raw = np.median(share) / share
+    expected = raw / (share @ raw)
+    assert np.allclose(expected, 1 / (4 * share))  # median frequency, normalised: 1 / (C f_c)
+    assert expected.max() < 50  # below max_class_weight: nothing clipped
+    for seed in ("seed42", "seed43"):  # one table per arm, so both seeds use the same weights
+        weights = json.loads((runs / "median_frequency" / seed / "class_weights.json").read_text())
+        assert (weights["scheme"], weights["class_share_source"]) == (
+            "median_frequency",
+            "weighted_sampler",
+        )
+        np.testing.assert_allclose(weights["class_share"], share, rtol=1e-12)
+        np.testing.assert_allclose(weights["weights"], expected, rtol=1e-12)
+        assert weights["clipped_classes"] == [] and weights["absent_classes"] == []
     # Drawn with equal weights: the rarest class (building, 3) gets the largest weight.
-    assert int(np.argmax(weights["weights"])) == 3
-    assert not (runs / "uniform" / "seed42" / "class_weights.json").exists()
+    assert int(np.argmax(expected)) == 3
+    for arm in ("uniform", "ce_dice"):
+        assert not (runs / arm / "seed42" / "class_weights.json").exists()
     # The same draws (same seed, same table) and another loss give another model.
     base = pd.read_csv(runs / "uniform" / "seed42" / "metrics.csv")
     for arm in ("median_frequency", "ce_dice"):
