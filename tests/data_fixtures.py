@@ -88,10 +88,9 @@ def method_scores(
 ) -> tuple[np.ndarray, dict]:
     """Return a registered sampling method's scores for hand-made signals.
 
-    `settings` are keys of the `weights:` block, validated by the configuration's model.
+    `settings` are the method's own keys of the `weights:` block, validated by its model.
     """
-    from patchbalance.config import WeightsConfig
-    from patchbalance.sampling.registry import Signals, sampling_scores
+    from patchbalance.sampling.registry import Signals, get_sampling_method, sampling_scores
 
     counts = np.asarray(counts, dtype=np.float64)
     signals = Signals(
@@ -102,7 +101,7 @@ def method_scores(
         cluster_id=np.asarray(cluster_id),
         uniqueness=uniqueness,
     )
-    return sampling_scores(method, signals, WeightsConfig(**settings))
+    return sampling_scores(method, signals, get_sampling_method(method).parse_params(settings))
 
 
 def write_train_config(folder: Path, **keys: object) -> Path:

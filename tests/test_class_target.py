@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from data_fixtures import method_scores as sampling_scores
-from patchbalance.config import WeightsConfig
 from patchbalance.errors import ConfigError
 from patchbalance.measures import class_share, effective_sample_size
 from patchbalance.sampling.class_target import class_target_weights, parse_target_share
+from patchbalance.sampling.registry import ClassTargetParams
 from patchbalance.sampling.scores import normalise_weights
 
 # Three patches of 100 pixels: all class 0, all class 1, half and half.
@@ -149,7 +149,7 @@ def test_uniform_mix_keeps_a_share_of_uniform_draws_and_the_mean_at_one():
 @pytest.mark.parametrize("bad", ["sqrtt", "power:2", "power:x", {1: 1.5}, {1: 0.7, 2: 0.6}])
 def test_a_bad_target_share_is_a_configuration_error(bad):
     with pytest.raises(ValueError, match="target_share|power|share"):
-        WeightsConfig(target_share=bad)
+        ClassTargetParams(target_share=bad)
 
 
 def sliver_pool_config(folder, **weights):
@@ -266,8 +266,8 @@ def test_min_ess_defaults_to_the_floor_whether_class_target_is_named_or_the_defa
     default, named = config(), config(sampling_method="class_target")
     assert (default.sampling_method, default.sampling_method_is_default) == ("class_target", True)
     assert (named.sampling_method, named.sampling_method_is_default) == ("class_target", False)
-    assert default.weights.min_ess == named.weights.min_ess == 0.1
-    assert default.weights.target_share == "sqrt"
-    assert config(weights={"min_ess": 0}).weights.min_ess == 0  # 0 turns the floor off
+    assert default.weights.params.min_ess == named.weights.params.min_ess == 0.1
+    assert default.weights.params.target_share == "sqrt"
+    assert config(weights={"min_ess": 0}).weights.params.min_ess == 0  # 0 turns the floor off
     with pytest.raises(ConfigError, match="min_ess"):
         config(weights={"min_ess": -0.1})

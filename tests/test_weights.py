@@ -150,43 +150,79 @@ def test_all_zero_scores_are_an_error():
         normalise_weights(np.zeros(4))
 
 
-def test_a_new_sampling_method_is_one_registered_function(tmp_path):
-    """A method added through the registry is accepted by the config and builds a table."""
+def test_a_new_sampling_method_is_one_function_and_one_parameters_model(tmp_path):
+    """A method added through the registry, with one parameter, is accepted by the config,
+    reads its parameter, and a wrong type is an error naming the key."""
     from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import config_from_mapping
-    from patchbalance.sampling.registry import SAMPLING_METHODS, register_sampling_method
+    from patchbalance.errors import ConfigError
+    from patchbalance.sampling.registry import (
+        SAMPLING_METHODS,
+        MethodParams,
+        register_sampling_method,
+    )
     from rasters import record, write_pair
 
-    @register_sampling_method("toy_last_class")
-    def toy(signals, settings):
-        # Weight a patch by its share of the last class, plus a floor so every patch is drawn.
-        return signals.proportions[:, -1] + 0.1, {"toy": True}
+    class ToyParams(MethodParams):
+        floor: float = 0.1
 
-    try:
-        mask = np.zeros((64, 64), dtype=np.uint8)
-        mask[:32, :32] = 2  # one window all class 2
-        mask[32:, 32:] = 1
-        image_path, mask_path = write_pair(tmp_path, "a", mask)
-        records = [record(image_path, mask_path, r, c, 32) for r in (0, 32) for c in (0, 32)]
+    @register_sampling_method("toy_last_class", params=ToyParams)
+    def toy(signals, params):
+        # Weight a patch by its share of the last class, plus a floor so every patch is drawn.
+        return signals.proportions[:, -1] + params.floor, {"toy": True}
+
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:32, :32] = 2  # one window all class 2
+    mask[32:, 32:] = 1
+    image_path, mask_path = write_pair(tmp_path, "a", mask)
+    records = [record(image_path, mask_path, r, c, 32) for r in (0, 32) for c in (0, 32)]
+
+    def build(**weights):
         config = config_from_mapping(
             {
                 "sampling_method": "toy_last_class",
                 "input": {"patch_records": records},
                 "clustering": {"k_min": 2, "k_max": 2},
+                "weights": weights,
                 "output": {"csv_path": str(tmp_path / "t.csv")},
             },
             base_dir=tmp_path,
         )
-        table = run_build(config).table
+        return run_build(config).table["sampler_weight"].to_numpy()
+
+    try:
+        default, floored = build(), build(floor=1.0)
+        with pytest.raises(ConfigError, match=r"'weights\.floor'.*valid number"):
+            build(floor="high")
+        with pytest.raises(ConfigError, match=r"unknown key 'weights\.flor'; did you mean"):
+            build(flor=1.0)
     finally:
         del SAMPLING_METHODS["toy_last_class"]
-    weights = table["sampler_weight"].to_numpy()
-    # Scores 1.1 for the class-2 window, 0.1 for the other three; mean 1 over four patches.
-    np.testing.assert_allclose(weights, np.array([1.1, 0.1, 0.1, 0.1]) * 4 / 1.4)
+    # Scores 1 + floor for the class-2 window, floor for the other three; mean 1 over four.
+    np.testing.assert_allclose(default, np.array([1.1, 0.1, 0.1, 0.1]) * 4 / 1.4)
+    np.testing.assert_allclose(floored, np.array([2.0, 1.0, 1.0, 1.0]) * 4 / 5.0)
+
+
+def test_a_method_key_of_another_method_is_checked_but_not_used():
+    """Upstream's flat keys stay accepted under any method; each is checked by its owner."""
+    from patchbalance.config import config_from_mapping
+    from patchbalance.errors import ConfigError
+
+    def config(**block):
+        block = {"input": {"records_path": "r.csv"}, "output": {"csv_path": "o.csv"}, **block}
+        return config_from_mapping({"balanced_dataset": block})
+
+    weights = {"sqrt": True, "target_share": "balanced", "min_pixels": 4}
+    inverse = config(sampling_method="inverse_frequency", weights=weights).weights.params
+    assert inverse.model_dump() == {"sqrt": True}
+    target = config(weights=weights).weights.params
+    assert target.model_dump() == {"target_share": "balanced", "min_ess": 0.1}
+    with pytest.raises(ConfigError, match=r"'weights\.sqrt'.*boolean"):
+        config(weights={"sqrt": "maybe"})  # class_target's build, inverse_frequency's key
 
 
 def test_an_unknown_sampling_method_names_the_closest_registered_one():
-    from patchbalance.config import WeightsConfig, config_from_mapping  # noqa: F401
+    from patchbalance.config import config_from_mapping
     from patchbalance.errors import ConfigError
 
     with pytest.raises(ConfigError, match="did you mean 'rank_max'"):

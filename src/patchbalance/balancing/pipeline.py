@@ -271,7 +271,7 @@ def _weights_stage(
         cluster_id=composition.labels,
         uniqueness=uniqueness,
     )
-    scores, weight_notes = sampling_scores(method, signals, weights_config)
+    scores, weight_notes = sampling_scores(method, signals, weights_config.params)
     if "reduced" in weight_notes:
         log.info("%s", weight_notes["reduced"])
     active_weights = normalise_weights(

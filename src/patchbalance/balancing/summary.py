@@ -147,11 +147,8 @@ def _weights_block(
     class_values: np.ndarray,
     figures: SamplingFigures,
 ) -> dict[str, Any]:
-    block: dict[str, Any] = {}
-    if config.sampling_method == "class_target":
-        block = {"min_ess": config.weights.min_ess}
     block = {
-        **block,
+        **config.weights.params.summary_block(),
         "power": config.weights.power,
         "uniform_mix": config.weights.uniform_mix,
         "max_weight": config.weights.max_weight,

@@ -14,7 +14,14 @@ import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from patchbalance.config.input import InputConfig, secret_as_text
 from patchbalance.config.loading import Seed, StrictModel, load_model_file, model_from_mapping
@@ -25,11 +32,15 @@ from patchbalance.paths import (
     footprint_format,
     resolve_path,
 )
+from patchbalance.sampling.registry import (
+    MethodParams,
+    get_sampling_method,
+    parameter_owners,
+)
 from patchbalance.table import table_suffix
 
-# The default method (SPEC §3.7) and its ESS floor (§3.8): below the ESS of the published gains
-# (12 % Harvey, 19.6 % held-out chips), so it does not bind there; it lifts a degenerate solution.
-DEFAULT_SAMPLING_METHOD, DEFAULT_MIN_ESS = "class_target", 0.1
+# The default method (SPEC §3.7); its parameters' defaults are in its model in the registry.
+DEFAULT_SAMPLING_METHOD = "class_target"
 
 
 class ClusteringConfig(StrictModel):
@@ -141,46 +152,50 @@ class UniquenessConfig(StrictModel):
         return self
 
 
-def check_target_share(value: str | dict[int, float]) -> str | dict[int, float]:
-    """Return a valid `target_share` (sqrt, balanced, power:<p>, {class: share}); else ValueError."""
-    if isinstance(value, dict):
-        if any(not 0.0 <= share <= 1.0 for share in value.values()):
-            raise ValueError("every share in target_share must lie in [0, 1]")
-        if sum(value.values()) > 1.0 + 1e-9:
-            raise ValueError("the shares in target_share add up to more than 1")
-        return value
-    if value in ("sqrt", "balanced"):
-        return value
-    match = re.fullmatch(r"power:([0-9.eE+-]+)", value)
-    if match:
-        try:
-            exponent = float(match.group(1))
-        except ValueError:
-            exponent = -1.0
-        if 0.0 <= exponent <= 1.0:
-            return value
-    raise ValueError(
-        f"'{value}' is not sqrt, balanced, power:<p> with p in [0, 1], or a mapping "
-        "{class: share}"
-    )
-
-
 class WeightsConfig(StrictModel):
+    """The `weights:` block (SPEC §3.7).
+
+    Its own fields are the keys every method shares. The other keys are a method's own
+    parameters (`target_share` and `min_ess` of class_target, `sqrt` of inverse_frequency, ...):
+    the registry's model of the named method validates them (`bind`), and `params` holds the
+    result. A key that only another method declares is checked by that method's model and not
+    used; a key no method declares is an error naming it.
+    """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, validate_default=True)
+
     power: float = Field(default=1.0, ge=0)
     max_weight: float | None = Field(default=None, ge=1)
-    min_pixels: float | None = Field(default=None, gt=0)
-    repeat_threshold: float | None = Field(default=None, gt=0)
-    sqrt: bool = False
     uniform_mix: float = Field(default=0.0, ge=0, le=1)
-    # class_target (SPEC §3.8): sqrt, balanced, power:<p>, or {class value: share}.
-    target_share: str | dict[int, float] = "sqrt"
-    # The floor on the ESS of class_target, a share of the active patches; 0 turns it off.
-    min_ess: float = Field(default=DEFAULT_MIN_ESS, ge=0, le=1)
 
-    @field_validator("target_share")
+    _params: MethodParams | None = PrivateAttr(default=None)
+
     @classmethod
-    def _known_target(cls, value: str | dict[int, float]) -> str | dict[int, float]:
-        return check_target_share(value)
+    def extra_keys(cls) -> list[str]:
+        """Return the method keys the block accepts besides its own fields."""
+        return list(parameter_owners())
+
+    def bind(self, method: str) -> WeightsConfig:
+        """Validate the method keys for `method` and keep its parameters; return self."""
+        given = dict(self.model_extra or {})
+        owners = parameter_owners()
+        unknown = {key: value for key, value in given.items() if key not in owners}
+        if unknown:
+            MethodParams.model_validate(unknown)  # an error naming the unknown key
+        chosen = get_sampling_method(method)
+        own = {key: value for key, value in given.items() if key in chosen.params.model_fields}
+        for key, value in given.items():
+            if key not in own:
+                get_sampling_method(owners[key][0]).parse_params({key: value})
+        self._params = chosen.parse_params(own)
+        return self
+
+    @property
+    def params(self) -> MethodParams:
+        """Return the named method's validated parameters."""
+        if self._params is None:
+            raise RuntimeError("WeightsConfig.params before bind(): validate the whole config")
+        return self._params
 
 
 class PostgresTableConfig(StrictModel):
@@ -298,14 +313,17 @@ class BalancedDatasetConfig(StrictModel):
     @field_validator("sampling_method")
     @classmethod
     def _registered_method(cls, value: str) -> str:
-        from patchbalance.sampling.registry import get_sampling_method
-
         return get_sampling_method(value).name
+
+    @field_validator("weights")
+    @classmethod
+    def _method_parameters(cls, value: WeightsConfig, info: ValidationInfo) -> WeightsConfig:
+        # sampling_method is validated first (declared first); when it failed, that is the error.
+        method = info.data.get("sampling_method")
+        return value.bind(method) if method is not None else value
 
     @model_validator(mode="after")
     def _method_fits_mode(self) -> BalancedDatasetConfig:
-        from patchbalance.sampling.registry import get_sampling_method
-
         if self.mode == "masks_only" and get_sampling_method(self.sampling_method).needs_uniqueness:
             raise ValueError(
                 f"sampling_method '{self.sampling_method}' needs visual uniqueness; "

@@ -222,6 +222,10 @@ def _known_keys(model: type[BaseModel]) -> list[str]:
     for name, field in model.model_fields.items():
         keys.append(field.alias or name)
     keys.extend(getattr(model, "synonyms", {}).keys())
+    # A block whose other keys belong to plug-ins (the methods' parameters of `weights:`).
+    extra_keys = getattr(model, "extra_keys", None)
+    if callable(extra_keys):
+        keys.extend(extra_keys())
     return keys
 
 

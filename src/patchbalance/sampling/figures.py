@@ -13,6 +13,7 @@ import pandas as pd
 from patchbalance.balanced_table import BalancedTable, read_balanced_table
 from patchbalance.errors import InputError
 from patchbalance.measures import class_proportions, class_share, effective_sample_size
+from patchbalance.sampling.registry import SAMPLING_METHODS
 
 # A below-median class whose weighted share falls under this fraction of its uniform share is
 # starved (SPEC §5).
@@ -83,10 +84,12 @@ class SamplingFigures:
 
         Returns:
             Lines such as "rank_max lowers class 3 from 9.6 % to 7.7 % of the pixels seen per
-            epoch"; empty when no class is starved. Unless the method is `class_target`, each
-            line ends with the setting that raised the rare classes in our evidence.
+            epoch"; empty when no class is starved. Unless the method solves for class
+            shares itself (`class_target`), each line ends with the setting that raised the
+            rare classes in our evidence.
         """
-        hint = "" if method == "class_target" else f"; {EVIDENCE_HINT}"
+        registered = SAMPLING_METHODS.get(method)
+        hint = "" if registered and registered.sets_class_shares else f"; {EVIDENCE_HINT}"
         return [
             f"{method} lowers class {self.class_values[j]} from {self.uniform_share[j]:.2%} to "
             f"{self.weighted_share[j]:.2%} of the pixels seen per epoch (a below-median class; "

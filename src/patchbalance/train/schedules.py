@@ -26,8 +26,8 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from patchbalance.config import check_target_share
 from patchbalance.config.loading import StrictModel
+from patchbalance.sampling.registry import DEFAULT_MIN_ESS, check_target_share
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class AdaptiveSchedule(StrictModel):
     # The targets before the IoU gaps scale them (sqrt, balanced or power:<p>), and the ESS
     # floor: the default build's.
     target_share: str = "sqrt"
-    min_ess: float = Field(default=0.1, ge=0.0, le=1.0)
+    min_ess: float = Field(default=DEFAULT_MIN_ESS, ge=0.0, le=1.0)
 
     @field_validator("target_share")
     @classmethod
