@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from patchbalance.table import SAMPLER_WEIGHT
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -145,5 +147,5 @@ def footprint_map(
         panel.set_visible(False)
     if collection is not None:
         colourbar = figure.colorbar(collection, ax=list(panels[: len(shown)]), shrink=0.85)
-        colourbar.set_label("sampler_weight")
+        colourbar.set_label(SAMPLER_WEIGHT)
     return figure, hidden
