@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,11 +18,78 @@ from data_fixtures import write_training_tables
 from patchbalance.cli import app
 from patchbalance.compare.command import _drawable
 from patchbalance.errors import InputError
-from patchbalance.table import boolean_column
+from patchbalance.table import (
+    boolean_column,
+    class_column,
+    class_columns,
+    dataset_excluded,
+)
 from patchbalance.train.loss import dataset_class_counts
 from patchbalance.train.metrics import class_log_prior_ratio
 
 runner = CliRunner()
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "patchbalance"
+# The module that owns the balanced table's column names; every other module asks it.
+OWNER = PACKAGE / "table.py"
+COLUMN_NAMES = ("sampler_weight", "excluded")
+CLASS_PREFIX = "px_"
+
+
+def column_literals(source: str) -> list[tuple[int, str]]:
+    """Return (line, text) of each string constant in `source` that spells a column name.
+
+    A column name is "sampler_weight", "excluded" or any text starting "px_"; the constant
+    parts of f-strings count (`f"px_{value}"` holds "px_"). Prose that mentions a column
+    inside a longer message is not a column name.
+    """
+    return sorted(
+        (node.lineno, node.value)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and (node.value in COLUMN_NAMES or node.value.startswith(CLASS_PREFIX))
+    )
+
+
+def test_only_the_table_module_spells_the_balanced_table_column_names():
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{line}: {text!r}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != OWNER
+        for line, text in column_literals(path.read_text())
+    ]
+    assert found == [], "ask patchbalance.table for the column names:\n" + "\n".join(found)
+    # The owner spells each of them, so the scan above looks for the right texts.
+    assert {text for _, text in column_literals(OWNER.read_text())} >= {*COLUMN_NAMES, "px_"}
+
+
+def test_the_column_name_scan_finds_a_literal_planted_in_another_module():
+    planted = (
+        "def read(table, value):\n"
+        '    table["excluded"] = False\n'
+        '    return table[f"px_{value}"], table.get("sampler_weight"), table["px_3"]\n'
+    )
+    assert column_literals(planted) == [
+        (2, "excluded"),
+        (3, "px_"),
+        (3, "px_3"),
+        (3, "sampler_weight"),
+    ]
+    prose = '"""The px_<class> columns."""\nhint = f"no sampler_weight column in {path}"\n'
+    assert column_literals(prose) == []
+
+
+def test_a_class_column_name_reads_back_as_its_class_value():
+    names = [class_column(value) for value in (12, -1, 0)]
+    assert names == ["px_12", "px_-1", "px_0"]
+    assert class_columns(pd.DataFrame(columns=names)) == (["px_-1", "px_0", "px_12"], [-1, 0, 12])
+
+
+def test_a_dataset_that_is_not_ours_has_no_excluded_rows():
+    assert dataset_excluded(SimpleNamespace()) is None
+    marked = np.array([False, True])
+    assert dataset_excluded(SimpleNamespace(excluded=marked)) is marked
 
 
 @pytest.mark.parametrize(("value", "shown"), [(2, "2"), (0.5, "0.5"), (-1, "-1")])

@@ -26,6 +26,10 @@ import pandas as pd
 from patchbalance.errors import InputError
 from patchbalance.paths import default_summary_path, same_file
 from patchbalance.table import (
+    CRS_COLUMN,
+    EXCLUDED,
+    FOOTPRINT_BOUNDS,
+    SAMPLER_WEIGHT,
     class_columns,
     class_counts,
     drawn_weights,
@@ -36,11 +40,6 @@ from patchbalance.table import (
     separator_hint,
     table_columns,
 )
-
-SAMPLER_WEIGHT = "sampler_weight"
-EXCLUDED = "excluded"
-FOOTPRINT_BOUNDS = ("tile_minx", "tile_miny", "tile_maxx", "tile_maxy")
-CRS = "crs"
 
 
 def check_weights(
@@ -169,14 +168,14 @@ class BalancedTable:
 
     def footprints(self) -> tuple[np.ndarray, np.ndarray]:
         """Return (N, 4) window bounds xmin, ymin, xmax, ymax and (N,) CRS texts ("" for none)."""
-        missing = [c for c in (*FOOTPRINT_BOUNDS, CRS) if c not in self.frame.columns]
+        missing = [c for c in (*FOOTPRINT_BOUNDS, CRS_COLUMN) if c not in self.frame.columns]
         if missing:
             raise InputError(
                 f"{self.prefix}the table lacks the column(s) {', '.join(missing)}; a balanced "
                 "table written by build-balanced-dataset has them"
             )
         bounds = self.frame[list(FOOTPRINT_BOUNDS)].to_numpy(dtype=np.float64, na_value=np.nan)
-        crs = self.frame[CRS].fillna("").astype(str).to_numpy()
+        crs = self.frame[CRS_COLUMN].fillna("").astype(str).to_numpy()
         return bounds, crs
 
     def label(self, position: int) -> str:

@@ -5,8 +5,10 @@ training dataset and its loader, so that they never disagree about which rows a 
 which class columns it has, how a key is spelled or which row a message names:
 
 - the patch key (`KEY_COLUMNS`): one dtype per column, a readable label, a sort order;
+- the balanced table's column names (`SAMPLER_WEIGHT`, `EXCLUDED`, the footprint columns, the
+  class columns spelt by `class_column`): every other module asks here, never spells them;
 - the class columns (`px_<value>` pixel counts), class proportions and shares;
-- boolean columns and the `excluded` rows;
+- boolean columns and the `excluded` rows, of a table or of a dataset;
 - reading a CSV or Parquet table, writing one atomically;
 - the effective sample size of a set of weights.
 
@@ -31,6 +33,10 @@ from patchbalance.errors import InputError
 log = logging.getLogger(__name__)
 
 KEY_COLUMNS = ("image_path", "row_off", "col_off", "patch_size")
+SAMPLER_WEIGHT = "sampler_weight"
+EXCLUDED = "excluded"
+FOOTPRINT_BOUNDS = ("tile_minx", "tile_miny", "tile_maxx", "tile_maxy")
+CRS_COLUMN = "crs"
 CLASS_COLUMN_PREFIX = "px_"
 CLASS_COLUMN = re.compile(r"^px_(-?\d+)$")
 PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -97,7 +103,17 @@ def _plain(value: Any) -> Any:
 
 def excluded_column(table: pd.DataFrame, where: str | None = None) -> np.ndarray | None:
     """Return the table's `excluded` column as bools, or None when the table has none."""
-    return boolean_column(table, "excluded", where) if "excluded" in table.columns else None
+    return boolean_column(table, EXCLUDED, where) if EXCLUDED in table.columns else None
+
+
+def dataset_excluded(dataset: Any) -> np.ndarray | None:
+    """Return which rows of a training dataset are excluded, or None when it says nothing.
+
+    Our datasets carry their table's `excluded` column (read by `excluded_column`) as an
+    attribute of the same name. A dataset that is not ours has no such attribute and reads as
+    None: none of its rows is excluded.
+    """
+    return getattr(dataset, EXCLUDED, None)
 
 
 def excluded_but_weighted(excluded: np.ndarray | None, weights: np.ndarray) -> np.ndarray:
@@ -220,6 +236,11 @@ def lookup_by_path(paths: pd.Series, mapping: dict[str, Any], default: Any = np.
         [mapping.get(path, default) for path in categorical.categories.tolist()] + [default]
     )
     return per_file[categorical.codes]
+
+
+def class_column(value: int) -> str:
+    """Return the name of the pixel-count column of class `value`: `px_<value>`."""
+    return f"{CLASS_COLUMN_PREFIX}{int(value)}"
 
 
 def class_columns(table: pd.DataFrame) -> tuple[list[str], list[int]]:

@@ -26,15 +26,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from patchbalance.balanced_table import CRS as CRS_COLUMN
-from patchbalance.balanced_table import (
-    FOOTPRINT_BOUNDS,
-    SAMPLER_WEIGHT,
-    BalancedTable,
-    read_balanced_table,
-)
+from patchbalance.balanced_table import BalancedTable, read_balanced_table
 from patchbalance.data.samplers import DistributedWeightedSampler, _seed_from_torch
 from patchbalance.errors import InputError, MissingDependencyError
+from patchbalance.table import CRS_COLUMN, FOOTPRINT_BOUNDS, SAMPLER_WEIGHT
 
 try:
     import shapely

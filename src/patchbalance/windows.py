@@ -27,6 +27,8 @@ from rasterio.enums import MaskFlags
 from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
+from patchbalance.table import CRS_COLUMN, FOOTPRINT_BOUNDS
+
 log = logging.getLogger(__name__)
 
 # Windows handed to one worker task: large enough that opening the file is negligible, small
@@ -388,13 +390,10 @@ def tile_bound_columns(records: pd.DataFrame, infos: dict[str, RasterInfo]) -> p
     crs_lookup = {path: info.crs or "" for path, info in infos.items()}
     crs = records["image_path"].map(crs_lookup).fillna("").to_numpy(dtype=object)
     georeferenced = crs != ""
-    columns = pd.DataFrame(
-        {
-            "tile_minx": np.where(georeferenced, xs.min(axis=1), np.nan),
-            "tile_miny": np.where(georeferenced, ys.min(axis=1), np.nan),
-            "tile_maxx": np.where(georeferenced, xs.max(axis=1), np.nan),
-            "tile_maxy": np.where(georeferenced, ys.max(axis=1), np.nan),
-            "crs": crs,
-        }
-    )
-    return columns
+    bounds = (xs.min(axis=1), ys.min(axis=1), xs.max(axis=1), ys.max(axis=1))
+    columns = {
+        name: np.where(georeferenced, bound, np.nan)
+        for name, bound in zip(FOOTPRINT_BOUNDS, bounds, strict=True)
+    }
+    columns[CRS_COLUMN] = crs
+    return pd.DataFrame(columns)

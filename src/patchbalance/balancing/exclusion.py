@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.config import ExclusionConfig
+from patchbalance.table import EXCLUDED
 
 # The order in which reasons are listed in `exclusion_reason`.
 REASONS = (
@@ -57,7 +58,7 @@ class ExclusionFlags:
             dtype=object,
         )
         columns = pd.DataFrame({name: flag[rows] for name, flag in self.flags.items()})
-        columns["excluded"] = bits != 0
+        columns[EXCLUDED] = bits != 0
         columns["exclusion_reason"] = text[inverse.ravel()]
         return columns
 

@@ -15,11 +15,11 @@ from rasterio.errors import CRSError
 from rasterio.warp import transform as transform_coordinates
 
 from patchbalance.atomic import atomic_write_with, atomic_writer
-from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.errors import MissingDependencyError, OutputError
 from patchbalance.paths import (
     footprint_format,
 )
+from patchbalance.table import EXCLUDED, SAMPLER_WEIGHT
 from patchbalance.windows import RasterInfo, window_corners
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ FOOTPRINT_PROPERTIES = (
     SAMPLER_WEIGHT,
     "freq_cluster_id",
     "uniqueness_score",
-    "excluded",
+    EXCLUDED,
     "exclusion_reason",
     "image_path",
     "row_off",

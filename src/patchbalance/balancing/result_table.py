@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.balancing.exclusion import ExclusionFlags
 from patchbalance.balancing.stats import MaskStatistics, statistics_columns
+from patchbalance.table import SAMPLER_WEIGHT
 from patchbalance.windows import RasterInfo, tile_bound_columns
 
 log = logging.getLogger(__name__)

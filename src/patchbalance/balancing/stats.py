@@ -21,7 +21,7 @@ from patchbalance.balancing.window_counts import BorderCheck, CountTask, WindowC
 from patchbalance.compute import Compute, LazySequence
 from patchbalance.errors import InputError
 from patchbalance.measures import class_entropy, class_proportions
-from patchbalance.table import lookup_by_path
+from patchbalance.table import class_column, lookup_by_path
 from patchbalance.windows import CHUNK_WINDOWS, MISSING_VALUE, window_partitions
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def statistics_columns(
     for c, value in enumerate(stats.class_values):
         column = pd.array(counts[:, c], dtype="Int64")
         column[~computed] = pd.NA
-        columns[f"px_{int(value)}"] = column
+        columns[class_column(value)] = column
     columns["nodata_ratio"] = np.where(computed, stats.nodata_ratio[rows], np.nan)
     dist = class_dist_json(stats.class_values, counts)
     dist[~computed] = ""

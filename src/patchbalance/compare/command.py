@@ -10,7 +10,7 @@ from typing import Any
 import pandas as pd
 
 from patchbalance.atomic import atomic_writer
-from patchbalance.balanced_table import SAMPLER_WEIGHT, read_balanced_table
+from patchbalance.balanced_table import read_balanced_table
 from patchbalance.compare.config import (
     UNIFORM,
     UNIFORM_BUILD,
@@ -30,6 +30,7 @@ from patchbalance.compare.statistics import (
 )
 from patchbalance.config.secrets import mask_secrets
 from patchbalance.errors import MissingDependencyError
+from patchbalance.table import SAMPLER_WEIGHT
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.atomic import atomic_writer
-from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.compare.config import (
     CORESET_DEFAULTS,
     RANDOM_SUBSET,
@@ -38,7 +37,7 @@ from patchbalance.compare.reuse import (
 )
 from patchbalance.errors import InputError
 from patchbalance.sampling.figures import SamplingFigures, figures_from_table
-from patchbalance.table import read_table, write_table
+from patchbalance.table import SAMPLER_WEIGHT, read_table, write_table
 
 log = logging.getLogger(__name__)
 

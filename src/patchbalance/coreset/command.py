@@ -18,7 +18,7 @@ from patchbalance.coreset.selection import EMBEDDING_METHODS, run_selection
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.paths import default_summary_path
 from patchbalance.progress import StageClock
-from patchbalance.table import read_table, write_table
+from patchbalance.table import EXCLUDED, read_table, write_table
 
 
 def summary_text(summary: dict[str, Any], output: Path | None, summary_path: Path | None) -> str:
@@ -29,7 +29,7 @@ def summary_text(summary: dict[str, Any], output: Path | None, summary_path: Pat
         f"CoreSet method {summary['method']}, budget {shown}: selected "
         f"{summary['n_selected']:,} of {summary['n_pool']:,} pool patches "
         f"({summary['selected_share_of_pool']:.1%}); {summary['n_rows']:,} rows in the table "
-        f"({summary['left_out_of_pool']['excluded']:,} excluded, "
+        f"({summary['left_out_of_pool'][EXCLUDED]:,} excluded, "
         f"{summary['left_out_of_pool']['low_entropy']:,} low-entropy left out)",
     ]
     if "fd" in summary:
@@ -97,7 +97,7 @@ def _plan_text(
         [
             f"plan: CoreSet method {config.method} on {input_path}",
             f"  rows {len(table):,}; pool {int(pool.sum()):,} (excluded "
-            f"{left_out['excluded']:,}, low-entropy left out {left_out['low_entropy']:,})",
+            f"{left_out[EXCLUDED]:,}, low-entropy left out {left_out['low_entropy']:,})",
             f"  budget {config.budget:g} ({config.budget_mode}) -> {count:,} patches",
             f"  embeddings: {source}",
             f"  sampler_weight: {config.sampler_weights} over the CoreSet",

@@ -13,10 +13,13 @@ import numpy as np
 import pandas as pd
 
 import patchbalance.coreset.scorers as scorers
-from patchbalance.balanced_table import FOOTPRINT_BOUNDS, SAMPLER_WEIGHT, read_balanced_table
+from patchbalance.balanced_table import read_balanced_table
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.table import (
+    EXCLUDED,
+    FOOTPRINT_BOUNDS,
     KEY_COLUMNS,
+    SAMPLER_WEIGHT,
     boolean_column,
     class_columns,
     excluded_but_weighted,
@@ -60,7 +63,7 @@ def pool_mask(
             where,
             "they are left out of the CoreSet pool and get weight 0",
         )
-    return pool, {"excluded": int(excluded.sum()), "low_entropy": int(left_out_low.sum())}
+    return pool, {EXCLUDED: int(excluded.sum()), "low_entropy": int(left_out_low.sum())}
 
 
 def check_key_columns(table: pd.DataFrame, what: str) -> None:

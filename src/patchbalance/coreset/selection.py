@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 
 import patchbalance.coreset.scorers as scorers
-from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.coreset.config import (
     CoresetConfig,
     coreset_config_from_mapping,
@@ -40,7 +39,7 @@ from patchbalance.measures import (
 )
 from patchbalance.progress import StageClock, progress_bar
 from patchbalance.sampling.scores import sampler_weights
-from patchbalance.table import key_label, key_sorted, normalised_keys
+from patchbalance.table import EXCLUDED, SAMPLER_WEIGHT, key_label, key_sorted, normalised_keys
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +277,7 @@ def build_pool(
     if n_pool == 0:
         raise InputError(
             f"the CoreSet pool is empty: all {len(df)} rows are excluded "
-            f"({left_out['excluded']}) or low-entropy ({left_out['low_entropy']}); "
+            f"({left_out[EXCLUDED]}) or low-entropy ({left_out['low_entropy']}); "
             "set exclude_low_entropy: false or rebuild with milder exclusion"
         )
     keys_all = normalised_keys(df)

@@ -35,12 +35,12 @@ import torch
 from rasterio.errors import RasterioError
 from torch.utils.data import Dataset
 
-from patchbalance.balanced_table import SAMPLER_WEIGHT
 from patchbalance.data.arguments import band_numbers, whole_number
 from patchbalance.errors import ConfigError, InputError
 from patchbalance.paths import resolve_path
 from patchbalance.table import (
-    boolean_column,
+    EXCLUDED,
+    SAMPLER_WEIGHT,
     check_table_file,
     excluded_column,
     read_table,
@@ -303,13 +303,14 @@ class CSVWindowedSegmentationDataset(Dataset):
     ) -> tuple[pd.DataFrame, np.ndarray]:
         """Return the table's rows to train on and their 1-based row numbers in the file."""
         table = read_patch_table(
-            self.input_csv_path, keys, optional=(weight_key, "excluded", "placement")
+            self.input_csv_path, keys, optional=(weight_key, EXCLUDED, "placement")
         )
         if n_first_rows_to_read is not None:
             table = table.iloc[: whole_number(n_first_rows_to_read, "n_first_rows_to_read", 1)]
         numbers = row_numbers(np.arange(len(table)))
-        if drop_excluded and "excluded" in table.columns:
-            keep = ~boolean_column(table, "excluded", str(self.input_csv_path))
+        excluded = excluded_column(table, str(self.input_csv_path)) if drop_excluded else None
+        if excluded is not None:
+            keep = ~excluded
             table = table.loc[keep]
             numbers = numbers[keep]
         if len(table) == 0:

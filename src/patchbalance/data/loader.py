@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 
-from patchbalance.balanced_table import SAMPLER_WEIGHT, check_weights
+from patchbalance.balanced_table import check_weights
 from patchbalance.data.samplers import (
     TORCH_MULTINOMIAL_MAX_CATEGORIES,
     DistributedWeightedSampler,
@@ -32,7 +32,7 @@ from patchbalance.data.samplers import (
     _check_num_samples,
 )
 from patchbalance.errors import ConfigError, InputError
-from patchbalance.table import drawn_weights
+from patchbalance.table import SAMPLER_WEIGHT, dataset_excluded, drawn_weights
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ def dataset_weights(dataset: Dataset) -> np.ndarray:
         )
     where = getattr(dataset, "input_csv_path", None)
     # An excluded row is never drawn, whatever weight the table gives it (as in `report`).
-    excluded = getattr(dataset, "excluded", None)
+    excluded = dataset_excluded(dataset)
     weights = drawn_weights(weights, excluded, str(where) if where else None)
     return check_weights(
         weights,

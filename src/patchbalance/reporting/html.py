@@ -28,6 +28,7 @@ from patchbalance.sampling.figures import (
     active_and_drawn_weights,
     cluster_figures,
 )
+from patchbalance.table import SAMPLER_WEIGHT
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -267,7 +268,7 @@ def _weight_section(weights: np.ndarray, active: np.ndarray) -> str:
     return (
         "<h2>Weights</h2>"
         + _image_tag(figure, "histogram of sampler weights and concentration of draws")
-        + _html_table(["active patches", "sampler_weight"], rows)
+        + _html_table(["active patches", SAMPLER_WEIGHT], rows)
         + note
     )
 

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from patchbalance.table import CRS_COLUMN, FOOTPRINT_BOUNDS, SAMPLER_WEIGHT
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-BOUNDS_COLUMNS = ("tile_minx", "tile_miny", "tile_maxx", "tile_maxy")
 # One map panel per CRS; a table spanning more CRSs than this shows the most populated ones.
 MAX_MAP_PANELS = 4
 # Up to this many rasters get a map panel each.
@@ -28,10 +29,10 @@ EXCLUDED_COLOUR = "#d9d9d9"
 
 def _footprint_rows(table: pd.DataFrame) -> np.ndarray | None:
     """Return a boolean mask of rows with finite tile bounds and a CRS, or None if there are none."""
-    if not all(column in table.columns for column in (*BOUNDS_COLUMNS, "crs")):
+    if not all(column in table.columns for column in (*FOOTPRINT_BOUNDS, CRS_COLUMN)):
         return None
-    bounds = table[list(BOUNDS_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy()
-    crs = table["crs"].fillna("").astype(str).str.strip()
+    bounds = table[list(FOOTPRINT_BOUNDS)].apply(pd.to_numeric, errors="coerce").to_numpy()
+    crs = table[CRS_COLUMN].fillna("").astype(str).str.strip()
     usable = np.isfinite(bounds).all(axis=1) & (crs != "").to_numpy()
     return usable if usable.any() else None
 
@@ -56,7 +57,7 @@ def _map_groups(table: pd.DataFrame, usable: np.ndarray) -> tuple[np.ndarray, li
     Rasters of one CRS may lie kilometres apart, which shrinks each to a speck on a shared map:
     a few rasters get one panel each, many rasters one panel per CRS.
     """
-    crs = table["crs"].fillna("").astype(str).str.strip().to_numpy()
+    crs = table[CRS_COLUMN].fillna("").astype(str).str.strip().to_numpy()
     if "image_path" in table.columns:
         images, image_index = np.unique(table["image_path"].astype(str), return_inverse=True)
         if len(np.unique(image_index[usable])) <= MAX_RASTER_PANELS:
@@ -89,7 +90,7 @@ def footprint_map(
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    bounds = table[list(BOUNDS_COLUMNS)].apply(pd.to_numeric, errors="coerce").to_numpy()
+    bounds = table[list(FOOTPRINT_BOUNDS)].apply(pd.to_numeric, errors="coerce").to_numpy()
     keys, shown, hidden = _map_groups(table, usable)
     positive = weights[active & usable]
     positive = positive[positive > 0]
@@ -145,5 +146,5 @@ def footprint_map(
         panel.set_visible(False)
     if collection is not None:
         colourbar = figure.colorbar(collection, ax=list(panels[: len(shown)]), shrink=0.85)
-        colourbar.set_label("sampler_weight")
+        colourbar.set_label(SAMPLER_WEIGHT)
     return figure, hidden

@@ -45,7 +45,7 @@ from patchbalance.atomic import atomic_writer
 from patchbalance.balanced_table import read_balanced_table
 from patchbalance.errors import ConfigError
 from patchbalance.measures import class_share
-from patchbalance.table import class_columns, drawn_weights, table_columns
+from patchbalance.table import class_columns, dataset_excluded, drawn_weights, table_columns
 
 log = logging.getLogger(__name__)
 
@@ -334,7 +334,7 @@ def training_class_weights(
         result = ClassWeights(spec, np.asarray(spec.given, float), None, weighted, [], [])
     else:
         counts = dataset_class_counts(dataset, n_classes)
-        excluded = getattr(dataset, "excluded", None)
+        excluded = dataset_excluded(dataset)
         active = np.ones(len(counts), bool) if excluded is None else ~np.asarray(excluded, bool)
         draw = None
         if weighted:

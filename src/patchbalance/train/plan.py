@@ -18,7 +18,7 @@ import numpy as np
 
 from patchbalance.atomic import check_writable_folder
 from patchbalance.errors import ConfigError
-from patchbalance.table import drawn_weights
+from patchbalance.table import dataset_excluded, drawn_weights
 from patchbalance.train.components import (
     DEFAULT_MODEL,
     build_dataset,
@@ -91,7 +91,7 @@ class TrainPlan:
         ]
         if weights is not None and type(sampler).__name__ != "RandomSampler":
             # Counted as the sampler draws: an excluded row never is, whatever its weight.
-            excluded = getattr(self.train_dataset, "excluded", None)
+            excluded = dataset_excluded(self.train_dataset)
             drawable = drawn_weights(weights, excluded, warn=False) > 0
             lines.append(f"  rows with sampler_weight > 0: {int(np.count_nonzero(drawable))}")
         lines += [
