@@ -148,3 +148,16 @@ def test_summary_path_is_honoured_and_no_temporary_files_are_left(demo_project, 
     assert sorted(p.name for p in target.parent.iterdir()) == ["subset.csv"]
     out = pd.read_csv(target)
     np.testing.assert_array_equal(out.loc[out["coreset_selected"], "sampler_weight"], 1.0)
+
+
+def test_select_coreset_resolves_and_checks_its_configuration_once(demo_project, monkeypatch):
+    import patchbalance.coreset.config as coreset_config
+
+    calls = []
+    real = coreset_config.check_coreset_files
+    monkeypatch.setattr(
+        coreset_config, "check_coreset_files", lambda config: calls.append(1) or real(config)
+    )
+    result = _invoke(demo_project / "conf" / "examples" / "coreset_local.yaml", "-q")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1

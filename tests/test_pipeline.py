@@ -417,3 +417,26 @@ def test_paths_are_resolved_once_when_the_configuration_is_loaded(tmp_path):
     )
     assert other.embeddings.dino_model == "facebook/dinov2-small"
     assert other.with_resolved_paths().input.records_path == str(tmp_path / "r.csv")
+
+
+def test_a_command_resolves_and_checks_its_configuration_once(tmp_path, monkeypatch):
+    """The build command loads (resolves and checks) its config once; the API resolves again
+    only a config changed since it was loaded."""
+    import patchbalance.config as config_module
+    from patchbalance.balancing.command import run_build_command
+    from patchbalance.demo import write_demo_dataset
+
+    calls = []
+    real = config_module.check_build_files
+    monkeypatch.setattr(
+        config_module, "check_build_files", lambda config: calls.append(1) or real(config)
+    )
+    config_path = write_demo_dataset(tmp_path)["config"]
+    run_build_command(config_path, progress=False)
+    assert len(calls) == 1
+    loaded = config_module.load_config(config_path)
+    run_build(loaded, write=False)
+    assert len(calls) == 2  # the load; the run reuses it
+    loaded.seed = 7  # changed in Python: resolved and checked again
+    run_build(loaded, write=False)
+    assert len(calls) == 3

@@ -414,3 +414,15 @@ def test_a_validation_table_with_class_centred_windows_warns_with_their_count(
     assert len(warned) == 1
     assert f"{centred_val} holds 2 class-centred window(s)" in warned[0]
     assert "input.placement: grid" in warned[0]
+
+
+def test_the_command_resolves_its_configuration_once(tables, tmp_path):
+    """An escaped interpolation (`\\${...}`) stays text: a second resolution would fail on it."""
+    train_table, val_table = tables
+    config = small_config(train_table, val_table, tmp_path / "out")
+    config["output_dir"] = str(tmp_path / "out_\\${run}")
+    config_path = tmp_path / "train.yaml"
+    config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    result = runner.invoke(app, ["train", str(config_path), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert "out_${run}" in result.stdout

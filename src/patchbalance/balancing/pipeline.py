@@ -40,6 +40,7 @@ from patchbalance.config import (
     config_from_mapping,
     load_config,
 )
+from patchbalance.config.loading import is_resolved
 from patchbalance.errors import InputError
 from patchbalance.paths import FOOTPRINT_FORMATS, default_summary_path, footprint_format
 from patchbalance.progress import StageClock, progress_bar
@@ -77,8 +78,8 @@ def _as_config(
     config: BalancedDatasetConfig | dict[str, Any] | str | os.PathLike[str],
 ) -> BalancedDatasetConfig:
     if isinstance(config, BalancedDatasetConfig):
-        # A configuration built in Python may have been changed since it was loaded.
-        return config.with_resolved_paths()
+        # Resolved once, at load; one changed in Python since then is resolved (and checked) again.
+        return config if is_resolved(config) else config.with_resolved_paths()
     if isinstance(config, dict):
         return config_from_mapping(config)
     return load_config(config)

@@ -24,7 +24,13 @@ from pydantic import (
 )
 
 from patchbalance.config.input import InputConfig, secret_as_text
-from patchbalance.config.loading import Seed, StrictModel, load_model_file, model_from_mapping
+from patchbalance.config.loading import (
+    Seed,
+    StrictModel,
+    load_model_file,
+    mark_resolved,
+    model_from_mapping,
+)
 from patchbalance.errors import ConfigError, PatchbalanceError
 from patchbalance.paths import (
     check_distinct_files,
@@ -294,6 +300,7 @@ class BalancedDatasetConfig(StrictModel):
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_path: Path | None = PrivateAttr(default=None)
+    _resolved_as: str | None = PrivateAttr(default=None)
 
     @field_validator("mode", mode="before")
     @classmethod
@@ -423,6 +430,7 @@ class BalancedDatasetConfig(StrictModel):
         )
         resolved._base_dir, resolved._source_path = self._base_dir, self._source_path
         check_build_files(resolved)  # before any stage: no output may replace another or an input
+        mark_resolved(resolved)
         return resolved
 
     def resolve(self, path: str | os.PathLike[str]) -> Path:

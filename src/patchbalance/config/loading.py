@@ -58,6 +58,21 @@ class StrictModel(BaseModel):
         return data
 
 
+def mark_resolved(config: BaseModel) -> None:
+    """Record that `config`'s paths are resolved and its files checked, as it stands now.
+
+    The model must declare `_resolved_as: str | None = PrivateAttr(default=None)`.
+    """
+    config._resolved_as = config.model_dump_json()  # type: ignore[attr-defined]
+
+
+def is_resolved(config: BaseModel) -> bool:
+    """Return True when `config` is unchanged since `mark_resolved`: a command resolves its
+    configuration once, and the API resolves again only one that was built or changed since."""
+    recorded = getattr(config, "_resolved_as", None)
+    return recorded is not None and recorded == config.model_dump_json()
+
+
 class DuplicateKeyError(yaml.YAMLError):
     """A mapping in a YAML file gives the same key twice."""
 

@@ -12,7 +12,13 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from patchbalance.config.loading import Seed, StrictModel, load_model_file, model_from_mapping
+from patchbalance.config.loading import (
+    Seed,
+    StrictModel,
+    load_model_file,
+    mark_resolved,
+    model_from_mapping,
+)
 from patchbalance.errors import ConfigError
 from patchbalance.paths import check_distinct_files, default_summary_path, resolve_path
 from patchbalance.table import table_suffix
@@ -51,6 +57,7 @@ class CoresetConfig(StrictModel):
 
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
     _source_path: Path | None = PrivateAttr(default=None)
+    _resolved_as: str | None = PrivateAttr(default=None)
 
     @field_validator("output_csv_path")
     @classmethod
@@ -96,6 +103,7 @@ def with_resolved_paths(config: CoresetConfig) -> CoresetConfig:
     }
     resolved = config.model_copy(update=update)
     check_coreset_files(resolved)
+    mark_resolved(resolved)
     return resolved
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 import patchbalance.coreset.scorers as scorers
+from patchbalance.config.loading import is_resolved
 from patchbalance.coreset.config import (
     CoresetConfig,
     coreset_config_from_mapping,
@@ -223,7 +224,8 @@ SCORERS: dict[str, Scorer] = {
 
 def _as_config(config: CoresetConfig | dict[str, Any]) -> CoresetConfig:
     if isinstance(config, CoresetConfig):
-        return with_resolved_paths(config)
+        # Resolved once, at load; one changed in Python since then is resolved (and checked) again.
+        return config if is_resolved(config) else with_resolved_paths(config)
     if not isinstance(config, dict):
         raise ConfigError(
             f"config must be a CoresetConfig or a mapping, not {type(config).__name__}"

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 from patchbalance.config.loading import read_yaml_mapping
-from patchbalance.train.config import resolve_config_mapping
 from patchbalance.train.plan import plan_training
 from patchbalance.train.run import run_plan
 
@@ -24,8 +23,8 @@ def run_train_command(
     """
     config_path = Path(config_path)
     raw = read_yaml_mapping(config_path)
-    resolved = resolve_config_mapping(raw, overrides, str(config_path))
-    plan = plan_training(resolved, config_path.resolve().parent, where=str(config_path))
+    # The plan resolves the configuration (overrides, then `${...}`) once.
+    plan = plan_training(raw, config_path.resolve().parent, str(config_path), overrides)
     if dry_run:
         return "dry run: nothing trained\n" + plan.describe()
     result = run_plan(plan, progress, None if resume is None else os.fspath(resume))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,10 +211,15 @@ def plan_training(
     config: Mapping[str, Any],
     base_dir: str | os.PathLike[str] | None = None,
     where: str = "<config>",
+    overrides: Sequence[str] = (),
 ) -> TrainPlan:
-    """Return the validated plan of a run: datasets, loaders, device and lengths, built not run."""
+    r"""Return the validated plan of a run: datasets, loaders, device and lengths, built not run.
+
+    `config` is the mapping as written; `overrides` (`key.path=value`) are merged in and `${...}`
+    resolved here, once (a second pass would turn an escaped `\${x}` into an interpolation).
+    """
     base = Path(base_dir).resolve() if base_dir is not None else Path.cwd()
-    resolved = resolve_config_mapping(config, (), where)
+    resolved = resolve_config_mapping(config, overrides, where)
     cfg = load_train_config(resolved, base, where)
     output_dir = Path(cfg.output_dir)
     # Found unwritable now, not after the first epoch's checkpoint.
