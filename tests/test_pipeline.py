@@ -440,3 +440,20 @@ def test_a_command_resolves_and_checks_its_configuration_once(tmp_path, monkeypa
     loaded.seed = 7  # changed in Python: resolved and checked again
     run_build(loaded, write=False)
     assert len(calls) == 3
+
+
+def test_the_build_carries_the_figures_the_report_computes_from_its_table(scene):
+    """demo and compare use the build's own figures: they are those of the table it wrote."""
+    from patchbalance.sampling.figures import figures_from_table
+
+    folder, records = scene
+    result = run_build(_config(folder, records))
+    assert result.summary["sampling"] == result.figures.to_dict()
+    from_table = figures_from_table(pd.read_csv(folder / "out" / "table.csv")).to_dict()
+    assert from_table.keys() == result.figures.to_dict().keys()
+    assert json.dumps(from_table, sort_keys=True) == json.dumps(
+        result.figures.to_dict(), sort_keys=True
+    )
+    written = json.loads((folder / "out" / "table.summary.json").read_text())
+    assert written == json.loads(json.dumps(result.summary.to_dict()))
+    assert list(written)[-4:] == ["warnings", "timings_s", "outputs", "output_sha256"]

@@ -177,7 +177,6 @@ def run_demo_command(out_dir: Path, progress: bool = True, scheduler: str | None
     from patchbalance.balancing.pipeline import run_build
     from patchbalance.config import load_config
     from patchbalance.reporting.html import write_html_report
-    from patchbalance.sampling.figures import figures_from_table
 
     check_writable_folder(Path(out_dir), "the demo folder (--out)")
     check_demo_folder(Path(out_dir))
@@ -195,7 +194,7 @@ def run_demo_command(out_dir: Path, progress: bool = True, scheduler: str | None
     try:
         write_html_report(
             result.table,
-            figures_from_table(result.table),
+            result.figures,
             html_path,
             title="demo",
             class_names=CLASS_NAMES,

@@ -30,7 +30,7 @@ from patchbalance.balancing.outputs import check_footprint_writer, write_footpri
 from patchbalance.balancing.raster_reading import RasterReading, read_rasters
 from patchbalance.balancing.result_table import ResultTable
 from patchbalance.balancing.stats import MaskStatistics, nodata_ratios
-from patchbalance.balancing.summary import StageResults, build_summary, build_warnings, summary_text
+from patchbalance.balancing.summary import BuildSummary, StageResults, summary_text
 from patchbalance.compute import Compute, open_compute
 from patchbalance.config import (
     BalancedDatasetConfig,
@@ -44,7 +44,7 @@ from patchbalance.config.loading import is_resolved
 from patchbalance.errors import InputError
 from patchbalance.paths import FOOTPRINT_FORMATS, default_summary_path, footprint_format
 from patchbalance.progress import StageClock, progress_bar
-from patchbalance.sampling.figures import sampling_figures
+from patchbalance.sampling.figures import SamplingFigures, sampling_figures
 from patchbalance.sampling.registry import Signals, sampling_scores
 from patchbalance.sampling.scores import normalise_weights, sampler_weights
 from patchbalance.sources import SourceRecords, load_records
@@ -57,16 +57,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BuildResult:
-    """What a build produced: the table (as written), the summary and its text form.
+    """What a build produced: the table (as written), its summary and the files written.
 
     `table` is made from the stages' arrays the first time it is asked for; a command that
     only writes the files never holds the whole table as a DataFrame.
     """
 
     rows: ResultTable
-    summary: dict[str, Any]
-    summary_text: str
+    summary: BuildSummary
     outputs: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def figures(self) -> SamplingFigures:
+        """Return the sampling figures of the weights (SPEC §5), as the summary records them."""
+        return self.summary.figures
+
+    @property
+    def summary_text(self) -> str:
+        """Return the end-of-run text for the terminal."""
+        return self.summary.text()
 
     @cached_property
     def table(self) -> pd.DataFrame:
@@ -289,17 +298,18 @@ def _write_outputs(
     config: BalancedDatasetConfig,
     table: ResultTable,
     paths: dict[str, Path],
-    summary: dict[str, Any],
-) -> dict[str, str]:
-    """Write the table, footprints and PostgreSQL table; return what was written where."""
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Write the table, footprints and PostgreSQL table; return what was written where, and
+    what writing reported for the summary (features written, footprints skipped, the table)."""
     write_table_chunks(table.chunks(), paths["table"])
     outputs = {"table": str(paths["table"])}
+    notes: dict[str, Any] = {}
     infos = table.infos
     footprint_kinds = [kind for kind in FOOTPRINT_FORMATS.values() if kind in paths]
     written = table.to_frame() if footprint_kinds or config.output.postgres_table else None
     for kind in footprint_kinds:
         if any(info.has_crs for info in infos.values()):
-            summary[f"{kind}_features"] = write_footprints(written, infos, paths[kind])
+            notes[f"{kind}_features"] = write_footprints(written, infos, paths[kind])
             outputs[kind] = str(paths[kind])
         else:
             log.warning(
@@ -307,13 +317,13 @@ def _write_outputs(
                 "be placed on a map (%s)",
                 paths[kind],
             )
-            summary[f"{kind}_skipped"] = "rasters have no CRS"
+            notes[f"{kind}_skipped"] = "rasters have no CRS"
     if config.output.postgres_table is not None:
         from patchbalance.balancing.postgres_table import describe, write_postgres_table
 
-        summary["postgres_table"] = write_postgres_table(written, infos, config)
+        notes["postgres_table"] = write_postgres_table(written, infos, config)
         outputs["postgres_table"] = describe(config)
-    return outputs
+    return outputs, notes
 
 
 def _start_compute(
@@ -435,22 +445,24 @@ def _finish(
     )
     class_values = [int(v) for v in reading.stats.class_values]
     figures = sampling_figures(reading.stats.counts, weights, active, class_values)
-    summary = build_summary(config, stages, figures)
-    summary["warnings"] = build_warnings(config, stages, figures)
     if not write:
-        summary["timings_s"] = clock.seconds
-        summary["outputs"] = {}
-        return BuildResult(table, summary, summary_text(summary, figures), {})
+        return BuildResult(table, BuildSummary.create(config, stages, figures, clock.seconds))
     # One set: every file is complete before the first replaces its old version, and the
-    # summary, which holds the others' SHA-256, is moved into place last (SPEC §4).
+    # summary, which holds the others' SHA-256, is made then and moved into place last (SPEC §4).
     with output_set() as written:
-        outputs = _write_outputs(config, table, paths, summary)
-        summary["timings_s"] = clock.seconds
-        summary["outputs"] = outputs
+        outputs, output_notes = _write_outputs(config, table, paths)
         outputs["summary"] = str(paths["summary"])
-        summary["output_sha256"] = written.hashes(outputs)
-        write_json(summary, paths["summary"])
-    return BuildResult(table, summary, summary_text(summary, figures), outputs)
+        summary = BuildSummary.create(
+            config,
+            stages,
+            figures,
+            clock.seconds,
+            outputs=outputs,
+            output_notes=output_notes,
+            output_sha256=written.hashes(outputs),
+        )
+        write_json(summary.to_dict(), paths["summary"])
+    return BuildResult(table, summary, outputs)
 
 
 def build_balanced_dataset(

@@ -1,13 +1,17 @@
 """The build's summary (the JSON written beside the table) and its text for the terminal.
 
-`build_summary` turns what the stages returned (`StageResults`) into the summary dict of SPEC
-§3.7; `summary_text` is the end-of-run text the command prints.
+`BuildSummary.create` makes the summary once, after the outputs are written: from what the
+stages returned (`StageResults`), the sampling figures, what writing reported and the written
+files' SHA-256. Its mapping is the JSON of SPEC §3.7 and §4; `text()` is the end-of-run text
+the command prints.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -54,6 +58,69 @@ class StageResults:
     def active(self) -> np.ndarray:
         """Return which patches take part (not excluded)."""
         return ~self.exclusion.excluded
+
+
+@dataclass(frozen=True)
+class BuildSummary(Mapping[str, Any]):
+    """The build's summary, made once; as a mapping, the JSON written beside the table.
+
+    Attributes:
+        blocks: what the stages found (counts, exclusion, clustering, weights, sampling, ...).
+        figures: the sampling figures of the weights (SPEC §5).
+        warnings: the build's warnings.
+        timings_s: seconds per stage.
+        outputs: the files written, by kind (empty when nothing was written).
+        output_notes: what writing the footprints and the PostgreSQL table reported.
+        output_sha256: the written files' SHA-256 by kind (absent when nothing was written).
+    """
+
+    blocks: dict[str, Any]
+    figures: SamplingFigures
+    warnings: list[str]
+    timings_s: dict[str, float]
+    outputs: dict[str, str] = field(default_factory=dict)
+    output_notes: dict[str, Any] = field(default_factory=dict)
+    output_sha256: dict[str, str] | None = None
+
+    @classmethod
+    def create(
+        cls,
+        config: BalancedDatasetConfig,
+        stages: StageResults,
+        figures: SamplingFigures,
+        timings_s: dict[str, float],
+        **written: Any,
+    ) -> BuildSummary:
+        """Return the summary of a build from its stages' results and what was written."""
+        blocks = build_summary(config, stages, figures)
+        warnings = build_warnings(config, stages, figures)
+        # The stage times so far, as written: the summary does not change after it is made.
+        return cls(blocks, figures, warnings, dict(timings_s), **written)
+
+    @cached_property
+    def _mapping(self) -> dict[str, Any]:
+        mapping = {**self.blocks, "warnings": self.warnings, **self.output_notes}
+        mapping.update(timings_s=self.timings_s, outputs=self.outputs)
+        if self.output_sha256 is not None:
+            mapping["output_sha256"] = self.output_sha256
+        return mapping
+
+    def __getitem__(self, key: str) -> Any:
+        return self._mapping[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._mapping)
+
+    def __len__(self) -> int:
+        return len(self._mapping)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the summary as the JSON object written beside the table."""
+        return dict(self._mapping)
+
+    def text(self) -> str:
+        """Return the end-of-run text for the terminal."""
+        return summary_text(self, self.figures)
 
 
 def _versions() -> dict[str, str]:
@@ -186,7 +253,7 @@ def _uniqueness_blocks(uniqueness: np.ndarray, notes: dict[str, Any]) -> dict[st
     return blocks
 
 
-def summary_text(summary: dict[str, Any], figures: Any) -> str:
+def summary_text(summary: Mapping[str, Any], figures: SamplingFigures) -> str:
     """Return the end-of-run summary for the terminal."""
     lines = [
         f"patches: {summary['n_patches']:,}  active: {summary['n_active']:,}  "

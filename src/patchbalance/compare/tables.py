@@ -201,7 +201,10 @@ def build_arm_table(plan: ComparePlan, name: str, progress: bool = False) -> Arm
             write_table(table, folder / target)
         hashes = file_hashes(folder, [target])
         _mark_done(folder, {"key": key, "arm": name, "notes": notes, FILES: hashes, INPUTS: inputs})
-        figures = figures_from_table(table, where=str(folder / target))
+        # The build's own figures, unless a CoreSet replaced its weights.
+        figures = built.figures
+        if arm.coreset is not None:
+            figures = figures_from_table(table, where=str(folder / target))
     return ArmTable(name, folder / target, figures, finished is not None, notes, key)
 
 
