@@ -20,7 +20,8 @@ import numpy as np
 import pandas as pd
 
 from patchbalance.balancing.outputs import footprint_rings, polygon_wkb, wkb_hex
-from patchbalance.config import BalancedDatasetConfig, PostgresTableConfig
+from patchbalance.config import BalancedDatasetConfig
+from patchbalance.config.output import PostgresTableConfig
 from patchbalance.config.secrets import scrub
 from patchbalance.errors import OutputError
 from patchbalance.sources.postgres_connection import (
