@@ -32,7 +32,7 @@ from patchbalance.balancing.uniqueness import (
     exact_search,
     ivf_parameters,
     nearest_neighbors,
-    normalize_rows,
+    normalise_rows,
 )
 from patchbalance.config import UniquenessConfig
 
@@ -149,7 +149,7 @@ def main() -> None:
         f"cores={os.cpu_count()} torch threads={torch.get_num_threads()} "
         f"faiss threads={faiss.omp_get_max_threads()} faiss {faiss.__version__}"
     )
-    unit = normalize_rows(mixture(args.n, args.dim, args.centres, args.noise, args.seed))
+    unit = normalise_rows(mixture(args.n, args.dim, args.centres, args.noise, args.seed))
 
     start = time.perf_counter()
     exact_idx, exact_dist, device = nearest_neighbors(unit, k, "exact", config, args.seed)
@@ -196,7 +196,7 @@ def main() -> None:
     if args.scale_n:
         del unit, exact_idx, exact_dist, ivf_idx, ivf_dist
         print(f"\nlarger set: n={args.scale_n:,} dim={args.scale_dim}")
-        big = normalize_rows(
+        big = normalise_rows(
             mixture(args.scale_n, args.scale_dim, args.centres, args.noise, args.seed + 1)
         )
         figures = index_figures(big, config, k, args.seed, queries=args.scale_queries)
