@@ -60,6 +60,7 @@ from rasterio.transform import from_origin
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from geotiff import MASK_NODATA, REPO, write_geotiff  # noqa: E402
+from patchbalance.atomic import atomic_writer  # noqa: E402
 
 CLASS_MAPS = Path(__file__).resolve().parent / "class_maps"
 DATA = REPO.parent / "shared" / "data"
@@ -147,6 +148,12 @@ METHODS: dict[str, dict[str, Any]] = {
 # uniform_mix 0.33 is added to the strongest class-aware method, measured before training.
 MIX = 0.33
 CLASS_AWARE = ("inverse_frequency", "repeat_factor", *(m for m in METHODS if "class_target" in m))
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write `text` to `path` atomically: an interrupted run never leaves half a file."""
+    with atomic_writer(path, "w") as stream:
+        stream.write(text)
 
 
 def log(message: str) -> None:
@@ -698,8 +705,8 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[pd.DataFrame, int]:
         f"{args.patch} px); {time.perf_counter() - started:.0f} s"
     )
     build = {"balanced_dataset": build_config(train_pairs, n_classes, args, work)}
-    (work / "build.yaml").write_text(yaml.safe_dump(build, sort_keys=False))
-    (work / "train.yaml").write_text(yaml.safe_dump(train_config(val_path, n_classes, args)))
+    _write_text(work / "build.yaml", yaml.safe_dump(build, sort_keys=False))
+    _write_text(work / "train.yaml", yaml.safe_dump(train_config(val_path, n_classes, args)))
     return val_pairs, n_val
 
 
@@ -793,7 +800,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         seconds=time.perf_counter() - started,
     )
     # results.md is the engine's; results.json gains the benchmark's settings and rows.
-    (work / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    _write_text(work / "results.json", json.dumps(results, indent=2, default=float))
     return results
 
 
