@@ -30,7 +30,18 @@ def interrupt_when_started(folder, timeout: float = 120.0) -> None:
     os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_an_interrupt_lets_the_running_trainings_finish_and_starts_no_queued_one(tmp_path):
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler, as a command-line run has it: a library that an earlier
+    test used in this process (a trainer, a cluster) may have installed one of its own."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_an_interrupt_lets_the_running_trainings_finish_and_starts_no_queued_one(
+    tmp_path, python_sigint
+):
     jobs = [(f"run{i}", 1.5, str(tmp_path)) for i in range(5)]
     recorded = []
     threading.Thread(target=interrupt_when_started, args=(tmp_path,), daemon=True).start()
