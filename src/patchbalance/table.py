@@ -7,10 +7,12 @@ which class columns it has, how a key is spelled or which row a message names:
 - the patch key (`KEY_COLUMNS`): one dtype per column, a readable label, a sort order;
 - the balanced table's column names (`SAMPLER_WEIGHT`, `EXCLUDED`, the footprint columns, the
   class columns spelt by `class_column`): every other module asks here, never spells them;
-- the class columns (`px_<value>` pixel counts), class proportions and shares;
+- the class columns (`px_<value>` pixel counts) and the pixel-count rule (`class_counts`);
 - boolean columns and the `excluded` rows, of a table or of a dataset;
-- reading a CSV or Parquet table, writing one atomically;
-- the effective sample size of a set of weights.
+- reading a CSV or Parquet table, writing one atomically.
+
+What is measured from the counts and weights (class shares, the effective sample size) is in
+`patchbalance.measures`.
 
 Row numbers in messages are the table's own data rows as a spreadsheet shows them: the first
 row under the header is row 1. `row_numbers` and `rows_text` turn array positions into them.
