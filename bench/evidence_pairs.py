@@ -50,6 +50,12 @@ from patchbalance.compare.statistics import (
 
 def load_runs(work: Path) -> tuple[pd.DataFrame, dict]:
     """Return the runs (one row per arm, seed, step, tau, class) and the run's results.json."""
+    missing = [name for name in ("runs.csv", "results.json") if not (work / name).is_file()]
+    if missing:
+        raise SystemExit(
+            f"error: {work} has no {' or '.join(missing)}: point at the --work folder of a "
+            "finished bench/evidence.py run (they are written when every run has finished)"
+        )
     runs = pd.read_csv(work / "runs.csv")
     runs = runs.rename(columns={"method": "arm"})
     runs["class"] = runs["class"].astype(str)
