@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -52,10 +53,12 @@ def load_runs(work: Path) -> tuple[pd.DataFrame, dict]:
     """Return the runs (one row per arm, seed, step, tau, class) and the run's results.json."""
     missing = [name for name in ("runs.csv", "results.json") if not (work / name).is_file()]
     if missing:
-        raise SystemExit(
+        print(
             f"error: {work} has no {' or '.join(missing)}: point at the --work folder of a "
-            "finished bench/evidence.py run (they are written when every run has finished)"
+            "finished bench/evidence.py run (they are written when every run has finished)",
+            file=sys.stderr,
         )
+        raise SystemExit(2)
     runs = pd.read_csv(work / "runs.csv")
     runs = runs.rename(columns={"method": "arm"})
     runs["class"] = runs["class"].astype(str)
