@@ -116,13 +116,25 @@ def gains_table(
 
 
 def report(
-    runs: pd.DataFrame, results: dict, pairs: list[str], step: int | None, tolerance: float
+    runs: pd.DataFrame,
+    results: dict,
+    pairs: list[str],
+    step: int | None,
+    tolerance: float,
+    every_class: bool = False,
 ) -> str:
-    """Return the tables and plateau checks of an evidence folder as Markdown."""
+    """Return the tables and plateau checks of an evidence folder as Markdown.
+
+    The tables' columns are the classes of interest, or with `every_class` every class, then
+    mIoU and the `interest` and `rest` rows.
+    """
     interest = interest_of(results)
     baseline = results.get("baseline", "uniform")
     at = at_step(runs, interest, step)
-    rows = [*(str(c) for c in interest), *SUMMARY_ROWS]
+    classes = interest
+    if every_class:
+        classes = sorted(int(c) for c in runs["class"].unique() if c.lstrip("-").isdigit())
+    rows = [*(str(c) for c in classes), *SUMMARY_ROWS]
     arms = [arm for arm in at["arm"].unique() if arm != baseline]
     seeds = at[at["class"] == MIOU].groupby("arm")["seed"].nunique()
     counts = f"{seeds.min()}" if seeds.min() == seeds.max() else f"{seeds.min()} to {seeds.max()}"
@@ -153,10 +165,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--pair", action="append", default=[], help="ARM_A:ARM_B (repeatable)")
     parser.add_argument("--step", type=int, help="the validation step (default: the last)")
     parser.add_argument("--plateau-tolerance", type=float, default=0.01)
+    parser.add_argument(
+        "--every-class", action="store_true", help="a column per class, not only those of interest"
+    )
     args = parser.parse_args(argv)
     runs, results = load_runs(args.work)
     results.setdefault("class_names", {})
-    print(report(runs, results, args.pair, args.step, args.plateau_tolerance))
+    print(report(runs, results, args.pair, args.step, args.plateau_tolerance, args.every_class))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "evidence_pairs.py"
 
@@ -56,3 +57,23 @@ def test_the_gains_are_student_t_intervals_with_group_rows_in_markdown(tmp_path,
     reverse = next(line for line in printed.splitlines() if line.startswith("| uniform over"))
     assert "-2.0 [-4.5, +0.5] (0/3)" in reverse
     assert "still rising" not in printed and printed.count("plateaued") == 2
+
+
+def test_every_class_gives_a_column_per_class_and_a_missing_folder_is_one_line(tmp_path, capsys):
+    write_work(tmp_path)
+    load_pairs().main([str(tmp_path), "--every-class"])
+    printed = capsys.readouterr().out
+    assert "| A over B | Background | Grass | Vehicle | mIoU | interest | rest |" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| weighted over"))
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == cells[2] == "-1.0 [-1.0, -1.0] (0/3)"  # Background, Grass
+    assert cells[3] == "+2.0 [-0.5, +4.5] (3/3)"  # Vehicle
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        load_pairs().main([str(empty)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and "runs.csv or results.json" in error
+    assert len(error.splitlines()) == 1
