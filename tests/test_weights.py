@@ -233,3 +233,32 @@ def test_an_unknown_sampling_method_names_the_closest_registered_one():
                 "output": {"csv_path": "t.csv"},
             }
         )
+
+
+def test_a_sampling_method_changed_after_loading_gets_its_own_parameters(tmp_path):
+    """The Python API may change `sampling_method` on a loaded config: the build then uses the
+    new method's parameters, not those validated for the old one."""
+    from patchbalance.balancing.pipeline import run_build
+    from patchbalance.config import config_from_mapping
+    from rasters import record, write_pair
+
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[:32, :32] = 2
+    mask[32:, 32:] = 1
+    image_path, mask_path = write_pair(tmp_path, "a", mask)
+    records = [record(image_path, mask_path, r, c, 32) for r in (0, 32) for c in (0, 32)]
+    config = config_from_mapping(
+        {
+            "input": {"patch_records": records},
+            "clustering": {"k_min": 2, "k_max": 2},
+            "weights": {"sqrt": True, "min_ess": 0.2},
+            "output": {"csv_path": str(tmp_path / "t.csv")},
+        },
+        base_dir=tmp_path,
+    )
+    assert config.weights.params.model_dump() == {"target_share": "sqrt", "min_ess": 0.2}
+    config.sampling_method = "inverse_frequency"
+    result = run_build(config, write=False)
+    assert config.weights.params.model_dump() == {"sqrt": True}
+    assert "min_ess" not in result.summary["weights"]
+    assert result.table["sampler_weight"].mean() == pytest.approx(1.0)

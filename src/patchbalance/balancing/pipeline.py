@@ -281,7 +281,7 @@ def _weights_stage(
         cluster_id=composition.labels,
         uniqueness=uniqueness,
     )
-    scores, weight_notes = sampling_scores(method, signals, weights_config.params)
+    scores, weight_notes = sampling_scores(method, signals, weights_config.params_for(method))
     if "reduced" in weight_notes:
         log.info("%s", weight_notes["reduced"])
     active_weights = normalise_weights(

@@ -215,7 +215,7 @@ def _weights_block(
     figures: SamplingFigures,
 ) -> dict[str, Any]:
     block = {
-        **config.weights.params.summary_block(),
+        **config.weights.params_for(config.sampling_method).summary_block(),
         "power": config.weights.power,
         "uniform_mix": config.weights.uniform_mix,
         "max_weight": config.weights.max_weight,

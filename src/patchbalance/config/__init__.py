@@ -174,6 +174,7 @@ class WeightsConfig(StrictModel):
     uniform_mix: float = Field(default=0.0, ge=0, le=1)
 
     _params: MethodParams | None = PrivateAttr(default=None)
+    _bound_to: str | None = PrivateAttr(default=None)
 
     @classmethod
     def extra_keys(cls) -> list[str]:
@@ -192,7 +193,7 @@ class WeightsConfig(StrictModel):
         for key, value in given.items():
             if key not in own:
                 get_sampling_method(owners[key][0]).parse_params({key: value})
-        self._params = chosen.parse_params(own)
+        self._params, self._bound_to = chosen.parse_params(own), method
         return self
 
     @property
@@ -201,6 +202,11 @@ class WeightsConfig(StrictModel):
         if self._params is None:
             raise RuntimeError("WeightsConfig.params before bind(): validate the whole config")
         return self._params
+
+    def params_for(self, method: str) -> MethodParams:
+        """Return `method`'s parameters, validating them again when the configuration was
+        bound to another method (a `sampling_method` changed in Python after loading)."""
+        return self.params if self._bound_to == method else self.bind(method).params
 
 
 SCHEDULERS = ("auto", "local", "threads", "synchronous")
