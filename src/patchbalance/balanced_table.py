@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from patchbalance.atomic import file_sha256
 from patchbalance.errors import InputError
 from patchbalance.paths import default_summary_path, same_file
 from patchbalance.table import (
@@ -241,8 +242,6 @@ def summary_disagreement(table_path: str | os.PathLike[str]) -> str | None:
     not match was written by another run, or a build was killed while moving its outputs into
     place. No summary, or one without the hash, says nothing.
     """
-    from patchbalance.atomic import file_sha256
-
     table_path = Path(table_path)
     summary_path = default_summary_path(table_path)
     try:
