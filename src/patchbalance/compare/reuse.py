@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,12 @@ def input_fingerprint(paths: Mapping[str, Path]) -> dict[str, list[int] | None]:
     found: dict[str, list[int] | None] = {}
     for path in sorted({str(p) for p in paths.values()}):
         try:
-            stat = Path(path).stat()
+            info = Path(path).stat()
         except OSError:
             found[path] = None
             continue
-        found[path] = [int(stat.st_size), int(stat.st_mtime_ns)] if Path(path).is_file() else None
+        regular = stat.S_ISREG(info.st_mode)
+        found[path] = [int(info.st_size), int(info.st_mtime_ns)] if regular else None
     return found
 
 
